@@ -1,0 +1,197 @@
+"""
+The configuration tree: frozen, typed values with the defaults of SPEC §2.
+
+The parser (L{smtprelay.config.parser}) builds these from a file; tests and
+the C{--listen}/C{--target} quick start build them directly.  Durations are
+seconds as C{float}, sizes are bytes as C{int}.  Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal, Union
+
+import attrs
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+LOOPBACK: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+
+
+@attrs.frozen(repr=False)
+class Secret:
+    """
+    A password or other secret: its C{repr} and C{str} are always C{****}.
+    Use L{Secret.reveal} at the one place the value goes on the wire.
+    """
+
+    _value: str = attrs.field(eq=True)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('****')"
+
+    def __str__(self) -> str:
+        return "****"
+
+
+@attrs.frozen
+class Address:
+    """
+    An endpoint address: C{tcp://host:port}, C{tls://host:port} (implicit
+    TLS) or C{unix:///path}.
+
+    @ivar host: a host name or IP literal without brackets (empty for unix).
+    @ivar path: the socket path (empty for tcp/tls).
+    """
+
+    scheme: Literal["tcp", "tls", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.scheme == "unix":
+            return f"unix://{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@attrs.frozen
+class ServerTLS:
+    """
+    Server TLS (the C{tls} directive): certificate chain and key, and options.
+    """
+
+    cert: str
+    key: str
+    protocols: tuple[str, str | None] = ("tls1.2", None)
+    ciphers: str | None = None
+    clientCA: str | None = None
+
+
+@attrs.frozen
+class ClientTLS:
+    """
+    Client TLS (the C{tls_client} block, SPEC §2.5).
+    """
+
+    rootCAs: tuple[str, ...] = ()
+    cert: str | None = None
+    key: str | None = None
+    protocols: tuple[str, str | None] = ("tls1.2", None)
+    ciphers: str | None = None
+    curves: tuple[str, ...] = ()
+    serverName: str | None = None
+    insecureSkipVerify: bool = False
+
+
+@attrs.frozen
+class DownstreamAuth:
+    """
+    Downstream authentication of a target: C{off}, C{plain U P}, C{login U P},
+    C{forward} (the client's own credentials) or C{external}.
+    """
+
+    mechanism: Literal["off", "plain", "login", "forward", "external"] = "off"
+    username: str | None = None
+    password: Secret | None = None
+
+
+@attrs.frozen
+class Target:
+    """
+    A downstream: an ordered list of endpoints speaking SMTP or LMTP, and how
+    to talk to them (SPEC §2.3).  C{name} is the C{target.smtp NAME} or a
+    generated name for inline C{deliver_to}.
+    """
+
+    name: str
+    protocol: Literal["smtp", "lmtp"]
+    endpoints: tuple[Address, ...]
+    hostname: str = "localhost"
+    debug: bool = False
+    tlsClient: ClientTLS = ClientTLS()
+    attemptStartTLS: bool = True
+    requireTLS: bool = False
+    auth: DownstreamAuth = DownstreamAuth()
+    connectTimeout: float = 300.0
+    commandTimeout: float = 300.0
+    submissionTimeout: float = 720.0
+    dataTimeout: float = 180.0
+    lmtpSplit: Literal["one_rcpt", "tempfail"] = "one_rcpt"
+    backoff: float = 30.0
+
+
+@attrs.frozen
+class ListenerAuth:
+    """
+    Inbound AUTH of a listener: C{off}, C{forward} or C{users FILE}.
+    """
+
+    mode: Literal["off", "forward", "users"] = "off"
+    usersFile: str | None = None
+
+
+@attrs.frozen
+class Listener:
+    """
+    One C{smtp}/C{submission}/C{lmtp} block: where to listen, what to accept
+    and where to deliver (SPEC §2.2, limits of §4.10).
+
+    @ivar tls: server TLS for this listener (the global C{tls} unless
+        overridden or C{tls off}), or L{None}.
+    @ivar endpoints: extra Twisted server endpoint strings (C{systemd:...}).
+    """
+
+    kind: Literal["smtp", "submission", "lmtp"]
+    addresses: tuple[Address, ...]
+    deliverTo: Target
+    endpoints: tuple[str, ...] = ()
+    allow: tuple[IPNetwork, ...] = LOOPBACK
+    auth: ListenerAuth = ListenerAuth()
+    requireTLS: bool = False
+    tls: ServerTLS | None = None
+    maxMessageSize: int = 32 * 1024 * 1024
+    maxRecipients: int = 1000
+    maxLineLength: int = 1000
+    maxCommandLength: int = 2048
+    maxConnections: int = 500
+    maxConnectionsPerIP: int = 50
+    maxErrors: int = 20
+    maxAuthFailures: int = 3
+    readTimeout: float = 300.0
+    dataTimeout: float = 600.0
+    proxyTimeout: float = 5.0
+    maxHops: int = 50
+    proxyProtocol: tuple[IPNetwork, ...] = ()
+    bareLF: Literal["reject", "normalize"] = "reject"
+    reusePort: bool = False
+
+    @property
+    def lmtp(self) -> bool:
+        return self.kind == "lmtp"
+
+
+@attrs.frozen
+class Config:
+    """
+    The whole effective configuration.
+
+    @ivar source: the file it was read from (or C{"<command line>"}).
+    """
+
+    hostname: str
+    listeners: tuple[Listener, ...]
+    targets: tuple[Target, ...] = ()
+    debug: bool = False
+    tls: ServerTLS | None = None
+    tlsClient: ClientTLS = ClientTLS()
+    metrics: Address | None = None
+    shutdownTimeout: float = 30.0
+    source: str = "<command line>"

@@ -1,0 +1,209 @@
+"""
+SMTP replies as values: parse, format, sanitize, classify.
+
+A L{Reply} is a code, an optional RFC 3463 enhanced status code and one or
+more text lines.  Parsing is strict (a downstream that sends garbage gets its
+connection aborted by the caller); formatting always yields a well-formed,
+bounded reply with C{NNN-} continuation lines and a CRLF after each line.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import attrs
+
+MAX_REPLY_LINE = 512
+"""Longest text we put on one formatted reply line (RFC 5321 §4.5.3.1.5)."""
+
+MAX_REPLY_LINES = 32
+"""A formatted reply never has more lines than this."""
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+_REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$", re.DOTALL)
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+_UNPRINTABLE_UTF8 = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class MalformedReply(ValueError):
+    """
+    A reply line from a peer is not C{NNN[ -]text}, or a multi-line reply
+    mixes codes.
+    """
+
+
+@attrs.frozen
+class Reply:
+    """
+    One SMTP/LMTP reply.
+
+    @ivar code: the three-digit reply code.
+    @ivar enhanced: the enhanced status code (C{"2.0.0"}) or L{None}.
+    @ivar lines: the text lines, without code, enhanced code or CRLF.
+    """
+
+    code: int
+    enhanced: str | None
+    lines: tuple[str, ...] = attrs.field(converter=tuple, default=("",))
+
+    @property
+    def text(self) -> str:
+        """
+        All text lines joined with a space, for logs.
+        """
+        return " ".join(self.lines)
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    def withEnhanced(self) -> Reply:
+        """
+        Return this reply with an enhanced code, C{X.0.0} if it had none.
+        """
+        if self.enhanced is not None:
+            return self
+        return attrs.evolve(self, enhanced=f"{self.code // 100}.0.0")
+
+    def withSession(self, session: str) -> Reply:
+        """
+        Return this reply with C{[session]} appended to its last line, so that
+        a user can quote it to support.
+        """
+        if not session:
+            return self
+        lines = list(self.lines)
+        tag = f"[{session}]"
+        if tag in lines[-1]:
+            return self
+        lines[-1] = f"{lines[-1]} {tag}" if lines[-1] else tag
+        return attrs.evolve(self, lines=tuple(lines))
+
+    def sanitized(self, utf8: bool = False) -> Reply:
+        """
+        Return a copy fit to relay to a client: printable text (ASCII, or
+        UTF-8 when C{utf8}), each line bounded, at most L{MAX_REPLY_LINES}
+        lines, and an enhanced code.
+        """
+        pattern = _UNPRINTABLE_UTF8 if utf8 else _UNPRINTABLE
+        lines = [pattern.sub("?", line)[:MAX_REPLY_LINE] for line in self.lines]
+        lines = lines[:MAX_REPLY_LINES] or [""]
+        enhanced = self.enhanced
+        if enhanced is not None and enhanced[0] != str(self.code)[0]:
+            enhanced = None
+        return Reply(self.code, enhanced, tuple(lines)).withEnhanced()
+
+    def toBytes(self) -> bytes:
+        """
+        Format as wire bytes: every line C{NNN-}, the last C{NNN }, each with
+        the enhanced code when there is one, each ending in CRLF.
+        """
+        prefix = f"{self.code:03d}"
+        enhanced = f"{self.enhanced} " if self.enhanced else ""
+        last = len(self.lines) - 1
+        out = []
+        for i, line in enumerate(self.lines):
+            sep = " " if i == last else "-"
+            out.append(f"{prefix}{sep}{enhanced}{line}".rstrip(" ") + "\r\n")
+        return "".join(out).encode("utf-8")
+
+    @classmethod
+    def fromLines(cls, raw: Sequence[bytes], enhancedCodes: bool = True) -> Reply:
+        """
+        Parse the lines of one complete reply (without CRLF) as received.
+
+        @param enhancedCodes: whether to split an enhanced code off the text
+            (a server that advertises ENHANCEDSTATUSCODES; harmless otherwise
+            because the pattern is strict).
+        @raise MalformedReply: a line is not C{NNN[ -]...}, codes differ, or a
+            continuation marker is wrong.
+        """
+        if not raw:
+            raise MalformedReply("empty reply")
+        code: bytes | None = None
+        texts = []
+        enhanced: str | None = None
+        for i, line in enumerate(raw):
+            m = _REPLY_LINE.match(line)
+            if m is None:
+                if len(line) == 3 and line.isdigit() and i == len(raw) - 1:
+                    m = _REPLY_LINE.match(line + b" ")
+                if m is None:
+                    raise MalformedReply("not an SMTP reply line")
+            if code is None:
+                code = m.group(1)
+            elif code != m.group(1):
+                raise MalformedReply("mixed codes in a multi-line reply")
+            last = i == len(raw) - 1
+            if (m.group(2) == b" ") != last:
+                raise MalformedReply("bad continuation marker")
+            text = m.group(3).decode("utf-8", "replace")
+            if enhancedCodes:
+                em = _ENHANCED.match(text)
+                if em is not None and em.group(1) == chr(code[0]):
+                    enhanced = enhanced or text[: em.end()].strip()
+                    text = text[em.end():]
+            texts.append(text)
+        assert code is not None
+        return cls(int(code), enhanced, tuple(texts))
+
+
+def reply(code: int, enhanced: str | None, *lines: str) -> Reply:
+    """
+    Build a L{Reply}: C{reply(250, "2.0.0", "OK")}.
+    """
+    return Reply(code, enhanced, lines or ("",))
+
+
+def joinReplies(replies: Iterable[Reply]) -> bytes:
+    """
+    Wire bytes of several replies in order (one write per pipelined group).
+    """
+    return b"".join(r.toBytes() for r in replies)
+
+
+# Replies the relay itself gives (SPEC §4).  Generic texts: they never leak
+# internals.  Callers add the session id with Reply.withSession.
+OK = reply(250, "2.0.0", "OK")
+START_INPUT = reply(354, None, "End data with <CR><LF>.<CR><LF>")
+BYE = reply(221, "2.0.0", "Bye")
+SHUTTING_DOWN = reply(421, "4.3.2", "Service shutting down")
+NO_DOWNSTREAM = reply(451, "4.4.1", "No downstream server available")
+DOWNSTREAM_LOST = reply(451, "4.4.2", "Downstream connection lost, try again later")
+DOWNSTREAM_DNS = reply(451, "4.4.4", "Downstream address lookup failed")
+DOWNSTREAM_NO_TLS = reply(451, "4.7.5", "No downstream server with TLS available")
+DOWNSTREAM_CONFUSED = reply(451, "4.3.0", "Unexpected downstream reply")
+LOOP = reply(554, "5.4.6", "Mail loops back to myself")
+TOO_MANY_HOPS = reply(554, "5.4.6", "Too many hops")
+NO_VALID_RECIPIENTS = reply(554, "5.5.1", "No valid recipients")
+RELAY_DENIED = reply(554, "5.7.1", "Relay access denied")
+AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")
+STARTTLS_FIRST = reply(530, "5.7.0", "Must issue a STARTTLS command first")
+AUTH_TEMPFAIL = reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_FAILED = reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_OK = reply(235, "2.7.0", "Authentication successful")
+BARE_LF = reply(550, "5.5.2", "Bare LF/CR not allowed")
+MESSAGE_TOO_BIG = reply(552, "5.3.4", "Message size exceeds fixed limit")
+TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Too many recipients")
+LMTP_SPLIT = reply(
+    452, "4.5.3", "Too many recipients, send the rest in a new transaction"
+)
+LMTP_MIXED = reply(451, "4.3.0", "Recipients had different results, try again later")
+CONVERSION_REQUIRED = reply(554, "5.6.3", "Conversion required but not supported")
+UTF8_SENDER = reply(550, "5.6.7", "SMTPUTF8 is required but not supported downstream")
+UTF8_RECIPIENT = reply(553, "5.6.7", "SMTPUTF8 is required but not supported downstream")
+SYNC_ERROR = reply(554, "5.5.0", "Error: SMTP protocol synchronization")
+LINE_TOO_LONG = reply(500, "5.5.2", "Line too long")
+TOO_MANY_ERRORS = reply(421, "4.7.0", "Too many errors")
+TOO_MANY_CONNECTIONS = reply(421, "4.7.0", "Too many connections")
+TIMEOUT = reply(421, "4.4.2", "Timeout exceeded")
+LOCAL_ERROR = reply(451, "4.3.0", "Local error in processing")
