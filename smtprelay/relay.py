@@ -1,0 +1,420 @@
+"""
+The relay session: one client session joined to one downstream session.
+
+This module is where the transparency rules of SPEC §4.3–§4.8 live, so that a
+reader can check them against the spec line by line:
+
+  - the downstream session opens at MAIL (after the server's local checks),
+    trying targets in order, and the client's MAIL reply is the downstream's;
+  - every RCPT reply, the 354 and the final reply are the downstream's own,
+    sanitized; the client gets 2xx to end-of-data only after the
+    downstream's 2xx on this transaction;
+  - the body streams with back-pressure, after one C{Received:} header;
+  - an abort before the client's real end-of-data closes the downstream
+    without the dot; a client that leaves after its dot does not stop the
+    downstream transaction, whose outcome is still logged;
+  - LMTP replies map per SPEC §4.7; C{auth forward} binds an authenticated
+    downstream to this client session only.
+
+One L{RelaySession} serves one client connection (L{IRelayHandler}).
+"""
+
+from __future__ import annotations
+
+import email.utils
+from typing import Callable, Sequence
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from . import replies
+from .config.model import Listener
+from .interfaces import (
+    ClientSession,
+    Credentials,
+    DownstreamError,
+    IDownstream,
+    IRelayHandler,
+    Params,
+)
+from .replies import Reply
+
+Opener = Callable[..., "Deferred[tuple[IDownstream, Reply | None]]"]
+"""C{Failover.open}: C{(credentials=, mail=)} → (session, MAIL reply)."""
+
+PasswordChecker = Callable[[str, str], "Deferred[bool]"]
+"""Checks a user name and password against local C{users FILE} entries."""
+
+_RELAY_REPLIES = frozenset(
+    {
+        replies.NO_DOWNSTREAM,
+        replies.DOWNSTREAM_LOST,
+        replies.DOWNSTREAM_DNS,
+        replies.DOWNSTREAM_NO_TLS,
+        replies.DOWNSTREAM_CONFUSED,
+        replies.LOOP,
+        replies.CONVERSION_REQUIRED,
+        replies.UTF8_SENDER,
+        replies.UTF8_RECIPIENT,
+    }
+)
+
+
+@implementer(IRelayHandler)
+class RelaySession:
+    """
+    Relay one client session's transactions to a target (L{IRelayHandler}).
+
+    @param session: the client's session, kept current by the server.
+    @param listener: the listener the client came in on; its C{deliverTo}
+        is the target.
+    @param openDownstream: the target's L{smtprelay.failover.Failover.open}.
+    @param hostname: this relay's name, for the C{Received:} header.
+    @param clock: the time source for delays and the C{Received:} date.
+    @param checkPassword: the local C{users FILE} checker, when the listener
+        uses one.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        session: ClientSession,
+        listener: Listener,
+        openDownstream: Opener,
+        hostname: str,
+        clock: IReactorTime,
+        checkPassword: PasswordChecker | None = None,
+    ) -> None:
+        self.session = session
+        self._listener = listener
+        self._target = listener.deliverTo
+        self._open = openDownstream
+        self._hostname = hostname
+        self._clock = clock
+        self._checkPassword = checkPassword
+        self._credentials: Credentials | None = None
+        self._downstream: IDownstream | None = None
+        self._idle: Deferred[None] = succeed(None)
+        self._closed = False
+        self._resetTransaction()
+
+    # -- IRelayHandler ----------------------------------------------------
+
+    def authenticate(self, mechanism: str, username: str, password: str) -> Deferred[Reply]:
+        """
+        C{users FILE}: check locally.  C{forward}: authenticate to the
+        chosen downstream now (SPEC §4.6) and pass its verdict on; a
+        downstream that gives no verdict is a temporary failure, never 535.
+        """
+        if self._listener.auth.mode == "users" and self._checkPassword is not None:
+            return self._checkPassword(username, password).addCallback(
+                lambda ok: replies.AUTH_OK if ok else replies.AUTH_FAILED
+            )
+        if self._listener.auth.mode != "forward":
+            return succeed(replies.AUTH_TEMPFAIL)
+        credentials = Credentials(username, password)
+        self._dropDownstream(abort=True)
+
+        def bound(result: tuple[IDownstream, Reply | None]) -> Reply:
+            self._downstream = result[0]
+            self._credentials = credentials
+            return replies.AUTH_OK
+
+        def refused(failure: Failure) -> Reply:
+            failure.trap(DownstreamError)
+            error: DownstreamError = failure.value
+            self._log.info(
+                "auth forward for {session} failed: {reason}",
+                session=self.session.id,
+                reason=error.reason,
+            )
+            if error.reply.permanent and error.reply not in _RELAY_REPLIES:
+                return error.reply.sanitized()
+            return self._local(replies.AUTH_TEMPFAIL)
+
+        return self._open(credentials=credentials).addCallbacks(bound, refused)
+
+    def mail(self, sender: bytes, params: Params) -> Deferred[Reply]:
+        """
+        Open (or reuse) the downstream session and send MAIL; the client
+        gets the downstream's reply.
+        """
+        self._resetTransaction()
+        self._sender = sender
+        self._started = self._clock.seconds()
+        if self.session.user is None:
+            params = {k: v for k, v in params.items() if k != "AUTH"}
+        mailParams = params
+        d = self._idle.addCallback(lambda _: self._mailOn(sender, mailParams))
+        self._idle = succeed(None)
+        return d
+
+    def rcpt(self, recipient: bytes, params: Params) -> Deferred[Reply]:
+        """
+        Send RCPT downstream; its reply is the client's.  An SMTP client
+        relaying to an LMTP target under C{lmtp_split one_rcpt} gets one
+        recipient per transaction (SPEC §4.7).
+        """
+        downstream = self._downstream
+        if downstream is None:
+            return succeed(self._local(replies.DOWNSTREAM_LOST))
+        if self._splitOneRecipient and self._accepted:
+            return succeed(replies.LMTP_SPLIT)
+
+        def accepted(reply: Reply) -> Reply:
+            if reply.positive:
+                self._accepted.append(recipient)
+            return self._relayed(reply)
+
+        return downstream.rcpt(recipient, params).addCallbacks(accepted, self._failed)
+
+    def data(self, producer: IPushProducer) -> Deferred[Reply]:
+        """
+        Send DATA downstream; only its 354 opens the body, which starts
+        with our C{Received:} header.
+        """
+        downstream = self._downstream
+        if not self._accepted:
+            return succeed(self._local(replies.NO_VALID_RECIPIENTS))
+        if downstream is None:
+            return succeed(self._local(replies.DOWNSTREAM_LOST))
+
+        def started(reply: Reply) -> Reply:
+            if reply.code == 354:
+                self._inBody = True
+                downstream.registerProducer(producer, True)
+                downstream.write(self._receivedHeader())
+            return self._relayed(reply)
+
+        return downstream.data().addCallbacks(started, self._failed)
+
+    def dataChunk(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._downstream is not None:
+            self._downstream.write(chunk)
+
+    def endData(self) -> Deferred[Sequence[Reply]]:
+        """
+        The client's real end-of-data: send ours, wait for the downstream's
+        final reply(ies) and map them to what this client expects.
+        """
+        downstream = self._downstream
+        self._inBody = False
+        if downstream is None:
+            reply = self._local(replies.DOWNSTREAM_LOST)
+            self._logTransaction("deferred", reply)
+            return succeed(self._perRecipient(reply))
+        downstream.unregisterProducer()
+        self._ending = True
+
+        def finished(results: Sequence[Reply]) -> Sequence[Reply]:
+            self._ending = False
+            final = self._mapFinal([self._relayed(r) for r in results])
+            self._logTransaction(_status(final), final[0], downstream)
+            if self._closed:
+                self._dropDownstream(abort=False)
+            return final
+
+        def failed(failure: Failure) -> Sequence[Reply]:
+            self._ending = False
+            reply = self._failed(failure)
+            self._logTransaction("deferred", reply, downstream)
+            return self._perRecipient(reply)
+
+        return downstream.endData().addCallbacks(finished, failed)
+
+    def abortData(self, reply: Reply) -> None:
+        """
+        The server refused the body: the downstream must never see the dot.
+        """
+        self._inBody = False
+        self._logTransaction("aborted", reply, self._downstream)
+        self._dropDownstream(abort=True)
+
+    def reset(self) -> None:
+        """
+        RSET: reset the downstream transaction too, unless none is open.
+        """
+        downstream = self._downstream
+        if downstream is not None and self._sender is not None:
+            self._idle = downstream.rset().addCallbacks(
+                lambda reply: None if reply.positive else self._dropDownstream(abort=False),
+                lambda failure: self._dropDownstream(abort=True),
+            )
+        self._resetTransaction()
+
+    def close(self) -> None:
+        """
+        The client is gone: abort a body in progress (no dot), let a
+        transaction whose end-of-data was sent finish, QUIT otherwise.
+        """
+        self._closed = True
+        if self._inBody:
+            self._inBody = False
+            self._logTransaction("aborted", replies.DOWNSTREAM_LOST, self._downstream)
+            self._dropDownstream(abort=True)
+        elif not self._ending:
+            self._dropDownstream(abort=False)
+        self._credentials = None
+
+    # -- internals --------------------------------------------------------
+
+    @property
+    def _splitOneRecipient(self) -> bool:
+        return (
+            self._target.protocol == "lmtp"
+            and self.session.protocol == "smtp"
+            and self._target.lmtpSplit == "one_rcpt"
+        )
+
+    def _resetTransaction(self) -> None:
+        self._sender: bytes | None = None
+        self._accepted: list[bytes] = []
+        self._size = 0
+        self._started = 0.0
+        self._inBody = False
+        self._ending = False
+
+    def _mailOn(self, sender: bytes, params: Params) -> Deferred[Reply]:
+        """
+        MAIL on the session we hold (if it still works), else on a new one
+        from the target list.
+        """
+        downstream = self._downstream
+        if downstream is None:
+            return self._openWithMail(sender, params)
+
+        def broken(failure: Failure) -> Deferred[Reply]:
+            failure.trap(DownstreamError)
+            self._downstream = None
+            return self._openWithMail(sender, params)
+
+        return downstream.mail(sender, params).addCallbacks(self._relayed, broken)
+
+    def _openWithMail(self, sender: bytes, params: Params) -> Deferred[Reply]:
+        def opened(result: tuple[IDownstream, Reply | None]) -> Reply:
+            self._downstream, reply = result
+            assert reply is not None
+            return self._relayed(reply)
+
+        return self._open(credentials=self._credentials, mail=(sender, params)).addCallbacks(
+            opened, self._failed
+        )
+
+    def _relayed(self, reply: Reply) -> Reply:
+        """
+        A downstream's reply as the client may see it: sanitized, with an
+        enhanced code.
+        """
+        return reply.sanitized(utf8=self.session.smtputf8)
+
+    def _local(self, reply: Reply) -> Reply:
+        return reply.withSession(self.session.id)
+
+    def _failed(self, failure: Failure) -> Reply:
+        """
+        A downstream failure during the transaction: close that session and
+        tell the client what L{DownstreamError} says (SPEC §4.5).
+        """
+        failure.trap(DownstreamError)
+        error: DownstreamError = failure.value
+        self._log.info(
+            "downstream failed in {session}: {reason}",
+            session=self.session.id,
+            reason=error.reason,
+        )
+        self._dropDownstream(abort=True)
+        reply = error.reply
+        if reply in _RELAY_REPLIES:
+            return self._local(reply)
+        return self._relayed(reply)
+
+    def _dropDownstream(self, abort: bool) -> None:
+        downstream, self._downstream = self._downstream, None
+        if downstream is None:
+            return
+        if abort:
+            downstream.abort()
+        else:
+            downstream.quit()
+
+    def _perRecipient(self, reply: Reply) -> list[Reply]:
+        if self.session.protocol == "lmtp":
+            return [reply] * max(1, len(self._accepted))
+        return [reply]
+
+    def _mapFinal(self, results: Sequence[Reply]) -> list[Reply]:
+        """
+        SPEC §4.7: the downstream's final reply(ies) → this client's.
+        """
+        if self.session.protocol == "lmtp":
+            if len(results) == len(self._accepted):
+                return list(results)
+            return self._perRecipient(results[0])
+        if len(results) == 1:
+            return [results[0]]
+        first = results[0]
+        if all((r.code, r.enhanced) == (first.code, first.enhanced) for r in results):
+            return [first]
+        return [self._local(replies.LMTP_MIXED)]
+
+    def _receivedHeader(self) -> bytes:
+        """
+        The C{Received:} header we prepend (RFC 5321 §4.4), Postfix-like.
+        """
+        session = self.session
+        helo = session.heloName or "unknown"
+        address = f"[{session.clientHost}]" if session.clientHost else "unix socket"
+        lines = [f"Received: from {helo} ({address})"]
+        if session.tls is not None:
+            lines.append(f"\t(using {session.tls.version} with cipher {session.tls.cipher})")
+        lines.append(
+            f"\tby {self._hostname} (smtprelay) with {session.withProtocol} id {session.id}"
+        )
+        date = email.utils.formatdate(self._clock.seconds(), localtime=True)
+        if len(self._accepted) == 1:
+            forward = self._accepted[0].decode("utf-8", "replace")
+            lines.append(f"\tfor <{forward}>; {date}")
+        else:
+            lines[-1] += ";"
+            lines.append(f"\t{date}")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+    def _logTransaction(
+        self, status: str, reply: Reply, downstream: IDownstream | None = None
+    ) -> None:
+        """
+        The one log event per transaction (SPEC §5).
+        """
+        session = self.session
+        self._log.info(
+            "{session}: from=<{sender}> to={to} size={size} relay={relay} "
+            "tls={tls} delay={delay:.3f} status={status} reply={reply}",
+            session=session.id,
+            client=session.clientHost,
+            helo=session.heloName,
+            sender=(self._sender or b"").decode("utf-8", "replace"),
+            to=len(self._accepted),
+            size=self._size,
+            relay=downstream.peer if downstream is not None else "none",
+            tls=bool(downstream is not None and downstream.tls is not None),
+            delay=self._clock.seconds() - self._started,
+            status=status,
+            reply=f"{reply.code} {reply.enhanced or ''} {reply.text}".strip(),
+            transaction=True,
+        )
+
+
+def _status(final: Sequence[Reply]) -> str:
+    """
+    Postfix's words for a transaction's outcome.
+    """
+    if all(r.positive for r in final):
+        return "sent"
+    if any(r.transient for r in final):
+        return "deferred"
+    return "bounced"
