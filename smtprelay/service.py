@@ -1,0 +1,182 @@
+"""
+The service tree: configuration in, listening relay out.
+
+L{makeService} is the one function that turns a L{Config} into Twisted
+services; the twistd plugin and C{relay.tac} both call it.  Shutdown is
+graceful (SPEC §3): stop accepting, tell idle sessions C{421 4.3.2}, let
+transactions in flight finish until C{shutdown_timeout}, then abort them
+(a body cut short never gets its end-of-data downstream).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+from typing import Any, Callable
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from .config.model import Config, Listener, Target
+from .endpoints import serverEndpoint
+from .failover import Failover
+from .interfaces import ClientSession
+from .relay import PasswordChecker, RelaySession
+from .server import SMTPServerFactory
+from .tls import ReloadableServerOptions, serverOptions
+
+_log = Logger()
+
+
+def loopToken(config: Config) -> str:
+    """
+    A short token for our greeting that identifies this deployment (SPEC
+    §4.4): the same in every process with the same hostname and listeners,
+    so that a target that greets with it is ourselves.
+    """
+    seed = config.hostname + "\0" + "\0".join(
+        str(address) for listener in config.listeners for address in listener.addresses
+    )
+    return hashlib.sha256(seed.encode("utf-8")).hexdigest()[:6]
+
+
+class RelayService(MultiService):
+    """
+    The relay: its listeners, and a graceful stop.
+
+    @ivar factories: the server factories, one per listener.
+    """
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self._reactor = reactor
+        self.factories: list[SMTPServerFactory] = []
+        self._listeners: list[IService] = []
+        self._tlsOptions: list[ReloadableServerOptions] = []
+
+    def addListener(self, factory: SMTPServerFactory, service: IService) -> None:
+        self.factories.append(factory)
+        self._listeners.append(service)
+
+    def addTLS(self, options: ReloadableServerOptions) -> None:
+        self._tlsOptions.append(options)
+
+    def reloadTLS(self) -> None:
+        """
+        Re-read every server certificate and key (SIGHUP); sessions stay.
+        """
+        for options in self._tlsOptions:
+            try:
+                options.reload()
+            except Exception as e:
+                _log.error("TLS reload failed, keeping the old certificate: {error}", error=e)
+            else:
+                _log.info("TLS certificates reloaded")
+
+    def privilegedStartService(self) -> None:
+        # Bind the ports now, while twistd may still be root (--uid/--gid).
+        super().privilegedStartService()
+        for service in self._listeners:
+            service.privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        for service in self._listeners:
+            if not service.running:
+                service.startService()
+        if self._tlsOptions and hasattr(signal, "SIGHUP"):
+            try:
+                signal.signal(
+                    signal.SIGHUP,
+                    lambda *_: self._reactor.callFromThread(self.reloadTLS),
+                )
+            except ValueError:
+                pass  # not the main thread (tests); SIGHUP stays untouched
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop accepting, then drain sessions until C{shutdown_timeout}.
+        """
+        stopping = [d for d in (s.stopService() for s in self._listeners) if d is not None]
+        children = super().stopService()
+        if children is not None:
+            stopping.append(children)
+        sessions = [p for f in self.factories for p in list(f.sessions)]
+        for protocol in sessions:
+            protocol.shutdown()
+        drained = DeferredList([p.whenClosed() for p in sessions])
+        deadline = self._reactor.callLater(
+            self.config.shutdownTimeout, self._abortAll
+        )
+
+        def done(_: object) -> None:
+            if deadline.active():
+                deadline.cancel()
+
+        return DeferredList(stopping + [drained]).addCallback(done)
+
+    def _abortAll(self) -> None:
+        for factory in self.factories:
+            for protocol in list(factory.sessions):
+                protocol.transport.abortConnection()
+
+
+def makeService(config: Config, reactor: Any) -> RelayService:
+    """
+    Build the relay's service tree from C{config}.
+    """
+    root = RelayService(config, reactor)
+    token = loopToken(config)
+    failovers: dict[int, Failover] = {}
+
+    def failoverFor(target: Target) -> Failover:
+        key = id(target)
+        if key not in failovers:
+            failovers[key] = Failover(target, reactor, loopToken=token)
+        return failovers[key]
+
+    for listener in config.listeners:
+        tlsOptions = None
+        if listener.tls is not None:
+            tlsOptions = serverOptions(listener.tls)
+            root.addTLS(tlsOptions)
+        factory = SMTPServerFactory(
+            listener,
+            _handlerFactory(listener, failoverFor(listener.deliverTo), config, reactor),
+            config.hostname,
+            reactor,
+            tlsOptions=tlsOptions,
+            greetingToken=token,
+        )
+        for address in listener.addresses:
+            endpoint = serverEndpoint(reactor, address, tlsOptions, reusePort=listener.reusePort)
+            root.addListener(factory, StreamServerEndpointService(endpoint, factory))
+        for description in listener.endpoints:
+            endpoint = serverFromString(reactor, description)
+            root.addListener(factory, StreamServerEndpointService(endpoint, factory))
+    for service in root._listeners:
+        # A port we cannot bind must stop the process, not be logged and ignored.
+        service._raiseSynchronously = True  # type: ignore[attr-defined]
+    return root
+
+
+def _handlerFactory(
+    listener: Listener, failover: Failover, config: Config, reactor: Any
+) -> Callable[[ClientSession], RelaySession]:
+    checker: PasswordChecker | None = None
+    if listener.auth.mode == "users" and listener.auth.usersFile:
+        from .auth import UsersFile
+
+        users = UsersFile(listener.auth.usersFile)
+        checker = lambda user, password: succeed(users.check(user, password))
+
+    def handlerFor(session: ClientSession) -> RelaySession:
+        return RelaySession(
+            session, listener, failover.open, config.hostname, reactor, checker
+        )
+
+    return handlerFor

@@ -1,0 +1,9 @@
+# The twistd plugins: "smtprelay" (the relay) and "smtprelay-sink" (a capture sink).
+from twisted.application.service import ServiceMaker
+
+smtprelay = ServiceMaker(
+    "smtprelay", "smtprelay.tap", "A transparent, queue-less SMTP & LMTP relay.", "smtprelay"
+)
+smtprelaySink = ServiceMaker(
+    "smtprelay-sink", "smtprelay.sinktap", "A capture sink: writes every message to a directory.", "smtprelay-sink"
+)
