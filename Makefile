@@ -1,0 +1,51 @@
+# smtprelay: `make run` starts a demo relay, `make test` runs the whole suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TWISTD := $(VENV)/bin/twistd
+LISTEN ?= tcp://127.0.0.1:2525
+SINK ?= tcp://127.0.0.1:2526
+MAILDIR ?= $(CURDIR)/run/mail
+APT_TEST_PACKAGES := postfix swaks dovecot-lmtpd haproxy
+
+.PHONY: run test venv test-deps bench clean
+
+$(PY):
+	python3 -m venv $(VENV) || { [ "$$(id -u)" = 0 ] && apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv && python3 -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(PY) setup.cfg pyproject.toml
+	$(PY) -m pip install -q -e '.[metrics]' --config-settings editable_mode=compat
+	touch $@
+
+venv: $(VENV)/.installed
+
+## run: the relay on 127.0.0.1:2525 forwarding to a capture sink on 127.0.0.1:2526
+run: venv
+	@mkdir -p run $(MAILDIR)
+	@[ ! -f run/sink.pid ] || kill `cat run/sink.pid` 2>/dev/null || true
+	@rm -f run/sink.pid
+	@$(TWISTD) --pidfile=run/sink.pid --logfile=run/sink.log smtprelay-sink --listen $(SINK) --dir $(MAILDIR)
+	@echo "capture sink: $(SINK), messages are written to $(MAILDIR)"
+	@echo "relay: $(LISTEN) -> $(SINK); try: swaks --server 127.0.0.1:2525 --to someone@example.org"
+	@trap 'kill `cat run/sink.pid` 2>/dev/null' EXIT INT TERM; \
+	  $(TWISTD) -n --pidfile= smtprelay --listen $(LISTEN) --target $(SINK)
+
+## test-deps: the test extras in the venv and, as root, the real peers from Debian
+test-deps: venv
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	@if [ "$$(id -u)" = 0 ] && ! { command -v smtp-sink && command -v swaks && command -v dovecot && command -v haproxy; } >/dev/null; then \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_TEST_PACKAGES) >/dev/null; \
+	  postfix status >/dev/null 2>&1 && postfix stop || true; \
+	fi
+
+## test: the whole trial suite (unit and integration)
+test: test-deps
+	$(PY) -m twisted.trial $(TRIAL_ARGS) tests
+
+bench: venv
+	sh benchmarks/run.sh
+
+clean:
+	rm -rf $(VENV) run _trial_temp *.egg-info build dist
