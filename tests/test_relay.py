@@ -1,0 +1,541 @@
+"""
+Tests for L{smtprelay.relay}: the transparency rules of SPEC §4.3–§4.8,
+with a scripted in-memory downstream standing in for the outbound engine.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from smtprelay import replies
+from smtprelay.config.model import Address, Listener, ListenerAuth, Target
+from smtprelay.interfaces import (
+    ClientSession,
+    Credentials,
+    DownstreamError,
+    IDownstream,
+    IRelayHandler,
+    TLSInfo,
+)
+from smtprelay.relay import RelaySession
+from smtprelay.replies import Reply, reply
+
+SINK = Address("tcp", "127.0.0.1", 2526)
+
+
+def target(protocol: str = "smtp", **kw: object) -> Target:
+    return Target(name="t", protocol=protocol, endpoints=(SINK,), **kw)  # type: ignore[arg-type]
+
+
+def listener(kind: str = "smtp", **kw: object) -> Listener:
+    kw.setdefault("deliverTo", target())
+    return Listener(kind=kind, addresses=(Address("tcp", "127.0.0.1", 2525),), **kw)  # type: ignore[arg-type]
+
+
+@implementer(IDownstream)
+class ScriptedDownstream:
+    """
+    An IDownstream whose replies come from a dict and whose calls are
+    recorded; a reply may be a Reply, a list of Replies (LMTP end-of-data),
+    a Deferred (fired by the test) or a DownstreamError.
+    """
+
+    def __init__(self, script: dict[str, object] | None = None, lmtp: bool = False) -> None:
+        self.script = script or {}
+        self.calls: list[tuple] = []
+        self.body = b""
+        self.lmtp = lmtp
+        self.capabilities: dict[str, str] = {}
+        self.tls = None
+        self.peer = "sink.test[127.0.0.1]:2526"
+        self.target = target()
+        self.producer: object = None
+        self.aborted = False
+        self.quitted = False
+
+    def _answer(self, key: str, default: object) -> Deferred:
+        answer = self.script.get(key, default)
+        if isinstance(answer, Deferred):
+            return answer
+        if isinstance(answer, DownstreamError):
+            self.aborted = True
+            return fail(answer)
+        return succeed(answer)
+
+    def mail(self, sender: bytes, params: object) -> Deferred[Reply]:
+        self.calls.append(("mail", sender, dict(params)))  # type: ignore[call-overload]
+        return self._answer("mail", reply(250, "2.1.0", "Sender ok"))
+
+    def rcpt(self, recipient: bytes, params: object) -> Deferred[Reply]:
+        self.calls.append(("rcpt", recipient))
+        key = "rcpt:" + recipient.decode()
+        return self._answer(key, reply(250, "2.1.5", "Recipient ok"))
+
+    def data(self) -> Deferred[Reply]:
+        self.calls.append(("data",))
+        return self._answer("data", reply(354, None, "Go ahead"))
+
+    def write(self, data: bytes) -> None:
+        self.body += data
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def endData(self) -> Deferred[Sequence[Reply]]:
+        self.calls.append(("end",))
+        return self._answer("end", [reply(250, "2.0.0", "Ok: queued as ABC")])
+
+    def rset(self) -> Deferred[Reply]:
+        self.calls.append(("rset",))
+        return self._answer("rset", reply(250, "2.0.0", "Ok"))
+
+    def quit(self) -> None:
+        self.calls.append(("quit",))
+        self.quitted = True
+
+    def abort(self) -> None:
+        self.calls.append(("abort",))
+        self.aborted = True
+
+
+class Opener:
+    """
+    Stands in for C{Failover.open}: hands out the scripted downstream and
+    does its MAIL, or fails with a scripted error.
+    """
+
+    def __init__(self, downstream: ScriptedDownstream | None = None, error: DownstreamError | None = None):
+        self.downstream = downstream or ScriptedDownstream()
+        self.error = error
+        self.calls: list[dict] = []
+
+    def __call__(self, credentials: Credentials | None = None, mail: tuple | None = None) -> Deferred:
+        self.calls.append({"credentials": credentials, "mail": mail})
+        if self.error is not None:
+            return fail(self.error)
+        if mail is None:
+            return succeed((self.downstream, None))
+        return self.downstream.mail(*mail).addCallback(lambda r: (self.downstream, r))
+
+
+def result(d: Deferred) -> object:
+    out: list = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    return out[0]
+
+
+class Producer:
+    paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class RelaySessionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1764057600)  # 2025-11-25 08:00:00 UTC
+        self.session = ClientSession(id="S1D", protocol="smtp", clientHost="127.0.0.1",
+                                     clientPort=40000, heloName="client.test", esmtp=True)
+        self.opener = Opener()
+        self.downstream = self.opener.downstream
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def relay(self, **listenerArgs: object) -> RelaySession:
+        return RelaySession(self.session, listener(**listenerArgs), self.opener,
+                            "relay.test", self.clock)
+
+    def transaction(self, relay: RelaySession, rcpts: Sequence[bytes] = (b"rcpt@example.org",),
+                    body: bytes = b"Subject: hi\r\n\r\nbody\r\n") -> object:
+        mailReply = result(relay.mail(b"sender@example.org", {}))
+        rcptReplies = [result(relay.rcpt(r, {})) for r in rcpts]
+        dataReply = result(relay.data(Producer()))
+        relay.dataChunk(body)
+        final = result(relay.endData())
+        return mailReply, rcptReplies, dataReply, final
+
+    def test_providesInterface(self) -> None:
+        self.assertTrue(verifyObject(IRelayHandler, self.relay()))
+
+    def test_mailOpensDownstreamWithClientParameters(self) -> None:
+        """
+        The downstream session is opened at MAIL with the client's sender
+        and parameters; the client's MAIL reply is the downstream's.
+        """
+        self.downstream.script["mail"] = reply(250, "2.1.0", "Sender <s> looks fine")
+        got = result(self.relay().mail(b"s@example.org", {"SIZE": "100", "BODY": "8BITMIME"}))
+        self.assertEqual(got, reply(250, "2.1.0", "Sender <s> looks fine"))
+        self.assertEqual(self.opener.calls, [
+            {"credentials": None, "mail": (b"s@example.org", {"SIZE": "100", "BODY": "8BITMIME"})}])
+
+    def test_authParameterOnlyFromAuthenticatedClients(self) -> None:
+        """
+        SPEC §4.3: C{AUTH=} is forwarded only for authenticated clients.
+        """
+        relay = self.relay()
+        result(relay.mail(b"s@example.org", {"AUTH": "<>", "SIZE": "5"}))
+        self.assertEqual(self.downstream.calls[0], ("mail", b"s@example.org", {"SIZE": "5"}))
+        self.session.user = "alice"
+        relay.reset()
+        result(relay.mail(b"s@example.org", {"AUTH": "alice@example.org"}))
+        self.assertEqual(self.downstream.calls[-1],
+                         ("mail", b"s@example.org", {"AUTH": "alice@example.org"}))
+
+    def test_downstreamRepliesPassVerbatimButSanitized(self) -> None:
+        """
+        RCPT replies are the downstream's code, enhanced code and text, with
+        control characters replaced; a reply without an enhanced code gets
+        X.0.0.
+        """
+        self.downstream.script["rcpt:a@x"] = reply(550, "5.1.1", "<a@x>: no such user\x1b[31m")
+        self.downstream.script["rcpt:b@x"] = reply(451, None, "greylisted")
+        relay = self.relay()
+        result(relay.mail(b"s@x", {}))
+        self.assertEqual(result(relay.rcpt(b"a@x", {})), reply(550, "5.1.1", "<a@x>: no such user?[31m"))
+        self.assertEqual(result(relay.rcpt(b"b@x", {})), reply(451, "4.0.0", "greylisted"))
+
+    def test_fullTransactionStreamsBodyAfterReceivedHeader(self) -> None:
+        """
+        354 comes from the downstream; the body reaches the downstream after
+        exactly one Received: header; 250 to end-of-data is the
+        downstream's.
+        """
+        mailReply, rcptReplies, dataReply, final = self.transaction(self.relay())
+        self.assertEqual(dataReply, reply(354, "3.0.0", "Go ahead"))
+        self.assertEqual(final, [reply(250, "2.0.0", "Ok: queued as ABC")])
+        header, rest = self.downstream.body.split(b"\r\nSubject:", 1)
+        self.assertEqual(rest, b" hi\r\n\r\nbody\r\n")
+        self.assertEqual(
+            header,
+            b"Received: from client.test ([127.0.0.1])\r\n"
+            b"\tby relay.test (smtprelay) with ESMTP id S1D\r\n"
+            b"\tfor <rcpt@example.org>; "
+            + self.downstreamDate(),
+        )
+        self.assertEqual([c[0] for c in self.downstream.calls], ["mail", "rcpt", "data", "end"])
+
+    def downstreamDate(self) -> bytes:
+        import email.utils
+        return email.utils.formatdate(self.clock.seconds(), localtime=True).encode()
+
+    def test_receivedHeaderNamesTLSAndAuth(self) -> None:
+        """
+        The header says ESMTPSA and names the TLS version and cipher; with
+        several recipients it names none of them.
+        """
+        self.session.tls = TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384")
+        self.session.user = "alice"
+        self.transaction(self.relay(), rcpts=[b"a@x", b"b@x"])
+        header = self.downstream.body.split(b"Subject:")[0]
+        self.assertEqual(
+            header,
+            b"Received: from client.test ([127.0.0.1])\r\n"
+            b"\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)\r\n"
+            b"\tby relay.test (smtprelay) with ESMTPSA id S1D;\r\n\t"
+            + self.downstreamDate() + b"\r\n",
+        )
+
+    def test_dataWithoutAcceptedRecipientsNeverReachesDownstream(self) -> None:
+        """
+        SPEC §4.3: never DATA downstream without an accepted recipient.
+        """
+        self.downstream.script["rcpt:a@x"] = reply(550, "5.1.1", "unknown")
+        relay = self.relay()
+        result(relay.mail(b"s@x", {}))
+        result(relay.rcpt(b"a@x", {}))
+        got = result(relay.data(Producer()))
+        self.assertEqual(got, reply(554, "5.5.1", "No valid recipients [S1D]"))
+        self.assertNotIn(("data",), self.downstream.calls)
+
+    def test_refused354IsPassedThrough(self) -> None:
+        self.downstream.script["data"] = reply(554, "5.5.1", "Error: no valid recipients")
+        relay = self.relay()
+        result(relay.mail(b"s@x", {}))
+        result(relay.rcpt(b"a@x", {}))
+        self.assertEqual(result(relay.data(Producer())), reply(554, "5.5.1", "Error: no valid recipients"))
+
+    def test_backPressureProducerIsTheClient(self) -> None:
+        """
+        The client's socket is registered with the downstream as producer
+        during the body and unregistered at its end.
+        """
+        relay = self.relay()
+        result(relay.mail(b"s@x", {}))
+        result(relay.rcpt(b"a@x", {}))
+        producer = Producer()
+        result(relay.data(producer))
+        self.assertIs(self.downstream.producer, producer)
+        result(relay.endData())
+        self.assertIsNone(self.downstream.producer)
+
+    def test_finalReplyPermanentPassesThrough(self) -> None:
+        """
+        A downstream 5xx to end-of-data reaches the client unchanged (no
+        552→452 rewrite) and is logged as bounced.
+        """
+        self.downstream.script["end"] = [reply(552, "5.3.4", "Message size exceeds fixed limit")]
+        *_, final = self.transaction(self.relay())
+        self.assertEqual(final, [reply(552, "5.3.4", "Message size exceeds fixed limit")])
+        [event] = [e for e in self.events if e.get("transaction")]
+        self.assertEqual(event["status"], "bounced")
+
+    def test_lostAfterDotIsTemporaryNever250(self) -> None:
+        """
+        SPEC §4.5: the connection lost after the dot → 451 4.4.2, with the
+        session id.
+        """
+        self.downstream.script["end"] = DownstreamError(replies.DOWNSTREAM_LOST, "connection lost")
+        *_, final = self.transaction(self.relay())
+        self.assertEqual(final, [replies.DOWNSTREAM_LOST.withSession("S1D")])
+        [event] = [e for e in self.events if e.get("transaction")]
+        self.assertEqual(event["status"], "deferred")
+
+    def test_allTargetsDownGives451(self) -> None:
+        self.opener.error = DownstreamError(replies.NO_DOWNSTREAM, "refused; refused")
+        got = result(self.relay().mail(b"s@x", {}))
+        self.assertEqual(got.toBytes(), b"451 4.4.1 No downstream server available [S1D]\r\n")
+
+    def test_permanentMailFromEveryTargetPassesThrough(self) -> None:
+        self.downstream.script["mail"] = reply(553, "5.7.1", "Sender address rejected")
+        got = result(self.relay().mail(b"s@x", {}))
+        self.assertEqual(got, reply(553, "5.7.1", "Sender address rejected"))
+
+    def test_localConversionReplyGetsSessionId(self) -> None:
+        """
+        A reply the outbound engine decided locally (no SMTPUTF8 downstream)
+        carries the session id like every local reply.
+        """
+        self.downstream.script["mail"] = DownstreamError(replies.UTF8_SENDER)
+        got = result(self.relay().mail("ü@x".encode(), {"SMTPUTF8": None}))
+        self.assertEqual(got, replies.UTF8_SENDER.withSession("S1D"))
+
+    def test_abortDataNeverSendsTheDot(self) -> None:
+        """
+        SPEC §4.8: a body refused locally (bare LF, too many hops) closes the
+        downstream without the end-of-data.
+        """
+        relay = self.relay()
+        result(relay.mail(b"s@x", {}))
+        result(relay.rcpt(b"a@x", {}))
+        result(relay.data(Producer()))
+        relay.dataChunk(b"Received: x\r\n")
+        relay.abortData(replies.TOO_MANY_HOPS)
+        self.assertEqual(self.downstream.calls[-1], ("abort",))
+        self.assertNotIn(("end",), self.downstream.calls)
+
+    def test_clientGoneDuringBodyAbortsWithoutDot(self) -> None:
+        relay = self.relay()
+        result(relay.mail(b"s@x", {}))
+        result(relay.rcpt(b"a@x", {}))
+        result(relay.data(Producer()))
+        relay.dataChunk(b"partial")
+        relay.close()
+        self.assertTrue(self.downstream.aborted)
+        self.assertNotIn(("end",), self.downstream.calls)
+        [event] = [e for e in self.events if e.get("transaction")]
+        self.assertEqual(event["status"], "aborted")
+
+    def test_clientGoneAfterDotFinishesAndLogs(self) -> None:
+        """
+        SPEC §4.8: a client that leaves after its dot does not abort the
+        downstream transaction; its outcome is logged, then QUIT.
+        """
+        pending: Deferred = Deferred()
+        self.downstream.script["end"] = pending
+        relay = self.relay()
+        result(relay.mail(b"s@x", {}))
+        result(relay.rcpt(b"a@x", {}))
+        result(relay.data(Producer()))
+        relay.dataChunk(b"x\r\n")
+        final = relay.endData()
+        relay.close()
+        self.assertFalse(self.downstream.aborted)
+        self.assertFalse(self.downstream.quitted)
+        pending.callback([reply(250, "2.0.0", "queued")])
+        self.assertEqual(result(final), [reply(250, "2.0.0", "queued")])
+        self.assertTrue(self.downstream.quitted)
+        [event] = [e for e in self.events if e.get("transaction")]
+        self.assertEqual((event["status"], event["reply"]), ("sent", "250 2.0.0 queued"))
+
+    def test_resetThenNewTransactionReusesDownstream(self) -> None:
+        """
+        RSET is relayed; the next MAIL goes over the same downstream session
+        after the RSET's reply.
+        """
+        relay = self.relay()
+        result(relay.mail(b"s@x", {}))
+        relay.reset()
+        result(relay.mail(b"t@x", {}))
+        self.assertEqual([c[0] for c in self.downstream.calls], ["mail", "rset", "mail"])
+        self.assertEqual(len(self.opener.calls), 1)
+
+    def test_deadDownstreamIsReopenedForNextTransaction(self) -> None:
+        relay = self.relay()
+        self.transaction(relay)
+        self.downstream.script["mail"] = DownstreamError(replies.DOWNSTREAM_LOST)
+        fresh = ScriptedDownstream()
+        first = self.downstream
+
+        def reopen(credentials: object = None, mail: tuple | None = None) -> Deferred:
+            return fresh.mail(*mail).addCallback(lambda r: (fresh, r))  # type: ignore[misc]
+
+        relay._open = reopen
+        got = result(relay.mail(b"s2@x", {}))
+        self.assertEqual(got.code, 250)
+        self.assertEqual(fresh.calls, [("mail", b"s2@x", {})])
+        self.assertEqual(first.calls[-1][0], "mail")
+
+    def test_closeQuitsIdleDownstream(self) -> None:
+        relay = self.relay()
+        self.transaction(relay)
+        relay.close()
+        self.assertEqual(self.downstream.calls[-1], ("quit",))
+
+    def test_transactionLogEvent(self) -> None:
+        """
+        SPEC §5: one event per transaction with stable keys.
+        """
+        self.transaction(self.relay(), rcpts=[b"a@x", b"b@x"])
+        [event] = [e for e in self.events if e.get("transaction")]
+        self.assertEqual(
+            {k: event[k] for k in ("session", "client", "helo", "sender", "to", "relay", "status", "reply", "tls")},
+            {"session": "S1D", "client": "127.0.0.1", "helo": "client.test", "sender": "sender@example.org",
+             "to": 2, "relay": "sink.test[127.0.0.1]:2526", "status": "sent",
+             "reply": "250 2.0.0 Ok: queued as ABC", "tls": False},
+        )
+        self.assertEqual(event["size"], len(b"Subject: hi\r\n\r\nbody\r\n"))
+
+
+class LMTPMappingTests(SynchronousTestCase):
+    """
+    SPEC §4.7.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.opener = Opener(ScriptedDownstream(lmtp=True))
+        self.downstream = self.opener.downstream
+
+    def run_(self, protocol: str, target_: Target, rcpts: Sequence[bytes], end: object) -> tuple:
+        session = ClientSession(id="L1", protocol=protocol, clientHost="127.0.0.1")  # type: ignore[arg-type]
+        relay = RelaySession(session, listener("lmtp" if protocol == "lmtp" else "smtp", deliverTo=target_),
+                             self.opener, "relay.test", self.clock)
+        self.downstream.script["end"] = end
+        result(relay.mail(b"s@x", {}))
+        rcptReplies = [result(relay.rcpt(r, {})) for r in rcpts]
+        result(relay.data(Producer()))
+        relay.dataChunk(b"x\r\n")
+        return rcptReplies, result(relay.endData())
+
+    def test_lmtpToLmtpOneToOne(self) -> None:
+        ok = reply(250, "2.0.0", "<a@x> Saved")
+        over = reply(552, "5.2.2", "<b@x> Quota exceeded")
+        _, final = self.run_("lmtp", target("lmtp"), [b"a@x", b"b@x"], [ok, over])
+        self.assertEqual(final, [ok, over])
+
+    def test_lmtpToSmtpRepeatsTheReply(self) -> None:
+        ok = reply(250, "2.0.0", "queued")
+        _, final = self.run_("lmtp", target("smtp"), [b"a@x", b"b@x", b"c@x"], [ok])
+        self.assertEqual(final, [ok, ok, ok])
+
+    def test_smtpToLmtpOneRecipientPerTransaction(self) -> None:
+        """
+        lmtp_split one_rcpt: the second RCPT gets 452 4.5.3 locally and is
+        never sent downstream.
+        """
+        ok = reply(250, "2.0.0", "<a@x> Saved")
+        rcptReplies, final = self.run_("smtp", target("lmtp"), [b"a@x", b"b@x"], [ok])
+        self.assertEqual(rcptReplies[1], replies.LMTP_SPLIT)
+        self.assertEqual(final, [ok])
+        self.assertNotIn(("rcpt", b"b@x"), self.downstream.calls)
+
+    def test_smtpToLmtpTempfailMixed(self) -> None:
+        """
+        lmtp_split tempfail: mixed results → 451, never a 250 that loses a
+        recipient, never a 5xx for a delivered one.
+        """
+        ok = reply(250, "2.0.0", "<a@x> Saved")
+        over = reply(552, "5.2.2", "<b@x> Quota exceeded")
+        _, final = self.run_("smtp", target("lmtp", lmtpSplit="tempfail"), [b"a@x", b"b@x"], [ok, over])
+        self.assertEqual(final, [replies.LMTP_MIXED.withSession("L1")])
+
+    def test_smtpToLmtpTempfailAgreeing(self) -> None:
+        ok1 = reply(250, "2.0.0", "<a@x> Saved")
+        ok2 = reply(250, "2.0.0", "<b@x> Saved")
+        _, final = self.run_("smtp", target("lmtp", lmtpSplit="tempfail"), [b"a@x", b"b@x"], [ok1, ok2])
+        self.assertEqual(final, [ok1])
+
+
+class AuthForwardTests(SynchronousTestCase):
+    """
+    SPEC §4.6: C{auth forward} checks the client's credentials at AUTH time
+    against the downstream and binds that session to this client.
+    """
+
+    def setUp(self) -> None:
+        self.session = ClientSession(id="A1", protocol="smtp", clientHost="192.0.2.7")
+        self.opener = Opener()
+
+    def relay(self) -> RelaySession:
+        return RelaySession(self.session, listener("submission", auth=ListenerAuth("forward")),
+                            self.opener, "relay.test", Clock())
+
+    def test_acceptedCredentialsBindTheDownstream(self) -> None:
+        relay = self.relay()
+        self.assertEqual(result(relay.authenticate("PLAIN", "alice", "s3cret")), replies.AUTH_OK)
+        self.assertEqual(self.opener.calls, [{"credentials": Credentials("alice", "s3cret"), "mail": None}])
+        self.session.user = "alice"
+        result(relay.mail(b"alice@x", {}))
+        self.assertEqual(len(self.opener.calls), 1, "MAIL must reuse the authenticated session")
+        self.assertEqual(self.opener.downstream.calls, [("mail", b"alice@x", {})])
+
+    def test_downstreamVerdictReachesClient(self) -> None:
+        verdict = reply(535, "5.7.8", "Error: authentication failed: bad password")
+        self.opener.error = DownstreamError(verdict, "535 from downstream")
+        self.assertEqual(result(self.relay().authenticate("LOGIN", "alice", "wrong")), verdict)
+
+    def test_noVerdictIsTemporary(self) -> None:
+        """
+        No downstream reachable: 454 4.7.0, never 535.
+        """
+        self.opener.error = DownstreamError(replies.NO_DOWNSTREAM, "refused")
+        got = result(self.relay().authenticate("PLAIN", "alice", "pw"))
+        self.assertEqual(got, replies.AUTH_TEMPFAIL.withSession("A1"))
+
+    def test_credentialsReusedWhenBoundSessionDied(self) -> None:
+        relay = self.relay()
+        result(relay.authenticate("PLAIN", "alice", "pw"))
+        self.opener.downstream.script["mail"] = DownstreamError(replies.DOWNSTREAM_LOST)
+        fresh = ScriptedDownstream()
+        calls = []
+
+        def reopen(credentials: object = None, mail: tuple | None = None) -> Deferred:
+            calls.append(credentials)
+            return fresh.mail(*mail).addCallback(lambda r: (fresh, r))  # type: ignore[misc]
+
+        relay._open = reopen
+        self.assertEqual(result(relay.mail(b"alice@x", {})).code, 250)
+        self.assertEqual(calls, [Credentials("alice", "pw")])
+
+    def test_credentialsNotInRepr(self) -> None:
+        self.assertNotIn("s3cret", repr(Credentials("alice", "s3cret")))
