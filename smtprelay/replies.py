@@ -68,9 +68,10 @@ class Reply:
 
     def withEnhanced(self) -> Reply:
         """
-        Return this reply with an enhanced code, C{X.0.0} if it had none.
+        Return this reply with an enhanced code, C{X.0.0} if it had none
+        (RFC 3463 has none for 1xx and 3xx replies).
         """
-        if self.enhanced is not None:
+        if self.enhanced is not None or self.code // 100 not in (2, 4, 5):
             return self
         return attrs.evolve(self, enhanced=f"{self.code // 100}.0.0")
 

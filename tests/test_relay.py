@@ -221,7 +221,7 @@ class RelaySessionTests(SynchronousTestCase):
         downstream's.
         """
         mailReply, rcptReplies, dataReply, final = self.transaction(self.relay())
-        self.assertEqual(dataReply, reply(354, "3.0.0", "Go ahead"))
+        self.assertEqual(dataReply, reply(354, None, "Go ahead"))
         self.assertEqual(final, [reply(250, "2.0.0", "Ok: queued as ABC")])
         header, rest = self.downstream.body.split(b"\r\nSubject:", 1)
         self.assertEqual(rest, b" hi\r\n\r\nbody\r\n")
