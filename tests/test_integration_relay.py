@@ -1,0 +1,295 @@
+"""
+End to end on 127.0.0.1 with real processes: C{swaks}/C{smtplib} →
+C{twistd -n smtprelay} → Postfix C{smtp-sink} (SMTP and LMTP) or Dovecot LMTP.
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import socket
+import subprocess
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from .procs import HOST, Processes, freePort, need, sinkMessages, waitForPath
+
+MESSAGE = (
+    b"From: Sender <sender@example.org>\r\n"
+    b"To: Rcpt <rcpt@example.net>\r\n"
+    b"Subject: integration\r\n"
+    b"Message-Id: <1@example.org>\r\n"
+    b"\r\n"
+    b"first line\r\n"
+    b".a line that starts with a dot\r\n"
+    b"..two dots\r\n"
+    b".\tdot tab\r\n"
+    b"last line\r\n"
+)
+
+
+def splitSinkDump(dump: bytes) -> tuple[dict[str, list[bytes]], bytes, bytes]:
+    """
+    An smtp-sink dump file → (its X- envelope headers, our Received:
+    header, the message as the relay sent it).  smtp-sink writes LF line
+    ends and puts its own 3-line Received: header first.
+    """
+    lines = dump.split(b"\n")
+    envelope: dict[str, list[bytes]] = {}
+    i = 0
+    while lines[i].startswith(b"X-"):
+        key, _, value = lines[i].partition(b": ")
+        envelope.setdefault(key.decode(), []).append(value)
+        i += 1
+    assert lines[i].startswith(b"Received: from "), lines[i]
+    i += 1
+    while lines[i].startswith(b"\t"):
+        i += 1
+    assert lines[i].startswith(b"Received: from "), lines[i]
+    start = i
+    i += 1
+    while lines[i].startswith(b"\t"):
+        i += 1
+    return envelope, b"\n".join(lines[start:i]), b"\n".join(lines[i:])
+
+
+def swaks(*args: str) -> subprocess.CompletedProcess:
+    need("swaks")
+    return subprocess.run(["swaks", "--helo", "client.test", *args], capture_output=True, timeout=120)
+
+
+class SMTPSinkTests(SynchronousTestCase):
+    """
+    swaks and smtplib through the relay to Postfix's smtp-sink.
+    """
+
+    def setUp(self) -> None:
+        self.procs = Processes(self)
+
+    def relayTo(self, *targets: int, lmtp: bool = False) -> int:
+        args = [a for port in targets for a in ("--target", f"tcp://{HOST}:{port}")]
+        return self.procs.relay(*args, "--hostname", "relay.test", *(["--lmtp"] if lmtp else []))
+
+    def test_swaksMessageArrivesByteIdentical(self) -> None:
+        """
+        The sink receives the message byte for byte apart from our one
+        Received: header, and the envelope as swaks sent it.
+        """
+        sinkPort, dumps = self.procs.smtpSink()
+        port = self.relayTo(sinkPort)
+        path = os.path.join(self.procs.dir, "message.eml")
+        with open(path, "wb") as f:
+            f.write(MESSAGE)
+        done = swaks("--server", f"{HOST}:{port}", "--from", "sender@example.org",
+                     "--to", "rcpt@example.net", "--data", path)
+        self.assertEqual(done.returncode, 0, done.stdout.decode())
+        [dump] = sinkMessages(dumps)
+        envelope, received, body = splitSinkDump(dump)
+        self.assertEqual(envelope["X-Mail-Args"], [b"<sender@example.org>"])
+        self.assertEqual(envelope["X-Rcpt-Args"], [b"<rcpt@example.net>"])
+        self.assertEqual(body, MESSAGE.replace(b"\r\n", b"\n"))
+        self.assertTrue(received.startswith(b"Received: from client.test ([127.0.0.1])\n"
+                                            b"\tby relay.test (smtprelay) with ESMTP id "), received)
+        self.assertIn(b"\tfor <rcpt@example.net>; ", received)
+
+    def test_downstreamRejectionReachesSwaksVerbatim(self) -> None:
+        """
+        The downstream's exact code, enhanced code and text reach the
+        client.
+        """
+        sinkPort, dumps = self.procs.smtpSink(extra=["-f", "RCPT", "-B", "550 5.1.1 <x>: mailbox unavailable here"])
+        port = self.relayTo(sinkPort)
+        done = swaks("--server", f"{HOST}:{port}", "--to", "rcpt@example.net")
+        self.assertNotEqual(done.returncode, 0)
+        self.assertIn(b"<** 550 5.1.1 <x>: mailbox unavailable here\n", done.stdout)
+        self.assertEqual(os.listdir(dumps), [])
+
+    def test_smtplibTwoTransactionsOneSession(self) -> None:
+        """
+        Several transactions on one client session, with RSET between.
+        """
+        sinkPort, dumps = self.procs.smtpSink()
+        port = self.relayTo(sinkPort)
+        with smtplib.SMTP(HOST, port, timeout=60) as client:
+            client.sendmail("a@example.org", ["r1@example.net"], MESSAGE)
+            client.rset()
+            client.sendmail("b@example.org", ["r2@example.net", "r3@example.net"], MESSAGE)
+        dumpsSeen = sinkMessages(dumps, 2)
+        rcpts = sorted(splitSinkDump(d)[0]["X-Rcpt-Args"] for d in dumpsSeen)
+        self.assertEqual(rcpts, [[b"<r1@example.net>"], [b"<r2@example.net>", b"<r3@example.net>"]])
+
+    def test_smtplibUTF8(self) -> None:
+        """
+        SMTPUTF8 to a downstream that advertises it: the addresses arrive
+        unconverted.
+        """
+        sinkPort, dumps = self.procs.smtpSink()
+        port = self.relayTo(sinkPort)
+        with smtplib.SMTP(HOST, port, timeout=60) as client:
+            client.ehlo("client.test")
+            self.assertTrue(client.has_extn("smtputf8"))
+            client.sendmail("jösé@exämple.org", ["rcpt@exämple.net"], MESSAGE,
+                            mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+        [dump] = sinkMessages(dumps)
+        envelope = splitSinkDump(dump)[0]
+        self.assertEqual(envelope["X-Rcpt-Args"], ["<rcpt@exämple.net>".encode()])
+
+    def test_lmtpDownstreamOneRecipientPerTransaction(self) -> None:
+        """
+        SMTP client → LMTP target (smtp-sink -L): the second recipient is
+        deferred with 452 4.5.3 so that the first's reply is exact.
+        """
+        sinkPort, dumps = self.procs.smtpSink(lmtp=True)
+        port = self.relayTo(sinkPort, lmtp=True)
+        with smtplib.SMTP(HOST, port, timeout=60) as client:
+            refused = client.sendmail("a@example.org", ["r1@example.net", "r2@example.net"], MESSAGE)
+        self.assertEqual(refused, {"r2@example.net": (452, b"4.5.3 Too many recipients, send the rest in a new transaction")})
+        [dump] = sinkMessages(dumps)
+        self.assertEqual(splitSinkDump(dump)[0]["X-Client-Proto"], [b"LMTP"])
+
+    def test_failoverFromRefusingTarget(self) -> None:
+        """
+        The first target refuses connections: the message reaches the
+        second.
+        """
+        sinkPort, dumps = self.procs.smtpSink()
+        port = self.relayTo(freePort(), sinkPort)
+        done = swaks("--server", f"{HOST}:{port}", "--to", "rcpt@example.net")
+        self.assertEqual(done.returncode, 0, done.stdout.decode())
+        self.assertEqual(len(sinkMessages(dumps)), 1)
+
+    def test_failoverFromSilentTarget(self) -> None:
+        """
+        The first target accepts TCP and says nothing: after
+        command_timeout the second target gets the message.
+        """
+        silent = socket.socket()
+        silent.bind((HOST, 0))
+        silent.listen(8)
+        self.addCleanup(silent.close)
+        sinkPort, dumps = self.procs.smtpSink()
+        config = os.path.join(self.procs.dir, "relay.conf")
+        port = freePort()
+        with open(config, "w") as f:
+            f.write(f"""
+hostname relay.test
+smtp tcp://{HOST}:{port} {{
+    deliver_to smtp tcp://{HOST}:{silent.getsockname()[1]} tcp://{HOST}:{sinkPort} {{
+        command_timeout 1s
+    }}
+}}
+""")
+        self.procs.relay("--config", config, port=port)
+        done = swaks("--server", f"{HOST}:{port}", "--to", "rcpt@example.net")
+        self.assertEqual(done.returncode, 0, done.stdout.decode())
+        self.assertEqual(len(sinkMessages(dumps)), 1)
+
+    def test_allTargetsDown(self) -> None:
+        port = self.relayTo(freePort(), freePort())
+        done = swaks("--server", f"{HOST}:{port}", "--to", "rcpt@example.net")
+        self.assertRegex(done.stdout.decode(), r"<\*\* 451 4\.4\.1 No downstream server available \[\w+\]")
+
+    def test_bigMessageStreamsWithBoundedMemory(self) -> None:
+        """
+        A 50 MB message streams through: the relay's peak RSS stays well
+        below the message size.
+        """
+        sinkPort, dumps = self.procs.smtpSink()
+        port = self.relayTo(sinkPort)
+        line = b"x" * 998 + b"\r\n"
+        body = b"Subject: big\r\n\r\n" + line * (50 * 1024 * 1024 // len(line))
+        with smtplib.SMTP(HOST, port, timeout=120) as client:
+            client.sendmail("a@example.org", ["r@example.net"], body)
+        [dump] = sinkMessages(dumps)
+        self.assertGreater(len(dump), 50 * 1000 * 1000)
+        relayPid = self.procs._procs[-1].pid
+        with open(f"/proc/{relayPid}/status") as f:
+            status = dict(l.split(":", 1) for l in f.read().splitlines())
+        peakKB = int(status["VmHWM"].split()[0])
+        self.assertLess(peakKB, 45 * 1024, f"relay peak RSS {peakKB} kB for a 50 MB message")
+
+
+class DovecotLMTPTests(SynchronousTestCase):
+    """
+    Real per-recipient LMTP results from Dovecot over a unix socket.
+    """
+
+    def setUp(self) -> None:
+        need("dovecot", "doveadm")
+        self.procs = Processes(self)
+        self.dovecot = os.path.join(self.procs.dir, "dovecot")
+        recipe = os.path.join(os.path.dirname(__file__), "dovecot-lmtp.sh")
+        subprocess.run(["sh", recipe, self.dovecot], check=True, capture_output=True, timeout=60)
+        self.addCleanup(subprocess.run, ["doveadm", "-c", os.path.join(self.dovecot, "dovecot.conf"), "stop"],
+                        capture_output=True)
+        waitForPath(os.path.join(self.dovecot, "lmtp"))
+        self.socket = os.path.join(self.dovecot, "lmtp")
+
+    def delivered(self, user: str) -> list[bytes]:
+        new = os.path.join(self.dovecot, "mail", user, "Maildir", "new")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (os.path.isdir(new) and os.listdir(new)):
+            time.sleep(0.05)
+        if not os.path.isdir(new):
+            return []
+        out = []
+        for name in sorted(os.listdir(new)):
+            with open(os.path.join(new, name), "rb") as f:
+                out.append(f.read())
+        return out
+
+    def test_smtpToDovecotPerRecipientVerdicts(self) -> None:
+        """
+        One recipient per transaction: alice is delivered byte-identical
+        apart from headers Dovecot and we add; an unknown user and a user
+        over quota get Dovecot's own replies.
+        """
+        port = self.procs.relay("--target", f"unix://{self.socket}", "--lmtp", "--hostname", "relay.test")
+        with smtplib.SMTP(HOST, port, timeout=60) as client:
+            client.sendmail("s@example.org", ["alice"], MESSAGE)
+            with self.assertRaises(smtplib.SMTPRecipientsRefused) as unknown:
+                client.sendmail("s@example.org", ["nosuchuser"], MESSAGE)
+            code, text = unknown.exception.recipients["nosuchuser"]
+            self.assertEqual(code, 550)
+            self.assertTrue(text.startswith(b"5.1.1 "), text)
+            with self.assertRaises(smtplib.SMTPDataError) as full:
+                client.sendmail("s@example.org", ["full"], MESSAGE + b"x" * 4096 + b"\r\n")
+            self.assertEqual(full.exception.smtp_code, 552)
+            self.assertTrue(full.exception.smtp_error.startswith(b"5.2.2 "), full.exception.smtp_error)
+        [message] = self.delivered("alice")
+        self.assertTrue(message.endswith(MESSAGE.replace(b"\r\n", b"\n")), message[-300:])
+        self.assertIn(b"by relay.test (smtprelay) with ESMTP id ", message)
+
+    def test_lmtpListenerPerRecipientReplies(self) -> None:
+        """
+        LMTP client → LMTP listener → Dovecot: one reply per recipient
+        after the dot, in RCPT order.
+        """
+        listen = os.path.join(self.procs.dir, "relay-lmtp.sock")
+        config = os.path.join(self.procs.dir, "relay.conf")
+        with open(config, "w") as f:
+            f.write(f"hostname relay.test\nlmtp unix://{listen} {{\n    deliver_to lmtp unix://{self.socket}\n}}\n")
+        process = self.procs.start("relay", [os.path.join(os.path.dirname(os.sys.executable), "twistd"),
+                                             "-n", "--pidfile=", "smtprelay", "--config", config])
+        waitForPath(listen, process)
+        client = socket.socket(socket.AF_UNIX)
+        client.settimeout(60)
+        client.connect(listen)
+        self.addCleanup(client.close)
+        script = (b"LHLO client.test\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<alice>\r\n"
+                  b"RCPT TO:<full>\r\nRCPT TO:<bob>\r\nDATA\r\n")
+        reader = client.makefile("rb")
+        self.assertTrue(reader.readline().startswith(b"220 "))
+        client.sendall(script)
+        replies = []
+        while len(replies) < 6:
+            line = reader.readline()
+            if line[3:4] == b" ":
+                replies.append(line)
+        self.assertEqual([r[:3] for r in replies], [b"250", b"250", b"250", b"250", b"250", b"354"])
+        client.sendall(MESSAGE + b"x" * 4096 + b"\r\n.\r\n")
+        finals = [reader.readline() for _ in range(3)]
+        self.assertEqual([f[:9] for f in finals], [b"250 2.0.0", b"552 5.2.2", b"250 2.0.0"])
+        self.assertEqual(len(self.delivered("alice")), 1)
+        self.assertEqual(len(self.delivered("bob")), 1)
