@@ -9,7 +9,11 @@ local-part cannot be converted.
 
 from __future__ import annotations
 
+import re
+
 import idna
+
+from .replies import Reply, reply
 
 
 def downconvert(address: bytes) -> bytes | None:
@@ -32,3 +36,164 @@ def downconvert(address: bytes) -> bytes | None:
     except (UnicodeError, idna.IDNAError):
         return None
     return local + b"@" + labels
+
+
+class EnvelopeError(ValueError):
+    """
+    A MAIL or RCPT argument was refused; C{reply} is what the client gets.
+    """
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.text)
+        self.reply = reply
+
+
+MAIL_PARAMETERS = frozenset(
+    {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH", "REQUIRETLS"}
+)
+"""The MAIL FROM parameters we take (others get C{555 5.5.4})."""
+
+RCPT_PARAMETERS = frozenset({"NOTIFY", "ORCPT"})
+"""The RCPT TO parameters we take."""
+
+_MAIL_SYNTAX = reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+_RCPT_SYNTAX = reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+BAD_SENDER = reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT = reply(501, "5.1.3", "Bad recipient address syntax")
+UTF8_UNDECLARED = reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
+
+_KEYWORD = re.compile(rb"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_VALUE = re.compile(rb"[\x21-\x3c\x3e-\x7e\x80-\xff]+\Z")
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+\Z")
+_NOTIFY = re.compile(r"(?:NEVER|(?:SUCCESS|FAILURE|DELAY)(?:,(?:SUCCESS|FAILURE|DELAY))*)\Z")
+_PATH = re.compile(rb'<((?:"(?:[^"\\\r\n]|\\.)*"|[^<>"\r\n])*)>')
+_SOURCE_ROUTE = re.compile(rb"@[^,:]*(?:,@[^,:]*)*:")
+_ATOM = rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\x80-\xff-]+"
+_QUOTED = rb'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\x20-\x7e])*"'
+_LABEL = rb"(?:[A-Za-z0-9\x80-\xff](?:[A-Za-z0-9\x80-\xff-]*[A-Za-z0-9\x80-\xff])?)"
+_DOMAIN = rb"(?:" + _LABEL + rb"(?:\." + _LABEL + rb")*\.?|\[[\x21-\x5a\x5e-\x7e]+\])"
+_MAILBOX = re.compile(rb"(?:" + _ATOM + rb"|" + _QUOTED + rb")@" + _DOMAIN + rb"\Z")
+
+
+def parseMail(argument: bytes) -> tuple[bytes, dict[str, str | None]]:
+    """
+    Parse the argument of C{MAIL} (C{FROM:<path> params}).
+
+    The path may be bracketed or not, with a space after the colon (as
+    Postfix allows); C{<>} is the null sender; a source route is dropped.
+
+    @return: the reverse-path without brackets and the parameters
+        (upper-cased keyword → value, L{None} when bare).
+    @raise EnvelopeError: bad syntax (C{501 5.5.4}), bad address
+        (C{501 5.1.7}), unknown parameter (C{555 5.5.4}), a non-ASCII address
+        without C{SMTPUTF8} (C{553 5.6.7}).
+    """
+    path, rest = _splitPath(argument, b"FROM:", _MAIL_SYNTAX)
+    params = _parameters(rest, MAIL_PARAMETERS)
+    _checkAddress(path, "SMTPUTF8" in params, BAD_SENDER, allowEmpty=True)
+    return path, params
+
+
+def parseRcpt(argument: bytes, smtputf8: bool) -> tuple[bytes, dict[str, str | None]]:
+    """
+    Parse the argument of C{RCPT} (C{TO:<path> params}).
+
+    @param smtputf8: the transaction declared C{SMTPUTF8}.
+    @return: the forward-path without brackets, and the parameters.
+    @raise EnvelopeError: as L{parseMail}, with C{501 5.1.3} for a bad
+        address (the null path included; C{<postmaster>} is accepted).
+    """
+    path, rest = _splitPath(argument, b"TO:", _RCPT_SYNTAX)
+    params = _parameters(rest, RCPT_PARAMETERS)
+    if path.lower() != b"postmaster":
+        _checkAddress(path, smtputf8, BAD_RECIPIENT, allowEmpty=False)
+    return path, params
+
+
+def _splitPath(argument: bytes, keyword: bytes, syntax: Reply) -> tuple[bytes, bytes]:
+    argument = argument.lstrip(b" ")
+    if argument[: len(keyword)].upper() != keyword:
+        raise EnvelopeError(syntax)
+    argument = argument[len(keyword):].lstrip(b" ")
+    if argument.startswith(b"<"):
+        m = _PATH.match(argument)
+        if m is None:
+            raise EnvelopeError(syntax)
+        path, rest = m.group(1), argument[m.end():]
+        if rest and not rest.startswith(b" "):
+            raise EnvelopeError(syntax)
+        path = _SOURCE_ROUTE.sub(b"", path, count=1) if path.startswith(b"@") else path
+    else:
+        path, _, rest = argument.partition(b" ")
+        if not path or b">" in path:
+            raise EnvelopeError(syntax)
+    return path, rest
+
+
+def _parameters(text: bytes, known: frozenset[str]) -> dict[str, str | None]:
+    params: dict[str, str | None] = {}
+    for token in text.split():
+        key, eq, value = token.partition(b"=")
+        if not _KEYWORD.match(key) or (eq and not _VALUE.match(value)):
+            raise EnvelopeError(reply(501, "5.5.4", "Bad parameter syntax"))
+        name = key.decode("ascii").upper()
+        if name not in known:
+            raise EnvelopeError(
+                reply(555, "5.5.4", "Unsupported option: " + token.decode("ascii", "replace"))
+            )
+        if name in params:
+            raise EnvelopeError(reply(501, "5.5.4", f"Duplicate {name} parameter"))
+        try:
+            params[name] = value.decode("utf-8") if eq else None
+        except UnicodeDecodeError:
+            raise EnvelopeError(reply(501, "5.5.4", "Bad parameter syntax")) from None
+        _checkParameter(name, params[name])
+        if eq and name in ("BODY", "RET", "NOTIFY"):
+            params[name] = value.decode("ascii").upper()
+    return params
+
+
+def _checkParameter(name: str, value: str | None) -> None:
+    bad = EnvelopeError(reply(501, "5.5.4", f"Bad {name} parameter syntax"))
+    if name in ("SMTPUTF8", "REQUIRETLS"):
+        if value is not None:
+            raise bad
+        return
+    if value is None:
+        raise bad
+    upper = value.upper()
+    if name == "SIZE":
+        if not value.isascii() or not value.isdigit() or len(value) > 20:
+            raise bad
+    elif name == "BODY":
+        if upper not in ("7BIT", "8BITMIME"):
+            raise EnvelopeError(reply(555, "5.5.4", f"Unsupported option: BODY={value}"))
+    elif name == "RET":
+        if upper not in ("FULL", "HDRS"):
+            raise bad
+    elif name == "NOTIFY":
+        if not _NOTIFY.match(upper):
+            raise bad
+    elif name == "ORCPT":
+        kind, semi, address = value.partition(";")
+        if not semi or not kind or not address or not kind.isascii():
+            raise bad
+    elif name in ("ENVID", "AUTH"):
+        if not value.isascii() or not _XTEXT.match(value) and value != "<>":
+            raise bad
+
+
+def _checkAddress(path: bytes, smtputf8: bool, bad: Reply, allowEmpty: bool) -> None:
+    if not path:
+        if allowEmpty:
+            return
+        raise EnvelopeError(bad)
+    if not path.isascii():
+        try:
+            path.decode("utf-8")
+        except UnicodeDecodeError:
+            raise EnvelopeError(bad) from None
+        if not smtputf8:
+            raise EnvelopeError(UTF8_UNDECLARED)
+    if len(path) > 254 * 4 or not _MAILBOX.match(path):
+        raise EnvelopeError(bad)

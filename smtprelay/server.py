@@ -1,0 +1,1023 @@
+"""
+The inbound SMTP/LMTP engine: one L{SMTPServerProtocol} per client
+connection, made by an L{SMTPServerFactory} per listener.
+
+The protocol owns the wire: it parses commands, enforces local policy
+(syntax, sequence, relay access, TLS/AUTH requirements, limits, pipelining
+synchronization) and only then asks its L{IRelayHandler}, one call at a
+time; replies leave strictly in command order, batched into one write per
+group.  The DATA body goes through L{smtprelay.body.DataScanner} in whole
+chunks and streams to the handler with back-pressure, so that no body line
+can ever be read as a command and memory per session stays bounded.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import os
+import socket
+from typing import Any, Callable, Sequence
+
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+)
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from . import replies
+from .addresses import EnvelopeError, parseMail, parseRcpt
+from .body import DataScanner
+from .config.model import Listener
+from .interfaces import ClientSession, IRelayHandler, TLSInfo
+from .replies import Reply, reply
+
+MAX_INPUT_BUFFER = 1024 * 1024
+"""Unprocessed input beyond this means the transport ignored a pause: abort."""
+
+_OUTPUT_BATCH = 16 * 1024
+"""Flush replies when this much is waiting, so a full transport can pause us."""
+
+_ABORT_AFTER = 30.0
+"""Seconds a closing connection may take to flush before it is aborted."""
+
+_AUTH_LINE = 12288
+"""RFC 4954 §4: the longest AUTH command or response line we accept."""
+
+# Local replies not shared with other modules.
+_GREETING_NOT_YET = reply(503, "5.5.1", "Error: send HELO/EHLO first")
+_NEED_EHLO = reply(503, "5.5.1", "Error: send EHLO first")
+_NESTED_MAIL = reply(503, "5.5.1", "Error: nested MAIL command")
+_NEED_MAIL = reply(503, "5.5.1", "Error: need MAIL command")
+_NEED_RCPT = reply(503, "5.5.1", "Error: need RCPT command")
+_UNKNOWN = reply(500, "5.5.2", "Error: command not recognized")
+_BAD_SYNTAX = reply(500, "5.5.2", "Error: bad syntax")
+_BARE_IN_COMMAND = reply(500, "5.5.2", "Error: bare <CR> or <LF> in command")
+_LMTP_ONLY = reply(500, "5.5.1", "Error: this is an LMTP service, use LHLO")
+_NOT_IMPLEMENTED = reply(502, "5.5.1", "Error: command not implemented")
+_VRFY = reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
+_HELP = reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP STARTTLS AUTH")
+_TLS_READY = reply(220, "2.0.0", "Ready to start TLS")
+_TLS_UNAVAILABLE = reply(502, "5.5.1", "Error: command not implemented")
+_TLS_ACTIVE = reply(554, "5.5.1", "Error: TLS already active")
+_IN_TRANSACTION = reply(503, "5.5.1", "Error: MAIL transaction in progress")
+_AUTH_DISABLED = reply(503, "5.5.1", "Error: authentication not enabled")
+_AUTH_TWICE = reply(503, "5.5.1", "Error: already authenticated")
+_AUTH_NEEDS_TLS = reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+_AUTH_MECHANISM = reply(504, "5.5.4", "Unsupported authentication mechanism")
+_AUTH_ABORTED = reply(501, "5.7.0", "Authentication aborted")
+_AUTH_BASE64 = reply(501, "5.5.2", "Cannot decode response")
+_AUTH_TOO_MANY = reply(421, "4.7.0", "Too many authentication failures")
+_TOO_MUCH_INPUT = reply(421, "4.7.0", "Too much unread input")
+_PREGREET = replies.SYNC_ERROR
+
+_LOGIN_USER = b"334 VXNlcm5hbWU6\r\n"
+_LOGIN_PASSWORD = b"334 UGFzc3dvcmQ6\r\n"
+_EMPTY_CHALLENGE = b"334 \r\n"
+
+# Commands answered without the handler (SPEC §4.1): never forwarded.
+_REFUSED = frozenset({b"EXPN", b"ETRN", b"TURN", b"XCLIENT", b"XFORWARD"})
+
+# RFC 2920 §3.1 commands that end a pipelined group.  A client that did not
+# greet with EHLO (so never saw PIPELINING) must not send anything after one
+# of them without waiting for its reply (SPEC §4.1, as Postfix/Exim enforce).
+_LAST_IN_GROUP = frozenset(
+    {b"EHLO", b"HELO", b"LHLO", b"DATA", b"VRFY", b"EXPN", b"TURN", b"NOOP"}
+)
+
+_COMMANDS = {
+    verb: "do_" + verb.decode("ascii")
+    for verb in (
+        b"EHLO", b"HELO", b"LHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP",
+        b"QUIT", b"HELP", b"VRFY", b"STARTTLS", b"AUTH",
+    )
+}
+
+
+def randomSessionId() -> str:
+    """
+    Return a short unique session id: ten base32 characters (50 random bits).
+    """
+    return base64.b32encode(os.urandom(10)).decode("ascii")[:10]
+
+
+@implementer(IPushProducer)
+class _Pauser:
+    """
+    One reason to pause the client socket, as an L{IPushProducer}: the
+    transport's write buffer (C{"write"}) or the handler's consumer during a
+    body (C{"body"}).
+    """
+
+    def __init__(self, protocol: SMTPServerProtocol, reason: str) -> None:
+        self._protocol: SMTPServerProtocol | None = protocol
+        self._reason = reason
+
+    def pauseProducing(self) -> None:
+        if self._protocol is not None:
+            self._protocol._pause(self._reason)
+
+    def resumeProducing(self) -> None:
+        if self._protocol is not None:
+            self._protocol._resume(self._reason)
+
+    def stopProducing(self) -> None:
+        # The consumer is gone for good.  Drop its pause, so that the body is
+        # still read to its real end and the client gets its reply then.
+        self.detach()
+
+    def detach(self) -> None:
+        if self._protocol is not None:
+            protocol, self._protocol = self._protocol, None
+            protocol._resume(self._reason)
+
+
+@implementer(IHandshakeListener)
+class SMTPServerProtocol(Protocol):
+    """
+    One inbound SMTP or LMTP session.
+
+    @ivar session: the L{ClientSession} the handler reads.
+    @ivar handler: this session's L{IRelayHandler} (None until connected,
+        and for connections refused by a connection limit).
+    """
+
+    _log = Logger()
+
+    def __init__(self, factory: SMTPServerFactory) -> None:
+        self.factory = factory
+        self._listener = factory.listener
+        self._clock = factory.reactor
+        self.session = ClientSession(id="", protocol="lmtp" if factory.listener.lmtp else "smtp",
+                                     clientHost="")
+        self.handler: IRelayHandler | None = None
+        self._buffer = b""
+        self._out: list[bytes] = []
+        self._outSize = 0
+        self._pauses: set[str] = set()
+        self._transportPaused = False
+        self._busy = False
+        self._processing = False
+        self._closing = False
+        self._closed = False
+        self._handlerClosed = False
+        self._registered = False
+        self._discarding = False
+        self._unix = False
+        self._tlsActive = False
+        self._errors = 0
+        self._authFailures = 0
+        self._authState: tuple[str, str | None] | None = None
+        self._shutdownPending = False
+        self._readTimer: IDelayedCall | None = None
+        self._dataTimer: IDelayedCall | None = None
+        self._abortTimer: IDelayedCall | None = None
+        self._closedWaiters: list[Deferred[None]] = []
+        self._scanner: DataScanner | None = None
+        self._bodyPauser: _Pauser | None = None
+        self._resetTransaction()
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        peer = transport.getPeer()
+        host = getattr(peer, "host", None)
+        if isinstance(host, str):
+            self.session.clientHost = _normalizeHost(host)
+        else:
+            self._unix = True
+        self.session.clientPort = getattr(peer, "port", 0) or 0
+        self.session.id = self.factory.newSessionId()
+        self._tlsActive = ISSLTransport.providedBy(transport)
+        if not self.factory._register(self):
+            self._log.info(
+                "refused {session} from {client}: too many connections",
+                session=self.session.id, client=self.session.clientHost,
+            )
+            transport.write(replies.TOO_MANY_CONNECTIONS.withSession(self.session.id).toBytes())
+            self._closing = True
+            transport.loseConnection()
+            return
+        self._registered = True
+        self._log.info(
+            "connect {session} from {client}", session=self.session.id,
+            client=self.session.clientHost or "unix", port=self.session.clientPort,
+        )
+        self.handler = self.factory.handlerFactory(self.session)
+        transport.registerProducer(_Pauser(self, "write"), True)
+        if not self._tlsActive and _hasPendingInput(transport):
+            # The client talked before it could have seen our greeting.
+            self._log.info("pregreet talk in {session}", session=self.session.id)
+            self._disconnect(_PREGREET)
+            return
+        self._out.append(self.factory.greeting)
+        self._flush()
+        self._setReadTimer(True)
+
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake (STARTTLS or implicit TLS) is done: note what it
+        negotiated for the handler.
+        """
+        self._tlsActive = True
+        self.session.tls = _tlsInfo(self.transport)
+        self._log.info(
+            "TLS in {session}: {version} {cipher}", session=self.session.id,
+            version=self.session.tls.version, cipher=self.session.tls.cipher,
+        )
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._closed = self._closing = True
+        self._cancelTimers()
+        if self._abortTimer is not None and self._abortTimer.active():
+            self._abortTimer.cancel()
+        self._abortTimer = None
+        self._closeHandler()
+        self._buffer = b""
+        if self._registered:
+            self._registered = False
+            self.factory._unregister(self)
+            self._log.info(
+                "disconnect {session} from {client}", session=self.session.id,
+                client=self.session.clientHost or "unix",
+            )
+        waiters, self._closedWaiters = self._closedWaiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def whenClosed(self) -> Deferred[None]:
+        """
+        Return a Deferred that fires once the connection is closed.
+        """
+        if self._closed:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closedWaiters.append(d)
+        return d
+
+    def shutdown(self) -> None:
+        """
+        Graceful stop: say C{421 4.3.2} and close now if the session is idle,
+        or right after the transaction in progress.
+        """
+        if self._closing:
+            return
+        if self._idle():
+            self._disconnect(replies.SHUTTING_DOWN)
+        else:
+            self._shutdownPending = True
+
+    # -- input --------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._buffer = self._buffer + data if self._buffer else data
+        if len(self._buffer) > MAX_INPUT_BUFFER:
+            self._log.warn("input overflow in {session}", session=self.session.id)
+            self._disconnect(_TOO_MUCH_INPUT)
+            return
+        self._process()
+
+    def _process(self) -> None:
+        """
+        Work through buffered input until it runs out, a reply is pending, or
+        we are paused; then send the replies gathered on the way.
+        """
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while self._buffer and not self._busy and not self._pauses and not self._closing:
+                if self._scanner is not None:
+                    data, self._buffer = self._buffer, b""
+                    self._feedBody(data)
+                elif not self._nextLine():
+                    break
+                if self._outSize >= _OUTPUT_BATCH:
+                    self._flush()
+        finally:
+            self._processing = False
+        self._afterInput()
+
+    def _afterInput(self) -> None:
+        self._flush()
+        if self._closing:
+            return
+        # Back-pressure: while a reply is pending, what the client sends
+        # ahead waits in our buffer, and the socket is not read meanwhile.
+        if self._busy and self._buffer:
+            self._pause("busy")
+        elif "busy" in self._pauses:
+            self._resume("busy")
+        self._setReadTimer(not self._busy and not self._pauses)
+
+    def _nextLine(self) -> bool:
+        """
+        Take one command line from the buffer and act on it.
+
+        @return: False when no complete line is buffered.
+        """
+        buf = self._buffer
+        limit = self._lineLimit()
+        end = buf.find(b"\r\n")
+        if self._discarding:
+            if end < 0:
+                self._buffer = buf[-1:] if buf.endswith(b"\r") else b""
+                return False
+            self._buffer = buf[end + 2:]
+            self._discarding = False
+            self._error(replies.LINE_TOO_LONG)
+            return True
+        if end < 0:
+            if len(buf) > limit:
+                self._discarding = True
+                self._buffer = buf[-1:] if buf.endswith(b"\r") else b""
+            return False
+        line = buf[:end]
+        self._buffer = buf[end + 2:]
+        if end > limit:
+            self._error(replies.LINE_TOO_LONG)
+            return True
+        if self._authState is not None:
+            self._authResponse(line)
+            return True
+        if self._errors >= self._listener.maxErrors:
+            self._disconnect(replies.TOO_MANY_ERRORS)
+            return True
+        if b"\n" in line or b"\r" in line:
+            self._error(_BARE_IN_COMMAND)
+            return True
+        verb, _, argument = line.partition(b" ")
+        verb = verb.upper()
+        if self._buffer and self._pipeliningViolation(verb):
+            self._log.info(
+                "improper pipelining after {command} in {session}",
+                command=verb.decode("ascii", "replace"), session=self.session.id,
+            )
+            self._disconnect(replies.SYNC_ERROR)
+            return True
+        method = _COMMANDS.get(verb)
+        if method is not None:
+            getattr(self, method)(argument.strip(b" "))
+        elif verb in _REFUSED:
+            self._error(_NOT_IMPLEMENTED)
+        elif not verb:
+            self._error(_BAD_SYNTAX)
+        else:
+            self._error(_UNKNOWN)
+        return True
+
+    def _lineLimit(self) -> int:
+        if self._authState is not None:
+            return max(self._listener.maxCommandLength, _AUTH_LINE)
+        return self._listener.maxCommandLength
+
+    def _pipeliningViolation(self, verb: bytes) -> bool:
+        if verb == b"DATA":
+            return True
+        if verb == b"STARTTLS":
+            return False  # discarded after the 220 instead
+        return not self.session.esmtp and verb in _LAST_IN_GROUP
+
+    # -- replies ------------------------------------------------------------
+
+    def _reply(self, r: Reply) -> None:
+        data = r.toBytes()
+        self._out.append(data)
+        self._outSize += len(data)
+
+    def _error(self, r: Reply) -> None:
+        """
+        A locally decided refusal: with the session id, and counted against
+        C{max_errors}.
+        """
+        self._errors += 1
+        self._reply(r.withSession(self.session.id))
+
+    def _flush(self) -> None:
+        if self._out and self.transport is not None and not self._closed:
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+            self._out = []
+            self._outSize = 0
+            self.transport.write(data)
+
+    def _disconnect(self, r: Reply) -> None:
+        """
+        Send C{r} (after anything pending) and close the connection; the
+        handler is closed at once.
+        """
+        if self._closing:
+            return
+        self._reply(r.withSession(self.session.id) if r.code >= 400 else r)
+        self._flush()
+        self._closing = True
+        self._cancelTimers()
+        self._closeHandler()
+        transport = self.transport
+        assert transport is not None
+        transport.loseConnection()
+        # A client that never reads would keep the connection forever.
+        self._abortTimer = self._clock.callLater(_ABORT_AFTER, self._abort)
+
+    def _abort(self) -> None:
+        self._abortTimer = None
+        if self.transport is not None and not self._closed:
+            abort = getattr(self.transport, "abortConnection", None)
+            if abort is not None:
+                abort()
+
+    def _closeHandler(self) -> None:
+        if self.handler is not None and not self._handlerClosed:
+            self._handlerClosed = True
+            try:
+                self.handler.close()
+            except Exception:
+                self._log.failure("handler.close failed in {session}", session=self.session.id)
+
+    # -- waiting for the handler ------------------------------------------
+
+    def _await(self, call: Callable[..., Any], *args: Any, then: Callable[[Any], None]) -> None:
+        """
+        Call the handler's C{call(*args)} and wait for its Deferred before
+        anything else is read; C{then} gets its result (L{None} if it
+        failed, which the caller turns into a local error reply).
+        """
+        d = maybeDeferred(call, *args)
+        self._busy = True
+        self._setReadTimer(False)
+
+        def fired(result: Any) -> None:
+            self._busy = False
+            if self._closed:
+                return
+            if isinstance(result, Failure):
+                self._log.failure(
+                    "handler failed in {session}", result, session=self.session.id
+                )
+                result = None
+            then(result)
+            self._resume("busy")
+            if not self._processing:
+                self._process()
+
+        d.addBoth(fired)
+
+    def _handlerReply(self, result: Reply | None) -> Reply:
+        if result is None:
+            return replies.LOCAL_ERROR.withSession(self.session.id)
+        return result
+
+    # -- back-pressure and timers -------------------------------------------
+
+    def _pause(self, reason: str) -> None:
+        transport: Any = self.transport
+        if not self._pauses and not self._transportPaused and transport is not None:
+            self._transportPaused = True
+            transport.pauseProducing()
+        self._pauses.add(reason)
+        if reason != "busy":
+            self._setReadTimer(False)
+
+    def _resume(self, reason: str) -> None:
+        if reason not in self._pauses:
+            return
+        self._pauses.discard(reason)
+        if self._pauses or self._closed:
+            return
+        transport: Any = self.transport
+        if self._transportPaused and transport is not None:
+            self._transportPaused = False
+            transport.resumeProducing()
+        if reason != "busy" and not self._processing:
+            self._process()
+
+    def _setReadTimer(self, on: bool) -> None:
+        timer = self._readTimer
+        if not on or self._closing:
+            if timer is not None:
+                if timer.active():
+                    timer.cancel()
+                self._readTimer = None
+        elif timer is None or not timer.active():
+            self._readTimer = self._clock.callLater(self._listener.readTimeout, self._timedOut)
+        else:
+            timer.reset(self._listener.readTimeout)
+
+    def _cancelTimers(self) -> None:
+        for timer in (self._readTimer, self._dataTimer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._readTimer = self._dataTimer = None
+
+    def _timedOut(self) -> None:
+        self._cancelTimers()
+        self._log.info("timeout in {session}", session=self.session.id)
+        self._disconnect(replies.TIMEOUT)
+
+    # -- state --------------------------------------------------------------
+
+    def _resetTransaction(self) -> None:
+        self._sender: bytes | None = None
+        self._rcptTried = False
+        self._accepted = 0
+        self.session.smtputf8 = False
+
+    def _idle(self) -> bool:
+        return (
+            self._sender is None and not self._busy and self._scanner is None
+            and self._authState is None
+        )
+
+    def _transactionEnded(self) -> None:
+        self._resetTransaction()
+        if self._shutdownPending:
+            self._disconnect(replies.SHUTTING_DOWN)
+
+    def _relayAllowed(self) -> bool:
+        if self._unix or self.session.user is not None:
+            return True
+        return self.factory.isAllowed(self.session.clientHost)
+
+    def _authOffered(self) -> bool:
+        return self._listener.auth.mode != "off" and (self._tlsActive or self._unix)
+
+    # -- commands -----------------------------------------------------------
+
+    def do_EHLO(self, argument: bytes) -> None:
+        if self._listener.lmtp:
+            self._error(_LMTP_ONLY)
+        else:
+            self._greet(argument, b"EHLO", esmtp=True)
+
+    def do_HELO(self, argument: bytes) -> None:
+        if self._listener.lmtp:
+            self._error(_LMTP_ONLY)
+        else:
+            self._greet(argument, b"HELO", esmtp=False)
+
+    def do_LHLO(self, argument: bytes) -> None:
+        if not self._listener.lmtp:
+            self._error(_UNKNOWN)
+        else:
+            self._greet(argument, b"LHLO", esmtp=True)
+
+    def _greet(self, argument: bytes, verb: bytes, esmtp: bool) -> None:
+        if not argument:
+            self._error(reply(501, "5.5.4", f"Syntax: {verb.decode()} hostname"))
+            return
+        if self._sender is not None:
+            # RFC 5321 §4.1.4: a new greeting ends the transaction.
+            self._resetHandler()
+            self._resetTransaction()
+        self.session.heloName = argument.decode("utf-8", "replace")
+        self.session.esmtp = esmtp
+        if not esmtp:
+            self._reply(reply(250, None, self.factory.hostname))
+            return
+        lines = [self.factory.hostname, "PIPELINING", f"SIZE {self._listener.maxMessageSize}"]
+        if self.factory.tlsOptions is not None and not self._tlsActive:
+            lines.append("STARTTLS")
+        if self._authOffered():
+            lines.append("AUTH PLAIN LOGIN")
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
+        self._reply(reply(250, None, *lines))
+
+    def do_MAIL(self, argument: bytes) -> None:
+        if self.session.heloName is None:
+            self._error(_GREETING_NOT_YET)
+            return
+        if self._sender is not None:
+            self._error(_NESTED_MAIL)
+            return
+        if self._listener.requireTLS and not self._tlsActive and not self._unix:
+            self._error(replies.STARTTLS_FIRST)
+            return
+        if self._listener.kind == "submission" and not self._relayAllowed():
+            self._error(replies.AUTH_REQUIRED)
+            return
+        try:
+            sender, params = parseMail(argument)
+        except EnvelopeError as e:
+            self._error(e.reply)
+            return
+        size = params.get("SIZE")
+        if size is not None and int(size) > self._listener.maxMessageSize:
+            self._error(replies.MESSAGE_TOO_BIG)
+            return
+        smtputf8 = "SMTPUTF8" in params
+        assert self.handler is not None
+
+        def done(result: Reply | None) -> None:
+            r = self._handlerReply(result)
+            if r.positive:
+                self._sender = sender
+                self.session.smtputf8 = smtputf8
+            self._reply(r)
+
+        self.session.smtputf8 = smtputf8
+        self._await(self.handler.mail, sender, params, then=done)
+
+    def do_RCPT(self, argument: bytes) -> None:
+        if self._sender is None:
+            self._error(_NEED_MAIL)
+            return
+        try:
+            recipient, params = parseRcpt(argument, self.session.smtputf8)
+        except EnvelopeError as e:
+            self._error(e.reply)
+            return
+        if not self._relayAllowed():
+            self._error(replies.RELAY_DENIED)
+            return
+        self._rcptTried = True
+        if self._accepted >= self._listener.maxRecipients:
+            self._error(replies.TOO_MANY_RECIPIENTS)
+            return
+        assert self.handler is not None
+
+        def done(result: Reply | None) -> None:
+            r = self._handlerReply(result)
+            if r.positive:
+                self._accepted += 1
+            self._reply(r)
+
+        self._await(self.handler.rcpt, recipient, params, then=done)
+
+    def do_DATA(self, argument: bytes) -> None:
+        if argument:
+            self._error(reply(501, "5.5.4", "Syntax: DATA"))
+            return
+        if self._sender is None:
+            self._error(_NEED_MAIL)
+            return
+        if not self._accepted:
+            self._error(replies.NO_VALID_RECIPIENTS if self._rcptTried else _NEED_RCPT)
+            return
+        assert self.handler is not None
+        pauser = _Pauser(self, "body")
+
+        def done(result: Reply | None) -> None:
+            r = self._handlerReply(result)
+            if r.code != 354:
+                pauser.detach()
+                self._reply(r)
+                return
+            if self._buffer:
+                # The body came before our 354 (SPEC §4.1).
+                pauser.detach()
+                self._disconnect(replies.SYNC_ERROR)
+                return
+            self._bodyPauser = pauser
+            self._scanner = DataScanner(
+                self._dataChunk,
+                self._listener.maxMessageSize,
+                self._listener.maxHops,
+                normalize=self._listener.bareLF == "normalize",
+            )
+            self._dataTimer = self._clock.callLater(self._listener.dataTimeout, self._timedOut)
+            self._reply(r)
+
+        self._await(self.handler.data, pauser, then=done)
+
+    def _dataChunk(self, chunk: bytes) -> None:
+        assert self.handler is not None
+        self.handler.dataChunk(chunk)
+
+    def _feedBody(self, data: bytes) -> None:
+        scanner = self._scanner
+        assert scanner is not None
+        rest = scanner.feed(data)
+        if rest is None:
+            return
+        self._scanner = None
+        if self._dataTimer is not None and self._dataTimer.active():
+            self._dataTimer.cancel()
+        self._dataTimer = None
+        if self._bodyPauser is not None:
+            self._bodyPauser.detach()
+            self._bodyPauser = None
+        self._buffer = rest + self._buffer
+        count = self._accepted if self._listener.lmtp else 1
+        handler = self.handler
+        assert handler is not None
+        verdict = scanner.verdict
+        if verdict is not None:
+            self._log.info(
+                "body refused in {session}: {reply}", session=self.session.id, reply=verdict.text
+            )
+            local = verdict.withSession(self.session.id)
+            handler.abortData(local)
+            for _ in range(count):
+                self._reply(local)
+            self._transactionEnded()
+            return
+
+        def done(result: Sequence[Reply] | None) -> None:
+            final = list(result or ())
+            if not final:
+                final = [replies.LOCAL_ERROR.withSession(self.session.id)]
+            # Exactly one reply per accepted recipient keeps an LMTP client
+            # in step, whatever the handler returned.
+            final = (final + [final[-1]] * count)[:count]
+            for r in final:
+                self._reply(r)
+            self._transactionEnded()
+
+        self._await(handler.endData, then=done)
+
+    def do_RSET(self, argument: bytes) -> None:
+        self._resetHandler()
+        self._resetTransaction()
+        self._reply(replies.OK)
+        if self._shutdownPending:
+            self._disconnect(replies.SHUTTING_DOWN)
+
+    def _resetHandler(self) -> None:
+        if self.handler is not None:
+            self.handler.reset()
+
+    def do_NOOP(self, argument: bytes) -> None:
+        self._reply(replies.OK)
+
+    def do_HELP(self, argument: bytes) -> None:
+        self._reply(_HELP)
+
+    def do_VRFY(self, argument: bytes) -> None:
+        self._reply(_VRFY)
+
+    def do_QUIT(self, argument: bytes) -> None:
+        self._disconnect(replies.BYE)
+
+    def do_STARTTLS(self, argument: bytes) -> None:
+        options = self.factory.tlsOptions
+        if options is None:
+            self._error(_TLS_UNAVAILABLE)
+            return
+        if self._tlsActive:
+            self._error(_TLS_ACTIVE)
+            return
+        if argument:
+            self._error(reply(501, "5.5.4", "Syntax: STARTTLS"))
+            return
+        if self._sender is not None:
+            self._error(_IN_TRANSACTION)
+            return
+        self._reply(_TLS_READY)
+        self._flush()
+        # Anything the client sent after STARTTLS was plaintext written
+        # before the handshake: an injection attempt (CVE-2011-0411 class).
+        self._buffer = b""
+        self.session.heloName = None
+        self.session.esmtp = False
+        self.session.user = None
+        self._tlsActive = True
+        transport: Any = self.transport
+        transport.startTLS(options)
+
+    def do_AUTH(self, argument: bytes) -> None:
+        if self._listener.auth.mode == "off":
+            self._error(_AUTH_DISABLED)
+            return
+        if not self.session.esmtp:
+            self._error(_NEED_EHLO)
+            return
+        if not (self._tlsActive or self._unix):
+            self._error(_AUTH_NEEDS_TLS)
+            return
+        if self.session.user is not None:
+            self._error(_AUTH_TWICE)
+            return
+        if self._sender is not None:
+            self._error(_IN_TRANSACTION)
+            return
+        mechanism, _, initial = argument.partition(b" ")
+        mechanism = mechanism.upper()
+        initial = initial.strip(b" ")
+        if not mechanism:
+            self._error(reply(501, "5.5.4", "Syntax: AUTH mechanism"))
+            return
+        if mechanism == b"PLAIN":
+            if initial:
+                self._authPlain(initial)
+            else:
+                self._authState = ("PLAIN", None)
+                self._out.append(_EMPTY_CHALLENGE)
+        elif mechanism == b"LOGIN":
+            if initial:
+                username = self._decode(initial)
+                if username is None:
+                    return
+                self._authState = ("LOGIN", username)
+                self._out.append(_LOGIN_PASSWORD)
+            else:
+                self._authState = ("LOGIN", None)
+                self._out.append(_LOGIN_USER)
+        else:
+            self._error(_AUTH_MECHANISM)
+
+    def _authResponse(self, line: bytes) -> None:
+        state = self._authState
+        assert state is not None
+        self._authState = None
+        if line == b"*":
+            self._error(_AUTH_ABORTED)
+            return
+        mechanism, username = state
+        if mechanism == "PLAIN":
+            self._authPlain(line)
+        elif username is None:
+            decoded = self._decode(line)
+            if decoded is not None:
+                self._authState = ("LOGIN", decoded)
+                self._out.append(_LOGIN_PASSWORD)
+        else:
+            password = self._decode(line)
+            if password is not None:
+                self._authenticate("LOGIN", username, password)
+
+    def _authPlain(self, data: bytes) -> None:
+        decoded = self._decode(data)
+        if decoded is None:
+            return
+        parts = decoded.split("\0")
+        if len(parts) != 3 or not parts[1]:
+            self._error(_AUTH_BASE64)
+            return
+        authzid, username, password = parts
+        if authzid and authzid != username:
+            self._authFailed(replies.AUTH_FAILED.withSession(self.session.id))
+            return
+        self._authenticate("PLAIN", username, password)
+
+    def _decode(self, data: bytes) -> str | None:
+        """
+        Decode one base64 SASL response (C{=} is empty), or reply C{501}.
+        """
+        if data == b"=":
+            return ""
+        try:
+            return base64.b64decode(data, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            self._error(_AUTH_BASE64)
+            return None
+
+    def _authenticate(self, mechanism: str, username: str, password: str) -> None:
+        assert self.handler is not None
+
+        def done(result: Reply | None) -> None:
+            r = self._handlerReply(result)
+            if r.code == 235:
+                self.session.user = username
+                self._log.info(
+                    "authenticated {session} as {user}", session=self.session.id, user=username
+                )
+                self._reply(r)
+            else:
+                self._authFailed(r)
+
+        self._await(self.handler.authenticate, mechanism, username, password, then=done)
+
+    def _authFailed(self, r: Reply) -> None:
+        self._authFailures += 1
+        self._log.info(
+            "authentication failed in {session} from {client}",
+            session=self.session.id, client=self.session.clientHost or "unix",
+        )
+        self._reply(r)
+        if self._authFailures >= self._listener.maxAuthFailures:
+            self._disconnect(_AUTH_TOO_MANY)
+
+
+class SMTPServerFactory(ServerFactory):
+    """
+    Build L{SMTPServerProtocol}s for one listener and track its sessions.
+
+    @ivar sessions: the live sessions (for a graceful shutdown).
+    @ivar greeting: the wire bytes of our C{220} greeting.
+    @ivar newSessionId: makes session ids (replace it in tests).
+    """
+
+    protocol = SMTPServerProtocol  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        listener: Listener,
+        handlerFactory: Callable[[ClientSession], IRelayHandler],
+        hostname: str,
+        reactor: IReactorTime,
+        tlsOptions: Any | None = None,
+        greetingToken: str = "",
+    ) -> None:
+        """
+        @param listener: limits and options of this listener.
+        @param handlerFactory: makes the handler of each client session.
+        @param hostname: our name, in the greeting and EHLO reply.
+        @param reactor: the clock for timeouts.
+        @param tlsOptions: an C{IOpenSSLServerConnectionCreator} to offer
+            STARTTLS with, or L{None}.
+        @param greetingToken: the loop token shown in the greeting (SPEC §4.4).
+        """
+        self.listener = listener
+        self.handlerFactory = handlerFactory
+        self.hostname = hostname
+        self.reactor = reactor
+        self.tlsOptions = tlsOptions
+        self.greetingToken = greetingToken
+        self.sessions: set[SMTPServerProtocol] = set()
+        self.newSessionId: Callable[[], str] = randomSessionId
+        self._perHost: dict[str, int] = {}
+        kind = "LMTP" if listener.lmtp else "ESMTP"
+        text = f"{hostname} {kind} smtprelay {greetingToken}".rstrip()
+        self.greeting = reply(220, None, text).toBytes()
+        self._allow = [
+            (network.version, network) for network in listener.allow
+        ]
+
+    def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
+        return SMTPServerProtocol(self)
+
+    def isAllowed(self, host: str) -> bool:
+        """
+        Whether C{host} (an IP address) is in the listener's C{allow} list.
+        """
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address.version == v and address in net for v, net in self._allow)
+
+    def _register(self, protocol: SMTPServerProtocol) -> bool:
+        host = protocol.session.clientHost
+        if len(self.sessions) >= self.listener.maxConnections:
+            return False
+        if host and self._perHost.get(host, 0) >= self.listener.maxConnectionsPerIP:
+            return False
+        self.sessions.add(protocol)
+        if host:
+            self._perHost[host] = self._perHost.get(host, 0) + 1
+        return True
+
+    def _unregister(self, protocol: SMTPServerProtocol) -> None:
+        self.sessions.discard(protocol)
+        host = protocol.session.clientHost
+        if host and host in self._perHost:
+            self._perHost[host] -= 1
+            if not self._perHost[host]:
+                del self._perHost[host]
+
+
+def _normalizeHost(host: str) -> str:
+    """
+    An IPv4-mapped IPv6 address is its IPv4 address (for C{allow} and limits).
+    """
+    if host.startswith("::ffff:"):
+        try:
+            mapped = ipaddress.IPv6Address(host).ipv4_mapped
+        except ValueError:
+            return host
+        if mapped is not None:
+            return str(mapped)
+    return host
+
+
+def _hasPendingInput(transport: Any) -> bool:
+    """
+    Whether the client's socket already holds data (it talked before our
+    greeting).  Only plain sockets can tell; anything else says no.
+    """
+    getHandle = getattr(transport, "getHandle", None)
+    if getHandle is None:
+        return False
+    try:
+        handle = getHandle()
+    except Exception:
+        return False
+    if not isinstance(handle, socket.socket) or handle.type != socket.SOCK_STREAM:
+        return False
+    try:
+        return bool(handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
+
+
+def _tlsInfo(transport: Any) -> TLSInfo:
+    """
+    The version and cipher an OpenSSL connection negotiated.
+    """
+    try:
+        connection = transport.getHandle()
+        version = connection.get_protocol_version_name()
+        cipher = connection.get_cipher_name()
+    except Exception:
+        return TLSInfo("unknown", "unknown")
+    return TLSInfo(str(version), str(cipher))
