@@ -53,6 +53,7 @@ _AUTH_LINE = 12288
 """RFC 4954 §4: the longest AUTH command or response line we accept."""
 
 # Local replies not shared with other modules.
+_MAIL_OK = reply(250, "2.1.0", "Ok")
 _GREETING_NOT_YET = reply(503, "5.5.1", "Error: send HELO/EHLO first")
 _NEED_EHLO = reply(503, "5.5.1", "Error: send EHLO first")
 _NESTED_MAIL = reply(503, "5.5.1", "Error: nested MAIL command")
@@ -528,6 +529,7 @@ class SMTPServerProtocol(Protocol):
 
     def _resetTransaction(self) -> None:
         self._sender: bytes | None = None
+        self._localTransaction = False
         self._rcptTried = False
         self._accepted = 0
         self.session.smtputf8 = False
@@ -615,6 +617,14 @@ class SMTPServerProtocol(Protocol):
             self._error(replies.MESSAGE_TOO_BIG)
             return
         smtputf8 = "SMTPUTF8" in params
+        if not self._relayAllowed():
+            # No recipient of this client can be accepted (SPEC §4.1): keep
+            # the transaction local, so that no downstream is ever opened.
+            self._sender = sender
+            self._localTransaction = True
+            self.session.smtputf8 = smtputf8
+            self._reply(_MAIL_OK)
+            return
         assert self.handler is not None
 
         def done(result: Reply | None) -> None:
@@ -636,10 +646,10 @@ class SMTPServerProtocol(Protocol):
         except EnvelopeError as e:
             self._error(e.reply)
             return
+        self._rcptTried = True
         if not self._relayAllowed():
             self._error(replies.RELAY_DENIED)
             return
-        self._rcptTried = True
         if self._accepted >= self._listener.maxRecipients:
             self._error(replies.TOO_MANY_RECIPIENTS)
             return
@@ -743,7 +753,7 @@ class SMTPServerProtocol(Protocol):
             self._disconnect(replies.SHUTTING_DOWN)
 
     def _resetHandler(self) -> None:
-        if self.handler is not None:
+        if self.handler is not None and not self._localTransaction:
             self.handler.reset()
 
     def do_NOOP(self, argument: bytes) -> None:
