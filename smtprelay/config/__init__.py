@@ -2,3 +2,11 @@
 Configuration: maddy's syntax (SPEC §2) parsed into the frozen tree of
 L{smtprelay.config.model}.
 """
+
+from .lexer import ConfigError
+from .parser import load, loadString
+from .permissions import secretFileWarnings
+from .show import show
+from .values import parseAddress
+
+__all__ = ["ConfigError", "load", "loadString", "parseAddress", "secretFileWarnings", "show"]

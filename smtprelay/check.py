@@ -1,0 +1,50 @@
+"""
+smtprelay-check: validate a configuration file (SPEC §3).
+
+C{smtprelay-check [--show] [CONFIG]} prints C{CONFIG: OK} (or, with
+C{--show}, the effective configuration with passwords masked) and exits 0,
+or prints every error as C{FILE:LINE: message} on standard error and exits
+2.  Warnings about secret files readable by others go to standard error in
+both cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import config as configuration
+
+DEFAULT_CONFIG = "/etc/smtprelay/relay.conf"
+
+
+def main(argv: list[str] | None = None, prog: str = "smtprelay-check") -> int:
+    """
+    Run the check on C{argv} (default C{sys.argv[1:]}).
+
+    @return: the exit status: 0 valid, 2 invalid or bad usage.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description="Check an smtprelay configuration.")
+    parser.add_argument("--show", action="store_true", help="print the effective configuration")
+    parser.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}")
+    try:
+        options = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        loaded = configuration.load(options.config)
+    except configuration.ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return 2
+    for warning in configuration.secretFileWarnings(options.config):
+        print(warning, file=sys.stderr)
+    if options.show:
+        sys.stdout.write(configuration.show(loaded))
+    else:
+        print(f"{options.config}: OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

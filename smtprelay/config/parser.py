@@ -1,0 +1,569 @@
+"""
+The directives of SPEC §2: a node tree from L{smtprelay.config.lexer} checked
+and turned into the frozen L{Config} of L{smtprelay.config.model}.
+
+Each block kind (top level, listener, target, C{tls}, C{tls_client}) is a
+table from directive name to a small converter.  Unknown and duplicate
+directives, wrong argument counts and bad values are all collected and raised
+together as one L{ConfigError}, one C{FILE:LINE: message} each, in file
+order.  Passwords become L{Secret}s and never appear in a message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import attrs
+import idna
+
+from .lexer import ConfigError, Node, parseTree, readTree
+from .model import (
+    Address,
+    ClientTLS,
+    Config,
+    DownstreamAuth,
+    Listener,
+    ListenerAuth,
+    Secret,
+    ServerTLS,
+    Target,
+)
+from .values import (
+    parseAddress,
+    parseBool,
+    parseDuration,
+    parseNetwork,
+    parseProtocols,
+    parseSize,
+)
+
+LISTENER_KINDS = ("smtp", "submission", "lmtp")
+TARGET_KINDS = ("target.smtp", "target.lmtp")
+
+
+@attrs.define
+class _Context:
+    """
+    What converters need besides their node: the global defaults of
+    targets and listeners, and the list errors go to.
+    """
+
+    errors: list[tuple[str, int, str]] = attrs.Factory(list)
+    hostname: str = "localhost"
+    debug: bool = False
+    tls: ServerTLS | None = None
+    tlsClient: ClientTLS = ClientTLS()
+
+    def error(self, node: Node, message: str) -> None:
+        self.errors.append((node.file, node.line, message))
+
+
+_Convert = Callable[[Node, _Context], Any]
+
+
+@attrs.frozen
+class _Directive:
+    """
+    How one directive of a block is read: the model field it sets and the
+    converter from its node to the value.
+    """
+
+    field: str
+    convert: _Convert
+    repeatable: bool = False
+
+
+def _readBlock(
+    nodes: Iterable[Node], table: Mapping[str, _Directive], ctx: _Context
+) -> tuple[dict[str, Any], dict[str, Node]]:
+    """
+    Convert the directives of one block, reporting unknown and duplicate
+    ones and conversion errors to C{ctx}.
+
+    @return: the values by model field (a list for repeatable directives),
+        and the first node of each directive seen, by name.
+    """
+    values: dict[str, Any] = {}
+    seen: dict[str, Node] = {}
+    for node in nodes:
+        directive = table.get(node.name)
+        if directive is None:
+            message = f'unknown directive "{node.name}"'
+            close = difflib.get_close_matches(node.name, table, n=1)
+            if close:
+                message += f' (did you mean "{close[0]}"?)'
+            ctx.error(node, message)
+            continue
+        first = seen.setdefault(node.name, node)
+        if first is not node and not directive.repeatable:
+            ctx.error(node, f"{node.name}: duplicate directive (first at {first.where()})")
+            continue
+        try:
+            value = directive.convert(node, ctx)
+        except ValueError as e:
+            ctx.error(node, f"{node.name}: {e}")
+            continue
+        if directive.repeatable:
+            values.setdefault(directive.field, []).append(value)
+        else:
+            values[directive.field] = value
+    return values, seen
+
+
+def _args(node: Node, usage: str, least: int, most: int | None = None) -> tuple[str, ...]:
+    """
+    The arguments of a directive that takes no block and between C{least}
+    and C{most} (unbounded if L{None}) arguments.
+    """
+    if node.block:
+        raise ValueError(f"takes no block (expected {usage})")
+    if len(node.args) < least or (most is not None and len(node.args) > most):
+        raise ValueError(f"expected {usage}")
+    return node.args
+
+
+def _one(node: Node, usage: str) -> str:
+    return _args(node, usage, 1, 1)[0]
+
+
+def _word(node: Node, ctx: _Context) -> str:
+    value = _one(node, "one value")
+    if not value:
+        raise ValueError("empty value")
+    return value
+
+
+def _words(node: Node, ctx: _Context) -> tuple[str, ...]:
+    return _args(node, "one or more values", 1)
+
+
+def _colonList(node: Node, ctx: _Context) -> str:
+    return ":".join(_words(node, ctx))
+
+
+def _flag(node: Node, ctx: _Context) -> bool:
+    args = _args(node, "yes or no", 0, 1)
+    return parseBool(args[0]) if args else True
+
+
+def _duration(node: Node, ctx: _Context) -> float:
+    return parseDuration("".join(_args(node, "a duration such as 30s or 5m", 1)))
+
+
+def _timeout(node: Node, ctx: _Context) -> float:
+    seconds = _duration(node, ctx)
+    if seconds <= 0:
+        raise ValueError("must be longer than 0")
+    return seconds
+
+
+def _size(node: Node, ctx: _Context) -> int:
+    size = parseSize(_one(node, "a size such as 32M"))
+    if size <= 0:
+        raise ValueError("must be greater than 0")
+    return size
+
+
+def _count(minimum: int, why: str = "") -> _Convert:
+    def convert(node: Node, ctx: _Context) -> int:
+        text = _one(node, "a number")
+        if not (text.isascii() and text.isdigit()):
+            raise ValueError(f'"{text}" is not a number')
+        number = int(text)
+        if number < minimum:
+            raise ValueError(f"must be at least {minimum}" + (f" ({why})" if why else ""))
+        return number
+
+    return convert
+
+
+def _choice(*choices: str) -> _Convert:
+    def convert(node: Node, ctx: _Context) -> str:
+        usage = " or ".join(choices)
+        value = _one(node, usage)
+        if value not in choices:
+            raise ValueError(f'expected {usage}, not "{value}"')
+        return value
+
+    return convert
+
+
+def _addresses(node: Node, ctx: _Context) -> tuple[Address, ...]:
+    return tuple(parseAddress(arg) for arg in _args(node, "one or more ADDRESSes", 1))
+
+
+def _networks(node: Node, ctx: _Context) -> tuple[Any, ...]:
+    return tuple(parseNetwork(arg) for arg in _args(node, "one or more networks (CIDR)", 1))
+
+
+def _protocols(node: Node, ctx: _Context) -> tuple[str, str | None]:
+    if node.block:
+        raise ValueError("takes no block")
+    return parseProtocols(node.args)
+
+
+def toALabel(name: str) -> str:
+    """
+    A host name as an IDNA A-label (C{bücher.example} → C{xn--bcher-kva.example}).
+
+    @raise ValueError: C{name} is not a valid host name.
+    """
+    try:
+        return idna.encode(name, uts46=True).decode("ascii")
+    except idna.IDNAError as e:
+        raise ValueError(f'"{name}" is not a valid host name ({e})') from None
+
+
+def _hostname(node: Node, ctx: _Context) -> str:
+    return toALabel(_one(node, "NAME"))
+
+
+def _metrics(node: Node, ctx: _Context) -> Address:
+    address = parseAddress(_one(node, "ADDRESS"))
+    if address.scheme != "tcp":
+        raise ValueError("must be a tcp://HOST:PORT address")
+    return address
+
+
+def _keep(node: Node, ctx: _Context) -> Node:
+    return node
+
+
+def _password(text: str) -> Secret:
+    """
+    A password written inline (or taken from C{{env:...}}), or read from
+    the first line of the file named by C{file:PATH}.
+    """
+    if text.startswith("file:"):
+        path = text[len("file:"):]
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as e:
+            reason = getattr(e, "strerror", None) or "not UTF-8 text"
+            raise ValueError(f"cannot read password file {path}: {reason}") from None
+        if not text:
+            raise ValueError(f"password file {path} is empty")
+    elif not text:
+        raise ValueError("empty password (is its environment variable set?)")
+    return Secret(text)
+
+
+def _serverTLS(node: Node, ctx: _Context) -> ServerTLS | None:
+    if node.args == ("off",) and not node.block:
+        return None
+    if len(node.args) != 2:
+        raise ValueError("expected CERT KEY [{ ... }] or off")
+    values, _ = _readBlock(node.children, _SERVER_TLS, ctx)
+    return ServerTLS(cert=node.args[0], key=node.args[1], **values)
+
+
+def _clientTLS(node: Node, ctx: _Context) -> ClientTLS:
+    if node.args:
+        raise ValueError("takes no arguments, only a { ... } block")
+    values, seen = _readBlock(node.children, _CLIENT_TLS, ctx)
+    if ("cert" in values) != ("key" in values):
+        ctx.error(seen.get("cert") or seen["key"], "tls_client: cert and key go together")
+    return ClientTLS(**values)
+
+
+def _listenerAuth(node: Node, ctx: _Context) -> ListenerAuth:
+    args = _args(node, "off, forward or users FILE", 1, 2)
+    if args in (("off",), ("forward",)):
+        return ListenerAuth(mode=args[0])  # type: ignore[arg-type]
+    if len(args) == 2 and args[0] == "users" and args[1]:
+        return ListenerAuth(mode="users", usersFile=args[1])
+    raise ValueError("expected off, forward or users FILE")
+
+
+def _targetAuth(node: Node, ctx: _Context) -> DownstreamAuth:
+    # The arguments may hold a password: no message repeats them.
+    usage = "off, plain USER PASSWORD, login USER PASSWORD, forward or external"
+    args = _args(node, usage, 1, 3)
+    if len(args) == 1 and args[0] in ("off", "forward", "external"):
+        return DownstreamAuth(mechanism=args[0])  # type: ignore[arg-type]
+    if len(args) == 3 and args[0] in ("plain", "login"):
+        if not args[1]:
+            raise ValueError(f"{args[0]}: empty user name")
+        return DownstreamAuth(
+            mechanism=args[0],  # type: ignore[arg-type]
+            username=args[1],
+            password=_password(args[2]),
+        )
+    raise ValueError(f"expected {usage}")
+
+
+def _endpoint(node: Node, ctx: _Context) -> str:
+    description = _one(node, 'a Twisted endpoint string such as "systemd:domain=INET:index=0"')
+    if not description.strip() or ":" not in description:
+        raise ValueError(f'"{description}" is not an endpoint string (as in systemd:domain=INET:index=0)')
+    return description
+
+
+@attrs.frozen
+class _Inline:
+    """
+    C{deliver_to smtp|lmtp ADDRESS... [{ ... }]}, built into a target once
+    the listener's name for it is known.
+    """
+
+    protocol: str
+    endpoints: tuple[Address, ...]
+    node: Node
+
+
+def _deliverTo(node: Node, ctx: _Context) -> str | _Inline:
+    usage = "&NAME or smtp|lmtp ADDRESS... [{ ... }]"
+    if not node.args:
+        raise ValueError(f"expected {usage}")
+    first = node.args[0]
+    if first.startswith("&"):
+        if len(node.args) != 1 or node.block or first == "&":
+            raise ValueError("expected &NAME alone")
+        return first[1:]
+    if first not in ("smtp", "lmtp"):
+        raise ValueError(f'expected {usage}, not "{first}"')
+    return _Inline(first, tuple(parseAddress(arg) for arg in node.args[1:]), node)
+
+
+_SERVER_TLS = {
+    "protocols": _Directive("protocols", _protocols),
+    "ciphers": _Directive("ciphers", _colonList),
+    "client_ca": _Directive("clientCA", _word),
+}
+
+_CLIENT_TLS = {
+    "root_ca": _Directive("rootCAs", _words),
+    "cert": _Directive("cert", _word),
+    "key": _Directive("key", _word),
+    "protocols": _Directive("protocols", _protocols),
+    "ciphers": _Directive("ciphers", _colonList),
+    "curves": _Directive("curves", _words),
+    "server_name": _Directive("serverName", _word),
+    "insecure_skip_verify": _Directive("insecureSkipVerify", _flag),
+}
+
+_TARGET = {
+    "targets": _Directive("endpoints", _addresses),
+    "debug": _Directive("debug", _flag),
+    "tls_client": _Directive("tlsClient", _clientTLS),
+    "attempt_starttls": _Directive("attemptStartTLS", _flag),
+    "require_tls": _Directive("requireTLS", _flag),
+    "auth": _Directive("auth", _targetAuth),
+    "hostname": _Directive("hostname", _hostname),
+    "connect_timeout": _Directive("connectTimeout", _timeout),
+    "command_timeout": _Directive("commandTimeout", _timeout),
+    "submission_timeout": _Directive("submissionTimeout", _timeout),
+    "data_timeout": _Directive("dataTimeout", _timeout),
+    "lmtp_split": _Directive("lmtpSplit", _choice("one_rcpt", "tempfail")),
+    "backoff": _Directive("backoff", _duration),
+}
+
+_LISTENER = {
+    "deliver_to": _Directive("deliverTo", _deliverTo),
+    "allow": _Directive("allow", _networks),
+    "auth": _Directive("auth", _listenerAuth),
+    "require_tls": _Directive("requireTLS", _flag),
+    "tls": _Directive("tls", _serverTLS),
+    "max_message_size": _Directive("maxMessageSize", _size),
+    "max_recipients": _Directive("maxRecipients", _count(100, "RFC 5321")),
+    "max_line_length": _Directive("maxLineLength", _count(1000, "RFC 5321")),
+    "max_command_length": _Directive("maxCommandLength", _count(512, "RFC 5321")),
+    "max_connections": _Directive("maxConnections", _count(1)),
+    "max_connections_per_ip": _Directive("maxConnectionsPerIP", _count(1)),
+    "max_errors": _Directive("maxErrors", _count(1)),
+    "max_auth_failures": _Directive("maxAuthFailures", _count(1)),
+    "read_timeout": _Directive("readTimeout", _timeout),
+    "data_timeout": _Directive("dataTimeout", _timeout),
+    "proxy_timeout": _Directive("proxyTimeout", _timeout),
+    "max_hops": _Directive("maxHops", _count(1)),
+    "proxy_protocol": _Directive("proxyProtocol", _networks),
+    "bare_lf": _Directive("bareLF", _choice("reject", "normalize")),
+    "endpoint": _Directive("endpoints", _endpoint, repeatable=True),
+    "reuse_port": _Directive("reusePort", _flag),
+}
+
+_TOP = {
+    "hostname": _Directive("hostname", _hostname),
+    "debug": _Directive("debug", _flag),
+    "tls": _Directive("tls", _serverTLS),
+    "tls_client": _Directive("tlsClient", _clientTLS),
+    "metrics": _Directive("metrics", _metrics),
+    "shutdown_timeout": _Directive("shutdownTimeout", _duration),
+    **{kind: _Directive(kind, _keep, repeatable=True) for kind in LISTENER_KINDS + TARGET_KINDS},
+}
+
+
+def _target(
+    name: str, protocol: str, inline: Sequence[Address], node: Node, ctx: _Context
+) -> Target | None:
+    """
+    Build a target from the directives in C{node}'s block; C{inline} are
+    the addresses written on the C{deliver_to} line.
+    """
+    values, seen = _readBlock(node.children, _TARGET, ctx)
+    endpoints = tuple(values.pop("endpoints", ())) + tuple(inline)
+    if protocol != "lmtp" and "lmtpSplit" in values:
+        ctx.error(seen["lmtp_split"], "lmtp_split: only LMTP targets split recipients")
+        del values["lmtpSplit"]
+    fields: dict[str, Any] = {
+        "hostname": ctx.hostname,
+        "debug": ctx.debug,
+        "tlsClient": ctx.tlsClient,
+        "attemptStartTLS": protocol == "smtp",
+        **values,
+    }
+    auth: DownstreamAuth = fields.get("auth", DownstreamAuth())
+    if auth.mechanism == "external" and fields["tlsClient"].cert is None:
+        ctx.error(seen["auth"], "auth: external needs a client certificate (tls_client { cert ... key ... })")
+    if not endpoints:
+        ctx.error(node, f"{node.name}: no endpoints (add targets ADDRESS...)")
+        return None
+    return Target(name=name, protocol=protocol, endpoints=endpoints, **fields)  # type: ignore[arg-type]
+
+
+def _namedTarget(node: Node, ctx: _Context, named: dict[str, Target | None]) -> None:
+    if len(node.args) != 1 or not node.args[0]:
+        ctx.error(node, f"{node.name}: expected NAME {{ ... }}")
+        return
+    name = node.args[0]
+    if name in named:
+        ctx.error(node, f'{node.name}: a target named "{name}" already exists')
+        return
+    named[name] = _target(name, node.name.split(".")[1], (), node, ctx)
+
+
+def _listener(kind: str, node: Node, ctx: _Context, named: Mapping[str, Target | None]) -> Listener | None:
+    """
+    Build a listener from C{node}, resolving C{deliver_to &NAME} in C{named}
+    (where L{None} marks a target that exists but has errors).
+    """
+    addresses = []
+    for arg in node.args:
+        try:
+            addresses.append(parseAddress(arg))
+        except ValueError as e:
+            ctx.error(node, f"{kind}: {e}")
+    values, seen = _readBlock(node.children, _LISTENER, ctx)
+    endpoints = tuple(values.pop("endpoints", ()))
+    if not node.args and not endpoints:
+        ctx.error(node, f"{kind}: expected ADDRESS... {{ ... }} (or an endpoint directive)")
+
+    delivery = values.pop("deliverTo", None)
+    target: Target | None = None
+    if isinstance(delivery, _Inline):
+        target = _target(f"{kind}-listener-{node.line}", delivery.protocol, delivery.endpoints, delivery.node, ctx)
+    elif isinstance(delivery, str):
+        if delivery not in named:
+            ctx.error(seen["deliver_to"], f'deliver_to: unknown target "&{delivery}"')
+        target = named.get(delivery)
+    elif "deliver_to" not in seen:
+        ctx.error(node, f"{kind}: listener needs deliver_to")
+
+    auth: ListenerAuth = values.get("auth", ListenerAuth())
+    if kind == "submission" and auth.mode == "off":
+        ctx.error(seen.get("auth", node), "submission listener needs auth forward or auth users FILE")
+    if auth.mode == "forward" and target is not None:
+        if target.auth.mechanism == "off":
+            target = attrs.evolve(target, auth=DownstreamAuth(mechanism="forward"))
+        elif target.auth.mechanism != "forward":
+            ctx.error(
+                seen["auth"],
+                f'auth forward: target "{target.name}" already uses auth {target.auth.mechanism}',
+            )
+
+    tls = values.pop("tls", ctx.tls)
+    if tls is None:
+        for address in addresses:
+            if address.scheme == "tls":
+                ctx.error(node, f"{kind}: {address} needs a certificate (tls CERT KEY)")
+        if values.get("requireTLS"):
+            ctx.error(seen["require_tls"], "require_tls: needs a certificate (tls CERT KEY)")
+    if target is None:
+        return None
+    return Listener(
+        kind=kind,  # type: ignore[arg-type]
+        addresses=tuple(addresses),
+        deliverTo=target,
+        endpoints=endpoints,
+        tls=tls,
+        **values,
+    )
+
+
+def _defaultHostname() -> str:
+    name = socket.getfqdn()
+    try:
+        return toALabel(name)
+    except ValueError:
+        return name
+
+
+def _fileOrder(nodes: Iterable[Node], order: dict[str, int]) -> dict[str, int]:
+    for node in nodes:
+        order.setdefault(node.file, len(order))
+        _fileOrder(node.children, order)
+    return order
+
+
+def build(nodes: Sequence[Node], source: str) -> Config:
+    """
+    Check the top-level C{nodes} of a configuration read from C{source} and
+    build the L{Config} they describe.
+
+    @raise ConfigError: every problem found, in file order.
+    """
+    ctx = _Context()
+    values, _ = _readBlock(nodes, _TOP, ctx)
+    for kind in LISTENER_KINDS + TARGET_KINDS:
+        values.pop(kind, None)
+    ctx.hostname = values.setdefault("hostname", _defaultHostname())
+    ctx.debug = values.get("debug", False)
+    ctx.tls = values.get("tls")
+    ctx.tlsClient = values.get("tlsClient", ClientTLS())
+
+    named: dict[str, Target | None] = {}
+    for node in nodes:
+        if node.name in TARGET_KINDS:
+            _namedTarget(node, ctx, named)
+    listeners = []
+    for node in nodes:
+        if node.name in LISTENER_KINDS:
+            listener = _listener(node.name, node, ctx, named)
+            if listener is not None:
+                listeners.append(listener)
+    if not any(node.name in LISTENER_KINDS for node in nodes):
+        ctx.errors.append((source, 1, "no listeners (add an smtp, submission or lmtp block)"))
+
+    if ctx.errors:
+        order = _fileOrder(nodes, {source: 0})
+        errors = sorted(ctx.errors, key=lambda e: (order.get(e[0], len(order)), e[1]))
+        raise ConfigError([f"{file}:{line}: {message}" for file, line, message in errors])
+    return Config(
+        listeners=tuple(listeners),
+        targets=tuple(target for target in named.values() if target is not None),
+        source=source,
+        **values,
+    )
+
+
+def loadString(text: str, filename: str = "<string>", env: Mapping[str, str] | None = None) -> Config:
+    """
+    Parse the configuration C{text} as if read from C{filename}.
+
+    @param env: the environment for C{{env:NAME}} (default L{os.environ}).
+    @raise ConfigError: the configuration is invalid.
+    """
+    return build(parseTree(text, filename, os.environ if env is None else env), filename)
+
+
+def load(path: str) -> Config:
+    """
+    Read and check the configuration file at C{path}.
+
+    @raise ConfigError: it cannot be read or is invalid.
+    """
+    return build(readTree(path, os.environ), path)

@@ -1,0 +1,173 @@
+"""
+The effective configuration written back in the configuration language
+(C{smtprelay-check --show}): every setting spelled out with its default
+filled in, passwords masked as C{****}.
+
+Parsing the output again gives the same L{Config}, except for the masked
+passwords.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import attrs
+
+from .model import ClientTLS, Config, DownstreamAuth, Listener, ServerTLS, Target
+from .values import formatBool, formatDuration, formatSize
+
+_PLAIN = re.compile(r'[^\s"#{}\\]+')
+_INDENT = "    "
+
+
+def _quote(word: str) -> str:
+    if _PLAIN.fullmatch(word) and "{env:" not in word:
+        return word
+    return '"' + word.replace('"', '\\"') + '"'
+
+
+def _line(depth: int, *words: object) -> str:
+    return _INDENT * depth + " ".join(_quote(str(word)) for word in words)
+
+
+def _block(depth: int, head: list[object], body: Iterable[str]) -> list[str]:
+    lines = list(body)
+    if not lines:
+        return [_line(depth, *head)]
+    return [_line(depth, *head) + " {", *lines, _INDENT * depth + "}"]
+
+
+def _protocols(protocols: tuple[str, str | None]) -> list[str]:
+    return [p for p in protocols if p is not None]
+
+
+def _serverTLS(depth: int, tls: ServerTLS | None) -> list[str]:
+    if tls is None:
+        return [_line(depth, "tls", "off")]
+    body = [_line(depth + 1, "protocols", *_protocols(tls.protocols))]
+    if tls.ciphers:
+        body.append(_line(depth + 1, "ciphers", *tls.ciphers.split(":")))
+    if tls.clientCA:
+        body.append(_line(depth + 1, "client_ca", tls.clientCA))
+    return _block(depth, ["tls", tls.cert, tls.key], body)
+
+
+def _clientTLS(depth: int, tls: ClientTLS) -> list[str]:
+    inner = depth + 1
+    body = []
+    if tls.rootCAs:
+        body.append(_line(inner, "root_ca", *tls.rootCAs))
+    if tls.cert:
+        body.append(_line(inner, "cert", tls.cert))
+    if tls.key:
+        body.append(_line(inner, "key", tls.key))
+    body.append(_line(inner, "protocols", *_protocols(tls.protocols)))
+    if tls.ciphers:
+        body.append(_line(inner, "ciphers", *tls.ciphers.split(":")))
+    if tls.curves:
+        body.append(_line(inner, "curves", *tls.curves))
+    if tls.serverName:
+        body.append(_line(inner, "server_name", tls.serverName))
+    body.append(_line(inner, "insecure_skip_verify", formatBool(tls.insecureSkipVerify)))
+    return [_line(depth, "tls_client") + " {", *body, _INDENT * depth + "}"]
+
+
+def _auth(auth: DownstreamAuth) -> list[object]:
+    if auth.mechanism in ("plain", "login"):
+        return [auth.mechanism, auth.username, "****"]
+    return [auth.mechanism]
+
+
+def _targetBody(depth: int, target: Target) -> list[str]:
+    lines = [
+        _line(depth, "targets", *target.endpoints),
+        _line(depth, "hostname", target.hostname),
+        _line(depth, "debug", formatBool(target.debug)),
+        *_clientTLS(depth, target.tlsClient),
+        _line(depth, "attempt_starttls", formatBool(target.attemptStartTLS)),
+        _line(depth, "require_tls", formatBool(target.requireTLS)),
+        _line(depth, "auth", *_auth(target.auth)),
+        _line(depth, "connect_timeout", formatDuration(target.connectTimeout)),
+        _line(depth, "command_timeout", formatDuration(target.commandTimeout)),
+        _line(depth, "submission_timeout", formatDuration(target.submissionTimeout)),
+        _line(depth, "data_timeout", formatDuration(target.dataTimeout)),
+    ]
+    if target.protocol == "lmtp":
+        lines.append(_line(depth, "lmtp_split", target.lmtpSplit))
+    lines.append(_line(depth, "backoff", formatDuration(target.backoff)))
+    return lines
+
+
+def _isNamed(config: Config, target: Target) -> bool:
+    """
+    Whether C{target} is a named target, maybe with the C{auth forward}
+    its listener implies.
+    """
+    forward = DownstreamAuth(mechanism="forward")
+    return any(
+        named.name == target.name
+        and target in (named, attrs.evolve(named, auth=forward))
+        for named in config.targets
+    )
+
+
+def _listener(config: Config, listener: Listener) -> list[str]:
+    body: list[str] = []
+    target = listener.deliverTo
+    if _isNamed(config, target):
+        body.append(_line(1, "deliver_to", "&" + target.name))
+    else:
+        body.extend(_block(1, ["deliver_to", target.protocol], _targetBody(2, target)))
+    for endpoint in listener.endpoints:
+        body.append(_line(1, "endpoint", endpoint))
+    auth = listener.auth
+    body += [
+        _line(1, "allow", *listener.allow),
+        _line(1, "auth", auth.mode, *([auth.usersFile] if auth.usersFile else [])),
+        _line(1, "require_tls", formatBool(listener.requireTLS)),
+        *_serverTLS(1, listener.tls),
+        _line(1, "max_message_size", formatSize(listener.maxMessageSize)),
+        _line(1, "max_recipients", listener.maxRecipients),
+        _line(1, "max_line_length", listener.maxLineLength),
+        _line(1, "max_command_length", listener.maxCommandLength),
+        _line(1, "max_connections", listener.maxConnections),
+        _line(1, "max_connections_per_ip", listener.maxConnectionsPerIP),
+        _line(1, "max_errors", listener.maxErrors),
+        _line(1, "max_auth_failures", listener.maxAuthFailures),
+        _line(1, "read_timeout", formatDuration(listener.readTimeout)),
+        _line(1, "data_timeout", formatDuration(listener.dataTimeout)),
+        _line(1, "proxy_timeout", formatDuration(listener.proxyTimeout)),
+        _line(1, "max_hops", listener.maxHops),
+    ]
+    if listener.proxyProtocol:
+        body.append(_line(1, "proxy_protocol", *listener.proxyProtocol))
+    body += [
+        _line(1, "bare_lf", listener.bareLF),
+        _line(1, "reuse_port", formatBool(listener.reusePort)),
+    ]
+    return _block(0, [listener.kind, *listener.addresses], body)
+
+
+def show(config: Config) -> str:
+    """
+    C{config} in the configuration language, defaults filled in and
+    passwords masked.
+    """
+    lines = [
+        f"# effective configuration of {config.source}",
+        _line(0, "hostname", config.hostname),
+        _line(0, "debug", formatBool(config.debug)),
+        *_serverTLS(0, config.tls),
+        *_clientTLS(0, config.tlsClient),
+    ]
+    if config.metrics is not None:
+        lines.append(_line(0, "metrics", config.metrics))
+    lines.append(_line(0, "shutdown_timeout", formatDuration(config.shutdownTimeout)))
+    for target in config.targets:
+        lines.append("")
+        lines += _block(0, [f"target.{target.protocol}", target.name], _targetBody(1, target))
+    for listener in config.listeners:
+        lines.append("")
+        lines += _listener(config, listener)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,195 @@
+"""
+Scalar values of the configuration language: booleans, Go-style durations,
+sizes, endpoint addresses, networks and TLS protocol versions.
+
+Each C{parseX} takes text and returns the model value or raises
+L{ValueError} with a message fit to follow C{FILE:LINE: directive:}; each
+C{formatX} is its inverse, used by C{--show}.  Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from fractions import Fraction
+
+from .model import Address, IPNetwork
+
+_TRUE = {"yes", "true", "on", "1"}
+_FALSE = {"no", "false", "off", "0"}
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNITS: dict[str, Fraction] = {
+    "ns": Fraction(1, 10**9),
+    "us": Fraction(1, 10**6),
+    "µs": Fraction(1, 10**6),
+    "μs": Fraction(1, 10**6),
+    "ms": Fraction(1, 1000),
+    "s": Fraction(1),
+    "m": Fraction(60),
+    "h": Fraction(3600),
+}
+
+_SIZE = re.compile(r"(\d+)([BKMGT]?)", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+_HOST = re.compile(r"[A-Za-z0-9_.\-\u0080-\U0010ffff]+")
+
+PROTOCOLS = ("tls1.0", "tls1.1", "tls1.2", "tls1.3")
+
+
+def parseBool(text: str) -> bool:
+    """
+    C{yes/no true/false on/off 1/0}, in any case.
+    """
+    word = text.lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f'"{text}" is not a boolean (use yes or no)')
+
+
+def formatBool(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def parseDuration(text: str) -> float:
+    """
+    A Go duration such as C{5m}, C{1h30m}, C{1.5h} or C{250ms}, in seconds.
+    C{0} alone needs no unit; there is no C{d} and no sign.
+    """
+    if text == "0":
+        return 0.0
+    if not text:
+        raise ValueError("missing duration")
+    total = Fraction(0)
+    pos = 0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            raise ValueError(
+                f'"{text}" is not a duration (use a number with a unit: '
+                "h, m, s, ms, us or ns, as in 1h30m or 250ms)"
+            )
+        total += Fraction(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    return float(total)
+
+
+def formatDuration(seconds: float) -> str:
+    """
+    The shortest Go-style spelling of C{seconds} (to the nanosecond).
+    """
+    nanoseconds = round(Fraction(seconds) * 10**9)
+    if nanoseconds == 0:
+        return "0"
+    parts = []
+    for unit, size in (("h", 3600 * 10**9), ("m", 60 * 10**9), ("s", 10**9),
+                       ("ms", 10**6), ("us", 10**3), ("ns", 1)):
+        count, nanoseconds = divmod(nanoseconds, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
+
+
+def parseSize(text: str) -> int:
+    """
+    A size in bytes: a plain integer or one with a unit, C{100B}, C{512K},
+    C{32M}, C{1G} (powers of 1024).
+    """
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ValueError(f'"{text}" is not a size (use bytes or a unit: 512K, 32M, 1G)')
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+
+
+def formatSize(size: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return str(size)
+
+
+def parseAddress(text: str) -> Address:
+    """
+    An endpoint address: C{tcp://HOST:PORT}, C{tls://HOST:PORT},
+    C{unix:///abs/path}, or the short forms C{tcp:HOST:PORT},
+    C{tls:HOST:PORT}, C{unix:/abs} and C{unix:relative}.  IPv6 literals go
+    in brackets (C{tcp://[::1]:25}); the port is mandatory.
+
+    @raise ValueError: with a message saying what is wrong.
+    """
+    scheme, colon, rest = text.partition(":")
+    if not colon or not scheme:
+        raise ValueError(f'"{text}": missing scheme (use tcp://, tls:// or unix://)')
+    scheme = scheme.lower()
+    if scheme == "unix":
+        if rest.startswith("//"):
+            if not rest.startswith("///"):
+                raise ValueError(
+                    f'"{text}": use unix:///absolute/path or unix:relative/path'
+                )
+            rest = rest[2:]
+        if not rest:
+            raise ValueError(f'"{text}": missing socket path')
+        return Address("unix", path=rest)
+    if scheme not in ("tcp", "tls"):
+        raise ValueError(
+            f'"{text}": unsupported scheme "{scheme}" (use tcp://, tls:// or unix://)'
+        )
+    if rest.startswith("//"):
+        rest = rest[2:]
+    if rest.startswith("["):
+        host, bracket, tail = rest[1:].partition("]")
+        if not bracket:
+            raise ValueError(f'"{text}": missing ] after the IPv6 address')
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f'"{text}": "{host}" is not an IPv6 address') from None
+        if not tail.startswith(":"):
+            raise ValueError(f'"{text}": missing port (as in {scheme}://[{host}]:25)')
+        port = tail[1:]
+    else:
+        host, sep, port = rest.rpartition(":")
+        if not sep:
+            raise ValueError(f'"{text}": missing port (as in {scheme}://{rest}:25)')
+        if ":" in host:
+            raise ValueError(f'"{text}": put IPv6 addresses in brackets, as in [::1]:25')
+        if not host:
+            raise ValueError(f'"{text}": missing host')
+        if not _HOST.fullmatch(host):
+            raise ValueError(f'"{text}": "{host}" is not a host name or IP address')
+    if not port.isdigit() or not port.isascii():
+        raise ValueError(f'"{text}": "{port}" is not a port number')
+    number = int(port)
+    if not 1 <= number <= 65535:
+        raise ValueError(f'"{text}": port {number} is out of range (1-65535)')
+    return Address(scheme, host=host, port=number)  # type: ignore[arg-type]
+
+
+def parseNetwork(text: str) -> IPNetwork:
+    """
+    A network in CIDR notation; a bare IP address is a single host.
+    """
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        raise ValueError(f'"{text}" is not a network ({e})') from None
+
+
+def parseProtocols(args: tuple[str, ...]) -> tuple[str, str | None]:
+    """
+    C{MIN [MAX]} TLS versions, each one of L{PROTOCOLS}.
+    """
+    if not 1 <= len(args) <= 2:
+        raise ValueError("expected MIN [MAX], e.g. tls1.2 tls1.3")
+    for arg in args:
+        if arg not in PROTOCOLS:
+            raise ValueError(f'unknown version "{arg}" (use {", ".join(PROTOCOLS)})')
+    if len(args) == 2:
+        if PROTOCOLS.index(args[0]) > PROTOCOLS.index(args[1]):
+            raise ValueError(f"{args[0]} is newer than {args[1]}")
+        return (args[0], args[1])
+    return (args[0], None)
