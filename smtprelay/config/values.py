@@ -18,7 +18,7 @@ from .model import Address, IPNetwork
 _TRUE = {"yes", "true", "on", "1"}
 _FALSE = {"no", "false", "off", "0"}
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
 _UNITS: dict[str, Fraction] = {
     "ns": Fraction(1, 10**9),
     "us": Fraction(1, 10**6),
@@ -30,7 +30,7 @@ _UNITS: dict[str, Fraction] = {
     "h": Fraction(3600),
 }
 
-_SIZE = re.compile(r"(\d+)([BKMGT]?)", re.IGNORECASE)
+_SIZE = re.compile(r"([0-9]+)([BKMGT]?)", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 _HOST = re.compile(r"[A-Za-z0-9_.\-\u0080-\U0010ffff]+")
@@ -121,7 +121,7 @@ def parseAddress(text: str) -> Address:
     @raise ValueError: with a message saying what is wrong.
     """
     scheme, colon, rest = text.partition(":")
-    if not colon or not scheme:
+    if not colon or not scheme or rest.isdigit():
         raise ValueError(f'"{text}": missing scheme (use tcp://, tls:// or unix://)')
     scheme = scheme.lower()
     if scheme == "unix":
