@@ -427,8 +427,9 @@ class SMTPServerProtocol(Protocol):
         transport = self.transport
         assert transport is not None
         transport.loseConnection()
-        # A client that never reads would keep the connection forever.
-        self._abortTimer = self._clock.callLater(_ABORT_AFTER, self._abort)
+        if not self._closed:
+            # A client that never reads would keep the connection forever.
+            self._abortTimer = self._clock.callLater(_ABORT_AFTER, self._abort)
 
     def _abort(self) -> None:
         self._abortTimer = None

@@ -1,0 +1,966 @@
+"""
+Tests for L{smtprelay.server}: exact bytes on the wire for every command,
+error, limit and pipelining case, with a recording handler and a fake
+clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import fail
+from twisted.internet.interfaces import ISSLTransport
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import directlyProvides
+
+from smtprelay import replies
+from smtprelay.config.model import ListenerAuth
+from smtprelay.replies import reply
+from smtprelay.server import MAX_INPUT_BUFFER, SMTPServerFactory, randomSessionId
+from smtprelay.testing.handler import RecordingHandlerFactory
+
+from .server_helpers import (
+    EHLO_REPLY,
+    GREETING,
+    HOST,
+    LOOPBACK,
+    STRANGER,
+    UNIX,
+    FakeTransport,
+    Session,
+    makeListener,
+)
+
+START = b"354 End data with <CR><LF>.<CR><LF>\r\n"
+MAIL_OK = b"250 2.1.0 Ok\r\n"
+RCPT_OK = b"250 2.1.5 Ok\r\n"
+QUEUED = b"250 2.0.0 Ok: queued\r\n"
+TRANSACTION = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+
+
+def greeted(**kwargs: object) -> Session:
+    """
+    A session that has read the greeting and sent EHLO.
+    """
+    session = Session(**kwargs)  # type: ignore[arg-type]
+    session.read()
+    session.send(b"EHLO client.example\r\n")
+    return session
+
+
+def b64(text: str) -> bytes:
+    return base64.b64encode(text.encode("utf-8"))
+
+
+class GreetingTests(SynchronousTestCase):
+    def test_smtp(self) -> None:
+        session = Session()
+        self.assertEqual(session.read(), GREETING)
+        self.assertEqual(session.protocol.session.id, "S1")
+        self.assertEqual(session.protocol.session.clientHost, "127.0.0.1")
+        self.assertEqual(session.protocol.session.protocol, "smtp")
+
+    def test_lmtp(self) -> None:
+        session = Session(makeListener(kind="lmtp"))
+        self.assertEqual(session.read(), b"220 mx.example.org LMTP smtprelay tok123\r\n")
+        self.assertEqual(session.protocol.session.protocol, "lmtp")
+
+    def test_noToken(self) -> None:
+        factory = SMTPServerFactory(makeListener(), RecordingHandlerFactory(), HOST, None)  # type: ignore[arg-type]
+        self.assertEqual(factory.greeting, b"220 mx.example.org ESMTP smtprelay\r\n")
+
+    def test_sessionIds(self) -> None:
+        ids = {randomSessionId() for _ in range(100)}
+        self.assertEqual(len(ids), 100)
+        self.assertTrue(all(len(i) == 10 and i.isalnum() for i in ids))
+
+    def test_pregreetTalk(self) -> None:
+        """
+        A client whose bytes are already waiting when it connects talked
+        before our greeting: 554 and close, no greeting.
+        """
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        theirs.sendall(b"EHLO x\r\n")
+        transport = FakeTransport(LOOPBACK)
+        transport.getHandle = lambda: ours  # type: ignore[attr-defined]
+        session = Session(transport=transport)
+        self.assertEqual(session.read(), b"554 5.5.0 Error: SMTP protocol synchronization [S1]\r\n")
+        self.assertTrue(session.closed)
+        self.assertEqual(session.handler.closed, 1)
+
+    def test_quietSocket(self) -> None:
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        transport = FakeTransport(LOOPBACK)
+        transport.getHandle = lambda: ours  # type: ignore[attr-defined]
+        session = Session(transport=transport)
+        self.assertEqual(session.read(), GREETING)
+
+
+class HelloTests(SynchronousTestCase):
+    def test_ehlo(self) -> None:
+        session = Session()
+        session.read()
+        self.assertEqual(session.send(b"EHLO client.example\r\n"), EHLO_REPLY)
+        self.assertEqual(session.protocol.session.heloName, "client.example")
+        self.assertTrue(session.protocol.session.esmtp)
+
+    def test_ehloStartTLS(self) -> None:
+        session = Session(tlsOptions=object())
+        session.read()
+        self.assertEqual(
+            session.send(b"EHLO c\r\n"),
+            EHLO_REPLY.replace(b"250-ENHANCED", b"250-STARTTLS\r\n250-ENHANCED"),
+        )
+
+    def test_ehloAuthOnUnix(self) -> None:
+        session = Session(makeListener(auth=ListenerAuth("users", "/dev/null")), peer=UNIX)
+        session.read()
+        self.assertEqual(
+            session.send(b"EHLO c\r\n"),
+            EHLO_REPLY.replace(b"250-ENHANCED", b"250-AUTH PLAIN LOGIN\r\n250-ENHANCED"),
+        )
+
+    def test_noAuthBeforeTLS(self) -> None:
+        session = Session(makeListener(auth=ListenerAuth("forward")), tlsOptions=object())
+        session.read()
+        self.assertNotIn(b"AUTH", session.send(b"EHLO c\r\n"))
+
+    def test_implicitTLS(self) -> None:
+        """
+        On an implicit-TLS transport, AUTH is offered and STARTTLS is not.
+        """
+        transport = FakeTransport(LOOPBACK)
+        directlyProvides(transport, ISSLTransport)
+        session = Session(makeListener(auth=ListenerAuth("forward")), tlsOptions=object(),
+                          transport=transport)
+        session.read()
+        self.assertEqual(
+            session.send(b"EHLO c\r\n"),
+            EHLO_REPLY.replace(b"250-ENHANCED", b"250-AUTH PLAIN LOGIN\r\n250-ENHANCED"),
+        )
+
+    def test_helo(self) -> None:
+        session = Session()
+        session.read()
+        self.assertEqual(session.send(b"HELO client.example\r\n"), b"250 mx.example.org\r\n")
+        self.assertFalse(session.protocol.session.esmtp)
+
+    def test_ehloWithoutName(self) -> None:
+        session = Session()
+        session.read()
+        self.assertEqual(session.send(b"EHLO\r\n"), b"501 5.5.4 Syntax: EHLO hostname [S1]\r\n")
+
+    def test_lmtpRefusesEhloHelo(self) -> None:
+        session = Session(makeListener(kind="lmtp"))
+        session.read()
+        for command in (b"EHLO c\r\n", b"HELO c\r\n"):
+            self.assertEqual(
+                session.send(command),
+                b"500 5.5.1 Error: this is an LMTP service, use LHLO [S1]\r\n",
+            )
+        self.assertEqual(session.send(b"LHLO c\r\n"), EHLO_REPLY)
+
+    def test_smtpRefusesLhlo(self) -> None:
+        session = Session()
+        session.read()
+        self.assertEqual(session.send(b"LHLO c\r\n"), b"500 5.5.2 Error: command not recognized [S1]\r\n")
+
+    def test_ehloResetsTransaction(self) -> None:
+        session = greeted()
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(session.send(b"EHLO again\r\n"), EHLO_REPLY)
+        self.assertEqual(session.handler.methods, ["mail", "reset"])
+        self.assertEqual(session.send(b"MAIL FROM:<a@example.com>\r\n"), MAIL_OK)
+
+
+class SimpleCommandTests(SynchronousTestCase):
+    """
+    Commands answered locally, never passed to the handler.
+    """
+
+    table = [
+        (b"NOOP", b"250 2.0.0 OK\r\n"),
+        (b"NOOP anything", b"250 2.0.0 OK\r\n"),
+        (b"HELP", b"214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP STARTTLS AUTH\r\n"),
+        (b"VRFY postmaster", b"252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery\r\n"),
+        (b"EXPN list", b"502 5.5.1 Error: command not implemented [S1]\r\n"),
+        (b"ETRN example.com", b"502 5.5.1 Error: command not implemented [S1]\r\n"),
+        (b"TURN", b"502 5.5.1 Error: command not implemented [S1]\r\n"),
+        (b"XCLIENT ADDR=1.2.3.4", b"502 5.5.1 Error: command not implemented [S1]\r\n"),
+        (b"XFORWARD ADDR=1.2.3.4", b"502 5.5.1 Error: command not implemented [S1]\r\n"),
+        (b"BDAT 10 LAST", b"500 5.5.2 Error: command not recognized [S1]\r\n"),
+        (b"FOO", b"500 5.5.2 Error: command not recognized [S1]\r\n"),
+        (b"", b"500 5.5.2 Error: bad syntax [S1]\r\n"),
+        (b"NO\nOP", b"500 5.5.2 Error: bare <CR> or <LF> in command [S1]\r\n"),
+        (b"STARTTLS", b"502 5.5.1 Error: command not implemented [S1]\r\n"),
+        (b"AUTH PLAIN", b"503 5.5.1 Error: authentication not enabled [S1]\r\n"),
+        (b"MAIL FROM:<a@b.example>", b"503 5.5.1 Error: send HELO/EHLO first [S1]\r\n"),
+        (b"RCPT TO:<a@b.example>", b"503 5.5.1 Error: need MAIL command [S1]\r\n"),
+        (b"DATA", b"503 5.5.1 Error: need MAIL command [S1]\r\n"),
+        (b"DATA x", b"501 5.5.4 Syntax: DATA [S1]\r\n"),
+        (b"noop", b"250 2.0.0 OK\r\n"),
+    ]
+
+    def test_table(self) -> None:
+        for command, expected in self.table:
+            session = Session()
+            session.read()
+            self.assertEqual(session.send(command + b"\r\n"), expected, command)
+            self.assertEqual(session.handler.calls, [], command)
+
+    def test_rset(self) -> None:
+        session = greeted()
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(session.send(b"RSET\r\n"), b"250 2.0.0 OK\r\n")
+        self.assertEqual(session.handler.methods, ["mail", "reset"])
+        self.assertEqual(session.send(b"MAIL FROM:<a@example.com>\r\n"), MAIL_OK)
+
+    def test_quit(self) -> None:
+        session = greeted()
+        self.assertEqual(session.send(b"QUIT\r\n"), b"221 2.0.0 Bye\r\n")
+        self.assertTrue(session.closed)
+        self.assertEqual(session.handler.methods, ["close"])
+
+    def test_closeOnce(self) -> None:
+        """
+        handler.close is called exactly once whatever ends the session.
+        """
+        session = greeted()
+        session.send(b"QUIT\r\n")
+        session.protocol.connectionLost()
+        self.assertEqual(session.handler.closed, 1)
+        session = greeted()
+        session.transport.loseConnection()
+        self.assertEqual(session.handler.closed, 1)
+
+    def test_whenClosed(self) -> None:
+        session = greeted()
+        d = session.protocol.whenClosed()
+        self.assertNoResult(d)
+        session.send(b"QUIT\r\n")
+        self.successResultOf(d)
+        self.successResultOf(session.protocol.whenClosed())
+
+
+class EnvelopeTests(SynchronousTestCase):
+    def test_parameters(self) -> None:
+        session = greeted()
+        session.send(
+            b"MAIL FROM:<a@example.com> SIZE=100 BODY=8bitmime RET=hdrs ENVID=x+2B1 REQUIRETLS\r\n"
+        )
+        session.send(b"RCPT TO: <b@example.net> NOTIFY=success,failure ORCPT=rfc822;b@example.net\r\n")
+        self.assertEqual(
+            session.handler.calls,
+            [
+                ("mail", (b"a@example.com", {"SIZE": "100", "BODY": "8BITMIME", "RET": "HDRS",
+                                             "ENVID": "x+2B1", "REQUIRETLS": None})),
+                ("rcpt", (b"b@example.net", {"NOTIFY": "SUCCESS,FAILURE",
+                                             "ORCPT": "rfc822;b@example.net"})),
+            ],
+        )
+
+    def test_nullSenderAndSourceRoute(self) -> None:
+        session = greeted()
+        self.assertEqual(session.send(b"MAIL FROM:<>\r\n"), MAIL_OK)
+        self.assertEqual(session.send(b"RCPT TO:<@relay.example:b@example.net>\r\n"), RCPT_OK)
+        self.assertEqual(session.handler.calls[0][1][0], b"")
+        self.assertEqual(session.handler.calls[1][1][0], b"b@example.net")
+
+    errors = [
+        (b"MAIL FROM:<a@example.com> FOO=1", b"555 5.5.4 Unsupported option: FOO=1 [S1]\r\n"),
+        (b"MAIL FROM:<a@example.com> BODY=BINARYMIME",
+         b"555 5.5.4 Unsupported option: BODY=BINARYMIME [S1]\r\n"),
+        (b"MAIL FROM:<a@example.com> SIZE=x", b"501 5.5.4 Bad SIZE parameter syntax [S1]\r\n"),
+        (b"MAIL FROM:<a@example.com> SIZE=1 SIZE=2", b"501 5.5.4 Duplicate SIZE parameter [S1]\r\n"),
+        (b"MAIL FROM:<a@example.com> SIZE=33554433",
+         b"552 5.3.4 Message size exceeds fixed limit [S1]\r\n"),
+        (b"MAIL TO:<a@example.com>", b"501 5.5.4 Syntax: MAIL FROM:<address> [S1]\r\n"),
+        (b"MAIL FROM:<a@example.com", b"501 5.5.4 Syntax: MAIL FROM:<address> [S1]\r\n"),
+        (b"MAIL FROM:<a b@example.com>", b"501 5.1.7 Bad sender address syntax [S1]\r\n"),
+        (b"MAIL FROM:<\xc3\xa9@example.com>",
+         b"553 5.6.7 Must declare SMTPUTF8 to send unicode address [S1]\r\n"),
+    ]
+
+    def test_mailErrors(self) -> None:
+        for command, expected in self.errors:
+            session = greeted()
+            self.assertEqual(session.send(command + b"\r\n"), expected, command)
+            self.assertEqual(session.handler.calls, [], command)
+
+    rcptErrors = [
+        (b"RCPT TO:<>", b"501 5.1.3 Bad recipient address syntax [S1]\r\n"),
+        (b"RCPT TO:<b@>", b"501 5.1.3 Bad recipient address syntax [S1]\r\n"),
+        (b"RCPT FROM:<b@example.net>", b"501 5.5.4 Syntax: RCPT TO:<address> [S1]\r\n"),
+        (b"RCPT TO:<b@example.net> SIZE=1", b"555 5.5.4 Unsupported option: SIZE=1 [S1]\r\n"),
+        (b"RCPT TO:<b@example.net> NOTIFY=NEVER,SUCCESS",
+         b"501 5.5.4 Bad NOTIFY parameter syntax [S1]\r\n"),
+        (b"RCPT TO:<\xc3\xa9@example.net>",
+         b"553 5.6.7 Must declare SMTPUTF8 to send unicode address [S1]\r\n"),
+    ]
+
+    def test_rcptErrors(self) -> None:
+        for command, expected in self.rcptErrors:
+            session = greeted()
+            session.send(b"MAIL FROM:<a@example.com>\r\n")
+            self.assertEqual(session.send(command + b"\r\n"), expected, command)
+            self.assertEqual(session.handler.methods, ["mail"], command)
+
+    def test_postmaster(self) -> None:
+        session = greeted()
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(session.send(b"RCPT TO:<Postmaster>\r\n"), RCPT_OK)
+
+    def test_smtputf8(self) -> None:
+        session = greeted()
+        self.assertEqual(session.send(b"MAIL FROM:<\xc3\xa9@example.com> SMTPUTF8\r\n"), MAIL_OK)
+        self.assertTrue(session.protocol.session.smtputf8)
+        self.assertEqual(session.send(b"RCPT TO:<\xc3\xbc@b\xc3\xbccher.example>\r\n"), RCPT_OK)
+
+    def test_nestedMail(self) -> None:
+        session = greeted()
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(session.send(b"MAIL FROM:<a@example.com>\r\n"),
+                         b"503 5.5.1 Error: nested MAIL command [S1]\r\n")
+
+    def test_refusedMailKeepsNoTransaction(self) -> None:
+        session = greeted(script={"mail": reply(451, "4.3.0", "later")})
+        self.assertEqual(session.send(b"MAIL FROM:<a@example.com>\r\n"), b"451 4.3.0 later\r\n")
+        self.assertEqual(session.send(b"RCPT TO:<b@example.net>\r\n"),
+                         b"503 5.5.1 Error: need MAIL command [S1]\r\n")
+
+    def test_noValidRecipients(self) -> None:
+        session = greeted(script={"rcpt": reply(550, "5.1.1", "no such user")})
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(session.send(b"RCPT TO:<b@example.net>\r\n"), b"550 5.1.1 no such user\r\n")
+        self.assertEqual(session.send(b"DATA\r\n"), b"554 5.5.1 No valid recipients [S1]\r\n")
+        self.assertNotIn("data", session.handler.methods)
+
+    def test_needRcpt(self) -> None:
+        session = greeted()
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(session.send(b"DATA\r\n"), b"503 5.5.1 Error: need RCPT command [S1]\r\n")
+
+    def test_maxRecipients(self) -> None:
+        session = greeted(listener=makeListener(maxRecipients=2))
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        out = session.send(b"RCPT TO:<b@example.net>\r\nRCPT TO:<c@example.net>\r\n"
+                           b"RCPT TO:<d@example.net>\r\n")
+        self.assertEqual(out, RCPT_OK * 2 + b"452 4.5.3 Too many recipients [S1]\r\n")
+        self.assertEqual(session.handler.methods, ["mail", "rcpt", "rcpt"])
+
+    def test_handlerFailure(self) -> None:
+        """
+        A handler whose Deferred fails gives a local 451, and the session
+        goes on.
+        """
+        session = greeted()
+        session.handler.mail = lambda *a: fail(RuntimeError("boom"))  # type: ignore[method-assign]
+        self.assertEqual(session.send(b"MAIL FROM:<a@example.com>\r\n"),
+                         b"451 4.3.0 Local error in processing [S1]\r\n")
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(session.send(b"NOOP\r\n"), b"250 2.0.0 OK\r\n")
+
+
+class RelayAccessTests(SynchronousTestCase):
+    """
+    SPEC §4.1: clients outside C{allow} are refused before the handler is
+    asked anything.
+    """
+
+    def test_relayDenied(self) -> None:
+        session = greeted(peer=STRANGER)
+        out = session.send(b"MAIL FROM:<a@example.com>\r\n")
+        out += session.send(b"RCPT TO:<b@example.net>\r\n")
+        out += session.send(b"DATA\r\n")
+        out += session.send(b"RSET\r\n")
+        self.assertEqual(
+            out,
+            MAIL_OK + b"554 5.7.1 Relay access denied [S1]\r\n"
+            b"554 5.5.1 No valid recipients [S1]\r\n250 2.0.0 OK\r\n",
+        )
+        self.assertEqual(session.handler.calls, [])
+
+    def test_allowedNetwork(self) -> None:
+        import ipaddress
+
+        listener = makeListener(allow=(ipaddress.ip_network("192.0.2.0/24"),))
+        session = greeted(listener=listener, peer=STRANGER)
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(session.send(b"RCPT TO:<b@example.net>\r\n"), RCPT_OK)
+
+    def test_mappedIPv4(self) -> None:
+        session = greeted(peer=IPv4Address("TCP", "::ffff:127.0.0.1", 1))
+        self.assertEqual(session.protocol.session.clientHost, "127.0.0.1")
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(session.send(b"RCPT TO:<b@example.net>\r\n"), RCPT_OK)
+
+    def test_unixAllowed(self) -> None:
+        session = greeted(peer=UNIX)
+        self.assertEqual(session.protocol.session.clientHost, "")
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(session.send(b"RCPT TO:<b@example.net>\r\n"), RCPT_OK)
+
+    def test_submissionNeedsAuth(self) -> None:
+        listener = makeListener(kind="submission", auth=ListenerAuth("forward"))
+        session = greeted(listener=listener, peer=STRANGER)
+        self.assertEqual(session.send(b"MAIL FROM:<a@example.com>\r\n"),
+                         b"530 5.7.0 Authentication required [S1]\r\n")
+        self.assertEqual(session.handler.calls, [])
+
+    def test_authenticatedMayRelay(self) -> None:
+        listener = makeListener(auth=ListenerAuth("forward"))
+        transport = FakeTransport(STRANGER)
+        directlyProvides(transport, ISSLTransport)
+        session = greeted(listener=listener, peer=STRANGER, transport=transport)
+        self.assertEqual(session.send(b"AUTH PLAIN " + b64("\0u\0p") + b"\r\n"),
+                         b"235 2.7.0 Authentication successful\r\n")
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(session.send(b"RCPT TO:<b@example.net>\r\n"), RCPT_OK)
+
+    def test_requireTLS(self) -> None:
+        session = greeted(listener=makeListener(requireTLS=True), tlsOptions=object())
+        self.assertEqual(session.send(b"MAIL FROM:<a@example.com>\r\n"),
+                         b"530 5.7.0 Must issue a STARTTLS command first [S1]\r\n")
+        self.assertEqual(session.handler.calls, [])
+
+
+class DataTests(SynchronousTestCase):
+    def transaction(self, session: Session, body: bytes) -> bytes:
+        self.assertEqual(session.send(b"MAIL FROM:<a@example.com>\r\n"), MAIL_OK)
+        self.assertEqual(session.send(b"RCPT TO:<b@example.net>\r\n"), RCPT_OK)
+        self.assertEqual(session.send(b"DATA\r\n"), START)
+        return session.send(body)
+
+    def test_message(self) -> None:
+        session = greeted()
+        out = self.transaction(session, b"Subject: x\r\n\r\n..dot\r\nbody\r\n.\r\n")
+        self.assertEqual(out, QUEUED)
+        self.assertEqual(session.handler.body, b"Subject: x\r\n\r\n.dot\r\nbody\r\n")
+        self.assertEqual(session.handler.methods[-1], "endData")
+        self.assertIs(session.protocol._scanner, None)
+        self.assertEqual(session.send(b"MAIL FROM:<a@example.com>\r\n"), MAIL_OK)
+
+    def test_lmtpRepliesPerRecipient(self) -> None:
+        session = Session(makeListener(kind="lmtp"), script={
+            "rcpt:bad@example.net": reply(550, "5.1.1", "unknown"),
+            "endData": [reply(250, "2.0.0", "one"), reply(452, "4.2.2", "full")],
+        })
+        session.read()
+        session.send(b"LHLO c\r\n")
+        out = session.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"
+                           b"RCPT TO:<bad@example.net>\r\nRCPT TO:<c@example.net>\r\nDATA\r\n")
+        self.assertEqual(out, MAIL_OK + RCPT_OK + b"550 5.1.1 unknown\r\n" + RCPT_OK + START)
+        self.assertEqual(session.send(b"hi\r\n.\r\n"), b"250 2.0.0 one\r\n452 4.2.2 full\r\n")
+
+    def test_dataRefused(self) -> None:
+        session = greeted(script={"data": reply(451, "4.4.2", "down")})
+        session.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n")
+        self.assertEqual(session.send(b"DATA\r\n"), b"451 4.4.2 down\r\n")
+        self.assertEqual(session.send(b"NOOP\r\n"), b"250 2.0.0 OK\r\n")
+
+    def test_bareLFRejected(self) -> None:
+        session = greeted()
+        out = self.transaction(session, b"a\r\nb\nc\r\n")
+        self.assertEqual(out, b"")
+        out = session.send(b"d\r\n.\r\n")
+        self.assertEqual(out, b"550 5.5.2 Bare LF/CR not allowed [S1]\r\n")
+        self.assertEqual(session.handler.aborted, replies.BARE_LF.withSession("S1"))
+        self.assertNotIn("endData", session.handler.methods)
+        self.assertNotIn(b"\n", session.handler.body.replace(b"\r\n", b""))
+
+    def test_bareLFNormalized(self) -> None:
+        session = greeted(listener=makeListener(bareLF="normalize"))
+        self.assertEqual(self.transaction(session, b"a\nb\rc\r\n.\r\n"), QUEUED)
+        self.assertEqual(session.handler.body, b"a\r\nb\r\nc\r\n")
+
+    def test_tooBig(self) -> None:
+        session = greeted(listener=makeListener(maxMessageSize=10))
+        out = self.transaction(session, b"0123456789\r\nmore\r\n.\r\n")
+        self.assertEqual(out, b"552 5.3.4 Message size exceeds fixed limit [S1]\r\n")
+        self.assertEqual(session.handler.aborted, replies.MESSAGE_TOO_BIG.withSession("S1"))
+        self.assertNotIn("endData", session.handler.methods)
+
+    def test_tooManyHops(self) -> None:
+        session = greeted(listener=makeListener(maxHops=2))
+        out = self.transaction(session, b"Received: a\r\nReceived: b\r\nReceived: c\r\n\r\nx\r\n")
+        self.assertEqual(out, b"")
+        self.assertEqual(session.send(b".\r\n"), b"554 5.4.6 Too many hops [S1]\r\n")
+
+    def test_smugglingVariants(self) -> None:
+        """
+        A fake end-of-data followed by a second transaction stays body text:
+        one transaction only, and the session is still in DATA until the
+        real end.
+        """
+        for fake in [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n\x00.\r\n",
+                     b"\r\n.\x00\r\n", b"\n.\r\r\n"]:
+            session = greeted()
+            smuggled = (b"body" + fake + b"MAIL FROM:<evil@example.com>\r\n"
+                        b"RCPT TO:<victim@example.net>\r\nDATA\r\nevil\r\n")
+            self.assertEqual(self.transaction(session, smuggled), b"", fake)
+            self.assertIsNot(session.protocol._scanner, None)
+            out = session.send(b".\r\n")
+            self.assertEqual(session.handler.methods.count("mail"), 1, fake)
+            if b"\x00" in fake:
+                self.assertEqual(out, QUEUED, fake)
+            else:
+                self.assertEqual(out, b"550 5.5.2 Bare LF/CR not allowed [S1]\r\n", fake)
+
+    def test_longLineInData(self) -> None:
+        """
+        A 20,000-byte line inside DATA is body text, never a command.
+        """
+        session = greeted()
+        line = b"QUIT " + b"x" * 20000 + b"\r\n"
+        self.assertEqual(self.transaction(session, line[:9000]), b"")
+        self.assertEqual(session.send(line[9000:] + b"RSET\r\n.\r\n"), QUEUED)
+        self.assertEqual(session.handler.body, line + b"RSET\r\n")
+        self.assertFalse(session.closed)
+
+    def test_streamingChunks(self) -> None:
+        """
+        Body bytes reach the handler as they arrive.
+        """
+        session = greeted()
+        self.transaction(session, b"Subject: x\r\n\r\nabc")
+        self.assertEqual(session.handler.body, b"Subject: x\r\n\r\nabc")
+
+    def test_backPressure(self) -> None:
+        """
+        A handler that pauses the producer pauses the client's socket and
+        the body stops there; resuming goes on from the same byte.
+        """
+        session = greeted()
+        self.transaction(session, b"one\r\n")
+        session.handler.pause()
+        self.assertEqual(session.transport.producerState, "paused")
+        session.send(b"two\r\n.\r\nNOOP\r\n")
+        self.assertEqual(session.handler.body, b"one")
+        session.handler.resume()
+        self.assertEqual(session.transport.producerState, "producing")
+        self.assertEqual(session.read(), QUEUED + b"250 2.0.0 OK\r\n")
+        self.assertEqual(session.handler.body, b"one\r\ntwo\r\n")
+
+    def test_stopProducingDetaches(self) -> None:
+        session = greeted()
+        self.transaction(session, b"one\r\n")
+        session.handler.pause()
+        assert session.handler.producer is not None
+        session.handler.producer.stopProducing()
+        self.assertEqual(session.transport.producerState, "producing")
+        self.assertEqual(session.send(b".\r\n"), QUEUED)
+
+    def test_dropDuringData(self) -> None:
+        session = greeted()
+        self.transaction(session, b"partial")
+        session.transport.loseConnection()
+        self.assertEqual(session.handler.methods[-1], "close")
+        self.assertEqual(session.handler.closed, 1)
+        self.assertNotIn("endData", session.handler.methods)
+
+
+class PipeliningTests(SynchronousTestCase):
+    group = (b"MAIL FROM:<a@example.com> SIZE=20\r\nRCPT TO:<b@example.net>\r\n"
+             b"RCPT TO:<c@example.net>\r\nDATA\r\n")
+    body = b"Subject: t\r\n\r\n..x\r\n.\r\nMAIL FROM:<d@example.com>\r\nRSET\r\nQUIT\r\n"
+    expected = (MAIL_OK + RCPT_OK + RCPT_OK + START, QUEUED + MAIL_OK + b"250 2.0.0 OK\r\n"
+                b"221 2.0.0 Bye\r\n")
+
+    def run(self, bytewise: bool, manual: tuple[str, ...] = ()) -> tuple[bytes, bytes, Session]:
+        session = greeted(manual=manual)
+        send = session.sendBytewise if bytewise else session.send
+        first = send(self.group)
+        while session.handler.pending:
+            session.handler.fire()
+        first += session.read()
+        second = send(self.body)
+        while session.handler.pending:
+            session.handler.fire()
+        second += session.read()
+        return first, second, session
+
+    def test_oneSegment(self) -> None:
+        first, second, session = self.run(False)
+        self.assertEqual((first, second), self.expected)
+        self.assertEqual(session.handler.body, b"Subject: t\r\n\r\n.x\r\n")
+
+    def test_oneByteAtATime(self) -> None:
+        self.assertEqual(self.run(True)[:2], self.expected)
+
+    def test_pendingHandler(self) -> None:
+        """
+        With every handler call pending, replies still come out in order
+        and the same bytes result.
+        """
+        manual = ("mail", "rcpt", "data", "endData")
+        self.assertEqual(self.run(False, manual)[:2], self.expected)
+        self.assertEqual(self.run(True, manual)[:2], self.expected)
+
+    def test_inOrderWhilePending(self) -> None:
+        session = greeted(manual=("mail", "rcpt"))
+        out = session.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nNOOP\r\n")
+        self.assertEqual(out, b"")
+        self.assertEqual(session.handler.methods, ["mail"])
+        self.assertEqual(session.transport.producerState, "paused")
+        session.handler.fire()
+        self.assertEqual(session.read(), MAIL_OK)
+        self.assertEqual(session.handler.methods, ["mail", "rcpt"])
+        session.handler.fire(reply(550, "5.1.1", "no"))
+        self.assertEqual(session.read(), b"550 5.1.1 no\r\n250 2.0.0 OK\r\n")
+        self.assertEqual(session.transport.producerState, "producing")
+
+    def test_batchedWrite(self) -> None:
+        """
+        Replies to a pipelined group leave in one write.
+        """
+        session = greeted()
+        session.transport.writes.clear()
+        session.send(self.group)
+        self.assertEqual(session.transport.writes, [self.expected[0]])
+
+    def test_contentBeforeStart(self) -> None:
+        """
+        Body bytes in the same segment as DATA: 554 and close; the handler
+        is never asked for DATA.
+        """
+        session = greeted()
+        out = session.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"
+                           b"DATA\r\nSubject: x\r\n")
+        self.assertEqual(out, MAIL_OK + RCPT_OK
+                         + b"554 5.5.0 Error: SMTP protocol synchronization [S1]\r\n")
+        self.assertTrue(session.closed)
+        self.assertNotIn("data", session.handler.methods)
+
+    def test_contentWhileDataPending(self) -> None:
+        session = greeted(manual=("data",))
+        session.send(TRANSACTION)
+        session.send(b"Subject: x\r\n")
+        session.handler.fire()
+        self.assertEqual(session.read(), MAIL_OK + RCPT_OK
+                         + b"554 5.5.0 Error: SMTP protocol synchronization [S1]\r\n")
+        self.assertTrue(session.closed)
+        self.assertEqual(session.handler.closed, 1)
+
+    def test_ehloNotLast(self) -> None:
+        """
+        A client that has not seen PIPELINING yet must wait for the EHLO
+        reply.
+        """
+        session = Session()
+        session.read()
+        out = session.send(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(out, b"554 5.5.0 Error: SMTP protocol synchronization [S1]\r\n")
+        self.assertTrue(session.closed)
+        self.assertEqual(session.handler.calls, [("close", ())])
+
+    def test_heloClientPipelining(self) -> None:
+        session = Session()
+        session.read()
+        session.send(b"HELO c\r\n")
+        out = session.send(b"NOOP\r\nMAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(out, b"554 5.5.0 Error: SMTP protocol synchronization [S1]\r\n")
+
+    def test_esmtpNoopPipelining(self) -> None:
+        session = greeted()
+        self.assertEqual(session.send(b"NOOP\r\nNOOP\r\n"), b"250 2.0.0 OK\r\n" * 2)
+
+    def test_floodBounded(self) -> None:
+        """
+        10,000 pipelined NOOPs from a client that never reads: the socket is
+        paused once the unread replies pass the transport's high-water mark,
+        so neither our output nor our input buffer grows without bound.
+        """
+        session = greeted()
+        session.read()
+        flood = b"NOOP\r\n" * 10000
+        for i in range(0, len(flood), 4096):
+            session.protocol.dataReceived(flood[i:i + 4096])
+        self.assertEqual(session.transport.producerState, "paused")
+        written = len(session.transport.value())
+        self.assertLess(written, FakeTransport.highWater + 20 * 1024)
+        self.assertLessEqual(len(session.protocol._buffer), len(flood))
+        # The client reads: the rest is answered.
+        total = written
+        while session.transport.producerState == "paused":
+            total += len(session.transport.drain())
+        total += len(session.transport.drain())
+        self.assertEqual(total, 10000 * len(b"250 2.0.0 OK\r\n"))
+
+    def test_inputCap(self) -> None:
+        """
+        A transport that ignores our pause cannot make us buffer without
+        bound.
+        """
+        session = greeted(manual=("mail",))
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        session.send(b"NOOP\r\n" * (MAX_INPUT_BUFFER // 6 + 1))
+        self.assertTrue(session.closed)
+        self.assertEqual(session.read(), b"421 4.7.0 Too much unread input [S1]\r\n")
+
+
+class StartTLSTests(SynchronousTestCase):
+    def test_injection(self) -> None:
+        """
+        Plaintext pipelined after STARTTLS is discarded: only the 220 is
+        written, then TLS starts with a fresh state.
+        """
+        options = object()
+        session = greeted(tlsOptions=options)
+        out = session.send(b"STARTTLS\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n")
+        self.assertEqual(out, b"220 2.0.0 Ready to start TLS\r\n")
+        self.assertEqual(session.transport.tlsStarted, [options])
+        self.assertEqual(session.handler.calls, [])
+        self.assertIsNone(session.protocol.session.heloName)
+        self.assertEqual(session.send(b"MAIL FROM:<a@example.com>\r\n"),
+                         b"503 5.5.1 Error: send HELO/EHLO first [S1]\r\n")
+        self.assertEqual(session.send(b"EHLO c\r\n"), EHLO_REPLY)
+
+    def test_twice(self) -> None:
+        session = greeted(tlsOptions=object())
+        session.send(b"STARTTLS\r\n")
+        session.send(b"EHLO c\r\n")
+        self.assertEqual(session.send(b"STARTTLS\r\n"), b"554 5.5.1 Error: TLS already active [S1]\r\n")
+
+    def test_inTransaction(self) -> None:
+        session = greeted(tlsOptions=object())
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(session.send(b"STARTTLS\r\n"),
+                         b"503 5.5.1 Error: MAIL transaction in progress [S1]\r\n")
+
+    def test_handshakeInfo(self) -> None:
+        class Connection:
+            def get_protocol_version_name(self) -> str:
+                return "TLSv1.3"
+
+            def get_cipher_name(self) -> str:
+                return "TLS_AES_256_GCM_SHA384"
+
+        session = greeted(tlsOptions=object())
+        session.transport.getHandle = Connection  # type: ignore[attr-defined]
+        session.send(b"STARTTLS\r\n")
+        session.protocol.handshakeCompleted()
+        tls = session.protocol.session.tls
+        assert tls is not None
+        self.assertEqual((tls.version, tls.cipher), ("TLSv1.3", "TLS_AES_256_GCM_SHA384"))
+
+
+class AuthTests(SynchronousTestCase):
+    def authSession(self, **kwargs: object) -> Session:
+        kwargs.setdefault("listener", makeListener(auth=ListenerAuth("users", "/dev/null"),
+                                                   maxAuthFailures=2))
+        return greeted(peer=UNIX, **kwargs)
+
+    def test_plainInitial(self) -> None:
+        session = self.authSession()
+        out = session.send(b"AUTH PLAIN " + b64("\0user\0secret") + b"\r\n")
+        self.assertEqual(out, b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual(session.handler.calls, [("authenticate", ("PLAIN", "user", "secret"))])
+        self.assertEqual(session.protocol.session.user, "user")
+
+    def test_plainChallenge(self) -> None:
+        session = self.authSession()
+        self.assertEqual(session.send(b"AUTH PLAIN\r\n"), b"334 \r\n")
+        self.assertEqual(session.send(b64("\0user\0secret") + b"\r\n"),
+                         b"235 2.7.0 Authentication successful\r\n")
+
+    def test_login(self) -> None:
+        session = self.authSession()
+        self.assertEqual(session.send(b"AUTH LOGIN\r\n"), b"334 VXNlcm5hbWU6\r\n")
+        self.assertEqual(session.send(b64("user") + b"\r\n"), b"334 UGFzc3dvcmQ6\r\n")
+        self.assertEqual(session.send(b64("secret") + b"\r\n"),
+                         b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual(session.handler.calls, [("authenticate", ("LOGIN", "user", "secret"))])
+
+    def test_loginInitial(self) -> None:
+        session = self.authSession()
+        self.assertEqual(session.send(b"AUTH LOGIN " + b64("user") + b"\r\n"),
+                         b"334 UGFzc3dvcmQ6\r\n")
+        self.assertEqual(session.send(b64("secret") + b"\r\n"),
+                         b"235 2.7.0 Authentication successful\r\n")
+
+    def test_cancel(self) -> None:
+        session = self.authSession()
+        session.send(b"AUTH LOGIN\r\n")
+        self.assertEqual(session.send(b"*\r\n"), b"501 5.7.0 Authentication aborted [S1]\r\n")
+        self.assertEqual(session.handler.calls, [])
+
+    def test_badBase64(self) -> None:
+        session = self.authSession()
+        self.assertEqual(session.send(b"AUTH PLAIN !!!\r\n"), b"501 5.5.2 Cannot decode response [S1]\r\n")
+
+    def test_unknownMechanism(self) -> None:
+        session = self.authSession()
+        self.assertEqual(session.send(b"AUTH CRAM-MD5\r\n"),
+                         b"504 5.5.4 Unsupported authentication mechanism [S1]\r\n")
+
+    def test_twice(self) -> None:
+        session = self.authSession()
+        session.send(b"AUTH PLAIN " + b64("\0user\0secret") + b"\r\n")
+        self.assertEqual(session.send(b"AUTH PLAIN " + b64("\0user\0secret") + b"\r\n"),
+                         b"503 5.5.1 Error: already authenticated [S1]\r\n")
+
+    def test_inTransaction(self) -> None:
+        session = self.authSession()
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(session.send(b"AUTH PLAIN " + b64("\0user\0secret") + b"\r\n"),
+                         b"503 5.5.1 Error: MAIL transaction in progress [S1]\r\n")
+
+    def test_needsTLS(self) -> None:
+        session = greeted(listener=makeListener(auth=ListenerAuth("forward")), tlsOptions=object())
+        self.assertEqual(
+            session.send(b"AUTH PLAIN " + b64("\0user\0secret") + b"\r\n"),
+            b"538 5.7.11 Encryption required for requested authentication mechanism [S1]\r\n",
+        )
+        self.assertEqual(session.handler.calls, [])
+
+    def test_failuresLimited(self) -> None:
+        session = self.authSession(script={"authenticate": replies.AUTH_FAILED})
+        bad = b"AUTH PLAIN " + b64("\0user\0wrong") + b"\r\n"
+        self.assertEqual(session.send(bad), b"535 5.7.8 Authentication credentials invalid\r\n")
+        self.assertFalse(session.closed)
+        self.assertEqual(
+            session.send(bad),
+            b"535 5.7.8 Authentication credentials invalid\r\n"
+            b"421 4.7.0 Too many authentication failures [S1]\r\n",
+        )
+        self.assertTrue(session.closed)
+        self.assertIsNone(session.protocol.session.user)
+
+    def test_authzidMismatch(self) -> None:
+        session = self.authSession()
+        self.assertEqual(session.send(b"AUTH PLAIN " + b64("other\0user\0secret") + b"\r\n"),
+                         b"535 5.7.8 Authentication credentials invalid [S1]\r\n")
+        self.assertEqual(session.handler.calls, [])
+
+    def test_requiresEhlo(self) -> None:
+        session = Session(makeListener(auth=ListenerAuth("users", "/dev/null")), peer=UNIX)
+        session.read()
+        session.send(b"HELO c\r\n")
+        self.assertEqual(session.send(b"AUTH PLAIN " + b64("\0u\0p") + b"\r\n"),
+                         b"503 5.5.1 Error: send EHLO first [S1]\r\n")
+
+
+class LimitTests(SynchronousTestCase):
+    def test_lineTooLong(self) -> None:
+        session = greeted(listener=makeListener(maxCommandLength=100))
+        out = session.send(b"NOOP " + b"x" * 200 + b"\r\nNOOP\r\n")
+        self.assertEqual(out, b"500 5.5.2 Line too long [S1]\r\n250 2.0.0 OK\r\n")
+
+    def test_lineTooLongStreamed(self) -> None:
+        """
+        An endless line without CRLF is discarded as it comes, never
+        buffered, and the session stays in step.
+        """
+        session = greeted(listener=makeListener(maxCommandLength=100))
+        for _ in range(50):
+            self.assertEqual(session.send(b"MAIL FROM:<" + b"x" * 999 + b"\r"), b"")
+            self.assertLessEqual(len(session.protocol._buffer), 1)
+        self.assertEqual(session.send(b"\nNOOP\r\n"), b"500 5.5.2 Line too long [S1]\r\n250 2.0.0 OK\r\n")
+        self.assertEqual(session.handler.calls, [])
+
+    def test_tooManyErrors(self) -> None:
+        session = greeted(listener=makeListener(maxErrors=3))
+        out = session.send(b"FOO\r\n" * 3)
+        self.assertEqual(out, b"500 5.5.2 Error: command not recognized [S1]\r\n" * 3)
+        self.assertEqual(session.send(b"NOOP\r\n"), b"421 4.7.0 Too many errors [S1]\r\n")
+        self.assertTrue(session.closed)
+
+    def test_connectionLimit(self) -> None:
+        first = Session(makeListener(maxConnections=1))
+        second = Session(factory=first.factory, clock=first.clock)
+        self.assertEqual(second.read(), b"421 4.7.0 Too many connections [S2]\r\n")
+        self.assertTrue(second.closed)
+        self.assertEqual(second.handlers.handlers, [])
+        first.send(b"QUIT\r\n")
+        third = Session(factory=first.factory, clock=first.clock)
+        self.assertEqual(third.read(), GREETING)
+
+    def test_perHostLimit(self) -> None:
+        first = Session(makeListener(maxConnectionsPerIP=1))
+        other = Session(factory=first.factory, clock=first.clock, peer=STRANGER)
+        self.assertEqual(other.read(), GREETING)
+        second = Session(factory=first.factory, clock=first.clock)
+        self.assertEqual(second.read(), b"421 4.7.0 Too many connections [S3]\r\n")
+        self.assertEqual(len(first.factory.sessions), 2)
+
+    def test_readTimeout(self) -> None:
+        session = greeted(listener=makeListener(readTimeout=60))
+        session.clock.advance(59)
+        session.send(b"NOOP\r\n")
+        session.clock.advance(59)
+        self.assertFalse(session.closed)
+        session.clock.advance(1)
+        self.assertEqual(session.read(), b"421 4.4.2 Timeout exceeded [S1]\r\n")
+        self.assertTrue(session.closed)
+        self.assertEqual(session.handler.closed, 1)
+
+    def test_noTimeoutWhileHandlerBusy(self) -> None:
+        session = greeted(listener=makeListener(readTimeout=60), manual=("mail",))
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        session.clock.advance(600)
+        self.assertFalse(session.closed)
+        session.handler.fire()
+        self.assertEqual(session.read(), MAIL_OK)
+        session.clock.advance(60)
+        self.assertTrue(session.closed)
+
+    def test_dataDeadline(self) -> None:
+        """
+        The DATA phase deadline runs from the 354 and a byte trickle does
+        not extend it; the handler is closed without an end-of-data.
+        """
+        session = greeted(listener=makeListener(readTimeout=30, dataTimeout=100))
+        session.send(TRANSACTION)
+        for _ in range(99):
+            session.clock.advance(1)
+            session.send(b"x")
+        self.assertFalse(session.closed)
+        session.clock.advance(1)
+        self.assertEqual(session.read(), b"421 4.4.2 Timeout exceeded [S1]\r\n")
+        self.assertTrue(session.closed)
+        self.assertEqual(session.handler.closed, 1)
+        self.assertNotIn("endData", session.handler.methods)
+        self.assertEqual(session.clock.getDelayedCalls(), [])
+
+    def test_stalledAbort(self) -> None:
+        """
+        A client that does not read our last reply is aborted later.
+        """
+
+        class Stuck(FakeTransport):
+            def loseConnection(self) -> None:
+                self.disconnecting = True
+
+            def abortConnection(self) -> None:
+                FakeTransport.loseConnection(self)
+
+        session = greeted(transport=Stuck(LOOPBACK))
+        session.send(b"QUIT\r\n")
+        self.assertFalse(session.closed)
+        session.clock.advance(30)
+        self.assertTrue(session.closed)
+
+
+class ShutdownTests(SynchronousTestCase):
+    def test_idle(self) -> None:
+        session = greeted()
+        session.protocol.shutdown()
+        self.assertEqual(session.read(), b"421 4.3.2 Service shutting down [S1]\r\n")
+        self.assertTrue(session.closed)
+        self.assertEqual(session.factory.sessions, set())
+
+    def test_afterTransaction(self) -> None:
+        session = greeted()
+        session.send(TRANSACTION)
+        session.protocol.shutdown()
+        self.assertFalse(session.closed)
+        self.assertEqual(session.send(b"hi\r\n.\r\n"),
+                         QUEUED + b"421 4.3.2 Service shutting down [S1]\r\n")
+        self.assertTrue(session.closed)
+        self.assertEqual(session.handler.methods[-2:], ["endData", "close"])
