@@ -420,7 +420,8 @@ def _target(
     if auth.mechanism == "external" and fields["tlsClient"].cert is None:
         ctx.error(seen["auth"], "auth: external needs a client certificate (tls_client { cert ... key ... })")
     if not endpoints:
-        ctx.error(node, f"{node.name}: no endpoints (add targets ADDRESS...)")
+        if "targets" not in seen:
+            ctx.error(node, f"{node.name}: no endpoints (add targets ADDRESS...)")
         return None
     return Target(name=name, protocol=protocol, endpoints=endpoints, **fields)  # type: ignore[arg-type]
 
