@@ -136,14 +136,14 @@ class ExampleTests(SynchronousTestCase):
             connectTimeout=30.0,
         )
         submissionTarget = Target(
-            name="submission-listener-10",
+            name="submission-listener-2",
             protocol="smtp",
             endpoints=(Address("tls", host="smtp.example.net", port=465),),
             hostname="relay.example.org",
             auth=DownstreamAuth(mechanism="forward"),
         )
         lmtpTarget = Target(
-            name="lmtp-listener-15",
+            name="lmtp-listener-3",
             protocol="lmtp",
             endpoints=(Address("unix", path="/run/dovecot/lmtp"),),
             hostname="relay.example.org",
@@ -518,7 +518,7 @@ class DeliverToTests(SynchronousTestCase):
         self.assertEqual(
             target,
             Target(
-                name="smtp-listener-2",
+                name="smtp-listener-1",
                 protocol="smtp",
                 endpoints=(
                     Address("tcp", host="a.test", port=25),
@@ -634,7 +634,7 @@ class DeliverToTests(SynchronousTestCase):
             _errors(
                 _listen("auth forward", "deliver_to smtp tcp://x:25 {", "auth plain u p", "}")
             ),
-            ['relay.conf:3: auth forward: target "smtp-listener-2" already uses auth plain'],
+            ['relay.conf:3: auth forward: target "smtp-listener-1" already uses auth plain'],
         )
 
 

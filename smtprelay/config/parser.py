@@ -437,10 +437,14 @@ def _namedTarget(node: Node, ctx: _Context, named: dict[str, Target | None]) -> 
     named[name] = _target(name, node.name.split(".")[1], (), node, ctx)
 
 
-def _listener(kind: str, node: Node, ctx: _Context, named: Mapping[str, Target | None]) -> Listener | None:
+def _listener(
+    kind: str, number: int, node: Node, ctx: _Context, named: Mapping[str, Target | None]
+) -> Listener | None:
     """
-    Build a listener from C{node}, resolving C{deliver_to &NAME} in C{named}
-    (where L{None} marks a target that exists but has errors).
+    Build the C{number}th listener from C{node}, resolving C{deliver_to
+    &NAME} in C{named} (where L{None} marks a target that exists but has
+    errors).  An inline target is named after the listener's kind and
+    number, as in C{smtp-listener-1}.
     """
     addresses = []
     for arg in node.args:
@@ -456,7 +460,8 @@ def _listener(kind: str, node: Node, ctx: _Context, named: Mapping[str, Target |
     delivery = values.pop("deliverTo", None)
     target: Target | None = None
     if isinstance(delivery, _Inline):
-        target = _target(f"{kind}-listener-{node.line}", delivery.protocol, delivery.endpoints, delivery.node, ctx)
+        name = f"{kind}-listener-{number}"
+        target = _target(name, delivery.protocol, delivery.endpoints, delivery.node, ctx)
     elif isinstance(delivery, str):
         if delivery not in named:
             ctx.error(seen["deliver_to"], f'deliver_to: unknown target "&{delivery}"')
@@ -531,12 +536,12 @@ def build(nodes: Sequence[Node], source: str) -> Config:
         if node.name in TARGET_KINDS:
             _namedTarget(node, ctx, named)
     listeners = []
-    for node in nodes:
-        if node.name in LISTENER_KINDS:
-            listener = _listener(node.name, node, ctx, named)
-            if listener is not None:
-                listeners.append(listener)
-    if not any(node.name in LISTENER_KINDS for node in nodes):
+    listenerNodes = [node for node in nodes if node.name in LISTENER_KINDS]
+    for number, node in enumerate(listenerNodes, 1):
+        listener = _listener(node.name, number, node, ctx, named)
+        if listener is not None:
+            listeners.append(listener)
+    if not listenerNodes:
         ctx.errors.append((source, 1, "no listeners (add an smtp, submission or lmtp block)"))
 
     if ctx.errors:
