@@ -5,7 +5,8 @@ Tests for L{smtprelay.config.lexer}: maddy's parser cases.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -44,7 +45,7 @@ class TreeTests(SynchronousTestCase):
     Text to node tree.
     """
 
-    CASES: list[tuple[str, str, list[Any]]] = [
+    CASES: ClassVar[list[tuple[str, str, list[Any]]]] = [
         ("empty", "", []),
         ("only comments", "# a\n   # b\n", []),
         ("directive", "a b c", [("a", ["b", "c"], [])]),
@@ -110,7 +111,7 @@ class SyntaxErrorTests(SynchronousTestCase):
     Malformed text: one error with the right line.
     """
 
-    CASES = [
+    CASES: ClassVar[list[Any]] = [
         ("unclosed block", "a {\n b\n", "t.conf:1: block opened here is not closed (missing })"),
         ("stray close", "a\n}\n", "t.conf:2: unexpected }"),
         ("close ending a top line", "a b }\n", "t.conf:1: unexpected }"),

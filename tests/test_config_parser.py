@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay.config import ConfigError, load, loadString
-from smtprelay.config import parser
+from smtprelay.config import ConfigError, load, loadString, parser
 from smtprelay.config.model import (
     LOOPBACK,
     Address,
@@ -232,8 +232,8 @@ class TopLevelTests(SynchronousTestCase):
                 ServerTLS("c.pem", "k.pem", ("tls1.3", None), "A:B", "ca.pem"),
             ),
             (
-                "tls_client {\nroot_ca a.pem b.pem\ncert c.pem\nkey k.pem\nprotocols tls1.2 tls1.3\n"
-                "ciphers X\ncurves X25519 P-256\nserver_name mx.test\ninsecure_skip_verify\n}",
+                ("tls_client {\nroot_ca a.pem b.pem\ncert c.pem\nkey k.pem\nprotocols tls1.2 tls1.3\n"
+                "ciphers X\ncurves X25519 P-256\nserver_name mx.test\ninsecure_skip_verify\n}"),
                 "tlsClient",
                 ClientTLS(
                     rootCAs=("a.pem", "b.pem"),
@@ -350,7 +350,7 @@ class ListenerTests(SynchronousTestCase):
             ),
         )
 
-    VALUES: list[tuple[str, str, Any]] = [
+    VALUES: ClassVar[list[tuple[str, str, Any]]] = [
         ("allow 10.0.0.0/8 192.0.2.1 ::1", "allow", tuple(
             ipaddress.ip_network(n) for n in ("10.0.0.0/8", "192.0.2.1/32", "::1/128"))),
         ("auth off", "auth", ListenerAuth()),
@@ -387,7 +387,7 @@ class ListenerTests(SynchronousTestCase):
                 listener = _listener(*line.split("\n"), top="tls c.pem k.pem\n")
                 self.assertEqual(getattr(listener, field), value)
 
-    ERRORS = [
+    ERRORS: ClassVar[list[Any]] = [
         ("allow", "allow: expected one or more networks (CIDR)"),
         ("allow 10.0.0.1/8", 'allow: "10.0.0.1/8" is not a network'),
         ("allow everyone", 'allow: "everyone" is not a network'),
@@ -445,8 +445,8 @@ class ListenerTests(SynchronousTestCase):
             _errors(_listen(head="smtp tcp://127.0.0.1:0 http://x:80")),
             [
                 'relay.conf:2: smtp: "tcp://127.0.0.1:0": port 0 is out of range (1-65535)',
-                'relay.conf:2: smtp: "http://x:80": unsupported scheme "http" '
-                "(use tcp://, tls:// or unix://)",
+                ('relay.conf:2: smtp: "http://x:80": unsupported scheme "http" '
+                "(use tcp://, tls:// or unix://)"),
             ],
         )
 
@@ -667,7 +667,7 @@ class TargetTests(SynchronousTestCase):
         self.assertEqual(own.debug, False)
         self.assertEqual(own.tlsClient, ClientTLS(serverName="x.test"))
 
-    VALUES: list[tuple[str, str, Any]] = [
+    VALUES: ClassVar[list[tuple[str, str, Any]]] = [
         ("targets tcp://b.test:25 unix:/c", "endpoints",
          (Address("tcp", host="b.test", port=25), Address("unix", path="/c"))),
         ("debug", "debug", True),
@@ -705,7 +705,7 @@ class TargetTests(SynchronousTestCase):
             "external",
         )
 
-    ERRORS = [
+    ERRORS: ClassVar[list[Any]] = [
         ("targets", "targets: expected one or more ADDRESSes"),
         ("targets ftp://x:21", 'targets: "ftp://x:21": unsupported scheme "ftp"'),
         ("debug 3", 'debug: "3" is not a boolean'),
@@ -831,8 +831,8 @@ submission tcp://127.0.0.1:587 {
                 'relay.conf:4: unknown directive "alow" (did you mean "allow"?)',
                 "relay.conf:5: max_recipients: must be at least 100 (RFC 5321)",
                 'relay.conf:6: deliver_to: unknown target "&foo"',
-                'relay.conf:10: connect_timeout: "5" is not a duration (use a number with a unit: '
-                "h, m, s, ms, us or ns, as in 1h30m or 250ms)",
+                ('relay.conf:10: connect_timeout: "5" is not a duration (use a number with a unit: '
+                "h, m, s, ms, us or ns, as in 1h30m or 250ms)"),
                 "relay.conf:12: submission listener needs auth forward or auth users FILE",
             ],
         )
@@ -856,8 +856,8 @@ submission tcp://127.0.0.1:587 {
             e.exception.errors,
             [
                 f"{main}:4: max_hops: must be at least 1",
-                f'{targets}:4: backoff: "1d" is not a duration (use a number with a unit: '
-                "h, m, s, ms, us or ns, as in 1h30m or 250ms)",
+                (f'{targets}:4: backoff: "1d" is not a duration (use a number with a unit: '
+                "h, m, s, ms, us or ns, as in 1h30m or 250ms)"),
             ],
         )
 

@@ -6,6 +6,7 @@ networks and TLS versions.
 from __future__ import annotations
 
 import ipaddress
+from typing import Any, ClassVar
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -42,7 +43,7 @@ class BoolTests(SynchronousTestCase):
 
 
 class DurationTests(SynchronousTestCase):
-    VALID = [
+    VALID: ClassVar[list[Any]] = [
         ("0", 0.0),
         ("0s", 0.0),
         ("30s", 30.0),
@@ -61,7 +62,7 @@ class DurationTests(SynchronousTestCase):
         ("100ns", 1e-07),
         ("1s1s", 2.0),
     ]
-    INVALID = ["", "5", "1d", "-5m", "+5m", "5 m", "m", "1.5", "5M", "1h-30m", "s5", "1..5s", "0x10s"]
+    INVALID: ClassVar[list[str]] = ["", "5", "1d", "-5m", "+5m", "5 m", "m", "1.5", "5M", "1h-30m", "s5", "1..5s", "0x10s"]
 
     def test_valid(self) -> None:
         for text, seconds in self.VALID:
@@ -128,7 +129,7 @@ class SizeTests(SynchronousTestCase):
 
 
 class AddressTests(SynchronousTestCase):
-    VALID = [
+    VALID: ClassVar[list[Any]] = [
         ("tcp://127.0.0.1:25", Address("tcp", host="127.0.0.1", port=25)),
         ("tcp://mx.example.net:587", Address("tcp", host="mx.example.net", port=587)),
         ("tls://smtp.example.net:465", Address("tls", host="smtp.example.net", port=465)),
@@ -144,7 +145,7 @@ class AddressTests(SynchronousTestCase):
         ("unix:/run/lmtp", Address("unix", path="/run/lmtp")),
         ("unix:relative/lmtp.sock", Address("unix", path="relative/lmtp.sock")),
     ]
-    INVALID = [
+    INVALID: ClassVar[list[Any]] = [
         ("mx.example.net:25", "missing scheme"),
         ("mx.example.net", "missing scheme"),
         ("://x:25", "missing scheme"),

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import attrs
 

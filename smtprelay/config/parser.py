@@ -14,7 +14,8 @@ from __future__ import annotations
 import difflib
 import os
 import socket
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import attrs
 import idna
@@ -55,7 +56,7 @@ class _Context:
     hostname: str = "localhost"
     debug: bool = False
     tls: ServerTLS | None = None
-    tlsClient: ClientTLS = ClientTLS()
+    tlsClient: ClientTLS = attrs.Factory(ClientTLS)
 
     def error(self, node: Node, message: str) -> None:
         self.errors.append((node.file, node.line, message))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from .lexer import ConfigError, Node, readTree
 
@@ -25,9 +25,7 @@ def _secretFiles(nodes: Iterable[Node]) -> Iterator[str]:
                 yield args[2][len("file:"):]
             elif "{env:" not in node.rawArgs[2]:
                 yield node.file
-        elif node.name == "auth" and len(args) == 2 and args[0] == "users":
-            yield args[1]
-        elif node.name == "tls" and len(args) == 2:
+        elif node.name == "auth" and len(args) == 2 and args[0] == "users" or node.name == "tls" and len(args) == 2:
             yield args[1]
         elif node.name == "key" and len(args) == 1:
             yield args[0]

@@ -138,8 +138,7 @@ def parseAddress(text: str) -> Address:
         raise ValueError(
             f'"{text}": unsupported scheme "{scheme}" (use tcp://, tls:// or unix://)'
         )
-    if rest.startswith("//"):
-        rest = rest[2:]
+    rest = rest.removeprefix("//")
     if rest.startswith("["):
         host, bracket, tail = rest[1:].partition("]")
         if not bracket:
