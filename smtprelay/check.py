@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None, prog: str = "smtprelay-check") -> int:
     """
     parser = argparse.ArgumentParser(prog=prog, description="Check an smtprelay configuration.")
     parser.add_argument("--show", action="store_true", help="print the effective configuration")
-    parser.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}")
+    parser.add_argument(
+        "config", nargs="?", default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}"
+    )
     try:
         options = parser.parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:

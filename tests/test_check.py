@@ -138,7 +138,11 @@ class SubprocessTests(SynchronousTestCase):
         env.pop("SMTPRELAY_CHECK_PASSWORD", None)
         return subprocess.run(
             [sys.executable, "-m", "smtprelay", *args],
-            capture_output=True, text=True, env=env, timeout=60, check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
         )
 
     def test_exitCodes(self) -> None:

@@ -115,7 +115,11 @@ class SyntaxErrorTests(SynchronousTestCase):
         ("unclosed block", "a {\n b\n", "t.conf:1: block opened here is not closed (missing })"),
         ("stray close", "a\n}\n", "t.conf:2: unexpected }"),
         ("close ending a top line", "a b }\n", "t.conf:1: unexpected }"),
-        ("open on its own line", "a\n{\n b\n}", "t.conf:2: unexpected {: a block opens on the line of its directive"),
+        (
+            "open on its own line",
+            "a\n{\n b\n}",
+            "t.conf:2: unexpected {: a block opens on the line of its directive",
+        ),
         ("open not at end", "a { b }", "t.conf:1: a block's { must end its line"),
         ("word after close", "a {\n b\n} c", 't.conf:3: unexpected "c" after }'),
         ("unterminated quote", 'a\nb "c\nd', "t.conf:2: unterminated quoted string"),
@@ -130,6 +134,7 @@ class SyntaxErrorTests(SynchronousTestCase):
         """
         C{MAX_NESTING} levels of blocks are fine, one more is an error.
         """
+
         def nested(depth: int) -> str:
             return "a {\n" * depth + "b\n" + "}\n" * depth
 

@@ -130,7 +130,9 @@ class ExampleTests(SynchronousTestCase):
                 Address("tcp", host="mx2.example.net", port=587),
             ),
             hostname="relay.example.org",
-            auth=DownstreamAuth(mechanism="plain", username="relay-user", password=Secret("s3cret")),
+            auth=DownstreamAuth(
+                mechanism="plain", username="relay-user", password=Secret("s3cret")
+            ),
             requireTLS=True,
             tlsClient=ClientTLS(rootCAs=("/etc/smtprelay/corp-ca.pem",)),
             connectTimeout=30.0,
@@ -223,7 +225,11 @@ class TopLevelTests(SynchronousTestCase):
             ("debug OFF", "debug", False),
             ("shutdown_timeout 1m", "shutdownTimeout", 60.0),
             ("shutdown_timeout 0", "shutdownTimeout", 0.0),
-            ("metrics tcp://127.0.0.1:9749", "metrics", Address("tcp", host="127.0.0.1", port=9749)),
+            (
+                "metrics tcp://127.0.0.1:9749",
+                "metrics",
+                Address("tcp", host="127.0.0.1", port=9749),
+            ),
             ("tls c.pem k.pem", "tls", ServerTLS(cert="c.pem", key="k.pem")),
             ("tls off", "tls", None),
             (
@@ -232,8 +238,10 @@ class TopLevelTests(SynchronousTestCase):
                 ServerTLS("c.pem", "k.pem", ("tls1.3", None), "A:B", "ca.pem"),
             ),
             (
-                ("tls_client {\nroot_ca a.pem b.pem\ncert c.pem\nkey k.pem\nprotocols tls1.2 tls1.3\n"
-                "ciphers X\ncurves X25519 P-256\nserver_name mx.test\ninsecure_skip_verify\n}"),
+                (
+                    "tls_client {\nroot_ca a.pem b.pem\ncert c.pem\nkey k.pem\nprotocols tls1.2 tls1.3\n"
+                    "ciphers X\ncurves X25519 P-256\nserver_name mx.test\ninsecure_skip_verify\n}"
+                ),
                 "tlsClient",
                 ClientTLS(
                     rootCAs=("a.pem", "b.pem"),
@@ -303,7 +311,9 @@ class TopLevelTests(SynchronousTestCase):
     def test_didYouMean(self) -> None:
         self.assertEqual(
             _errors(_listen(top="shutdown_timout 5s\n")),
-            ['relay.conf:5: unknown directive "shutdown_timout" (did you mean "shutdown_timeout"?)'],
+            [
+                'relay.conf:5: unknown directive "shutdown_timout" (did you mean "shutdown_timeout"?)'
+            ],
         )
 
     def test_noListeners(self) -> None:
@@ -351,11 +361,18 @@ class ListenerTests(SynchronousTestCase):
         )
 
     VALUES: ClassVar[list[tuple[str, str, Any]]] = [
-        ("allow 10.0.0.0/8 192.0.2.1 ::1", "allow", tuple(
-            ipaddress.ip_network(n) for n in ("10.0.0.0/8", "192.0.2.1/32", "::1/128"))),
+        (
+            "allow 10.0.0.0/8 192.0.2.1 ::1",
+            "allow",
+            tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "192.0.2.1/32", "::1/128")),
+        ),
         ("auth off", "auth", ListenerAuth()),
         ("auth forward", "auth", ListenerAuth(mode="forward")),
-        ("auth users /etc/smtprelay/users", "auth", ListenerAuth(mode="users", usersFile="/etc/smtprelay/users")),
+        (
+            "auth users /etc/smtprelay/users",
+            "auth",
+            ListenerAuth(mode="users", usersFile="/etc/smtprelay/users"),
+        ),
         ("require_tls", "requireTLS", True),
         ("max_message_size 10M", "maxMessageSize", 10 * 1024 * 1024),
         ("max_message_size 1000", "maxMessageSize", 1000),
@@ -370,13 +387,19 @@ class ListenerTests(SynchronousTestCase):
         ("data_timeout 1h 30m", "dataTimeout", 5400.0),
         ("proxy_timeout 2s", "proxyTimeout", 2.0),
         ("max_hops 10", "maxHops", 10),
-        ("proxy_protocol 10.1.0.0/16 10.2.0.5", "proxyProtocol", (
-            ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("10.2.0.5/32"))),
+        (
+            "proxy_protocol 10.1.0.0/16 10.2.0.5",
+            "proxyProtocol",
+            (ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("10.2.0.5/32")),
+        ),
         ("bare_lf normalize", "bareLF", "normalize"),
         ("bare_lf reject", "bareLF", "reject"),
         ('endpoint "systemd:domain=INET:index=0"', "endpoints", ("systemd:domain=INET:index=0",)),
-        ("endpoint systemd:domain=INET:index=0\nendpoint tcp:2525", "endpoints",
-         ("systemd:domain=INET:index=0", "tcp:2525")),
+        (
+            "endpoint systemd:domain=INET:index=0\nendpoint tcp:2525",
+            "endpoints",
+            ("systemd:domain=INET:index=0", "tcp:2525"),
+        ),
         ("reuse_port yes", "reusePort", True),
         ("tls c.pem k.pem", "tls", ServerTLS("c.pem", "k.pem")),
     ]
@@ -445,8 +468,10 @@ class ListenerTests(SynchronousTestCase):
             _errors(_listen(head="smtp tcp://127.0.0.1:0 http://x:80")),
             [
                 'relay.conf:2: smtp: "tcp://127.0.0.1:0": port 0 is out of range (1-65535)',
-                ('relay.conf:2: smtp: "http://x:80": unsupported scheme "http" '
-                "(use tcp://, tls:// or unix://)"),
+                (
+                    'relay.conf:2: smtp: "http://x:80": unsupported scheme "http" '
+                    "(use tcp://, tls:// or unix://)"
+                ),
             ],
         )
 
@@ -542,9 +567,7 @@ class DeliverToTests(SynchronousTestCase):
             "connect_timeout 10s",
             "}",
         ).deliverTo
-        self.assertEqual(
-            [a.host for a in target.endpoints], ["first.test", "inline.test"]
-        )
+        self.assertEqual([a.host for a in target.endpoints], ["first.test", "inline.test"])
         self.assertEqual(target.connectTimeout, 10.0)
 
     def test_inlineBlockOnly(self) -> None:
@@ -564,7 +587,9 @@ class DeliverToTests(SynchronousTestCase):
             "target.lmtp two {\ntargets unix:/two\n}\n"
         )
         one, two = config.targets
-        self.assertEqual((one.name, one.protocol, two.name, two.protocol), ("one", "smtp", "two", "lmtp"))
+        self.assertEqual(
+            (one.name, one.protocol, two.name, two.protocol), ("one", "smtp", "two", "lmtp")
+        )
         self.assertEqual([l.deliverTo for l in config.listeners], [one, two, one])
         self.assertFalse(two.attemptStartTLS)
 
@@ -575,11 +600,16 @@ class DeliverToTests(SynchronousTestCase):
             ("deliver_to &", "deliver_to: expected &NAME alone"),
             ("deliver_to &a &b", "deliver_to: expected &NAME alone"),
             ("deliver_to &a {\n}", "deliver_to: expected &NAME alone"),
-            ("deliver_to remote", 'deliver_to: expected &NAME or smtp|lmtp ADDRESS... [{ ... }], not "remote"'),
+            (
+                "deliver_to remote",
+                'deliver_to: expected &NAME or smtp|lmtp ADDRESS... [{ ... }], not "remote"',
+            ),
             ("deliver_to smtp", "deliver_to: no endpoints (add targets ADDRESS...)"),
             ("deliver_to smtp tcp://x", 'deliver_to: "tcp://x": missing port (as in tcp://x:25)'),
-            ("deliver_to smtp tcp://x:25 {\nlmtp_split tempfail\n}",
-             "lmtp_split: only LMTP targets split recipients"),
+            (
+                "deliver_to smtp tcp://x:25 {\nlmtp_split tempfail\n}",
+                "lmtp_split: only LMTP targets split recipients",
+            ),
         ]
         for line, message in cases:
             with self.subTest(line):
@@ -625,15 +655,15 @@ class DeliverToTests(SynchronousTestCase):
         self.assertEqual(config.listeners[0].deliverTo.auth, DownstreamAuth(mechanism="forward"))
         self.assertEqual(config.targets[0].auth, DownstreamAuth())
         self.assertEqual(
-            _listener("auth forward", "deliver_to smtp tcp://x:25 {\nauth forward\n}").deliverTo.auth,
+            _listener(
+                "auth forward", "deliver_to smtp tcp://x:25 {\nauth forward\n}"
+            ).deliverTo.auth,
             DownstreamAuth(mechanism="forward"),
         )
 
     def test_authForwardConflict(self) -> None:
         self.assertEqual(
-            _errors(
-                _listen("auth forward", "deliver_to smtp tcp://x:25 {", "auth plain u p", "}")
-            ),
+            _errors(_listen("auth forward", "deliver_to smtp tcp://x:25 {", "auth plain u p", "}")),
             ['relay.conf:3: auth forward: target "smtp-listener-1" already uses auth plain'],
         )
 
@@ -651,7 +681,10 @@ class TargetTests(SynchronousTestCase):
         self.assertEqual(
             _target(kind="lmtp"),
             Target(
-                name="t", protocol="lmtp", endpoints=(DOWN,), hostname="relay.test",
+                name="t",
+                protocol="lmtp",
+                endpoints=(DOWN,),
+                hostname="relay.test",
                 attemptStartTLS=False,
             ),
         )
@@ -663,13 +696,22 @@ class TargetTests(SynchronousTestCase):
         target = _target(top="debug\ntls_client {\nroot_ca /ca.pem\n}\n")
         self.assertEqual(target.debug, True)
         self.assertEqual(target.tlsClient, ClientTLS(rootCAs=("/ca.pem",)))
-        own = _target("debug no", "tls_client {", "server_name x.test", "}", top="debug\ntls_client {\nroot_ca /ca.pem\n}\n")
+        own = _target(
+            "debug no",
+            "tls_client {",
+            "server_name x.test",
+            "}",
+            top="debug\ntls_client {\nroot_ca /ca.pem\n}\n",
+        )
         self.assertEqual(own.debug, False)
         self.assertEqual(own.tlsClient, ClientTLS(serverName="x.test"))
 
     VALUES: ClassVar[list[tuple[str, str, Any]]] = [
-        ("targets tcp://b.test:25 unix:/c", "endpoints",
-         (Address("tcp", host="b.test", port=25), Address("unix", path="/c"))),
+        (
+            "targets tcp://b.test:25 unix:/c",
+            "endpoints",
+            (Address("tcp", host="b.test", port=25), Address("unix", path="/c")),
+        ),
         ("debug", "debug", True),
         ("attempt_starttls no", "attemptStartTLS", False),
         ("require_tls", "requireTLS", True),
@@ -677,7 +719,7 @@ class TargetTests(SynchronousTestCase):
         ("auth forward", "auth", DownstreamAuth(mechanism="forward")),
         ("auth plain user pass", "auth", DownstreamAuth("plain", "user", Secret("pass"))),
         ("auth login user pass", "auth", DownstreamAuth("login", "user", Secret("pass"))),
-        ("auth plain user \"pa ss\"", "auth", DownstreamAuth("plain", "user", Secret("pa ss"))),
+        ('auth plain user "pa ss"', "auth", DownstreamAuth("plain", "user", Secret("pa ss"))),
         ("hostname mx.test", "hostname", "mx.test"),
         ("hostname Bücher.example", "hostname", "xn--bcher-kva.example"),
         ("connect_timeout 30s", "connectTimeout", 30.0),
@@ -699,7 +741,9 @@ class TargetTests(SynchronousTestCase):
 
     def test_authExternal(self) -> None:
         block = ["tls_client {", "cert c.pem", "key k.pem", "}"]
-        self.assertEqual(_target("auth external", *block).auth, DownstreamAuth(mechanism="external"))
+        self.assertEqual(
+            _target("auth external", *block).auth, DownstreamAuth(mechanism="external")
+        )
         self.assertEqual(
             _target("auth external", top="tls_client {\ncert c\nkey k\n}\n").auth.mechanism,
             "external",
@@ -710,11 +754,17 @@ class TargetTests(SynchronousTestCase):
         ("targets ftp://x:21", 'targets: "ftp://x:21": unsupported scheme "ftp"'),
         ("debug 3", 'debug: "3" is not a boolean'),
         ("attempt_starttls sometimes", 'attempt_starttls: "sometimes" is not a boolean'),
-        ("auth", "auth: expected off, plain USER PASSWORD, login USER PASSWORD, forward or external"),
+        (
+            "auth",
+            "auth: expected off, plain USER PASSWORD, login USER PASSWORD, forward or external",
+        ),
         ("auth plain user", "auth: expected off, plain USER PASSWORD"),
         ("auth cram-md5 u p", "auth: expected off, plain USER PASSWORD"),
-        ("auth plain \"\" p", "auth: plain: empty user name"),
-        ("auth external", "auth: external needs a client certificate (tls_client { cert ... key ... })"),
+        ('auth plain "" p', "auth: plain: empty user name"),
+        (
+            "auth external",
+            "auth: external needs a client certificate (tls_client { cert ... key ... })",
+        ),
         ("hostname", "hostname: expected NAME"),
         ("hostname a..b", 'hostname: "a..b" is not a valid host name'),
         ("connect_timeout 0", "connect_timeout: must be longer than 0"),
@@ -741,7 +791,8 @@ class TargetTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as e:
             _target("lmtp_split all", kind="lmtp")
         self.assertEqual(
-            e.exception.errors, ['relay.conf:4: lmtp_split: expected one_rcpt or tempfail, not "all"']
+            e.exception.errors,
+            ['relay.conf:4: lmtp_split: expected one_rcpt or tempfail, not "all"'],
         )
 
 
@@ -795,7 +846,7 @@ class SecretTests(SynchronousTestCase):
         self.assertEqual(config.listeners[0].deliverTo.auth.password.reveal(), "hunter2")  # type: ignore[union-attr]
         self.assertNotIn("hunter2", repr(config))
         self.assertNotIn("hunter2", str(config))
-        for bad in ("auth plain u hunter2 extra", "auth cram u hunter2", "auth plain \"\" hunter2"):
+        for bad in ("auth plain u hunter2 extra", "auth cram u hunter2", 'auth plain "" hunter2'):
             with self.subTest(bad):
                 errors = _errors(_listen("deliver_to smtp tcp://x:25 {", bad, "}"))
                 self.assertEqual(len(errors), 1)
@@ -831,8 +882,10 @@ submission tcp://127.0.0.1:587 {
                 'relay.conf:4: unknown directive "alow" (did you mean "allow"?)',
                 "relay.conf:5: max_recipients: must be at least 100 (RFC 5321)",
                 'relay.conf:6: deliver_to: unknown target "&foo"',
-                ('relay.conf:10: connect_timeout: "5" is not a duration (use a number with a unit: '
-                "h, m, s, ms, us or ns, as in 1h30m or 250ms)"),
+                (
+                    'relay.conf:10: connect_timeout: "5" is not a duration (use a number with a unit: '
+                    "h, m, s, ms, us or ns, as in 1h30m or 250ms)"
+                ),
                 "relay.conf:12: submission listener needs auth forward or auth users FILE",
             ],
         )
@@ -847,7 +900,9 @@ submission tcp://127.0.0.1:587 {
         main = os.path.join(directory, "relay.conf")
         targets = os.path.join(directory, "targets.conf")
         with open(main, "w") as f:
-            f.write("hostname h\nimport targets\nsmtp tcp://127.0.0.1:25 {\nmax_hops 0\ndeliver_to &t\n}\n")
+            f.write(
+                "hostname h\nimport targets\nsmtp tcp://127.0.0.1:25 {\nmax_hops 0\ndeliver_to &t\n}\n"
+            )
         with open(targets, "w") as f:
             f.write("# targets\ntarget.smtp t {\n  targets tcp://x:25\n  backoff 1d\n}\n")
         with self.assertRaises(ConfigError) as e:
@@ -856,8 +911,10 @@ submission tcp://127.0.0.1:587 {
             e.exception.errors,
             [
                 f"{main}:4: max_hops: must be at least 1",
-                (f'{targets}:4: backoff: "1d" is not a duration (use a number with a unit: '
-                "h, m, s, ms, us or ns, as in 1h30m or 250ms)"),
+                (
+                    f'{targets}:4: backoff: "1d" is not a duration (use a number with a unit: '
+                    "h, m, s, ms, us or ns, as in 1h30m or 250ms)"
+                ),
             ],
         )
 
@@ -866,7 +923,9 @@ submission tcp://127.0.0.1:587 {
         os.makedirs(directory)
         main = os.path.join(directory, "relay.conf")
         with open(main, "w") as f:
-            f.write("hostname h\nsmtp tcp://127.0.0.1:25 {\nimport common\ndeliver_to &t\n}\nimport t\n")
+            f.write(
+                "hostname h\nsmtp tcp://127.0.0.1:25 {\nimport common\ndeliver_to &t\n}\nimport t\n"
+            )
         with open(os.path.join(directory, "common.conf"), "w") as f:
             f.write("max_hops 7\n")
         with open(os.path.join(directory, "t.conf"), "w") as f:
@@ -876,8 +935,10 @@ submission tcp://127.0.0.1:587 {
         self.assertEqual(config.targets[0].protocol, "lmtp")
 
     def test_syntaxError(self) -> None:
-        self.assertEqual(_errors("smtp tcp://x:25 {\n"), [
-            "relay.conf:1: block opened here is not closed (missing })"])
+        self.assertEqual(
+            _errors("smtp tcp://x:25 {\n"),
+            ["relay.conf:1: block opened here is not closed (missing })"],
+        )
 
 
 class ModelTests(SynchronousTestCase):

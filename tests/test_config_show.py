@@ -113,7 +113,7 @@ class ShowTests(SynchronousTestCase):
         shown = show(config)
         self.assertIn('root_ca "/my certs/ca.pem" /b.pem\n', shown)
         self.assertIn('auth users "/etc/smtprelay/users file"\n', shown)
-        self.assertIn('endpoint systemd:domain=INET:index=0\n', shown)
+        self.assertIn("endpoint systemd:domain=INET:index=0\n", shown)
 
     def test_namedTargets(self) -> None:
         """
@@ -129,7 +129,9 @@ class ShowTests(SynchronousTestCase):
         """
         Passwords are shown as C{****}; parsing that gives C{****} back.
         """
-        text = FULL.replace("    lmtp_split tempfail\n", "    lmtp_split tempfail\n    auth login user hunter2\n")
+        text = FULL.replace(
+            "    lmtp_split tempfail\n", "    lmtp_split tempfail\n    auth login user hunter2\n"
+        )
         config = loadString(text, "relay.conf", {})
         shown = show(config)
         self.assertNotIn("hunter2", shown)

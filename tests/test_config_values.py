@@ -62,7 +62,21 @@ class DurationTests(SynchronousTestCase):
         ("100ns", 1e-07),
         ("1s1s", 2.0),
     ]
-    INVALID: ClassVar[list[str]] = ["", "5", "1d", "-5m", "+5m", "5 m", "m", "1.5", "5M", "1h-30m", "s5", "1..5s", "0x10s"]
+    INVALID: ClassVar[list[str]] = [
+        "",
+        "5",
+        "1d",
+        "-5m",
+        "+5m",
+        "5 m",
+        "m",
+        "1.5",
+        "5M",
+        "1h-30m",
+        "s5",
+        "1..5s",
+        "0x10s",
+    ]
 
     def test_valid(self) -> None:
         for text, seconds in self.VALID:
@@ -80,8 +94,15 @@ class DurationTests(SynchronousTestCase):
         self.assertIn('"1d" is not a duration', str(e.exception))
 
     def test_format(self) -> None:
-        for seconds, text in [(0, "0"), (30, "30s"), (300, "5m"), (5400, "1h30m"),
-                              (0.25, "250ms"), (90.5, "1m30s500ms"), (1e-07, "100ns")]:
+        for seconds, text in [
+            (0, "0"),
+            (30, "30s"),
+            (300, "5m"),
+            (5400, "1h30m"),
+            (0.25, "250ms"),
+            (90.5, "1m30s500ms"),
+            (1e-07, "100ns"),
+        ]:
             with self.subTest(text):
                 self.assertEqual(formatDuration(seconds), text)
 
@@ -106,9 +127,16 @@ class DurationTests(SynchronousTestCase):
 
 class SizeTests(SynchronousTestCase):
     def test_valid(self) -> None:
-        for text, size in [("0", 0), ("100", 100), ("100B", 100), ("512K", 512 * 1024),
-                           ("32M", 32 * 1024**2), ("1G", 1024**3), ("32m", 32 * 1024**2),
-                           ("2T", 2 * 1024**4)]:
+        for text, size in [
+            ("0", 0),
+            ("100", 100),
+            ("100B", 100),
+            ("512K", 512 * 1024),
+            ("32M", 32 * 1024**2),
+            ("1G", 1024**3),
+            ("32m", 32 * 1024**2),
+            ("2T", 2 * 1024**4),
+        ]:
             with self.subTest(text):
                 self.assertEqual(parseSize(text), size)
 
@@ -118,8 +146,14 @@ class SizeTests(SynchronousTestCase):
                 self.assertRaises(ValueError, parseSize, text)
 
     def test_format(self) -> None:
-        for size, text in [(0, "0"), (100, "100"), (1024, "1K"), (32 * 1024**2, "32M"),
-                           (1536, "1536"), (1024**3, "1G")]:
+        for size, text in [
+            (0, "0"),
+            (100, "100"),
+            (1024, "1K"),
+            (32 * 1024**2, "32M"),
+            (1536, "1536"),
+            (1024**3, "1G"),
+        ]:
             with self.subTest(text):
                 self.assertEqual(formatSize(size), text)
 

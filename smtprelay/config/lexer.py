@@ -299,9 +299,7 @@ class _Reader:
         return reader.block(depth, None)
 
 
-def parseTree(
-    text: str, filename: str, env: Mapping[str, str], importDepth: int = 0
-) -> list[Node]:
+def parseTree(text: str, filename: str, env: Mapping[str, str], importDepth: int = 0) -> list[Node]:
     """
     Parse C{text} (the contents of C{filename}) into top-level nodes, with
     imports spliced in and environment variables expanded.

@@ -239,7 +239,7 @@ def _password(text: str) -> Secret:
     the first line of the file named by C{file:PATH}.
     """
     if text.startswith("file:"):
-        path = text[len("file:"):]
+        path = text[len("file:") :]
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.readline().rstrip("\r\n")
@@ -300,7 +300,9 @@ def _targetAuth(node: Node, ctx: _Context) -> DownstreamAuth:
 def _endpoint(node: Node, ctx: _Context) -> str:
     description = _one(node, 'a Twisted endpoint string such as "systemd:domain=INET:index=0"')
     if not description.strip() or ":" not in description:
-        raise ValueError(f'"{description}" is not an endpoint string (as in systemd:domain=INET:index=0)')
+        raise ValueError(
+            f'"{description}" is not an endpoint string (as in systemd:domain=INET:index=0)'
+        )
     return description
 
 
@@ -419,7 +421,10 @@ def _target(
     }
     auth: DownstreamAuth = fields.get("auth", DownstreamAuth())
     if auth.mechanism == "external" and fields["tlsClient"].cert is None:
-        ctx.error(seen["auth"], "auth: external needs a client certificate (tls_client { cert ... key ... })")
+        ctx.error(
+            seen["auth"],
+            "auth: external needs a client certificate (tls_client { cert ... key ... })",
+        )
     if not endpoints:
         if "targets" not in seen:
             ctx.error(node, f"{node.name}: no endpoints (add targets ADDRESS...)")
@@ -428,6 +433,10 @@ def _target(
 
 
 def _namedTarget(node: Node, ctx: _Context, named: dict[str, Target | None]) -> None:
+    """
+    Add the C{target.smtp NAME} or C{target.lmtp NAME} block C{node} to
+    C{named} (as L{None} when it has errors).
+    """
     if len(node.args) != 1 or not node.args[0]:
         ctx.error(node, f"{node.name}: expected NAME {{ ... }}")
         return
@@ -472,7 +481,9 @@ def _listener(
 
     auth: ListenerAuth = values.get("auth", ListenerAuth())
     if kind == "submission" and auth.mode == "off":
-        ctx.error(seen.get("auth", node), "submission listener needs auth forward or auth users FILE")
+        ctx.error(
+            seen.get("auth", node), "submission listener needs auth forward or auth users FILE"
+        )
     if auth.mode == "forward" and target is not None:
         if target.auth.mechanism == "off":
             target = attrs.evolve(target, auth=DownstreamAuth(mechanism="forward"))
@@ -557,7 +568,9 @@ def build(nodes: Sequence[Node], source: str) -> Config:
     )
 
 
-def loadString(text: str, filename: str = "<string>", env: Mapping[str, str] | None = None) -> Config:
+def loadString(
+    text: str, filename: str = "<string>", env: Mapping[str, str] | None = None
+) -> Config:
     """
     Parse the configuration C{text} as if read from C{filename}.
 

@@ -22,13 +22,15 @@ def _secretFiles(nodes: Iterable[Node]) -> Iterator[str]:
         args = node.args
         if node.name == "auth" and len(args) == 3 and args[0] in ("plain", "login"):
             if args[2].startswith("file:"):
-                yield args[2][len("file:"):]
+                yield args[2][len("file:") :]
             elif "{env:" not in node.rawArgs[2]:
                 yield node.file
-        elif node.name == "auth" and len(args) == 2 and args[0] == "users" or node.name == "tls" and len(args) == 2:
-            yield args[1]
+        elif node.name == "auth" and len(args) == 2 and args[0] == "users":
+            yield args[1]  # the users file
+        elif node.name == "tls" and len(args) == 2:
+            yield args[1]  # the server's private key
         elif node.name == "key" and len(args) == 1:
-            yield args[0]
+            yield args[0]  # a tls_client private key
         yield from _secretFiles(node.children)
 
 

@@ -106,8 +106,7 @@ def _isNamed(config: Config, target: Target) -> bool:
     """
     forward = DownstreamAuth(mechanism="forward")
     return any(
-        named.name == target.name
-        and target in (named, attrs.evolve(named, auth=forward))
+        named.name == target.name and target in (named, attrs.evolve(named, auth=forward))
         for named in config.targets
     )
 

@@ -85,8 +85,14 @@ def formatDuration(seconds: float) -> str:
     if nanoseconds == 0:
         return "0"
     parts = []
-    for unit, size in (("h", 3600 * 10**9), ("m", 60 * 10**9), ("s", 10**9),
-                       ("ms", 10**6), ("us", 10**3), ("ns", 1)):
+    for unit, size in (
+        ("h", 3600 * 10**9),
+        ("m", 60 * 10**9),
+        ("s", 10**9),
+        ("ms", 10**6),
+        ("us", 10**3),
+        ("ns", 1),
+    ):
         count, nanoseconds = divmod(nanoseconds, size)
         if count:
             parts.append(f"{count}{unit}")
@@ -127,17 +133,13 @@ def parseAddress(text: str) -> Address:
     if scheme == "unix":
         if rest.startswith("//"):
             if not rest.startswith("///"):
-                raise ValueError(
-                    f'"{text}": use unix:///absolute/path or unix:relative/path'
-                )
+                raise ValueError(f'"{text}": use unix:///absolute/path or unix:relative/path')
             rest = rest[2:]
         if not rest:
             raise ValueError(f'"{text}": missing socket path')
         return Address("unix", path=rest)
     if scheme not in ("tcp", "tls"):
-        raise ValueError(
-            f'"{text}": unsupported scheme "{scheme}" (use tcp://, tls:// or unix://)'
-        )
+        raise ValueError(f'"{text}": unsupported scheme "{scheme}" (use tcp://, tls:// or unix://)')
     rest = rest.removeprefix("//")
     if rest.startswith("["):
         host, bracket, tail = rest[1:].partition("]")
