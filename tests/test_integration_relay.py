@@ -220,9 +220,11 @@ class DovecotLMTPTests(SynchronousTestCase):
         self.procs = Processes(self)
         self.dovecot = os.path.join(self.procs.dir, "dovecot")
         recipe = os.path.join(os.path.dirname(__file__), "dovecot-lmtp.sh")
-        subprocess.run(["sh", recipe, self.dovecot], check=True, capture_output=True, timeout=60)
+        # Dovecot daemonizes and keeps its inherited stdout: no pipes here.
+        subprocess.run(["sh", recipe, self.dovecot], check=True, timeout=60,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.addCleanup(subprocess.run, ["doveadm", "-c", os.path.join(self.dovecot, "dovecot.conf"), "stop"],
-                        capture_output=True)
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         waitForPath(os.path.join(self.dovecot, "lmtp"))
         self.socket = os.path.join(self.dovecot, "lmtp")
 
