@@ -1,0 +1,291 @@
+"""
+Prometheus metrics (SPEC §5) and the HTTP listener that serves them.
+
+The engines report through L{IMetrics}: L{Metrics} counts into its own
+C{CollectorRegistry} (no global state), L{NullMetrics} ignores everything
+when no C{metrics} listener is configured.  Labels are few and bounded:
+listener kinds, target names from the configuration, and fixed words for
+statuses, results and reasons.  C{prometheus_client} is the optional
+C{metrics} extra: it is imported only when a L{Metrics} is made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService
+from twisted.web.resource import IResource, NoResource, Resource
+from twisted.web.server import Request, Site
+from zope.interface import Interface, implementer
+
+from .config.model import Address
+from .endpoints import serverEndpoint
+
+MISSING = "metrics need the \"metrics\" extra: pip install 'smtprelay[metrics]'"
+
+LISTENER_KINDS = ("smtp", "submission", "lmtp")
+STATUSES = ("sent", "deferred", "bounced", "aborted")
+TLS_SIDES = ("inbound", "outbound")
+
+ATTEMPT_RESULTS = (
+    "ok", "connect_failed", "greeting", "ehlo", "tls", "auth", "mail", "timeout", "loop", "lost",
+)
+"""The usual values of C{result} for L{IMetrics.attempt} (not enforced)."""
+
+REJECTION_REASONS = (
+    "relay_denied", "too_big", "bare_lf", "too_many_hops", "too_many_recipients", "rate",
+    "auth_failed", "sync", "line_too_long", "timeout", "too_many_connections", "too_many_errors",
+)
+"""The usual values of C{reason} for L{IMetrics.rejected} (not enforced)."""
+
+CONNECT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+END_OF_DATA_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 720.0,
+)
+
+
+class IMetrics(Interface):
+    """
+    What the engines report.  Every method is cheap and never raises for a
+    well-formed call.
+    """
+
+    def sessionOpened(kind: str) -> None:
+        """
+        A client connected to a listener of C{kind} (smtp, submission, lmtp).
+        """
+
+    def sessionClosed(kind: str) -> None:
+        """
+        A client session of a C{kind} listener ended.
+        """
+
+    def transaction(
+        status: str, size: int = 0, target: str | None = None,
+        endOfDataSeconds: float | None = None,
+    ) -> None:
+        """
+        A transaction ended with C{status} (sent, deferred, bounced,
+        aborted): the one per-transaction log line's status.  C{size} bytes
+        count as relayed when the status is C{sent}; C{endOfDataSeconds} is
+        the time from our end-of-data dot to the downstream's final reply
+        at C{target}, when there was one.
+        """
+
+    def attempt(target: str, result: str, connectSeconds: float | None = None) -> None:
+        """
+        One downstream attempt at C{target} ended with C{result} (C{ok} or
+        the step that failed, see L{ATTEMPT_RESULTS}); C{connectSeconds} is
+        how long the connection took to establish, when it was.
+        """
+
+    def failover(target: str) -> None:
+        """
+        The relay gave up on C{target} for a transaction and tried the next.
+        """
+
+    def tlsHandshake(side: str, ok: bool) -> None:
+        """
+        A TLS handshake ended: C{side} is inbound (STARTTLS or implicit TLS
+        from a client) or outbound (to a downstream).
+        """
+
+    def rejected(reason: str) -> None:
+        """
+        The relay refused something locally (see L{REJECTION_REASONS}).
+        """
+
+
+@implementer(IMetrics)
+class NullMetrics:
+    """
+    Metrics that go nowhere: used when no C{metrics} listener is set.
+    """
+
+    def sessionOpened(self, kind: str) -> None:
+        pass
+
+    def sessionClosed(self, kind: str) -> None:
+        pass
+
+    def transaction(
+        self, status: str, size: int = 0, target: str | None = None,
+        endOfDataSeconds: float | None = None,
+    ) -> None:
+        pass
+
+    def attempt(self, target: str, result: str, connectSeconds: float | None = None) -> None:
+        pass
+
+    def failover(self, target: str) -> None:
+        pass
+
+    def tlsHandshake(self, side: str, ok: bool) -> None:
+        pass
+
+    def rejected(self, reason: str) -> None:
+        pass
+
+
+@implementer(IMetrics)
+class Metrics:
+    """
+    Metrics counted into a registry of their own.
+
+    @ivar registry: the C{prometheus_client.CollectorRegistry} to expose.
+    """
+
+    def __init__(self) -> None:
+        """
+        @raise ImportError: C{prometheus_client} is not installed.
+        """
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        except ImportError as e:
+            raise ImportError(MISSING) from e
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self._sessionsOpen = Gauge(
+            "smtprelay_sessions_open", "Client sessions open now.", ["listener"],
+            registry=registry,
+        )
+        self._sessions = Counter(
+            "smtprelay_sessions", "Client sessions accepted.", ["listener"], registry=registry
+        )
+        self._transactions = Counter(
+            "smtprelay_transactions", "Transactions ended, by status.", ["status"],
+            registry=registry,
+        )
+        self._attempts = Counter(
+            "smtprelay_downstream_attempts", "Downstream attempts, by target and result.",
+            ["target", "result"], registry=registry,
+        )
+        self._failovers = Counter(
+            "smtprelay_failovers", "Targets given up on in favour of the next.", ["target"],
+            registry=registry,
+        )
+        self._bytes = Counter(
+            "smtprelay_bytes_relayed", "Message bytes accepted by downstreams.",
+            registry=registry,
+        )
+        self._connectSeconds = Histogram(
+            "smtprelay_connect_seconds", "Time to connect to a downstream.", ["target"],
+            buckets=CONNECT_BUCKETS, registry=registry,
+        )
+        self._endOfDataSeconds = Histogram(
+            "smtprelay_end_of_data_seconds",
+            "Time from the end-of-data dot to the downstream's final reply.", ["target"],
+            buckets=END_OF_DATA_BUCKETS, registry=registry,
+        )
+        self._tls = Counter(
+            "smtprelay_tls_handshakes", "TLS handshakes, by side and result.",
+            ["side", "result"], registry=registry,
+        )
+        self._rejections = Counter(
+            "smtprelay_rejections", "Local refusals, by reason.", ["reason"], registry=registry
+        )
+        # Known label values start at 0, so rates work from the first scrape.
+        for kind in LISTENER_KINDS:
+            self._sessionsOpen.labels(kind)
+            self._sessions.labels(kind)
+        for status in STATUSES:
+            self._transactions.labels(status)
+        for side in TLS_SIDES:
+            for result in ("ok", "failed"):
+                self._tls.labels(side, result)
+
+    def sessionOpened(self, kind: str) -> None:
+        self._sessionsOpen.labels(kind).inc()
+        self._sessions.labels(kind).inc()
+
+    def sessionClosed(self, kind: str) -> None:
+        self._sessionsOpen.labels(kind).dec()
+
+    def transaction(
+        self, status: str, size: int = 0, target: str | None = None,
+        endOfDataSeconds: float | None = None,
+    ) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"unknown transaction status {status!r}")
+        self._transactions.labels(status).inc()
+        if status == "sent" and size > 0:
+            self._bytes.inc(size)
+        if target is not None and endOfDataSeconds is not None:
+            self._endOfDataSeconds.labels(target).observe(endOfDataSeconds)
+
+    def attempt(self, target: str, result: str, connectSeconds: float | None = None) -> None:
+        self._attempts.labels(target, result).inc()
+        if connectSeconds is not None:
+            self._connectSeconds.labels(target).observe(connectSeconds)
+
+    def failover(self, target: str) -> None:
+        self._failovers.labels(target).inc()
+
+    def tlsHandshake(self, side: str, ok: bool) -> None:
+        if side not in TLS_SIDES:
+            raise ValueError(f"unknown TLS side {side!r}")
+        self._tls.labels(side, "ok" if ok else "failed").inc()
+
+    def rejected(self, reason: str) -> None:
+        self._rejections.labels(reason).inc()
+
+    def exposition(self) -> tuple[bytes, str]:
+        """
+        The registry in the Prometheus text format.
+
+        @return: the body and its C{Content-Type}.
+        """
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _MetricsResource(Resource):
+    """
+    C{/metrics}, and 404 for every other path.
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        if request.path != b"/metrics":
+            return NoResource().render(request)  # type: ignore[no-any-return]
+        body, contentType = self._metrics.exposition()
+        request.setHeader(b"content-type", contentType.encode("ascii"))
+        return body
+
+
+def metricsResource(metrics: Metrics) -> IResource:
+    """
+    The web resource to put at the root of a site: serves C{metrics} on
+    C{/metrics} (GET and HEAD), 404 elsewhere.
+    """
+    return _MetricsResource(metrics)
+
+
+class _QuietSite(Site):
+    """
+    A site without access log lines: a scrape every few seconds is noise.
+    """
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def metricsService(address: Address, metrics: Metrics, reactor: Any) -> IService:
+    """
+    A service that serves C{metrics} over HTTP on C{address} (C{tcp://} or
+    C{unix://}; there is no TLS for metrics, put a proxy in front for that).
+
+    @raise ValueError: for a C{tls://} address.
+    """
+    if address.scheme == "tls":
+        raise ValueError(f"metrics cannot listen on {address}: use tcp:// or unix://")
+    endpoint = serverEndpoint(reactor, address)
+    return StreamServerEndpointService(endpoint, _QuietSite(metricsResource(metrics)))
