@@ -72,7 +72,9 @@ _ATOM = rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\x80-\xff-]+"
 _QUOTED = rb'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\x20-\x7e])*"'
 _LABEL = rb"(?:[A-Za-z0-9\x80-\xff](?:[A-Za-z0-9\x80-\xff-]*[A-Za-z0-9\x80-\xff])?)"
 _DOMAIN = rb"(?:" + _LABEL + rb"(?:\." + _LABEL + rb")*\.?|\[[\x21-\x5a\x5e-\x7e]+\])"
-_MAILBOX = re.compile(rb"(?:" + _ATOM + rb"|" + _QUOTED + rb")@" + _DOMAIN + rb"\Z")
+# A bare local part (no domain) is accepted and passed on unchanged, as
+# Postfix accepts it; LMTP servers such as Dovecot take bare user names.
+_MAILBOX = re.compile(rb"(?:" + _ATOM + rb"|" + _QUOTED + rb")(?:@" + _DOMAIN + rb")?\Z")
 
 
 def parseMail(argument: bytes) -> tuple[bytes, dict[str, str | None]]:

@@ -20,6 +20,8 @@ from .config.model import LOOPBACK, Address, Config, Listener, Target
 from . import service
 
 DEFAULT_CONFIG = "/etc/smtprelay/relay.conf"
+QUICK_START_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+"""The command-line relay serves trusted loopback clients: room for 50 MB messages."""
 
 
 class Options(usage.Options):
@@ -37,7 +39,7 @@ Examples:
          --target unix:///run/dovecot/lmtp --lmtp
 
 Without --config, clients on loopback only may relay through --listen to
-the --target addresses (tried in order).  ADDRESS is tcp://HOST:PORT,
+the --target addresses (tried in order), messages up to 64M.  ADDRESS is tcp://HOST:PORT,
 tls://HOST:PORT (implicit TLS) or unix:///PATH.
 """
 
@@ -105,7 +107,11 @@ def configFromOptions(options: Options) -> Config:
         attemptStartTLS=not lmtp,
     )
     listener = Listener(
-        kind="smtp", addresses=tuple(options["listen"]), deliverTo=target, allow=LOOPBACK
+        kind="smtp",
+        addresses=tuple(options["listen"]),
+        deliverTo=target,
+        allow=LOOPBACK,
+        maxMessageSize=QUICK_START_MAX_MESSAGE_SIZE,
     )
     return Config(hostname=hostname, listeners=(listener,), targets=(target,))
 

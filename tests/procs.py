@@ -76,6 +76,7 @@ class Processes:
     def __init__(self, case: SynchronousTestCase) -> None:
         self.case = case
         self.dir = tempfile.mkdtemp(prefix="smtprelay-test-")
+        os.chmod(self.dir, 0o755)  # peers that drop privileges (smtp-sink -u) write below it
         self.logs: dict[str, str] = {}
         case.addCleanup(shutil.rmtree, self.dir, True)
         case.addCleanup(self.stopAll)
