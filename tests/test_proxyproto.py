@@ -35,7 +35,7 @@ from .server_helpers import GREETING, Session
 
 HAPROXY = IPv4Address("TCP", "10.0.0.5", 50000)
 STRANGER = IPv4Address("TCP", "192.0.2.7", 40000)
-LOCAL = IPv4Address("TCP", "10.0.0.1", 25)
+LOCAL = IPv4Address("TCP", "10.0.0.2", 2525)
 TRUSTED: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("10.0.0.0/24"),
     ipaddress.ip_network("2001:db8::/32"),
@@ -469,6 +469,9 @@ class ProxyProtocolFactoryTests(SynchronousTestCase):
         transport: Any = connection.app.transport
         self.assertIs(transport.pauseProducing.__self__, connection.transport)
         self.assertEqual(transport.getHost(), IPv4Address("TCP", "10.0.0.1", 25))
+        connection = Connection()
+        connection.send(b"PROXY UNKNOWN\r\n")
+        self.assertEqual(connection.app.hosts, [LOCAL])
         self.assertTrue(IPushProducer.providedBy(transport))
         self.assertTrue(IConsumer.providedBy(transport))
         self.assertRaises(AttributeError, getattr, transport, "noSuchAttribute")
@@ -477,9 +480,9 @@ class ProxyProtocolFactoryTests(SynchronousTestCase):
         wrapped = RecorderFactory()
         factory = ProxyProtocolFactory(wrapped, TRUSTED, Clock())
         factory.doStart()
-        self.assertEqual(wrapped.numPorts, 1)
+        self.assertEqual((factory.numPorts, wrapped.numPorts), (1, 1))
         factory.doStop()
-        self.assertEqual(wrapped.numPorts, 0)
+        self.assertEqual((factory.numPorts, wrapped.numPorts), (0, 0))
         self.assertEqual(factory.logPrefix(), "RecorderFactory (PROXY)")
 
 
