@@ -231,6 +231,7 @@ class ProxyProtocol(Protocol):
         self._reader: HeaderReader | None = HeaderReader()
         self._timer: IDelayedCall | None = None
         self._transport: Any = None
+        self._early = b""
         self.disconnecting = False
 
     # -- the protocol side (the real transport talks to us) -------------------
@@ -289,7 +290,9 @@ class ProxyProtocol(Protocol):
             self.loseConnection()
             return
         self.wrappedProtocol = wrapped
+        self._early = rest
         wrapped.makeConnection(self)
+        self._early = b""
         if rest and self.wrappedProtocol is not None and not self.disconnecting:
             self.wrappedProtocol.dataReceived(rest)
 
@@ -329,6 +332,15 @@ class ProxyProtocol(Protocol):
         if self.header is not None and self.header.destination is not None:
             return self.header.destination
         return self._transport.getHost()
+
+    def hasPendingInput(self) -> bool:
+        """
+        Whether the client sent bytes after the header that the wrapped
+        protocol has not been given yet: true only during its
+        C{connectionMade}, for pregreet checks (the socket cannot tell, as
+        those bytes were read with the header).
+        """
+        return bool(self._early)
 
     def write(self, data: bytes) -> None:
         self._transport.write(data)

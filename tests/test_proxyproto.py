@@ -350,6 +350,25 @@ class ProxyProtocolFactoryTests(SynchronousTestCase):
             connection.send(b" FROM:<a@b>\r\n")
             self.assertEqual(connection.app.received, b"EHLO client\r\nMAIL FROM:<a@b>\r\n")
 
+    def test_pendingInput(self) -> None:
+        """
+        During the wrapped protocol's C{connectionMade}, the wrapper tells
+        whether the client already sent more than the header (it talked
+        before the greeting).
+        """
+        seen: list[bool] = []
+
+        class Checker(Recorder):
+            def connectionMade(self) -> None:
+                seen.append(self.transport.hasPendingInput())  # type: ignore[union-attr]
+
+        for data, expected in [(V1_TCP4, False), (V1_TCP4 + b"EHLO x\r\n", True)]:
+            connection = Connection(protocolClass=Checker)
+            connection.send(data)
+            self.assertEqual(seen.pop(), expected)
+            assert isinstance(connection.protocol, ProxyProtocol)
+            self.assertFalse(connection.protocol.hasPendingInput())
+
     def test_writesGoThrough(self) -> None:
         connection = Connection()
         connection.send(V1_TCP4)
