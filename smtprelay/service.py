@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import sys
 from typing import Any, Callable
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from .config.model import Config, Listener, Target
@@ -81,7 +83,13 @@ class RelayService(MultiService):
         # Bind the ports now, while twistd may still be root (--uid/--gid).
         super().privilegedStartService()
         for service in self._listeners:
-            service.privilegedStartService()
+            try:
+                service.privilegedStartService()
+            except CannotListenError as e:
+                # One clear line instead of a traceback; twistd exits.
+                print(f"smtprelay: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}",
+                      file=sys.stderr)
+                raise SystemExit(1)
 
     def startService(self) -> None:
         super().startService()
