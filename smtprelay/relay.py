@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from . import replies
 from .config.model import Listener
+from .metrics import IMetrics, NullMetrics
 from .interfaces import (
     ClientSession,
     Credentials,
@@ -76,6 +77,7 @@ class RelaySession:
     @param clock: the time source for delays and the C{Received:} date.
     @param checkPassword: the local C{users FILE} checker, when the listener
         uses one.
+    @param metrics: where transactions are counted.
     """
 
     _log = Logger()
@@ -88,8 +90,10 @@ class RelaySession:
         hostname: str,
         clock: IReactorTime,
         checkPassword: PasswordChecker | None = None,
+        metrics: IMetrics | None = None,
     ) -> None:
         self.session = session
+        self._metrics: IMetrics = metrics if metrics is not None else NullMetrics()
         self._listener = listener
         self._target = listener.deliverTo
         self._open = openDownstream
@@ -210,11 +214,14 @@ class RelaySession:
             return succeed(self._perRecipient(reply))
         downstream.unregisterProducer()
         self._ending = True
+        self._dotSent = self._clock.seconds()
 
         def finished(results: Sequence[Reply]) -> Sequence[Reply]:
             self._ending = False
             final = self._mapFinal([self._relayed(r) for r in results])
-            self._logTransaction(_status(final), final[0], downstream)
+            self._logTransaction(
+                _status(final), final[0], downstream, self._clock.seconds() - self._dotSent
+            )
             if self._closed:
                 self._dropDownstream(abort=False)
             return final
@@ -385,12 +392,19 @@ class RelaySession:
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
     def _logTransaction(
-        self, status: str, reply: Reply, downstream: IDownstream | None = None
+        self,
+        status: str,
+        reply: Reply,
+        downstream: IDownstream | None = None,
+        endOfDataSeconds: float | None = None,
     ) -> None:
         """
-        The one log event per transaction (SPEC §5).
+        The one log event per transaction (SPEC §5), and its metrics.
         """
         session = self.session
+        self._metrics.transaction(
+            status, self._size, self._target.name, endOfDataSeconds
+        )
         self._log.info(
             "{session}: from=<{sender}> to={to} size={size} relay={relay} "
             "tls={tls} delay={delay:.3f} status={status} reply={reply}",

@@ -38,6 +38,7 @@ from .addresses import EnvelopeError, parseMail, parseRcpt
 from .body import DataScanner
 from .config.model import Listener
 from .interfaces import ClientSession, IRelayHandler, TLSInfo
+from .metrics import IMetrics, NullMetrics
 from .replies import Reply, reply
 
 MAX_INPUT_BUFFER = 1024 * 1024
@@ -204,11 +205,13 @@ class SMTPServerProtocol(Protocol):
                 "refused {session} from {client}: too many connections",
                 session=self.session.id, client=self.session.clientHost,
             )
+            self.factory.metrics.rejected("too_many_connections")
             transport.write(replies.TOO_MANY_CONNECTIONS.withSession(self.session.id).toBytes())
             self._closing = True
             transport.loseConnection()
             return
         self._registered = True
+        self.factory.metrics.sessionOpened(self._listener.kind)
         self._log.info(
             "connect {session} from {client}", session=self.session.id,
             client=self.session.clientHost or "unix", port=self.session.clientPort,
@@ -231,6 +234,7 @@ class SMTPServerProtocol(Protocol):
         """
         self._tlsActive = True
         self.session.tls = _tlsInfo(self.transport)
+        self.factory.metrics.tlsHandshake("inbound", True)
         self._log.info(
             "TLS in {session}: {version} {cipher}", session=self.session.id,
             version=self.session.tls.version, cipher=self.session.tls.cipher,
@@ -247,6 +251,7 @@ class SMTPServerProtocol(Protocol):
         if self._registered:
             self._registered = False
             self.factory._unregister(self)
+            self.factory.metrics.sessionClosed(self._listener.kind)
             self._log.info(
                 "disconnect {session} from {client}", session=self.session.id,
                 client=self.session.clientHost or "unix",
@@ -403,7 +408,13 @@ class SMTPServerProtocol(Protocol):
         C{max_errors}.
         """
         self._errors += 1
+        self._countRejection(r)
         self._reply(r.withSession(self.session.id))
+
+    def _countRejection(self, r: Reply) -> None:
+        reason = _REJECTION_REASONS.get((r.code, r.enhanced))
+        if reason is not None:
+            self.factory.metrics.rejected(reason)
 
     def _flush(self) -> None:
         if self._out and self.transport is not None and not self._closed:
@@ -419,6 +430,7 @@ class SMTPServerProtocol(Protocol):
         """
         if self._closing:
             return
+        self._countRejection(r)
         self._reply(r.withSession(self.session.id) if r.code >= 400 else r)
         self._flush()
         self._closing = True
@@ -928,6 +940,7 @@ class SMTPServerFactory(ServerFactory):
         reactor: IReactorTime,
         tlsOptions: Any | None = None,
         greetingToken: str = "",
+        metrics: IMetrics | None = None,
     ) -> None:
         """
         @param listener: limits and options of this listener.
@@ -937,6 +950,8 @@ class SMTPServerFactory(ServerFactory):
         @param tlsOptions: an C{IOpenSSLServerConnectionCreator} to offer
             STARTTLS with, or L{None}.
         @param greetingToken: the loop token shown in the greeting (SPEC §4.4).
+        @param metrics: where sessions, TLS handshakes and local refusals
+            are counted.
         """
         self.listener = listener
         self.handlerFactory = handlerFactory
@@ -944,6 +959,7 @@ class SMTPServerFactory(ServerFactory):
         self.reactor = reactor
         self.tlsOptions = tlsOptions
         self.greetingToken = greetingToken
+        self.metrics: IMetrics = metrics if metrics is not None else NullMetrics()
         self.sessions: set[SMTPServerProtocol] = set()
         self.newSessionId: Callable[[], str] = randomSessionId
         self._perHost: dict[str, int] = {}
@@ -1001,11 +1017,31 @@ def _normalizeHost(host: str) -> str:
     return host
 
 
+_REJECTION_REASONS = {
+    (554, "5.7.1"): "relay_denied",
+    (530, "5.7.0"): "auth_required",
+    (552, "5.3.4"): "too_big",
+    (550, "5.5.2"): "bare_lf",
+    (554, "5.4.6"): "too_many_hops",
+    (452, "4.5.3"): "too_many_recipients",
+    (535, "5.7.8"): "auth_failed",
+    (554, "5.5.0"): "sync",
+    (500, "5.5.2"): "line_too_long",
+    (421, "4.4.2"): "timeout",
+    (421, "4.7.0"): "too_many_errors",
+}
+"""Local refusals → the C{reason} label of C{smtprelay_rejections_total}."""
+
+
 def _hasPendingInput(transport: Any) -> bool:
     """
     Whether the client's socket already holds data (it talked before our
-    greeting).  Only plain sockets can tell; anything else says no.
+    greeting).  Only plain sockets can tell; anything else says no.  Behind
+    the PROXY protocol, the bytes after the header count too.
     """
+    check = getattr(transport, "hasPendingInput", None)
+    if check is not None and check():
+        return True
     getHandle = getattr(transport, "getHandle", None)
     if getHandle is None:
         return False

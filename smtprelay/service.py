@@ -22,7 +22,12 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from .config.model import Config, Listener, Target
+import attrs
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from .config.model import Address, Config, Listener, Target
+from .metrics import IMetrics, Metrics, NullMetrics, metricsService
+from .proxyproto import ProxyProtocolFactory
 from .endpoints import serverEndpoint
 from .failover import Failover
 from .interfaces import ClientSession
@@ -60,8 +65,14 @@ class RelayService(MultiService):
         self._listeners: list[IService] = []
         self._tlsOptions: list[ReloadableServerOptions] = []
 
-    def addListener(self, factory: SMTPServerFactory, service: IService) -> None:
-        self.factories.append(factory)
+    def addListener(self, factory: SMTPServerFactory | None, service: IService) -> None:
+        """
+        A service that listens: bound in C{privilegedStartService}, stopped
+        first on shutdown.  C{factory} is the SMTP factory whose sessions
+        drain on shutdown (None for the metrics listener).
+        """
+        if factory is not None and factory not in self.factories:
+            self.factories.append(factory)
         self._listeners.append(service)
 
     def addTLS(self, options: ReloadableServerOptions) -> None:
@@ -139,6 +150,10 @@ def makeService(config: Config, reactor: Any) -> RelayService:
     """
     root = RelayService(config, reactor)
     token = loopToken(config)
+    metrics: IMetrics = NullMetrics()
+    if config.metrics is not None:
+        metrics = Metrics()
+        root.addListener(None, metricsService(config.metrics, metrics, reactor))
     failovers: dict[int, Failover] = {}
 
     def failoverFor(target: Target) -> Failover:
@@ -154,26 +169,52 @@ def makeService(config: Config, reactor: Any) -> RelayService:
             root.addTLS(tlsOptions)
         factory = SMTPServerFactory(
             listener,
-            _handlerFactory(listener, failoverFor(listener.deliverTo), config, reactor),
+            _handlerFactory(listener, failoverFor(listener.deliverTo), config, reactor, metrics),
             config.hostname,
             reactor,
             tlsOptions=tlsOptions,
             greetingToken=token,
+            metrics=metrics,
         )
         for address in listener.addresses:
-            endpoint = serverEndpoint(reactor, address, tlsOptions, reusePort=listener.reusePort)
-            root.addListener(factory, StreamServerEndpointService(endpoint, factory))
+            root.addListener(factory, _listen(reactor, listener, address, factory, tlsOptions))
         for description in listener.endpoints:
             endpoint = serverFromString(reactor, description)
-            root.addListener(factory, StreamServerEndpointService(endpoint, factory))
+            root.addListener(factory, StreamServerEndpointService(endpoint, _proxied(reactor, listener, factory)))
     for service in root._listeners:
         # A port we cannot bind must stop the process, not be logged and ignored.
         service._raiseSynchronously = True  # type: ignore[attr-defined]
     return root
 
 
+def _proxied(reactor: Any, listener: Listener, factory: Any) -> Any:
+    """
+    C{factory}, behind a PROXY protocol reader when the listener has
+    trusted proxies.
+    """
+    if not listener.proxyProtocol:
+        return factory
+    return ProxyProtocolFactory(factory, listener.proxyProtocol, reactor, listener.proxyTimeout)
+
+
+def _listen(
+    reactor: Any, listener: Listener, address: Address, factory: SMTPServerFactory, tlsOptions: Any
+) -> IService:
+    """
+    The listening service of one address.  Behind the PROXY protocol the
+    header comes before any TLS handshake, so for C{tls://} the TLS layer
+    goes inside the PROXY reader.
+    """
+    if listener.proxyProtocol and address.scheme == "tls":
+        endpoint = serverEndpoint(reactor, attrs.evolve(address, scheme="tcp"), None, listener.reusePort)
+        inner: Any = TLSMemoryBIOFactory(tlsOptions, False, factory)
+        return StreamServerEndpointService(endpoint, _proxied(reactor, listener, inner))
+    endpoint = serverEndpoint(reactor, address, tlsOptions, reusePort=listener.reusePort)
+    return StreamServerEndpointService(endpoint, _proxied(reactor, listener, factory))
+
+
 def _handlerFactory(
-    listener: Listener, failover: Failover, config: Config, reactor: Any
+    listener: Listener, failover: Failover, config: Config, reactor: Any, metrics: IMetrics
 ) -> Callable[[ClientSession], RelaySession]:
     checker: PasswordChecker | None = None
     if listener.auth.mode == "users" and listener.auth.usersFile:
@@ -184,7 +225,7 @@ def _handlerFactory(
 
     def handlerFor(session: ClientSession) -> RelaySession:
         return RelaySession(
-            session, listener, failover.open, config.hostname, reactor, checker
+            session, listener, failover.open, config.hostname, reactor, checker, metrics
         )
 
     return handlerFor

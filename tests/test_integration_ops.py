@@ -1,0 +1,58 @@
+"""
+Operations against a real C{twistd -n smtprelay}: Prometheus metrics that
+move with real transactions, read with prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.trial.unittest import SynchronousTestCase
+
+from .procs import HOST, Processes, freePort, waitForPort
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+class MetricsTests(SynchronousTestCase):
+    def test_countersMoveWithTransactions(self) -> None:
+        procs = Processes(self)
+        sinkPort, _ = procs.smtpSink(extra=["-f", "RCPT", "-B", "550 5.1.1 no such user"])
+        okPort, _ = procs.smtpSink()
+        listen, metrics = freePort(), freePort()
+        config = os.path.join(procs.dir, "relay.conf")
+        with open(config, "w") as f:
+            f.write(f"""
+hostname relay.test
+smtp tcp://{HOST}:{listen} {{
+    deliver_to smtp tcp://{HOST}:{okPort}
+}}
+smtp tcp://{HOST}:{freePort()} {{
+    deliver_to smtp tcp://{HOST}:{sinkPort}
+}}
+metrics tcp://{HOST}:{metrics}
+""")
+        procs.relay("--config", config, port=listen)
+        waitForPort(metrics)
+        before = scrape(metrics)
+        with smtplib.SMTP(HOST, listen, timeout=60) as client:
+            client.sendmail("a@example.org", ["r@example.net"], b"Subject: m\r\n\r\nbody\r\n")
+            client.sendmail("a@example.org", ["r@example.net"], b"Subject: m\r\n\r\nbody\r\n")
+        after = scrape(metrics)
+        sent = ("smtprelay_transactions_total", (("status", "sent"),))
+        sessions = ("smtprelay_sessions_total", (("listener", "smtp"),))
+        self.assertEqual(after[sent] - before.get(sent, 0.0), 2.0)
+        self.assertEqual(after[sessions] - before.get(sessions, 0.0), 1.0)
+        self.assertGreater(after[("smtprelay_bytes_relayed_total", ())], 2 * len(b"Subject: m\r\n\r\nbody\r\n"))
+        self.assertEqual(after[("smtprelay_sessions_open", (("listener", "smtp"),))], 0.0)
