@@ -1353,6 +1353,17 @@ def versions():
             capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         pass
+    try:  # the project's commit (a dirty tree: the relay differs from it)
+        top = os.path.dirname(HERE)
+        head = subprocess.run(['git', '-C', top, 'rev-parse', '--short', 'HEAD'],
+                              capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            dirty = subprocess.run(['git', '-C', top, 'status', '--porcelain',
+                                    '--untracked-files=no'], capture_output=True,
+                                   text=True, timeout=10).stdout.strip()
+            v['git'] = head.stdout.strip() + ('-dirty' if dirty else '')
+    except (OSError, subprocess.TimeoutExpired):
+        pass
     try:
         with open('/proc/cpuinfo') as f:
             v['cpu'] = next(l.split(':', 1)[1].strip() for l in f
@@ -1536,6 +1547,7 @@ def main():
           'section 6, relay rows only. cpu%: of one core, over the wall '
           'time; other: the rest of the box.')
     print(f'box busy before start: {idle_busy:.0f}% of {os.cpu_count()} cores')
+    print('versions: ' + ', '.join(f'{k} {v}' for k, v in meta['versions'].items()))
     print(table(rows))
     print()
     print(summary(rows))
