@@ -511,6 +511,22 @@ class SMTPServerBehindProxyTests(SynchronousTestCase):
     header and the session knows the real client.
     """
 
+    def test_talkWithTheHeaderIsPregreet(self) -> None:
+        """
+        A command in the header's segment was sent before the client could
+        see our greeting: the pregreet check sees it through the wrapper.
+        """
+        clock = Clock()
+        holder = Session(peer=STRANGER, clock=clock)
+        factory = ProxyProtocolFactory(holder.factory, TRUSTED, clock)
+        protocol = factory.buildProtocol(HAPROXY)
+        assert protocol is not None
+        transport = StringTransportWithDisconnection(peerAddress=HAPROXY)
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        protocol.dataReceived(V1_TCP4 + b"NOOP\r\n")
+        self.assertRegex(transport.value(), rb"^554 5\.5\.0 Error: SMTP protocol synchronization \[\w+\]\r\n$")
+
     def test_sessionSeesClient(self) -> None:
         clock = Clock()
         holder = Session(peer=STRANGER, clock=clock)  # only for its factory
@@ -521,7 +537,9 @@ class SMTPServerBehindProxyTests(SynchronousTestCase):
         transport.protocol = protocol
         protocol.makeConnection(transport)
         self.assertEqual(transport.value(), b"")
-        protocol.dataReceived(V1_TCP4 + b"NOOP\r\n")
+        protocol.dataReceived(V1_TCP4)
+        self.assertEqual(transport.value(), GREETING)
+        protocol.dataReceived(b"NOOP\r\n")
         self.assertEqual(transport.value(), GREETING + b"250 2.0.0 OK\r\n")
         [session] = [p for p in holder.factory.sessions if p.session.clientHost != "192.0.2.7"]
         self.assertEqual(session.session.clientHost, "198.51.100.7")
