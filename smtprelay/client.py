@@ -4,21 +4,24 @@ The outbound SMTP/LMTP client protocol: one connection to one downstream.
 Every command returns a Deferred that fires with the downstream's L{Reply};
 replies are matched to commands first in, first out.  Commands are written
 at once when the server offers PIPELINING and one at a time otherwise.
-Replies are parsed strictly: garbage, mixed codes, a reply over 64 KiB or
-endless continuation lines abort the connection, and every outstanding
-Deferred fails with L{DownstreamError}.  The body is dot-stuffed by
-L{DotStuffer} at every position, whatever the chunking; an aborted body
-never gets its end-of-data.  Secrets never reach a log line: the protocol
-trace (C{debug}) shows AUTH payloads as C{****}.
+Replies are parsed strictly: garbage, mixed codes, a reply over 64 KiB,
+endless continuation lines, a reply nobody asked for or a reply of the wrong
+class abort the connection, and every outstanding Deferred fails with
+L{DownstreamError}.  The body is dot-stuffed by L{DotStuffer} at every
+position, whatever the chunking; an aborted body never gets its
+end-of-data.  Secrets never reach a log line: the protocol trace (C{debug})
+shows AUTH payloads and C{334} challenges as C{****}.
 """
 
 from __future__ import annotations
 
 import base64
 from collections import deque
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
@@ -38,25 +41,60 @@ from .interfaces import Credentials, DownstreamError, IDownstream, Params, TLSIn
 from .replies import MalformedReply, Reply, reply
 
 MAX_REPLY_BYTES = 64 * 1024
-MAX_REPLY_LINES = 1000
+"""The largest reply (all its lines) we accept from a downstream."""
 
-_REQUIRETLS_UNAVAILABLE = reply(550, "5.7.30", "REQUIRETLS support required")
+MAX_REPLY_LINES = 1000
+"""The most lines one reply may have."""
+
+REQUIRETLS_UNAVAILABLE = reply(550, "5.7.30", "REQUIRETLS support required")
+"""MAIL with REQUIRETLS to a downstream that cannot honour it (RFC 8689)."""
+
 _DSN_MAIL = ("RET", "ENVID")
 _DSN_RCPT = ("NOTIFY", "ORCPT")
+
+Check = Callable[[Reply], bool]
+
+
+def _classes(*allowed: int) -> Check:
+    return lambda r: r.code // 100 in allowed
+
+
+_ANY: Check = lambda r: True
+_NORMAL = _classes(2, 4, 5)
+_DATA: Check = lambda r: r.code == 354 or r.code // 100 in (4, 5)
+_AUTH: Check = lambda r: r.code == 334 or r.code // 100 in (2, 4, 5)
 
 
 class AttemptFailed(Exception):
     """
-    A step before the transaction failed: try the next target.
+    A step before the transaction failed: the failover tries the next
+    target.
 
-    @ivar tls: the failure happened in or right after a TLS handshake.
+    @ivar reason: log-safe description.
+    @ivar backoff: the target is unreachable (connect or greeting failed);
+        let it rest.
+    @ivar noTLS: the target could not give TLS (for C{require_tls}).
+    @ivar retryPlain: a TLS handshake failed; with C{attempt_starttls} and
+        without C{require_tls} the same target is retried on a new
+        connection without STARTTLS.
+    @ivar dns: the target's name did not resolve.
     """
 
-    def __init__(self, reason: str, tls: bool = False, reply: Reply | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        backoff: bool = False,
+        noTLS: bool = False,
+        retryPlain: bool = False,
+        dns: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.tls = tls
-        self.reply = reply
+        self.backoff = backoff
+        self.noTLS = noTLS
+        self.retryPlain = retryPlain
+        self.dns = dns
 
 
 def parseCapabilities(ehlo: Reply) -> dict[str, str]:
@@ -79,14 +117,36 @@ def _formatParams(params: Params) -> bytes:
     )
 
 
-@implementer(IDownstream, IHandshakeListener, IPushProducer)
+@implementer(IPushProducer)
+class _Backpressure:
+    """
+    Registered on the downstream transport while the body is written: when
+    its write buffer fills, pause the client's producer; when it does not
+    drain for C{data_timeout}, give up.
+    """
+
+    def __init__(self, client: SMTPClientProtocol) -> None:
+        self._client = client
+
+    def pauseProducing(self) -> None:
+        self._client._bodyPaused()
+
+    def resumeProducing(self) -> None:
+        self._client._bodyResumed()
+
+    def stopProducing(self) -> None:
+        self._client._cancelStall()
+
+
+@implementer(IDownstream, IHandshakeListener)
 class SMTPClientProtocol(LineReceiver):
     """
-    One downstream connection.  Made by L{smtprelay.failover.Failover}, which
-    drives the steps before the transaction (greeting, EHLO, STARTTLS, AUTH)
-    and hands it to the relay as an L{IDownstream}.
+    One downstream connection.  L{smtprelay.failover.Failover} drives the
+    steps before the transaction (L{greeting}, L{hello}, L{startTLS},
+    L{authenticate}) and hands it to the relay as an L{IDownstream}.
 
     @ivar greeting: fires with the greeting reply.
+    @ivar tlsFailed: the connection was lost to a TLS error.
     """
 
     delimiter = b"\r\n"
@@ -99,64 +159,86 @@ class SMTPClientProtocol(LineReceiver):
         self.capabilities: dict[str, str] = {}
         self.tls: TLSInfo | None = None
         self.peer = peer
+        self.tlsFailed = False
         self.greeting: Deferred[Reply] = Deferred()
         self._clock = clock
-        self._waiting: deque[Deferred[Reply]] = deque()
-        self._queued: deque[tuple[bytes, Deferred[Reply]]] = deque()
+        self._debug = target.debug
+        self._waiting: deque[tuple[Deferred[Reply], Check]] = deque()
+        self._queued: deque[tuple[bytes, Deferred[Reply], Check, bool]] = deque()
         self._lines: list[bytes] = []
         self._replyBytes = 0
         self._timer: IDelayedCall | None = None
         self._timeout = target.commandTimeout
-        self._handshake: Deferred[None] | None = None
+        self._handshake: Deferred[Reply] | None = None
         self._accepted = 0
+        self._downconvert = False
         self._stuffer: DotStuffer | None = None
         self._producer: IPushProducer | None = None
-        self._stalled: IDelayedCall | None = None
+        self._paused = False
+        self._stall: IDelayedCall | None = None
         self._closed = False
         self._error: DownstreamError | None = None
-        self._waiting.append(self.greeting)
+        self._waiting.append((self.greeting, _classes(2, 4, 5)))
 
     # -- connection -------------------------------------------------------
 
     def connectionMade(self) -> None:
+        # Small pipelined commands must not wait for Nagle.
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
         if setNoDelay is not None:
             try:
                 setNoDelay(True)
-            except OSError:
+            except (OSError, AttributeError):
                 pass
         self._armTimer()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
         self._closed = True
         self._cancelTimer()
-        if self._stalled is not None and self._stalled.active():
-            self._stalled.cancel()
+        self._cancelStall()
+        if reason is not None and reason.check(SSL.Error, VerificationError):
+            self.tlsFailed = True
         error = self._error or DownstreamError(
-            replies.DOWNSTREAM_LOST, f"connection to {self.peer} lost: {reason.getErrorMessage() if reason else ''}"
+            replies.DOWNSTREAM_LOST, f"connection to {self.peer} lost"
         )
         self._failAll(error)
         if self._handshake is not None:
             handshake, self._handshake = self._handshake, None
-            handshake.errback(AttemptFailed(f"TLS handshake with {self.peer} failed", tls=True))
+            handshake.errback(
+                AttemptFailed(
+                    f"TLS handshake with {self.peer} failed",
+                    noTLS=True,
+                    retryPlain=True,
+                )
+            )
 
     def _failAll(self, error: DownstreamError) -> None:
-        waiting = list(self._waiting) + [d for _, d in self._queued]
+        waiting = [d for d, _ in self._waiting] + [q[1] for q in self._queued]
         self._waiting.clear()
         self._queued.clear()
         for d in waiting:
             d.errback(error)
 
-    def _abortWith(self, reply_: Reply, reason: str) -> None:
-        self._error = DownstreamError(reply_, reason)
-        self._log.info("aborting downstream {peer}: {reason}", peer=self.peer, reason=reason)
-        self.transport.abortConnection()  # type: ignore[union-attr]
+    def _abortWith(self, reply_: Reply, reason: str) -> DownstreamError:
+        """
+        Close the connection at once; everything outstanding fails with
+        C{reply_}.
+        """
+        if self._error is None:
+            self._error = DownstreamError(reply_, reason)
+            self._log.info("aborting downstream {peer}: {reason}", peer=self.peer, reason=reason)
+            self._cancelTimer()
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+        return self._error
 
     # -- timers -----------------------------------------------------------
 
     def _armTimer(self) -> None:
-        self._cancelTimer()
-        self._timer = self._clock.callLater(self._timeout, self._timedOut)
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._timeout)
+        else:
+            self._timer = self._clock.callLater(self._timeout, self._timedOut)
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -170,8 +252,16 @@ class SMTPClientProtocol(LineReceiver):
     # -- replies ----------------------------------------------------------
 
     def lineReceived(self, line: bytes) -> None:
-        if self.target.debug:
-            self._log.debug("{peer} S: {line}", peer=self.peer, line=_redactReply(line, self._lines))
+        if self._error is not None:
+            return
+        if self._debug:
+            self._trace("S", b"334 ****" if line[:3] == b"334" else line)
+        if not self._waiting:
+            self._abortWith(replies.DOWNSTREAM_LOST, f"unsolicited data from {self.peer}")
+            return
+        if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+            self._abortWith(replies.DOWNSTREAM_LOST, f"malformed reply from {self.peer}")
+            return
         self._lines.append(line)
         self._replyBytes += len(line) + 2
         if len(self._lines) > MAX_REPLY_LINES or self._replyBytes > MAX_REPLY_BYTES:
@@ -185,10 +275,14 @@ class SMTPClientProtocol(LineReceiver):
         except MalformedReply as e:
             self._abortWith(replies.DOWNSTREAM_LOST, f"malformed reply from {self.peer}: {e}")
             return
-        if not self._waiting:
-            self._abortWith(replies.DOWNSTREAM_LOST, f"unsolicited reply from {self.peer}")
+        d, check = self._waiting.popleft()
+        if not check(parsed):
+            d.errback(
+                self._abortWith(
+                    replies.DOWNSTREAM_CONFUSED, f"unexpected reply {parsed.code} from {self.peer}"
+                )
+            )
             return
-        d = self._waiting.popleft()
         if self._waiting:
             self._armTimer()
         else:
@@ -201,75 +295,91 @@ class SMTPClientProtocol(LineReceiver):
 
     # -- commands ---------------------------------------------------------
 
-    def command(self, line: bytes, secret: bool = False) -> Deferred[Reply]:
+    def command(self, line: bytes, check: Check = _NORMAL, secret: bool = False) -> Deferred[Reply]:
         """
         Send one command line; fire with its reply.  Without PIPELINING the
         line waits until every earlier reply has arrived.
+
+        @param check: is a reply of this class expected?  Any other aborts
+            the connection with C{451 4.3.0}.
+        @param secret: show the line as C{****} in the protocol trace.
         """
-        if self._closed:
+        if self._closed or self._error is not None:
             return fail(self._error or DownstreamError(replies.DOWNSTREAM_LOST, "connection closed"))
         d: Deferred[Reply] = Deferred()
         if self._waiting and "PIPELINING" not in self.capabilities:
-            self._queued.append((line, d))
+            self._queued.append((line, d, check, secret))
         else:
-            self._write(line, d, secret)
+            self._write(line, d, check, secret)
         return d
 
-    def _write(self, line: bytes, d: Deferred[Reply], secret: bool = False) -> None:
-        if self.target.debug:
-            shown = _redactCommand(line) if not secret else b"****"
-            self._log.debug("{peer} C: {line}", peer=self.peer, line=shown)
+    def _write(self, line: bytes, d: Deferred[Reply], check: Check, secret: bool) -> None:
+        if self._debug:
+            self._trace("C", _redactCommand(line) if line[:5].upper() == b"AUTH " else b"****" if secret else line)
         if not self._waiting:
             self._armTimer()
-        self._waiting.append(d)
+        self._waiting.append((d, check))
         self.transport.write(line + b"\r\n")  # type: ignore[union-attr]
 
     def _sendQueued(self) -> None:
-        while self._queued and not self._waiting:
-            line, d = self._queued.popleft()
-            self._write(line, d)
+        while self._queued and not self._waiting and self._error is None:
+            line, d, check, secret = self._queued.popleft()
+            self._write(line, d, check, secret)
+
+    def _trace(self, direction: str, line: bytes) -> None:
+        self._log.debug(
+            "{peer} {direction}: {line}",
+            peer=self.peer,
+            direction=direction,
+            line=line.decode("utf-8", "replace"),
+        )
 
     # -- the steps before the transaction ---------------------------------
 
     def hello(self, name: str) -> Deferred[Reply]:
         """
-        EHLO (falling back to HELO on 500/502) or LHLO; learn capabilities.
+        EHLO (falling back to HELO on 500/502) or LHLO; learn the
+        capabilities.  Fires with the final reply, whatever its code.
         """
         verb = b"LHLO " if self.lmtp else b"EHLO "
+        encoded = name.encode("ascii")
 
-        def learned(r: Reply) -> Reply:
+        def learned(r: Reply) -> Reply | Deferred[Reply]:
             if r.code == 250:
                 self.capabilities = parseCapabilities(r)
-                return r
-            if not self.lmtp and r.code in (500, 502):
-                return self.command(b"HELO " + name.encode("ascii")).addCallback(self._helo)
-            raise AttemptFailed(f"{verb.strip().decode()} refused by {self.peer}: {r.code} {r.text}", reply=r)
+            elif not self.lmtp and r.code in (500, 502):
+                return self.command(b"HELO " + encoded)
+            return r
 
         self.capabilities = {}
-        return self.command(verb + name.encode("ascii")).addCallback(learned)
+        return self.command(verb + encoded).addCallback(learned)
 
-    def _helo(self, r: Reply) -> Reply:
-        if r.code != 250:
-            raise AttemptFailed(f"HELO refused by {self.peer}: {r.code} {r.text}", reply=r)
-        return r
-
-    def startTLS(self, options: Any) -> Deferred[None]:
+    def startTLS(self, options: Any) -> Deferred[Reply]:
         """
-        STARTTLS, then the handshake.  Bytes that arrive after the 220 and
-        before the handshake are an injection attempt: abort.
+        STARTTLS, then the handshake.  Fires with the STARTTLS reply: C{220}
+        once the handshake and verification succeeded (the capabilities are
+        then forgotten: say EHLO again), anything else when the server
+        refused (the connection stays usable in plain text).
+
+        Bytes that arrive after the 220 and before the handshake are an
+        injection attempt (or a confused server): abort.
+
+        @raise AttemptFailed: the handshake failed or timed out
+            (C{retryPlain}), or data was injected.
         """
 
-        def ready(r: Reply) -> Deferred[None]:
+        def ready(r: Reply) -> Reply | Deferred[Reply]:
             if r.code != 220:
-                raise AttemptFailed(f"STARTTLS refused by {self.peer}: {r.code} {r.text}", reply=r)
+                return r
             if self._lines or self.clearLineBuffer():
                 self._abortWith(replies.DOWNSTREAM_LOST, f"data injected after STARTTLS by {self.peer}")
-                raise AttemptFailed(f"data injected after STARTTLS by {self.peer}", tls=True)
-            self._handshake = Deferred()
+                raise AttemptFailed(f"data injected after STARTTLS by {self.peer}", noTLS=True)
+            handshake: Deferred[Reply] = Deferred()
+            self._handshake = handshake
             self.capabilities = {}
             self._armTimer()
             self.transport.startTLS(options)  # type: ignore[union-attr]
-            return self._handshake
+            return handshake.addCallback(lambda _: r)
 
         return self.command(b"STARTTLS").addCallback(ready)
 
@@ -278,34 +388,38 @@ class SMTPClientProtocol(LineReceiver):
         The TLS handshake (STARTTLS or implicit TLS) and its verification
         succeeded.
         """
-        self.tls = _tlsInfo(self.transport)
+        # Twisted reports a completed handshake even when the name check
+        # failed and the connection is being aborted: ignore that one.
+        tlsLayer = getattr(self.transport, "protocol", None)
+        if getattr(self.transport, "disconnecting", False) or getattr(tlsLayer, "disconnecting", False):
+            return
+        self.tls = tlsInfo(self.transport)
         if self._handshake is not None:
-            self._cancelTimer()
-            if self._waiting:
-                self._armTimer()
+            if not self._waiting:
+                self._cancelTimer()
             handshake, self._handshake = self._handshake, None
             handshake.callback(None)
 
     def authenticate(self, mechanism: str, credentials: Credentials | None) -> Deferred[Reply]:
         """
-        AUTH PLAIN/LOGIN (with C{credentials}) or EXTERNAL.  Fires with the
-        final reply, whatever its code.
+        AUTH PLAIN (with an initial response), LOGIN (C{credentials}) or
+        EXTERNAL.  Fires with the final reply, whatever its code.
         """
         if mechanism == "external":
-            return self.command(b"AUTH EXTERNAL =")
+            return self.command(b"AUTH EXTERNAL =", _AUTH)
         assert credentials is not None
         user = credentials.username.encode("utf-8")
         password = credentials.password.encode("utf-8")
         if mechanism == "plain":
             token = base64.b64encode(b"\0" + user + b"\0" + password)
-            return self.command(b"AUTH PLAIN " + token, secret=True)
+            return self.command(b"AUTH PLAIN " + token, _AUTH, secret=True)
 
         def step(r: Reply, answer: bytes) -> Reply | Deferred[Reply]:
             if r.code != 334:
                 return r
-            return self.command(base64.b64encode(answer), secret=True)
+            return self.command(base64.b64encode(answer), _AUTH, secret=True)
 
-        d = self.command(b"AUTH LOGIN")
+        d = self.command(b"AUTH LOGIN", _AUTH)
         d.addCallback(step, user)
         d.addCallback(step, password)
         return d
@@ -315,159 +429,173 @@ class SMTPClientProtocol(LineReceiver):
     def mail(self, sender: bytes, params: Params) -> Deferred[Reply]:
         caps = self.capabilities
         out: dict[str, str | None] = {}
-        utf8 = "SMTPUTF8" in params
-        if utf8 and "SMTPUTF8" not in caps:
+        self._accepted = 0
+        self._downconvert = "SMTPUTF8" in params and "SMTPUTF8" not in caps
+        if self._downconvert:
             converted = downconvert(sender)
             if converted is None:
                 return succeed(replies.UTF8_SENDER)
             sender = converted
-        self._utf8Down = utf8 and "SMTPUTF8" not in caps
+        dropped = []
         for key, value in params.items():
-            if key == "SIZE":
-                if "SIZE" in caps:
-                    out[key] = value
-            elif key == "BODY":
-                if value and value.upper() == "8BITMIME" and "8BITMIME" not in caps:
+            if key == "BODY":
+                if (value or "").upper() == "8BITMIME" and "8BITMIME" not in caps:
                     return succeed(replies.CONVERSION_REQUIRED)
                 out[key] = value
-            elif key == "SMTPUTF8":
-                if "SMTPUTF8" in caps:
-                    out[key] = value
+            elif key == "REQUIRETLS":
+                if self.tls is None or "REQUIRETLS" not in caps:
+                    return succeed(REQUIRETLS_UNAVAILABLE)
+                out[key] = value
             elif key in _DSN_MAIL:
                 if "DSN" in caps:
                     out[key] = value
-            elif key == "REQUIRETLS":
-                if self.tls is None or "REQUIRETLS" not in caps:
-                    return succeed(_REQUIRETLS_UNAVAILABLE)
-                out[key] = value
-            elif key == "AUTH":
-                if "AUTH" in caps:
+                else:
+                    dropped.append(key)
+            elif key in ("SIZE", "SMTPUTF8", "AUTH"):
+                if key in caps:
                     out[key] = value
             else:
                 out[key] = value
-        self._accepted = 0
+        if dropped:
+            self._log.debug(
+                "{peer} does not advertise DSN: dropped {params}", peer=self.peer, params=dropped
+            )
         return self.command(b"MAIL FROM:<" + sender + b">" + _formatParams(out))
 
     def rcpt(self, recipient: bytes, params: Params) -> Deferred[Reply]:
-        if getattr(self, "_utf8Down", False) or not recipient.isascii():
-            converted = downconvert(recipient) if "SMTPUTF8" not in self.capabilities else recipient
+        if self._downconvert or (not recipient.isascii() and "SMTPUTF8" not in self.capabilities):
+            converted = downconvert(recipient)
             if converted is None:
                 return succeed(replies.UTF8_RECIPIENT)
             recipient = converted
-        out = {k: v for k, v in params.items() if k not in _DSN_RCPT or "DSN" in self.capabilities}
+        dsn = "DSN" in self.capabilities
+        out = {k: v for k, v in params.items() if dsn or k not in _DSN_RCPT}
+        if len(out) != len(params):
+            self._log.debug("{peer} does not advertise DSN: dropped NOTIFY/ORCPT", peer=self.peer)
 
         def counted(r: Reply) -> Reply:
             if r.positive:
                 self._accepted += 1
             return r
 
-        return self.command(b"RCPT TO:<" + recipient + b">" + _formatParams(out)).addCallback(counted)
+        line = b"RCPT TO:<" + recipient + b">" + _formatParams(out)
+        return self.command(line).addCallback(counted)
 
     def data(self) -> Deferred[Reply]:
         def started(r: Reply) -> Reply:
             if r.code == 354:
                 self._stuffer = DotStuffer()
-                self.transport.registerProducer(self, True)  # type: ignore[union-attr]
-            elif r.positive:
-                self._abortWith(replies.DOWNSTREAM_CONFUSED, f"{r.code} to DATA from {self.peer}")
-                raise DownstreamError(replies.DOWNSTREAM_CONFUSED, f"{r.code} to DATA from {self.peer}")
+                self.transport.registerProducer(_Backpressure(self), True)  # type: ignore[union-attr]
             return r
 
-        return self.command(b"DATA").addCallback(started)
+        return self.command(b"DATA", _DATA).addCallback(started)
 
     def write(self, data: bytes) -> None:
-        if self._stuffer is None or self._closed:
+        if self._stuffer is None or self._error is not None or self._closed:
             return
         self.transport.write(self._stuffer.stuff(data))  # type: ignore[union-attr]
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
         self._producer = producer
+        if self._paused:
+            producer.pauseProducing()
 
     def unregisterProducer(self) -> None:
         self._producer = None
 
     def endData(self) -> Deferred[Sequence[Reply]]:
         stuffer, self._stuffer = self._stuffer, None
-        if stuffer is None or self._closed:
+        if stuffer is None or self._closed or self._error is not None:
             return fail(self._error or DownstreamError(replies.DOWNSTREAM_LOST, "no body in progress"))
         self.transport.unregisterProducer()  # type: ignore[union-attr]
-        self._resumeStalled()
+        self._cancelStall()
+        self._paused = False
         self._timeout = self.target.submissionTimeout
         count = max(1, self._accepted) if self.lmtp else 1
-        if self.target.debug:
-            self._log.debug("{peer} C: <end of data>", peer=self.peer)
+        if self._debug:
+            self._trace("C", b"<end of data>")
         waits: list[Deferred[Reply]] = [Deferred() for _ in range(count)]
         self._armTimer()
-        self._waiting.extend(waits)
+        self._waiting.extend((d, _NORMAL) for d in waits)
         self.transport.write(stuffer.end())  # type: ignore[union-attr]
 
-        def collect(results: list[Reply]) -> list[Reply]:
+        def collected(results: list[Reply]) -> list[Reply]:
             self._timeout = self.target.commandTimeout
             return results
 
-        return gatherResults(waits, consumeErrors=True).addCallbacks(
-            collect, lambda f: f.value.subFailure  # the first DownstreamError
-        )
+        def firstError(f: Failure) -> Failure:
+            f.trap(FirstError)
+            return f.value.subFailure  # type: ignore[no-any-return]
+
+        return gatherResults(waits, consumeErrors=True).addCallbacks(collected, firstError)
 
     def rset(self) -> Deferred[Reply]:
+        self._stuffer = None
         return self.command(b"RSET")
 
     def quit(self) -> None:
-        if self._closed:
+        if self._closed or self._error is not None:
             return
-        self.command(b"QUIT").addBoth(lambda _: self.transport.loseConnection())  # type: ignore[union-attr]
+        transport = self.transport
+
+        def close(_: object) -> None:
+            if transport is not None:
+                transport.loseConnection()
+
+        self.command(b"QUIT", _ANY).addBoth(close)
 
     def abort(self) -> None:
         if not self._closed:
-            self._error = DownstreamError(replies.DOWNSTREAM_LOST, "aborted")
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            self._abortWith(replies.DOWNSTREAM_LOST, "aborted")
 
-    # -- IPushProducer: the downstream socket's back-pressure ---------------
+    # -- back-pressure ------------------------------------------------------
 
-    def pauseProducing(self) -> None:
-        """
-        The downstream's write buffer is full: pause the client, and give up
-        if the body makes no progress for C{data_timeout}.
-        """
+    def _bodyPaused(self) -> None:
+        self._paused = True
         if self._producer is not None:
             self._producer.pauseProducing()
-        if self._stalled is None or not self._stalled.active():
-            self._stalled = self._clock.callLater(self.target.dataTimeout, self._bodyStalled)
+        if self._stall is None or not self._stall.active():
+            self._stall = self._clock.callLater(self.target.dataTimeout, self._bodyStalled)
 
-    def resumeProducing(self) -> None:
-        self._resumeStalled()
+    def _bodyResumed(self) -> None:
+        self._paused = False
+        self._cancelStall()
         if self._producer is not None:
             self._producer.resumeProducing()
 
-    def stopProducing(self) -> None:
-        self._resumeStalled()
-
-    def _resumeStalled(self) -> None:
-        if self._stalled is not None and self._stalled.active():
-            self._stalled.cancel()
-        self._stalled = None
+    def _cancelStall(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
 
     def _bodyStalled(self) -> None:
-        self._stalled = None
+        self._stall = None
         self._abortWith(replies.DOWNSTREAM_LOST, f"body stalled writing to {self.peer}")
 
 
-def _tlsInfo(transport: Any) -> TLSInfo:
-    try:
-        connection = transport.getHandle()
-        return TLSInfo(str(connection.get_protocol_version_name()), str(connection.get_cipher_name()))
-    except Exception:
-        return TLSInfo("unknown", "unknown")
+def tlsInfo(transport: Any) -> TLSInfo | None:
+    """
+    The version and cipher of a TLS transport (implicit TLS wraps the
+    transport; STARTTLS puts the TLS protocol inside it).
+    """
+    for candidate in (transport, getattr(transport, "protocol", None)):
+        getHandle = getattr(candidate, "getHandle", None)
+        if getHandle is None:
+            continue
+        try:
+            connection = getHandle()
+        except Exception:
+            continue
+        if isinstance(connection, SSL.Connection):
+            return TLSInfo(
+                str(connection.get_protocol_version_name()),
+                str(connection.get_cipher_name()),
+            )
+    return TLSInfo("unknown", "unknown")
 
 
 def _redactCommand(line: bytes) -> bytes:
     if line[:5].upper() == b"AUTH ":
         parts = line.split(b" ")
         return b" ".join(parts[:2] + [b"****"] * (len(parts) > 2))
-    return line
-
-
-def _redactReply(line: bytes, previous: list[bytes]) -> bytes:
-    if line[:3] == b"334":
-        return b"334 ****"
     return line

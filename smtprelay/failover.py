@@ -5,59 +5,72 @@ L{Failover.open} tries the endpoints of one target in their configured order
 until one completes the steps before the transaction: connect, greeting
 220, EHLO/LHLO, STARTTLS and verification (when configured), AUTH (when
 configured) and, if asked, MAIL.  A temporary or connection-level failure at
-any step moves on to the next endpoint; a failed TLS handshake is retried
-on a new connection without STARTTLS unless C{require_tls}.  Endpoints that
+any step moves on to the next endpoint; a failed TLS handshake is retried on
+a new connection without STARTTLS unless C{require_tls}.  Endpoints that
 could not be reached rest for C{backoff} seconds so that a message does not
 wait for a dead first endpoint each time; the configured order returns as
-soon as they recover.
+soon as they recover.  A downstream's permanent verdict (5xx to AUTH or
+MAIL) is final: it is the client's answer, not a fault.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Generator
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import DNSLookupError
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from . import replies
 from .client import AttemptFailed, SMTPClientProtocol
 from .config.model import Address, Target
 from .endpoints import clientEndpoint
-from .interfaces import Credentials, DownstreamError, Params
+from .interfaces import Credentials, DownstreamError, IDownstream, Params
+from .replies import Reply
 from .tls import clientOptions
 
-_PLAINTEXT_AUTH = ("plain", "login", "forward")
-
-
-class _NoTLS(AttemptFailed):
-    """
-    The target could not give TLS (not offered, refused or failed).
-    """
+EndpointFactory = Callable[[Address, float, Any], IStreamClientEndpoint]
+"""C{(address, connectTimeout, tlsOptions or None) → endpoint}."""
 
 
 class _Loop(Exception):
-    pass
+    """
+    The target greeted with our own loop token.
+    """
 
 
 class Failover:
     """
     The endpoints of one target, tried in order.  One instance per target is
-    shared by all sessions, so that back-off is shared too.
+    shared by all sessions, so that back-off and TLS contexts are shared too.
 
     @param loopToken: our greeting's token (SPEC §4.4); a target that
         greets with it is ourselves.
+    @param clock: timeouts and back-off (default: C{reactor}).
+    @param endpointFactory: makes the client endpoint of an address
+        (default: L{smtprelay.endpoints.clientEndpoint} on C{reactor});
+        tests connect to fakes with it.
     """
 
     _log = Logger()
 
-    def __init__(self, target: Target, reactor: Any, loopToken: str = "", clock: Any = None) -> None:
+    def __init__(
+        self,
+        target: Target,
+        reactor: Any,
+        loopToken: str = "",
+        clock: IReactorTime | None = None,
+        endpointFactory: EndpointFactory | None = None,
+    ) -> None:
         self.target = target
         self._reactor = reactor
-        self._clock = clock or reactor
+        self._clock: IReactorTime = clock if clock is not None else reactor
         self._loopToken = loopToken
+        self._endpointFactory = endpointFactory or (
+            lambda address, timeout, options: clientEndpoint(reactor, address, timeout, options)
+        )
         self._restingUntil: dict[Address, float] = {}
         self._tlsOptions: dict[str, Any] = {}
 
@@ -70,161 +83,211 @@ class Failover:
         awake = [a for a in self.target.endpoints if self._restingUntil.get(a, 0) <= now]
         return awake or list(self.target.endpoints)
 
-    @inlineCallbacks
-    def open(self, credentials: Credentials | None = None,
-             mail: tuple[bytes, Params] | None = None) -> Any:
+    def open(
+        self, credentials: Credentials | None = None, mail: tuple[bytes, Params] | None = None
+    ) -> Deferred[tuple[IDownstream, Reply | None]]:
         """
         Fire with C{(session, MAIL reply or None)} from the first endpoint
-        that completes the steps; fail with L{DownstreamError}.
+        that completes the steps; a permanent MAIL reply is returned too.
+
+        @param credentials: the client's own, for C{auth forward}.
+        @param mail: C{(sender, params)} to send MAIL as the last step.
+        @raise DownstreamError: C{451 4.4.1} when every endpoint failed
+            (C{4.7.5} when C{require_tls} eliminated them, C{4.4.4} when
+            all were DNS failures); the downstream's own reply to a refused
+            AUTH; C{554 5.4.6} when a target is ourselves.
         """
+        return self._open(credentials, mail)  # type: ignore[return-value]
+
+    @inlineCallbacks
+    def _open(
+        self, credentials: Credentials | None, mail: tuple[bytes, Params] | None
+    ) -> Generator[Deferred[Any], Any, tuple[IDownstream, Reply | None]]:
+        target = self.target
         reasons: list[str] = []
-        failures: list[Failure] = []
-        noTLS = True
+        allDNS = allNoTLS = True
         for address in self.order():
-            for starttls in (True, False):
+            starttls = True
+            while True:
                 try:
                     session = yield self._attempt(address, starttls, credentials)
                 except _Loop:
+                    self._log.error(
+                        "target {target}: {address} greets with our own loop token",
+                        target=target.name, address=str(address),
+                    )
                     raise DownstreamError(replies.LOOP, f"{address} greets with our own token")
-                except DownstreamError as e:
-                    if e.reply.permanent:
-                        raise  # AUTH refused: the downstream's verdict, not a fault
-                    reasons.append(f"{address}: {e.reason}")
-                    noTLS = False
-                    break
                 except AttemptFailed as e:
                     reasons.append(f"{address}: {e.reason}")
-                    failures.append(Failure())
-                    noTLS = noTLS and isinstance(e, _NoTLS)
-                    if e.tls and starttls and not self.target.requireTLS and address.scheme == "tcp":
-                        continue  # seed rule: retry this target without STARTTLS
+                    allDNS = allDNS and e.dns
+                    allNoTLS = allNoTLS and e.noTLS
+                    if e.backoff:
+                        self._rest(address)
+                    if (
+                        e.retryPlain
+                        and starttls
+                        and not target.requireTLS
+                        and target.auth.mechanism == "off"
+                        and address.scheme == "tcp"
+                    ):
+                        self._log.info(
+                            "target {target}: TLS with {address} failed, retrying without STARTTLS",
+                            target=target.name, address=str(address),
+                        )
+                        starttls = False
+                        continue
                     break
-                except Exception as e:
-                    reasons.append(f"{address}: {_describe(e)}")
-                    failures.append(Failure())
-                    noTLS = False
-                    self._rest(address)
-                    break
+                self._restingUntil.pop(address, None)
                 if mail is None:
-                    self._restingUntil.pop(address, None)
                     return (session, None)
                 try:
                     reply = yield session.mail(*mail)
                 except DownstreamError as e:
                     reasons.append(f"{address}: MAIL: {e.reason}")
-                    noTLS = False
+                    allDNS = allNoTLS = False
                     break
                 if reply.transient:
                     reasons.append(f"{address}: MAIL: {reply.code} {reply.text}")
+                    allDNS = allNoTLS = False
                     session.quit()
-                    noTLS = False
                     break
-                self._restingUntil.pop(address, None)
                 return (session, reply)
+        reason = "; ".join(reasons) or "no endpoints"
         self._log.warn(
-            "target {target}: no endpoint available: {reasons}",
-            target=self.target.name, reasons="; ".join(reasons),
+            "target {target}: no endpoint available: {reasons}", target=target.name, reasons=reason
         )
-        if failures and all(f.check(DNSLookupError) for f in failures):
-            raise DownstreamError(replies.DOWNSTREAM_DNS, "; ".join(reasons))
-        if self.target.requireTLS and noTLS and reasons:
-            raise DownstreamError(replies.DOWNSTREAM_NO_TLS, "; ".join(reasons))
-        raise DownstreamError(replies.NO_DOWNSTREAM, "; ".join(reasons) or "no endpoints")
+        if reasons and allDNS:
+            raise DownstreamError(replies.DOWNSTREAM_DNS, reason)
+        if reasons and allNoTLS and target.requireTLS:
+            raise DownstreamError(replies.DOWNSTREAM_NO_TLS, reason)
+        raise DownstreamError(replies.NO_DOWNSTREAM, reason)
 
     def _rest(self, address: Address) -> None:
         if self.target.backoff > 0:
             self._restingUntil[address] = self._clock.seconds() + self.target.backoff
 
-    def _options(self, host: str) -> Any:
-        if host not in self._tlsOptions:
-            self._tlsOptions[host] = clientOptions(self.target.tlsClient, host)
-        return self._tlsOptions[host]
+    def _options(self, address: Address) -> Any:
+        """
+        The client TLS options for C{address}, built once per host name.
+        """
+        options = self._tlsOptions.get(address.host)
+        if options is None:
+            options = self._tlsOptions[address.host] = clientOptions(
+                self.target.tlsClient, address.host
+            )
+        return options
 
     @inlineCallbacks
-    def _attempt(self, address: Address, starttls: bool, credentials: Credentials | None) -> Any:
+    def _connect(self, address: Address, protocol: SMTPClientProtocol) -> Generator[Deferred[Any], Any, None]:
+        target = self.target
+        options = self._options(address) if address.scheme == "tls" else None
+        endpoint = self._endpointFactory(address, target.connectTimeout, options)
+        connecting = connectProtocol(endpoint, protocol)
+        timer = self._clock.callLater(target.connectTimeout, connecting.cancel)
+        try:
+            yield connecting
+        except DNSLookupError:
+            raise AttemptFailed(f"cannot resolve {address.host}", backoff=True, dns=True)
+        except Exception as e:
+            raise AttemptFailed(f"connect failed: {type(e).__name__}", backoff=True)
+        finally:
+            if timer.active():
+                timer.cancel()
+        if address.scheme == "unix":
+            protocol.peer = address.path
+        else:
+            ip = getattr(protocol.transport.getPeer(), "host", "?")  # type: ignore[union-attr]
+            host = f"[{address.host}]" if ":" in address.host else address.host
+            protocol.peer = f"{host}[{ip}]:{address.port}"
+
+    @inlineCallbacks
+    def _attempt(
+        self, address: Address, starttls: bool, credentials: Credentials | None
+    ) -> Generator[Deferred[Any], Any, SMTPClientProtocol]:
         """
-        One connection to C{address} up to (not including) MAIL.
+        One connection to C{address}, up to (not including) MAIL.
+
+        @param starttls: STARTTLS may be used (false on the seed rule's
+            retry after a failed handshake).
         """
         target = self.target
-        implicit = address.scheme == "tls"
-        endpoint = clientEndpoint(
-            self._reactor, address, target.connectTimeout,
-            self._options(address.host) if implicit else None,
-        )
         protocol = SMTPClientProtocol(target, self._clock, peer=str(address))
-        yield connectProtocol(endpoint, protocol)
-        peer = protocol.transport.getPeer()  # type: ignore[union-attr]
-        if address.scheme != "unix":
-            protocol.peer = f"{address.host}[{getattr(peer, 'host', '?')}]:{address.port}"
+        yield self._connect(address, protocol)
         try:
             greeting = yield protocol.greeting
         except DownstreamError as e:
-            self._rest(address)
-            raise AttemptFailed(f"no greeting: {e.reason}", tls=implicit)
+            failedTLS = protocol.tlsFailed
+            raise AttemptFailed(
+                f"no greeting: {'TLS handshake failed' if failedTLS else e.reason}",
+                backoff=not failedTLS,
+                noTLS=failedTLS,
+            )
         if self._loopToken and self._loopToken in greeting.text.split():
             protocol.abort()
             raise _Loop()
         if greeting.code != 220:
             protocol.quit()
-            self._rest(address)
-            raise AttemptFailed(f"greeting {greeting.code} {greeting.text}")
-        handshaking = False
+            raise AttemptFailed(f"greeting {greeting.code} {greeting.text}", backoff=True)
         try:
-            yield protocol.hello(target.hostname)
-            if not implicit:
-                wantTLS = starttls and (target.attemptStartTLS or target.requireTLS)
-                if wantTLS and "STARTTLS" in protocol.capabilities:
-                    handshaking = True
-                    try:
-                        yield protocol.startTLS(self._options(address.host))
-                    except AttemptFailed as e:
-                        if target.requireTLS or e.tls:
-                            raise _NoTLS(e.reason, tls=e.tls)
-                    else:
-                        yield protocol.hello(target.hostname)
-                    handshaking = False
-                if target.requireTLS and protocol.tls is None:
-                    raise _NoTLS("STARTTLS not available")
+            yield self._hello(protocol)
+            needTLS = target.requireTLS or target.auth.mechanism != "off"
+            wantTLS = target.attemptStartTLS or needTLS
+            if address.scheme == "tcp" and starttls and wantTLS:
+                if "STARTTLS" in protocol.capabilities:
+                    started = yield protocol.startTLS(self._options(address))
+                    if started.code == 220:
+                        yield self._hello(protocol)
+                    elif needTLS:
+                        raise AttemptFailed(
+                            f"STARTTLS refused: {started.code} {started.text}", noTLS=True
+                        )
+            if protocol.tls is None:
+                if target.requireTLS:
+                    raise AttemptFailed("no TLS available", noTLS=True)
+                if target.auth.mechanism != "off":
+                    raise AttemptFailed(
+                        f"AUTH {target.auth.mechanism} needs TLS, which was not available",
+                        noTLS=True,
+                    )
             yield self._authenticate(protocol, credentials)
         except DownstreamError as e:
             protocol.abort()
-            if e.reply.permanent and e.reply not in _LOCAL:
-                raise
-            raise AttemptFailed(e.reason, tls=handshaking)
-        except AttemptFailed:
+            if e.reply.permanent:
+                raise  # the downstream's verdict on our credentials
+            raise AttemptFailed(e.reason)
+        except BaseException:
             protocol.abort()
             raise
         return protocol
 
     @inlineCallbacks
-    def _authenticate(self, protocol: SMTPClientProtocol, credentials: Credentials | None) -> Any:
-        mechanism = self.target.auth.mechanism
+    def _hello(self, protocol: SMTPClientProtocol) -> Generator[Deferred[Any], Any, None]:
+        r = yield protocol.hello(self.target.hostname)
+        if r.code != 250:
+            raise AttemptFailed(f"{'LHLO' if protocol.lmtp else 'EHLO/HELO'} refused: {r.code} {r.text}")
+
+    @inlineCallbacks
+    def _authenticate(
+        self, protocol: SMTPClientProtocol, credentials: Credentials | None
+    ) -> Generator[Deferred[Any], Any, None]:
+        auth = self.target.auth
+        mechanism = auth.mechanism
         if mechanism == "off":
-            return None
-        if protocol.tls is None:
-            raise _NoTLS(f"AUTH {mechanism} needs TLS, which {protocol.peer} did not give")
+            return
+        offered = protocol.capabilities.get("AUTH", "").upper().split()
         if mechanism == "forward":
             if credentials is None:
                 raise AttemptFailed("auth forward without client credentials")
+            wire = "login" if "PLAIN" not in offered and "LOGIN" in offered else "plain"
         elif mechanism in ("plain", "login"):
-            auth = self.target.auth
             assert auth.username is not None and auth.password is not None
             credentials = Credentials(auth.username, auth.password.reveal())
-        wire = "plain" if mechanism == "forward" else mechanism
-        if wire != "external" and wire.upper() not in protocol.capabilities.get("AUTH", "").upper().split():
-            if mechanism == "forward" and "LOGIN" in protocol.capabilities.get("AUTH", "").upper().split():
-                wire = "login"
-        reply = yield protocol.authenticate(wire, credentials)
-        if reply.code == 235:
-            return reply
-        if reply.permanent:
-            raise DownstreamError(reply, f"AUTH refused by {protocol.peer}: {reply.code}")
-        raise AttemptFailed(f"AUTH failed at {protocol.peer}: {reply.code} {reply.text}")
-
-
-_LOCAL = frozenset({replies.DOWNSTREAM_LOST, replies.DOWNSTREAM_CONFUSED})
-
-
-def _describe(e: Exception) -> str:
-    return f"{type(e).__name__}: {e}"
-
+            wire = mechanism
+        else:
+            wire = "external"
+        r = yield protocol.authenticate(wire, credentials)
+        if r.code == 235:
+            return
+        if r.permanent:
+            raise DownstreamError(r, f"AUTH {wire.upper()} refused by {protocol.peer}: {r.code}")
+        raise AttemptFailed(f"AUTH {wire.upper()} failed at {protocol.peer}: {r.code} {r.text}")

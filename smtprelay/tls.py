@@ -9,12 +9,18 @@ files and can be reloaded in place (SIGHUP) without touching sessions.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _lib
 from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLContextFactory
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
+    IOpenSSLServerConnectionCreator,
+)
 from zope.interface import implementer
 
 from .config.model import ClientTLS, ServerTLS
@@ -41,7 +47,13 @@ def _certificates(path: str) -> list[ssl.Certificate]:
 
 def _versionOptions(protocols: tuple[str, str | None]) -> dict[str, Any]:
     low, high = protocols
-    options: dict[str, Any] = {"raiseMinimumTo": _VERSIONS[low]}
+    minimum = _VERSIONS[low]
+    options: dict[str, Any] = {}
+    # Twisted only raises its default minimum (TLS 1.2) with raiseMinimumTo.
+    if minimum < ssl.TLSVersion.TLSv1_2:
+        options["insecurelyLowerMinimumTo"] = minimum
+    else:
+        options["raiseMinimumTo"] = minimum
     if high is not None:
         options["lowerMaximumSecurityTo"] = _VERSIONS[high]
     return options
@@ -53,39 +65,109 @@ def _cipherOptions(ciphers: str | None) -> dict[str, Any]:
     return {"acceptableCiphers": ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers)}
 
 
-def clientOptions(tls: ClientTLS, hostname: str) -> Any:
+def _isIP(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _setCurves(connection: SSL.Connection, curves: bytes) -> None:
+    # pyOpenSSL has no API for the key-exchange group list; OpenSSL's is
+    # SSL_set1_curves_list (an alias of SSL_set1_groups_list).
+    if _lib.SSL_set1_curves_list(connection._ssl, curves) != 1:  # type: ignore[attr-defined]
+        raise ValueError("tls_client: unknown curve in " + curves.decode("ascii", "replace"))
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _WithCurves:
+    """
+    Restrict the key-exchange groups of every connection made by C{inner}.
+    """
+
+    def __init__(self, inner: IOpenSSLClientConnectionCreator, curves: bytes) -> None:
+        self._inner = inner
+        self._curves = curves
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = self._inner.clientConnectionForTLS(tlsProtocol)
+        _setCurves(connection, self._curves)
+        return connection
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _Unverified:
+    """
+    Encrypt without verifying the peer (C{insecure_skip_verify}), still
+    sending SNI for a host name.
+    """
+
+    def __init__(self, options: ssl.CertificateOptions, serverName: str) -> None:
+        self._options = options
+        self._serverName = None if _isIP(serverName) else serverName.encode("idna")
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self._options.getContext(), None)
+        connection.set_app_data(tlsProtocol)
+        if self._serverName:
+            connection.set_tlsext_host_name(self._serverName)
+        connection.set_connect_state()
+        return connection
+
+
+def clientOptions(tls: ClientTLS, hostname: str) -> IOpenSSLClientConnectionCreator:
     """
     Options for connecting to C{hostname} (a name or IP literal) as a TLS
-    client: C{root_ca} replaces the system roots, C{cert}+C{key} give a
-    client certificate, C{insecure_skip_verify} encrypts without verifying.
+    client.  The peer's name (C{server_name}, else C{hostname}) is verified
+    with service_identity (DNS-ID or IP-ID) and sent as SNI; C{root_ca}
+    replaces the system roots; C{cert}+C{key} give a client certificate;
+    C{insecure_skip_verify} encrypts without verifying.  Build it once per
+    host and reuse it: it holds the OpenSSL context.
+
+    @raise ValueError: an unknown curve name.
+    @raise OSError: a file cannot be read.
     """
     extra: dict[str, Any] = {**_versionOptions(tls.protocols), **_cipherOptions(tls.ciphers)}
-    if tls.insecureSkipVerify:
-        key = ssl.PrivateCertificate.loadPEM(_read(tls.cert) + b"\n" + _read(tls.key)) if tls.cert and tls.key else None
-        if key is not None:
-            extra.update(privateKey=key.privateKey.original, certificate=key.original)
-        return ssl.CertificateOptions(verify=False, **extra)
-    trustRoot: Any = ssl.platformTrust()
-    if tls.rootCAs:
-        trustRoot = ssl.trustRootFromCertificates(
-            [cert for path in tls.rootCAs for cert in _certificates(path)]
-        )
+    name = tls.serverName or hostname
     clientCertificate = None
     if tls.cert and tls.key:
         clientCertificate = ssl.PrivateCertificate.loadPEM(_read(tls.cert) + b"\n" + _read(tls.key))
-    return ssl.optionsForClientTLS(
-        tls.serverName or hostname,
-        trustRoot=trustRoot,
-        clientCertificate=clientCertificate,
-        extraCertificateOptions=extra,
-    )
+    creator: IOpenSSLClientConnectionCreator
+    if tls.insecureSkipVerify:
+        if clientCertificate is not None:
+            extra.update(
+                privateKey=clientCertificate.privateKey.original,
+                certificate=clientCertificate.original,
+            )
+        creator = _Unverified(ssl.CertificateOptions(verify=False, **extra), name)
+    else:
+        trustRoot: Any = ssl.platformTrust()
+        if tls.rootCAs:
+            trustRoot = ssl.trustRootFromCertificates(
+                [cert for path in tls.rootCAs for cert in _certificates(path)]
+            )
+        creator = ssl.optionsForClientTLS(
+            name,
+            trustRoot=trustRoot,
+            clientCertificate=clientCertificate,
+            extraCertificateOptions=extra,
+        )
+    if tls.curves:
+        curves = ":".join(tls.curves).encode("ascii")
+        probe = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+        _setCurves(probe, curves)
+        creator = _WithCurves(creator, curves)
+    return creator
 
 
-@implementer(IOpenSSLContextFactory)
+@implementer(IOpenSSLContextFactory, IOpenSSLServerConnectionCreator)
 class ReloadableServerOptions:
     """
     Server TLS options that can re-read their files (SIGHUP).  New
     handshakes use the new certificate; established sessions are untouched.
+
+    @ivar config: the C{tls} settings the files come from.
     """
 
     def __init__(self, config: ServerTLS) -> None:
@@ -97,33 +179,48 @@ class ReloadableServerOptions:
         chain = _certificates(config.cert)
         if not chain:
             raise ValueError(f"{config.cert}: no PEM certificate found")
-        key = ssl.KeyPair.load(_read(config.key), ssl.crypto.FILETYPE_PEM)
-        extra: dict[str, Any] = {**_versionOptions(config.protocols), **_cipherOptions(config.ciphers)}
+        key = ssl.KeyPair.load(_read(config.key), crypto.FILETYPE_PEM)
+        extra: dict[str, Any] = {
+            **_versionOptions(config.protocols),
+            **_cipherOptions(config.ciphers),
+        }
         if config.clientCA:
-            extra.update(verify=True, caCerts=[c.original for c in _certificates(config.clientCA)],
-                         requireCertificate=False)
-        return ssl.CertificateOptions(
+            extra.update(
+                verify=True,
+                caCerts=[c.original for c in _certificates(config.clientCA)],
+                requireCertificate=False,
+            )
+        options = ssl.CertificateOptions(
             privateKey=key.original,
             certificate=chain[0].original,
             extraCertChain=[c.original for c in chain[1:]],
             **extra,
         )
+        options.getContext()  # a key that does not match fails here, not in a handshake
+        return options
 
     def reload(self) -> None:
         """
-        Re-read the certificate chain and key; on error keep the old ones.
+        Re-read the certificate chain and key.  On error the old ones stay
+        in use and the error is raised for the caller to log.
         """
         self._options = self._load()
 
     def getContext(self) -> SSL.Context:
         return self._options.getContext()
 
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self.getContext(), None)
+        connection.set_app_data(tlsProtocol)
+        return connection
 
-def serverOptions(config: ServerTLS) -> ReloadableServerOptions:
+
+def serverOptions(tls: ServerTLS) -> ReloadableServerOptions:
     """
     Server TLS options for STARTTLS and C{tls://} listeners.
+
+    @raise ValueError: no certificate in the file, or the key does not
+        match.
+    @raise OSError: a file cannot be read.
     """
-    return ReloadableServerOptions(config)
-
-
-__all__ = ["clientOptions", "serverOptions", "ReloadableServerOptions", "IOpenSSLClientConnectionCreator"]
+    return ReloadableServerOptions(tls)

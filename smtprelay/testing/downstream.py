@@ -1,0 +1,344 @@
+"""
+A scripted fake downstream SMTP/LMTP server, for testing code that talks to
+one (the outbound engine, the relay, your own handlers).
+
+A L{Script} says what the server answers at every step: greeting, EHLO/LHLO
+capabilities, MAIL, RCPT (per address), DATA, end-of-data (per recipient
+for LMTP), STARTTLS (with real TLS when given server options), AUTH
+exchanges.  Any step may instead L{STALL} (never answer), L{CLOSE} (drop
+the connection) or answer with arbitrary bytes (garbage, injected extra
+lines).  L{FakeDownstream} records exactly what it received.
+
+L{MemoryNetwork} is an endpoint factory for L{smtprelay.failover.Failover}
+that connects clients to fakes in memory (L{twisted.test.iosim}), refuses
+connections or never completes them; L{connectInMemory} wires one client
+protocol to one fake.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attrs
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.test import iosim
+from zope.interface import implementer
+
+STALL = b"<stall>"
+"""A reply that is never sent: the server just stops answering."""
+
+CLOSE = b"<close>"
+"""A reply that is a dropped connection; at the end of a reply, drop the
+connection after sending the rest."""
+
+DEFAULT_EHLO = (
+    b"250-fake.example\r\n"
+    b"250-PIPELINING\r\n"
+    b"250-8BITMIME\r\n"
+    b"250-SIZE 10240000\r\n"
+    b"250 ENHANCEDSTATUSCODES\r\n"
+)
+
+
+@attrs.define
+class Script:
+    """
+    What a L{FakeDownstream} answers.  Every reply is raw bytes (CRLF
+    included), L{STALL} or L{CLOSE}.
+
+    @ivar replies: by step: C{greeting}, C{EHLO}, C{HELO}, C{LHLO},
+        C{STARTTLS}, C{MAIL}, C{RCPT} (default for addresses not in
+        L{rcpt}), C{DATA}, C{END} (SMTP end-of-data, and the LMTP default),
+        C{RSET}, C{QUIT}, C{NOOP}, C{TLS-EHLO} (EHLO/LHLO after STARTTLS),
+        C{*} (anything else).
+    @ivar rcpt: RCPT reply by address (without brackets).
+    @ivar lmtp: LMTP end-of-data reply by accepted recipient address.
+    @ivar auth: the replies to the AUTH command and each following line,
+        in order (e.g. C{334}, C{334}, C{235}).
+    @ivar tlsOptions: server TLS options; with them a C{220} to STARTTLS
+        starts a real TLS handshake.
+    @ivar onStep: called with C{(protocol, step)} before a step is
+        answered (to count, stall the clock, ...).
+    """
+
+    replies: dict[str, bytes] = attrs.field(factory=dict)
+    rcpt: dict[bytes, bytes] = attrs.field(factory=dict)
+    lmtp: dict[bytes, bytes] = attrs.field(factory=dict)
+    auth: list[bytes] = attrs.field(factory=list)
+    tlsOptions: Any = None
+    onStep: Callable[[FakeDownstream, str], None] | None = None
+
+    _DEFAULTS = {
+        "greeting": b"220 fake.example ESMTP ready\r\n",
+        "EHLO": DEFAULT_EHLO,
+        "LHLO": DEFAULT_EHLO,
+        "HELO": b"250 fake.example\r\n",
+        "STARTTLS": b"220 2.0.0 Ready to start TLS\r\n",
+        "MAIL": b"250 2.1.0 Ok\r\n",
+        "RCPT": b"250 2.1.5 Ok\r\n",
+        "DATA": b"354 End data with <CR><LF>.<CR><LF>\r\n",
+        "END": b"250 2.0.0 Ok: queued\r\n",
+        "RSET": b"250 2.0.0 Ok\r\n",
+        "NOOP": b"250 2.0.0 Ok\r\n",
+        "QUIT": b"221 2.0.0 Bye\r\n",
+        "*": b"502 5.5.2 Error: command not recognized\r\n",
+    }
+
+    def reply(self, step: str) -> bytes:
+        if step in self.replies:
+            return self.replies[step]
+        if step == "TLS-EHLO":
+            return self.reply("EHLO").replace(b"250-STARTTLS\r\n", b"")
+        return self._DEFAULTS.get(step, self._DEFAULTS["*"])
+
+
+class FakeDownstream(Protocol):
+    """
+    One connection to the fake server.
+
+    @ivar received: every byte received (after TLS: decrypted), in order.
+    @ivar commands: the command lines received (without CRLF), AUTH
+        continuation lines included.
+    @ivar messages: each DATA body as received (still stuffed), with its
+        end-of-data line.
+    @ivar recipients: the accepted recipients of the current transaction.
+    @ivar lmtp: answer end-of-data once per accepted recipient.
+    @ivar tls: STARTTLS has been started on this connection.
+    @ivar lost: the connection is gone.
+    """
+
+    def __init__(self, script: Script, lmtp: bool = False) -> None:
+        self.script = script
+        self.lmtp = lmtp
+        self.received = bytearray()
+        self.commands: list[bytes] = []
+        self.messages: list[bytes] = []
+        self.recipients: list[bytes] = []
+        self.tls = False
+        self.lost = False
+        self._buffer = b""
+        self._body: bytearray | None = None
+        self._auth: list[bytes] | None = None
+
+    def connectionMade(self) -> None:
+        self._answer("greeting")
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        self._buffer += data
+        while self._buffer and not self.lost and not self.transport.disconnecting:  # type: ignore[attr-defined]
+            if self._body is not None:
+                if not self._bodyReceived():
+                    return
+                continue
+            line, sep, rest = self._buffer.partition(b"\r\n")
+            if not sep:
+                return
+            self._buffer = rest
+            self.commands.append(line)
+            self._command(line)
+
+    def _bodyReceived(self) -> bool:
+        assert self._body is not None
+        self._body += self._buffer
+        self._buffer = b""
+        body = bytes(self._body)
+        end = (b"\r\n" + body).find(b"\r\n.\r\n")
+        if end < 0:
+            return False
+        message, self._buffer = body[: end + 3], body[end + 3:]
+        self.messages.append(message)
+        self._body = None
+        if self.lmtp:
+            for rcpt in self.recipients:
+                self._send(self.script.lmtp.get(rcpt, self.script.reply("END")), "END")
+        else:
+            self._answer("END")
+        return True
+
+    def _command(self, line: bytes) -> None:
+        if self._auth is not None:
+            self._authStep()
+            return
+        verb, _, argument = line.partition(b" ")
+        step = verb.upper().decode("ascii", "replace")
+        if step in ("EHLO", "LHLO") and self.tls:
+            self._answer(step, "TLS-EHLO")
+        elif step == "MAIL":
+            self.recipients = []
+            self._answer("MAIL")
+        elif step == "RCPT":
+            address = argument.partition(b"<")[2].partition(b">")[0]
+            answer = self.script.rcpt.get(address, self.script.reply("RCPT"))
+            if answer[:1] == b"2":
+                self.recipients.append(address)
+            self._send(answer, "RCPT")
+        elif step == "DATA":
+            answer = self.script.reply("DATA")
+            if answer[:3] == b"354":
+                self._body = bytearray()
+            self._send(answer, "DATA")
+        elif step == "AUTH":
+            self._auth = list(self.script.auth)
+            self._authStep()
+        elif step == "STARTTLS":
+            answer = self.script.reply("STARTTLS")
+            self._send(answer, "STARTTLS")
+            if answer[:3] == b"220" and self.script.tlsOptions is not None:
+                self._buffer = b""
+                self.tls = True
+                self.transport.startTLS(self.script.tlsOptions)  # type: ignore[attr-defined]
+        elif step in ("EHLO", "LHLO", "HELO", "RSET", "NOOP", "QUIT"):
+            self._answer(step)
+            if step == "QUIT":
+                self.transport.loseConnection()  # type: ignore[union-attr]
+        else:
+            self._answer("*")
+
+    def _authStep(self) -> None:
+        assert self._auth is not None
+        answer = self._auth.pop(0) if self._auth else b"235 2.7.0 Authentication successful\r\n"
+        if not answer.startswith(b"334"):
+            self._auth = None
+        self._send(answer, "AUTH")
+
+    def _answer(self, step: str, replyStep: str | None = None) -> None:
+        self._send(self.script.reply(replyStep or step), step)
+
+    def _send(self, answer: bytes, step: str) -> None:
+        if self.script.onStep is not None:
+            self.script.onStep(self, step)
+        if answer == STALL:
+            return
+        if answer.endswith(CLOSE):
+            self.transport.write(answer[: -len(CLOSE)])  # type: ignore[union-attr]
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self.transport.write(answer)  # type: ignore[union-attr]
+
+
+class DownstreamFactory(Factory):
+    """
+    Makes L{FakeDownstream}s that follow one script; keeps them in
+    L{connections}.
+
+    @param lmtp: answer end-of-data once per accepted recipient.
+    """
+
+    def __init__(self, script: Script | None = None, lmtp: bool = False) -> None:
+        self.script = script or Script()
+        self.lmtp = lmtp
+        self.connections: list[FakeDownstream] = []
+
+    def buildProtocol(self, addr: Any) -> FakeDownstream:
+        p = FakeDownstream(self.script, self.lmtp)
+        p.factory = self
+        self.connections.append(p)
+        return p
+
+
+def connectInMemory(
+    client: IProtocol,
+    server: Protocol,
+    clock: IReactorTime | None = None,
+    peer: tuple[str, int] = ("192.0.2.25", 25),
+) -> iosim.IOPump:
+    """
+    Connect C{client} to C{server} through L{iosim} transports and return
+    the (not yet pumped) L{iosim.IOPump}.
+    """
+    serverTransport = iosim.FakeTransport(server, isServer=True)
+    clientTransport = iosim.FakeTransport(
+        client, isServer=False, peerAddress=IPv4Address("TCP", *peer)
+    )
+    return iosim.connect(
+        server, serverTransport, client, clientTransport, greet=False, clock=clock or Clock()
+    )
+
+
+@implementer(IStreamClientEndpoint)
+class _MemoryEndpoint:
+    def __init__(self, network: MemoryNetwork, key: str) -> None:
+        self._network = network
+        self._key = key
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        return self._network._connect(self._key, factory)
+
+
+class MemoryNetwork:
+    """
+    An endpoint factory (C{(address, timeout, tlsOptions) → endpoint}) for
+    L{smtprelay.failover.Failover} whose addresses lead to fakes in memory.
+
+    Addresses are keyed by C{str(address)} (C{tcp://host:port}).  Unknown
+    addresses refuse connections.  Call L{flush} to move bytes.
+
+    @ivar attempts: the address keys connected to, in order.
+    @ivar pumps: one per connection made.
+    """
+
+    def __init__(self, clock: IReactorTime | None = None) -> None:
+        self.clock = clock or Clock()
+        self._servers: dict[str, DownstreamFactory] = {}
+        self._hang: set[str] = set()
+        self._dns: set[str] = set()
+        self.attempts: list[str] = []
+        self.pumps: list[iosim.IOPump] = []
+
+    def add(self, key: str, script: Script | None = None, lmtp: bool = False) -> DownstreamFactory:
+        """
+        A fake server at C{key}; returns its factory (see C{connections}).
+        """
+        factory = self._servers[key] = DownstreamFactory(script, lmtp)
+        return factory
+
+    def hang(self, key: str) -> None:
+        """
+        Connections to C{key} never complete (until cancelled).
+        """
+        self._hang.add(key)
+
+    def unresolvable(self, key: str) -> None:
+        """
+        Connections to C{key} fail with a DNS lookup error.
+        """
+        self._dns.add(key)
+
+    def __call__(self, address: Any, timeout: float, tlsOptions: Any) -> IStreamClientEndpoint:
+        return _MemoryEndpoint(self, str(address))
+
+    def _connect(self, key: str, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        self.attempts.append(key)
+        if key in self._hang:
+            return Deferred()
+        if key in self._dns:
+            return fail(DNSLookupError(key))
+        server = self._servers.get(key)
+        if server is None:
+            return fail(ConnectionRefusedError(key))
+        peer = IPv4Address("TCP", "192.0.2.25", 25)
+        client = factory.buildProtocol(peer)
+        assert client is not None
+        self.pumps.append(connectInMemory(client, server.buildProtocol(peer), self.clock))
+        return succeed(client)
+
+    def flush(self) -> None:
+        """
+        Move bytes on every connection until nothing moves.
+        """
+        for _ in range(1000):
+            moved = False
+            for pump in list(self.pumps):
+                moved = pump.flush(advanceClock=False) or moved
+            if not moved:
+                return
+        raise AssertionError("the connections never went quiet")
