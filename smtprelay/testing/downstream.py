@@ -20,14 +20,21 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import attrs
+from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    ISSLTransport,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.test import iosim
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer
 
 STALL = b"<stall>"
 """A reply that is never sent: the server just stops answering."""
@@ -61,7 +68,8 @@ class Script:
     @ivar auth: the replies to the AUTH command and each following line,
         in order (e.g. C{334}, C{334}, C{235}).
     @ivar tlsOptions: server TLS options; with them a C{220} to STARTTLS
-        starts a real TLS handshake.
+        starts a real TLS handshake.  Without them (in memory) the
+        connection only pretends: see L{connectInMemory}.
     @ivar onStep: called with C{(protocol, step)} before a step is
         answered (to count, stall the clock, ...).
     """
@@ -192,10 +200,11 @@ class FakeDownstream(Protocol):
         elif step == "STARTTLS":
             answer = self.script.reply("STARTTLS")
             self._send(answer, "STARTTLS")
-            if answer[:3] == b"220" and self.script.tlsOptions is not None:
+            if answer[:3] == b"220":
                 self._buffer = b""
                 self.tls = True
-                self.transport.startTLS(self.script.tlsOptions)  # type: ignore[attr-defined]
+                if self.script.tlsOptions is not None:
+                    self.transport.startTLS(self.script.tlsOptions)  # type: ignore[attr-defined]
         elif step in ("EHLO", "LHLO", "HELO", "RSET", "NOOP", "QUIT"):
             self._answer(step)
             if step == "QUIT":
@@ -245,19 +254,45 @@ class DownstreamFactory(Factory):
         return p
 
 
+class PretendTLSTransport(iosim.FakeTransport):
+    """
+    A client transport whose C{startTLS} pretends: the handshake completes
+    at once (C{handshakeCompleted}) or fails with an OpenSSL error, as
+    C{handshake} says (C{"ok"} or C{"fail"}).
+
+    @ivar tlsStarted: the options passed to each C{startTLS}.
+    """
+
+    def __init__(self, protocol: IProtocol, handshake: str = "ok", **kw: Any) -> None:
+        super().__init__(protocol, isServer=False, **kw)
+        self.handshake = handshake
+        self.tlsStarted: list[Any] = []
+
+    def startTLS(self, contextFactory: Any, beNormal: bool = True) -> None:
+        self.tlsStarted.append(contextFactory)
+        if self.handshake == "ok":
+            directlyProvides(self, ISSLTransport)
+            self.protocol.handshakeCompleted()
+        else:
+            self.disconnectReason = SSL.Error("pretend handshake failure")
+            self.loseConnection()
+
+
 def connectInMemory(
     client: IProtocol,
     server: Protocol,
     clock: IReactorTime | None = None,
     peer: tuple[str, int] = ("192.0.2.25", 25),
+    handshake: str = "ok",
 ) -> iosim.IOPump:
     """
     Connect C{client} to C{server} through L{iosim} transports and return
-    the (not yet pumped) L{iosim.IOPump}.
+    the (not yet pumped) L{iosim.IOPump}.  The client's transport is a
+    L{PretendTLSTransport} (C{handshake}: C{"ok"} or C{"fail"}).
     """
     serverTransport = iosim.FakeTransport(server, isServer=True)
-    clientTransport = iosim.FakeTransport(
-        client, isServer=False, peerAddress=IPv4Address("TCP", *peer)
+    clientTransport = PretendTLSTransport(
+        client, handshake, peerAddress=IPv4Address("TCP", *peer)
     )
     return iosim.connect(
         server, serverTransport, client, clientTransport, greet=False, clock=clock or Clock()
@@ -291,14 +326,20 @@ class MemoryNetwork:
         self._servers: dict[str, DownstreamFactory] = {}
         self._hang: set[str] = set()
         self._dns: set[str] = set()
+        self._handshakes: dict[str, str] = {}
         self.attempts: list[str] = []
         self.pumps: list[iosim.IOPump] = []
 
-    def add(self, key: str, script: Script | None = None, lmtp: bool = False) -> DownstreamFactory:
+    def add(
+        self, key: str, script: Script | None = None, lmtp: bool = False, handshake: str = "ok"
+    ) -> DownstreamFactory:
         """
         A fake server at C{key}; returns its factory (see C{connections}).
+
+        @param handshake: how a STARTTLS handshake ends (C{"ok"}/C{"fail"}).
         """
         factory = self._servers[key] = DownstreamFactory(script, lmtp)
+        self._handshakes[key] = handshake
         return factory
 
     def hang(self, key: str) -> None:
@@ -328,7 +369,11 @@ class MemoryNetwork:
         peer = IPv4Address("TCP", "192.0.2.25", 25)
         client = factory.buildProtocol(peer)
         assert client is not None
-        self.pumps.append(connectInMemory(client, server.buildProtocol(peer), self.clock))
+        self.pumps.append(
+            connectInMemory(
+                client, server.buildProtocol(peer), self.clock, handshake=self._handshakes[key]
+            )
+        )
         return succeed(client)
 
     def flush(self) -> None:

@@ -1,0 +1,406 @@
+"""
+Tests for L{smtprelay.failover}: which failure moves on to the next target,
+back-off, TLS and AUTH rules, all in memory against scripted fakes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from smtprelay import replies
+from smtprelay.config.model import Address, DownstreamAuth, Secret, Target
+from smtprelay.failover import Failover
+from smtprelay.interfaces import Credentials, DownstreamError, IDownstream
+from smtprelay.replies import Reply
+from smtprelay.testing.downstream import CLOSE, STALL, MemoryNetwork, Script
+
+MX1 = Address("tcp", "mx1.example", 25)
+MX2 = Address("tcp", "mx2.example", 25)
+MX3 = Address("tcp", "mx3.example", 25)
+TLS_EHLO = b"250-fake.example\r\n250-PIPELINING\r\n250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n"
+MAIL = (b"a@example.org", {})
+
+
+def makeTarget(*endpoints: Address, **kw: Any) -> Target:
+    kw.setdefault("protocol", "smtp")
+    kw.setdefault("attemptStartTLS", False)
+    return Target(name="t", endpoints=endpoints or (MX1, MX2), hostname="relay.example", **kw)
+
+
+class FailoverTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.net = MemoryNetwork(self.clock)
+
+    def failover(self, target: Target, loopToken: str = "") -> Failover:
+        return Failover(target, reactor=None, loopToken=loopToken, clock=self.clock,
+                        endpointFactory=self.net)
+
+    def open(self, failover: Failover, **kw: Any) -> Any:
+        d = failover.open(**kw)
+        self.net.flush()
+        return d
+
+    def opened(self, failover: Failover, **kw: Any) -> tuple[IDownstream, Reply | None]:
+        return self.successResultOf(self.open(failover, **kw))  # type: ignore[no-any-return]
+
+    def failed(self, failover: Failover, **kw: Any) -> DownstreamError:
+        return self.failureResultOf(self.open(failover, **kw), DownstreamError).value  # type: ignore[no-any-return]
+
+
+class OrderTests(FailoverTestCase):
+    def test_first(self) -> None:
+        first = self.net.add(str(MX1))
+        self.net.add(str(MX2))
+        session, mailReply = self.opened(self.failover(makeTarget()))
+        self.assertIsNone(mailReply)
+        self.assertEqual(self.net.attempts, [str(MX1)])
+        self.assertEqual(session.peer, "mx1.example[192.0.2.25]:25")
+        self.assertEqual(session.target.name, "t")
+        self.assertEqual(bytes(first.connections[0].received), b"EHLO relay.example\r\n")
+
+    def test_refusedThenNext(self) -> None:
+        self.net.add(str(MX2))
+        session, _ = self.opened(self.failover(makeTarget()))
+        self.assertEqual(self.net.attempts, [str(MX1), str(MX2)])
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+
+    def test_badGreetingThenNext(self) -> None:
+        first = self.net.add(str(MX1), Script(replies={"greeting": b"554 5.3.2 go away\r\n"}))
+        self.net.add(str(MX2))
+        session, _ = self.opened(self.failover(makeTarget()))
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+        self.assertEqual(first.connections[0].commands, [b"QUIT"])
+
+    def test_ehloErrorThenNext(self) -> None:
+        first = self.net.add(str(MX1), Script(replies={"EHLO": b"421 4.3.2 busy\r\n"}))
+        self.net.add(str(MX2))
+        session, _ = self.opened(self.failover(makeTarget()))
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+        self.assertTrue(first.connections[0].lost)
+
+    def test_heloFallback(self) -> None:
+        first = self.net.add(str(MX1), Script(replies={"EHLO": b"502 5.5.1 no\r\n"}))
+        session, _ = self.opened(self.failover(makeTarget()))
+        self.assertEqual(first.connections[0].commands, [b"EHLO relay.example", b"HELO relay.example"])
+        self.assertEqual(session.capabilities, {})
+
+    def test_lmtp(self) -> None:
+        first = self.net.add(str(MX1), lmtp=True)
+        self.opened(self.failover(makeTarget(protocol="lmtp")))
+        self.assertEqual(first.connections[0].commands, [b"LHLO relay.example"])
+
+    def test_malformedGreetingThenNext(self) -> None:
+        self.net.add(str(MX1), Script(replies={"greeting": b"HTTP/1.1 400 Bad\r\n"}))
+        self.net.add(str(MX2))
+        session, _ = self.opened(self.failover(makeTarget()))
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+
+    def test_allFailed(self) -> None:
+        error = self.failed(self.failover(makeTarget()))
+        self.assertEqual(error.reply, replies.NO_DOWNSTREAM)
+        self.assertIn("mx1.example", error.reason)
+        self.assertIn("mx2.example", error.reason)
+
+    def test_dns(self) -> None:
+        """
+        Every failure a DNS failure: 451 4.4.4; mixed: 451 4.4.1.
+        """
+        self.net.unresolvable(str(MX1))
+        self.net.unresolvable(str(MX2))
+        self.assertEqual(self.failed(self.failover(makeTarget())).reply, replies.DOWNSTREAM_DNS)
+        self.assertEqual(
+            self.failed(self.failover(makeTarget(MX1, MX2, MX3))).reply, replies.NO_DOWNSTREAM
+        )
+
+
+class MailTests(FailoverTestCase):
+    def test_mailAccepted(self) -> None:
+        first = self.net.add(str(MX1))
+        session, mailReply = self.opened(self.failover(makeTarget()), mail=MAIL)
+        assert mailReply is not None
+        self.assertEqual(mailReply.code, 250)
+        self.assertEqual(first.connections[0].commands[-1], b"MAIL FROM:<a@example.org>")
+
+    def test_temporaryMailThenNext(self) -> None:
+        first = self.net.add(str(MX1), Script(replies={"MAIL": b"451 4.3.0 try later\r\n"}))
+        self.net.add(str(MX2))
+        session, mailReply = self.opened(self.failover(makeTarget()), mail=MAIL)
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+        self.assertEqual(first.connections[0].commands[-1], b"QUIT")
+
+    def test_mailConnectionLostThenNext(self) -> None:
+        self.net.add(str(MX1), Script(replies={"MAIL": CLOSE}))
+        self.net.add(str(MX2))
+        session, _ = self.opened(self.failover(makeTarget()), mail=MAIL)
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+
+    def test_permanentMailReturned(self) -> None:
+        self.net.add(str(MX1), Script(replies={"MAIL": b"550 5.7.1 sender rejected\r\n"}))
+        self.net.add(str(MX2))
+        session, mailReply = self.opened(self.failover(makeTarget()), mail=MAIL)
+        self.assertEqual(mailReply, Reply(550, "5.7.1", ("sender rejected",)))
+        self.assertEqual(self.net.attempts, [str(MX1)])
+
+
+class LoopTests(FailoverTestCase):
+    def test_loopToken(self) -> None:
+        self.net.add(str(MX1), Script(replies={"greeting": b"220 relay.example ESMTP smtprelay 3f9a1c\r\n"}))
+        self.net.add(str(MX2))
+        error = self.failed(self.failover(makeTarget(), loopToken="3f9a1c"))
+        self.assertEqual(error.reply, replies.LOOP)
+        self.assertEqual(self.net.attempts, [str(MX1)])
+
+    def test_otherToken(self) -> None:
+        self.net.add(str(MX1), Script(replies={"greeting": b"220 relay.example ESMTP smtprelay 3f9a1c\r\n"}))
+        session, _ = self.opened(self.failover(makeTarget(), loopToken="aaaaaa"))
+        self.assertEqual(session.peer, "mx1.example[192.0.2.25]:25")
+
+
+class BackoffTests(FailoverTestCase):
+    def test_backoffAndRecovery(self) -> None:
+        """
+        A dead first target is skipped while it rests and tried first again
+        once its back-off expired.
+        """
+        failover = self.failover(makeTarget(backoff=30))
+        self.net.add(str(MX2))
+        self.opened(failover)
+        self.assertEqual(self.net.attempts, [str(MX1), str(MX2)])
+        self.clock.advance(29)
+        self.opened(failover)
+        self.assertEqual(self.net.attempts[2:], [str(MX2)])
+        self.net.add(str(MX1))
+        self.clock.advance(1)
+        session, _ = self.opened(failover)
+        self.assertEqual(self.net.attempts[3:], [str(MX1)])
+        self.assertEqual(session.peer, "mx1.example[192.0.2.25]:25")
+
+    def test_allResting(self) -> None:
+        """
+        When every target rests they are all tried anyway, in order.
+        """
+        failover = self.failover(makeTarget(backoff=30))
+        self.failed(failover)
+        self.net.add(str(MX2))
+        self.opened(failover)
+        self.assertEqual(self.net.attempts, [str(MX1), str(MX2), str(MX1), str(MX2)])
+
+    def test_greetingFailureRests(self) -> None:
+        self.net.add(str(MX1), Script(replies={"greeting": b"421 4.3.2 busy\r\n"}))
+        self.net.add(str(MX2))
+        failover = self.failover(makeTarget(backoff=30))
+        self.opened(failover)
+        self.opened(failover)
+        self.assertEqual(self.net.attempts, [str(MX1), str(MX2), str(MX2)])
+
+    def test_mailFailureDoesNotRest(self) -> None:
+        self.net.add(str(MX1), Script(replies={"MAIL": b"451 4.3.0 later\r\n"}))
+        self.net.add(str(MX2))
+        failover = self.failover(makeTarget(backoff=30))
+        self.opened(failover, mail=MAIL)
+        self.opened(failover, mail=MAIL)
+        self.assertEqual(self.net.attempts, [str(MX1), str(MX2), str(MX1), str(MX2)])
+
+
+class TimeoutTests(FailoverTestCase):
+    def test_connectTimeout(self) -> None:
+        self.net.hang(str(MX1))
+        self.net.add(str(MX2))
+        d = self.failover(makeTarget(connectTimeout=10)).open()
+        self.net.flush()
+        self.clock.advance(9)
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        self.net.flush()
+        session, _ = self.successResultOf(d)
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+
+    def test_greetingTimeout(self) -> None:
+        self.net.add(str(MX1), Script(replies={"greeting": STALL}))
+        self.net.add(str(MX2))
+        d = self.failover(makeTarget(commandTimeout=20)).open()
+        self.net.flush()
+        self.clock.advance(20)
+        self.net.flush()
+        session, _ = self.successResultOf(d)
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+
+    def test_mailTimeout(self) -> None:
+        self.net.add(str(MX1), Script(replies={"MAIL": STALL}))
+        self.net.add(str(MX2))
+        d = self.failover(makeTarget(commandTimeout=20)).open(mail=MAIL)
+        self.net.flush()
+        self.clock.advance(20)
+        self.net.flush()
+        session, mailReply = self.successResultOf(d)
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+
+
+class StartTLSTests(FailoverTestCase):
+    def test_startTLSThenEhloAgain(self) -> None:
+        """
+        STARTTLS when offered; capabilities forgotten and learned again.
+        """
+        first = self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}))
+        session, _ = self.opened(self.failover(makeTarget(attemptStartTLS=True)))
+        self.assertEqual(
+            first.connections[0].commands,
+            [b"EHLO relay.example", b"STARTTLS", b"EHLO relay.example"],
+        )
+        self.assertIsNotNone(session.tls)
+        self.assertNotIn("STARTTLS", session.capabilities)
+
+    def test_optionsCached(self) -> None:
+        """
+        TLS options are built once per target host, not per session.
+        """
+        self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}))
+        failover = self.failover(makeTarget(attemptStartTLS=True))
+        self.opened(failover)
+        self.opened(failover)
+        first, second = (p.clientIO.tlsStarted[0] for p in self.net.pumps)
+        self.assertIs(first, second)
+
+    def test_notOfferedRequireTLS(self) -> None:
+        for key in (MX1, MX2):
+            self.net.add(str(key))
+        error = self.failed(self.failover(makeTarget(requireTLS=True)))
+        self.assertEqual(error.reply, replies.DOWNSTREAM_NO_TLS)
+
+    def test_notOfferedPlain(self) -> None:
+        """
+        attempt_starttls without require_tls: no STARTTLS offered, plain
+        text it is.
+        """
+        first = self.net.add(str(MX1))
+        session, _ = self.opened(self.failover(makeTarget(attemptStartTLS=True)))
+        self.assertIsNone(session.tls)
+        self.assertEqual(first.connections[0].commands, [b"EHLO relay.example"])
+
+    def test_refused454(self) -> None:
+        """
+        454 to STARTTLS: plain text on the same connection, unless
+        require_tls, which moves on.
+        """
+        script = Script(replies={"EHLO": TLS_EHLO, "STARTTLS": b"454 4.7.0 TLS not available\r\n"})
+        first = self.net.add(str(MX1), script)
+        session, _ = self.opened(self.failover(makeTarget(attemptStartTLS=True)))
+        self.assertIsNone(session.tls)
+        self.assertEqual(len(first.connections), 1)
+        self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
+        session, _ = self.opened(self.failover(makeTarget(requireTLS=True)))
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+        self.assertIsNotNone(session.tls)
+
+    def test_handshakeFailureRetriedPlain(self) -> None:
+        """
+        Seed rule: a failed handshake is retried on a new connection without
+        STARTTLS when TLS is not required.
+        """
+        first = self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}), handshake="fail")
+        session, mailReply = self.opened(self.failover(makeTarget(attemptStartTLS=True)), mail=MAIL)
+        self.assertEqual(len(first.connections), 2)
+        self.assertEqual(first.connections[0].commands, [b"EHLO relay.example", b"STARTTLS"])
+        self.assertEqual(
+            first.connections[1].commands, [b"EHLO relay.example", b"MAIL FROM:<a@example.org>"]
+        )
+        self.assertIsNone(session.tls)
+
+    def test_handshakeFailureRequireTLS(self) -> None:
+        first = self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}), handshake="fail")
+        self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
+        session, _ = self.opened(self.failover(makeTarget(requireTLS=True)))
+        self.assertEqual(len(first.connections), 1)
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+
+    def test_handshakeFailureEveryTarget(self) -> None:
+        for key in (MX1, MX2):
+            self.net.add(str(key), Script(replies={"EHLO": TLS_EHLO}), handshake="fail")
+        error = self.failed(self.failover(makeTarget(requireTLS=True)))
+        self.assertEqual(error.reply, replies.DOWNSTREAM_NO_TLS)
+        self.assertEqual(self.net.attempts, [str(MX1), str(MX2)])
+
+    def test_neverInsideImplicitTLS(self) -> None:
+        """
+        tls:// targets are TLS already: no STARTTLS even when offered.
+        """
+        implicit = Address("tls", "mx1.example", 465)
+        first = self.net.add(str(implicit), Script(replies={"EHLO": TLS_EHLO}))
+        self.opened(self.failover(makeTarget(implicit, attemptStartTLS=True)))
+        self.assertEqual(first.connections[0].commands, [b"EHLO relay.example"])
+
+
+class AuthTests(FailoverTestCase):
+    def auth(self, mechanism: str) -> DownstreamAuth:
+        if mechanism in ("plain", "login"):
+            return DownstreamAuth(mechanism, "relay-user", Secret("pa55word"))  # type: ignore[arg-type]
+        return DownstreamAuth(mechanism)  # type: ignore[arg-type]
+
+    def test_plainAfterTLS(self) -> None:
+        first = self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}))
+        self.opened(self.failover(makeTarget(auth=self.auth("plain"))))
+        self.assertEqual(
+            first.connections[0].commands,
+            [b"EHLO relay.example", b"STARTTLS", b"EHLO relay.example",
+             b"AUTH PLAIN AHJlbGF5LXVzZXIAcGE1NXdvcmQ="],
+        )
+
+    def test_loginAfterTLS(self) -> None:
+        script = Script(replies={"EHLO": TLS_EHLO}, auth=[b"334 VXNlcm5hbWU6\r\n", b"334 UGFzc3dvcmQ6\r\n", b"235 2.7.0 ok\r\n"])
+        first = self.net.add(str(MX1), script)
+        self.opened(self.failover(makeTarget(auth=self.auth("login"))))
+        self.assertEqual(
+            first.connections[0].commands[3:], [b"AUTH LOGIN", b"cmVsYXktdXNlcg==", b"cGE1NXdvcmQ="]
+        )
+
+    def test_forward(self) -> None:
+        first = self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}))
+        self.opened(self.failover(makeTarget(auth=self.auth("forward"))),
+                    credentials=Credentials("alice", "wonder"))
+        self.assertEqual(first.connections[0].commands[-1], b"AUTH PLAIN AGFsaWNlAHdvbmRlcg==")
+
+    def test_external(self) -> None:
+        first = self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}))
+        self.opened(self.failover(makeTarget(auth=self.auth("external"))))
+        self.assertEqual(first.connections[0].commands[-1], b"AUTH EXTERNAL =")
+
+    def test_neverOverPlaintext(self) -> None:
+        """
+        A target that would need AUTH without TLS is skipped; AUTH is never
+        sent.
+        """
+        first = self.net.add(str(MX1))
+        second = self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}), handshake="fail")
+        for mechanism in ("plain", "login", "forward"):
+            error = self.failed(self.failover(makeTarget(auth=self.auth(mechanism))),
+                                credentials=Credentials("alice", "wonder"))
+            self.assertEqual(error.reply, replies.NO_DOWNSTREAM)
+        for server in (first, second):
+            for connection in server.connections:
+                self.assertFalse(any(c.startswith(b"AUTH") for c in connection.commands))
+        # No plain-text retry after the failed handshake: it could not AUTH.
+        self.assertEqual(len(second.connections), 3)
+
+    def test_refusedPassedWhole(self) -> None:
+        """
+        A 5xx to AUTH is the downstream's verdict: returned whole, no next
+        target.
+        """
+        script = Script(replies={"EHLO": TLS_EHLO}, auth=[b"535-5.7.8 Bad credentials\r\n535 5.7.8 see docs\r\n"])
+        self.net.add(str(MX1), script)
+        self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
+        error = self.failed(self.failover(makeTarget(auth=self.auth("plain"))))
+        self.assertEqual(error.reply, Reply(535, "5.7.8", ("Bad credentials", "see docs")))
+        self.assertEqual(self.net.attempts, [str(MX1)])
+        self.assertNotIn("pa55word", error.reason)
+        self.assertNotIn("pa55word", str(error))
+
+    def test_temporaryThenNext(self) -> None:
+        self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}, auth=[b"454 4.7.0 try later\r\n"]))
+        self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
+        session, _ = self.opened(self.failover(makeTarget(auth=self.auth("plain"))))
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
