@@ -388,8 +388,8 @@ class SMTPClientProtocol(LineReceiver):
         The TLS handshake (STARTTLS or implicit TLS) and its verification
         succeeded.
         """
-        # Twisted reports a completed handshake even when the name check
-        # failed and the connection is being aborted: ignore that one.
+        # Older Twisted versions verify the name after the handshake and
+        # still report it completed while aborting the connection.
         tlsLayer = getattr(self.transport, "protocol", None)
         if getattr(self.transport, "disconnecting", False) or getattr(tlsLayer, "disconnecting", False):
             return

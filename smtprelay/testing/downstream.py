@@ -132,12 +132,26 @@ class FakeDownstream(Protocol):
         self._buffer = b""
         self._body: bytearray | None = None
         self._auth: list[bytes] | None = None
+        self._lostWaiters: list[Deferred[None]] = []
 
     def connectionMade(self) -> None:
         self._answer("greeting")
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost = True
+        waiters, self._lostWaiters = self._lostWaiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def whenLost(self) -> Deferred[None]:
+        """
+        A Deferred that fires once the connection is gone.
+        """
+        if self.lost:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._lostWaiters.append(d)
+        return d
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data

@@ -1,0 +1,429 @@
+"""
+Tests for L{smtprelay.tls} and the TLS paths of the outbound engine: real
+TLS over loopback TCP with a C{trustme} CA, against the scripted fake
+downstream (STARTTLS and implicit TLS).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from typing import Any
+
+import trustme
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.endpoints import connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import Certificate, CertificateOptions
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from smtprelay import replies
+from smtprelay.client import SMTPClientProtocol
+from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, ServerTLS, Target
+from smtprelay.endpoints import clientEndpoint
+from smtprelay.failover import Failover
+from smtprelay.interfaces import DownstreamError
+from smtprelay.testing.downstream import DownstreamFactory, FakeDownstream, Script
+from smtprelay.tls import clientOptions, serverOptions
+
+reactor: Any = _reactor
+
+STARTTLS_EHLO = b"250-fake.example\r\n250-PIPELINING\r\n250-STARTTLS\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n"
+
+
+def write(directory: str, name: str, data: bytes) -> str:
+    path = os.path.join(directory, name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+class PKI:
+    """
+    A trustme CA and certificate files in a temporary directory.
+    """
+
+    def __init__(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.dir = directory
+        self.ca = trustme.CA()
+        self.caFile = write(directory, "ca.pem", self.ca.cert_pem.bytes())
+
+    def server(self, *names: str, name: str = "server", **kw: Any) -> ServerTLS:
+        leaf = self.ca.issue_cert(*names, **kw)
+        cert = write(self.dir, name + ".pem", b"".join(p.bytes() for p in leaf.cert_chain_pems))
+        key = write(self.dir, name + ".key", leaf.private_key_pem.bytes())
+        return ServerTLS(cert=cert, key=key)
+
+    def clientTLS(self, **kw: Any) -> ClientTLS:
+        return ClientTLS(rootCAs=(self.caFile,), **kw)
+
+
+def freeTCPPort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Loopback:
+    """
+    Fake downstreams listening on 127.0.0.1, and an endpoint factory that
+    remembers client connections; everything is closed in cleanup.
+    """
+
+    def __init__(self, testCase: TestCase) -> None:
+        self.factories: list[DownstreamFactory] = []
+        self.clients: list[tuple[SMTPClientProtocol, Deferred[None]]] = []
+        testCase.addCleanup(self.close)
+        self._ports: list[Any] = []
+
+    def listen(self, script: Script | None = None, lmtp: bool = False,
+               implicitTLS: Any = None) -> tuple[Address, DownstreamFactory]:
+        factory = DownstreamFactory(script, lmtp)
+        self.factories.append(factory)
+        wrapped: Any = TLSMemoryBIOFactory(implicitTLS, False, factory) if implicitTLS else factory
+        port = reactor.listenTCP(0, wrapped, interface="127.0.0.1")
+        self._ports.append(port)
+        scheme = "tls" if implicitTLS else "tcp"
+        return Address(scheme, "127.0.0.1", port.getHost().port), factory
+
+    def endpointFactory(self, address: Address, timeout: float, options: Any) -> Any:
+        endpoint = clientEndpoint(reactor, address, timeout, options)
+        loopback = self
+
+        class Recording:
+            def connect(self, factory: Any) -> Deferred[Any]:
+                def record(protocol: SMTPClientProtocol) -> SMTPClientProtocol:
+                    lost: Deferred[None] = Deferred()
+                    original = protocol.connectionLost
+
+                    def connectionLost(reason: Any = None) -> None:
+                        original(reason)
+                        lost.callback(None)
+
+                    protocol.connectionLost = connectionLost  # type: ignore[method-assign]
+                    loopback.clients.append((protocol, lost))
+                    return protocol
+
+                return endpoint.connect(factory).addCallback(record)
+
+        return Recording()
+
+    def failover(self, target: Target, **kw: Any) -> Failover:
+        return Failover(target, reactor, endpointFactory=self.endpointFactory, **kw)
+
+    @inlineCallbacks
+    def close(self) -> Any:
+        waits = []
+        for protocol, lost in self.clients:
+            if not lost.called:
+                protocol.abort()
+                waits.append(lost)
+        for factory in self.factories:
+            for connection in factory.connections:
+                if not connection.lost:
+                    connection.transport.abortConnection()  # type: ignore[union-attr]
+                waits.append(connection.whenLost())
+        yield DeferredList(waits)
+        for port in self._ports:
+            yield port.stopListening()
+
+
+def makeTarget(*endpoints: Address, **kw: Any) -> Target:
+    kw.setdefault("protocol", "smtp")
+    kw.setdefault("commandTimeout", 20.0)
+    kw.setdefault("connectTimeout", 20.0)
+    return Target(name="t", endpoints=endpoints, hostname="relay.example", **kw)
+
+
+class StartTLSTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.pki = PKI(self.mktemp())
+        self.net = Loopback(self)
+
+    def starttlsServer(self, tls: ServerTLS | Any) -> tuple[Address, DownstreamFactory]:
+        options = serverOptions(tls) if isinstance(tls, ServerTLS) else tls
+        return self.net.listen(Script(replies={"EHLO": STARTTLS_EHLO}, tlsOptions=options))
+
+    @inlineCallbacks
+    def test_valid(self) -> Any:
+        """
+        A certificate for the name we verify: STARTTLS, EHLO again, TLS
+        info from the real connection.
+        """
+        address, factory = self.starttlsServer(self.pki.server("mx.example"))
+        target = makeTarget(address, requireTLS=True,
+                            tlsClient=self.pki.clientTLS(serverName="mx.example"))
+        session, _ = yield self.net.failover(target).open(mail=(b"a@example.org", {}))
+        self.assertIsNotNone(session.tls)
+        self.assertIn(session.tls.version, ("TLSv1.2", "TLSv1.3"))
+        self.assertTrue(session.tls.cipher)
+        server = factory.connections[0]
+        self.assertTrue(server.tls)
+        self.assertEqual(
+            server.commands,
+            [b"EHLO relay.example", b"STARTTLS", b"EHLO relay.example", b"MAIL FROM:<a@example.org>"],
+        )
+
+    @inlineCallbacks
+    def test_ipIdentity(self) -> Any:
+        """
+        Without server_name the target's IP literal is verified (IP-ID).
+        """
+        address, factory = self.starttlsServer(self.pki.server("127.0.0.1"))
+        session, _ = yield self.net.failover(
+            makeTarget(address, requireTLS=True, tlsClient=self.pki.clientTLS())
+        ).open()
+        self.assertIsNotNone(session.tls)
+
+    @inlineCallbacks
+    def assertNoTLS(self, tls: ServerTLS, clientTLS: ClientTLS) -> Any:
+        """
+        Under require_tls the target is skipped (451 4.7.5); with only
+        attempt_starttls it is retried on a new connection in plain text.
+        """
+        address, factory = self.starttlsServer(tls)
+        error = yield self.assertFailure(
+            self.net.failover(makeTarget(address, requireTLS=True, tlsClient=clientTLS)).open(),
+            DownstreamError,
+        )
+        self.assertEqual(error.reply, replies.DOWNSTREAM_NO_TLS)
+        self.assertEqual(len(factory.connections), 1)
+        session, _ = yield self.net.failover(
+            makeTarget(address, attemptStartTLS=True, tlsClient=clientTLS)
+        ).open(mail=(b"a@example.org", {}))
+        self.assertIsNone(session.tls)
+        self.assertEqual(len(factory.connections), 3)
+        self.assertEqual(
+            factory.connections[2].commands, [b"EHLO relay.example", b"MAIL FROM:<a@example.org>"]
+        )
+
+    def test_wrongName(self) -> Any:
+        return self.assertNoTLS(self.pki.server("other.example"), self.pki.clientTLS(serverName="mx.example"))
+
+    def test_expired(self) -> Any:
+        past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=10)
+        tls = self.pki.server("mx.example", not_before=past - datetime.timedelta(days=10), not_after=past)
+        return self.assertNoTLS(tls, self.pki.clientTLS(serverName="mx.example"))
+
+    def test_untrustedRoot(self) -> Any:
+        other = PKI(self.mktemp())
+        return self.assertNoTLS(other.server("mx.example"), self.pki.clientTLS(serverName="mx.example"))
+
+    @inlineCallbacks
+    def test_insecureSkipVerify(self) -> Any:
+        """
+        insecure_skip_verify encrypts without verification, and still
+        counts as TLS for require_tls and AUTH.
+        """
+        other = PKI(self.mktemp())
+        address, factory = self.starttlsServer(other.server("other.example"))
+        target = makeTarget(
+            address, requireTLS=True, auth=DownstreamAuth("external"),
+            tlsClient=ClientTLS(insecureSkipVerify=True),
+        )
+        session, _ = yield self.net.failover(target).open()
+        self.assertIsNotNone(session.tls)
+        self.assertEqual(factory.connections[0].commands[-1], b"AUTH EXTERNAL =")
+
+    @inlineCallbacks
+    def test_clientCertificate(self) -> Any:
+        """
+        A server that requires a client certificate: without one the
+        handshake fails; with tls_client cert+key, AUTH EXTERNAL follows.
+        """
+        leaf = self.pki.ca.issue_cert("mx.example")
+        clientLeaf = self.pki.ca.issue_cert("relay.example")
+        options = CertificateOptions(
+            privateKey=_key(leaf.private_key_pem.bytes()),
+            certificate=Certificate.loadPEM(leaf.cert_chain_pems[0].bytes()).original,
+            verify=True,
+            requireCertificate=True,
+            caCerts=[Certificate.loadPEM(self.pki.ca.cert_pem.bytes()).original],
+        )
+        address, factory = self.starttlsServer(options)
+        cert = write(self.pki.dir, "client.pem", clientLeaf.cert_chain_pems[0].bytes())
+        key = write(self.pki.dir, "client.key", clientLeaf.private_key_pem.bytes())
+        external = DownstreamAuth("external")
+        error = yield self.assertFailure(
+            self.net.failover(makeTarget(
+                address, auth=external, tlsClient=self.pki.clientTLS(serverName="mx.example"),
+            )).open(),
+            DownstreamError,
+        )
+        self.assertEqual(error.reply, replies.NO_DOWNSTREAM)
+        session, _ = yield self.net.failover(makeTarget(
+            address, auth=external,
+            tlsClient=self.pki.clientTLS(serverName="mx.example", cert=cert, key=key),
+        )).open()
+        self.assertIsNotNone(session.tls)
+        self.assertEqual(factory.connections[-1].commands[-1], b"AUTH EXTERNAL =")
+
+    @inlineCallbacks
+    def test_protocolMismatch(self) -> Any:
+        """
+        protocols: a client that wants TLS 1.3 only does not talk to a TLS
+        1.2-only server.
+        """
+        tls = self.pki.server("mx.example")
+        server = ServerTLS(cert=tls.cert, key=tls.key, protocols=("tls1.2", "tls1.2"))
+        address, factory = self.starttlsServer(server)
+        error = yield self.assertFailure(
+            self.net.failover(makeTarget(
+                address, requireTLS=True,
+                tlsClient=self.pki.clientTLS(serverName="mx.example", protocols=("tls1.3", None)),
+            )).open(),
+            DownstreamError,
+        )
+        self.assertEqual(error.reply, replies.DOWNSTREAM_NO_TLS)
+        session, _ = yield self.net.failover(makeTarget(
+            address, requireTLS=True,
+            tlsClient=self.pki.clientTLS(serverName="mx.example", protocols=("tls1.2", None)),
+        )).open()
+        self.assertEqual(session.tls.version, "TLSv1.2")
+
+    @inlineCallbacks
+    def test_curves(self) -> Any:
+        address, factory = self.starttlsServer(self.pki.server("mx.example"))
+        session, _ = yield self.net.failover(makeTarget(
+            address, requireTLS=True,
+            tlsClient=self.pki.clientTLS(serverName="mx.example", curves=("P-256",)),
+        )).open()
+        self.assertIsNotNone(session.tls)
+
+    @inlineCallbacks
+    def test_badCertFirstTargetRequireTLS(self) -> Any:
+        """
+        Failover: a first target with a bad certificate under require_tls,
+        the second is reached.
+        """
+        bad, badFactory = self.starttlsServer(self.pki.server("other.example"))
+        good, goodFactory = self.starttlsServer(self.pki.server("mx.example"))
+        session, mailReply = yield self.net.failover(makeTarget(
+            bad, good, requireTLS=True, tlsClient=self.pki.clientTLS(serverName="mx.example"),
+        )).open(mail=(b"a@example.org", {}))
+        self.assertEqual(mailReply.code, 250)
+        self.assertEqual(session.peer, f"127.0.0.1[127.0.0.1]:{good.port}")
+        self.assertEqual(len(badFactory.connections), 1)
+
+    @inlineCallbacks
+    def test_refusedFirstTarget(self) -> Any:
+        good, goodFactory = self.net.listen()
+        refused = Address("tcp", "127.0.0.1", freeTCPPort())
+        session, _ = yield self.net.failover(makeTarget(refused, good)).open()
+        self.assertEqual(session.peer, f"127.0.0.1[127.0.0.1]:{good.port}")
+
+
+class ImplicitTLSTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.pki = PKI(self.mktemp())
+        self.net = Loopback(self)
+
+    @inlineCallbacks
+    def test_implicit(self) -> Any:
+        address, factory = self.net.listen(
+            Script(replies={"EHLO": STARTTLS_EHLO}), implicitTLS=serverOptions(self.pki.server("mx.example"))
+        )
+        session, _ = yield self.net.failover(makeTarget(
+            address, requireTLS=True, tlsClient=self.pki.clientTLS(serverName="mx.example"),
+        )).open()
+        self.assertIsNotNone(session.tls)
+        self.assertEqual(factory.connections[0].commands, [b"EHLO relay.example"])
+
+    @inlineCallbacks
+    def test_implicitBadCertificate(self) -> Any:
+        address, factory = self.net.listen(
+            implicitTLS=serverOptions(self.pki.server("other.example"))
+        )
+        error = yield self.assertFailure(
+            self.net.failover(makeTarget(
+                address, requireTLS=True, tlsClient=self.pki.clientTLS(serverName="mx.example"),
+            )).open(),
+            DownstreamError,
+        )
+        self.assertEqual(error.reply, replies.DOWNSTREAM_NO_TLS)
+
+
+def _key(pem: bytes) -> Any:
+    from OpenSSL import crypto
+
+    return crypto.load_privatekey(crypto.FILETYPE_PEM, pem)
+
+
+class ServerOptionsTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.pki = PKI(self.mktemp())
+
+    @inlineCallbacks
+    def peerCertificate(self, options: Any, clientTLS: ClientTLS) -> Any:
+        """
+        Connect over loopback TLS and return the server's certificate.
+        """
+        port = reactor.listenTCP(0, TLSMemoryBIOFactory(options, False, DownstreamFactory()),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        address = Address("tls", "127.0.0.1", port.getHost().port)
+        protocol = Protocol()
+        done: Deferred[None] = Deferred()
+        protocol.connectionLost = lambda reason: done.callback(None)  # type: ignore[method-assign]
+        endpoint = clientEndpoint(reactor, address, 10, clientOptions(clientTLS, "127.0.0.1"))
+        yield connectProtocol(endpoint, protocol)
+        received: Deferred[None] = Deferred()
+        protocol.dataReceived = lambda data: received.callback(None) if not received.called else None  # type: ignore[method-assign]
+        yield received  # the greeting: the handshake is done
+        peer = Certificate.peerFromTransport(protocol.transport)
+        protocol.transport.abortConnection()  # type: ignore[union-attr]
+        yield done
+        return peer
+
+    @inlineCallbacks
+    def test_chainAndReload(self) -> Any:
+        """
+        The chain in the cert file is sent (a client trusting only the root
+        verifies a leaf from an intermediate); reload() switches to the new
+        files for new connections.
+        """
+        intermediate = self.pki.ca.create_child_ca()
+        leaf = intermediate.issue_cert("127.0.0.1")
+        cert = write(self.pki.dir, "chain.pem", b"".join(p.bytes() for p in leaf.cert_chain_pems))
+        key = write(self.pki.dir, "chain.key", leaf.private_key_pem.bytes())
+        options = serverOptions(ServerTLS(cert=cert, key=key))
+        first = yield self.peerCertificate(options, self.pki.clientTLS())
+        newLeaf = intermediate.issue_cert("127.0.0.1")
+        write(self.pki.dir, "chain.pem", b"".join(p.bytes() for p in newLeaf.cert_chain_pems))
+        write(self.pki.dir, "chain.key", newLeaf.private_key_pem.bytes())
+        options.reload()
+        second = yield self.peerCertificate(options, self.pki.clientTLS())
+        self.assertNotEqual(first.serialNumber(), second.serialNumber())
+        self.assertEqual(
+            second.serialNumber(),
+            Certificate.loadPEM(newLeaf.cert_chain_pems[0].bytes()).serialNumber(),
+        )
+
+    def test_reloadErrorKeepsOld(self) -> None:
+        tls = self.pki.server("127.0.0.1")
+        options = serverOptions(tls)
+        before = options.getContext()
+        write(self.pki.dir, "server.pem", b"garbage")
+        self.assertRaises(ValueError, options.reload)
+        self.assertIs(options.getContext(), before)
+
+
+class ClientOptionsTests(SynchronousTestCase):
+    def test_unknownCurve(self) -> None:
+        self.assertRaises(ValueError, clientOptions, ClientTLS(curves=("no-such-curve",)), "mx.example")
+
+    def test_missingRootFile(self) -> None:
+        self.assertRaises(OSError, clientOptions, ClientTLS(rootCAs=("/nonexistent/ca.pem",)), "mx.example")
+
+
+del FakeDownstream
