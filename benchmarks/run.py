@@ -1148,7 +1148,7 @@ def derive(rows):
                 base = _mean(d, lambda x: x.get('p50_e2e_ms'))
                 if base:
                     r['x_direct'] = r['p50_e2e_ms'] / base
-                    r['p50_vs_direct_ms'] = r['p50_e2e_ms'] - base
+                    r['p50_vs_direct_ms'] = round(r['p50_e2e_ms'] - base, 3) or 0.0
             elif kind == 'source' and r.get('e2e_s'):
                 base = _mean(d, lambda x: x.get('e2e_s'))
                 if base:
