@@ -169,7 +169,7 @@ class SMTPClientProtocol(LineReceiver):
         self._replyBytes = 0
         self._timer: IDelayedCall | None = None
         self._timeout = target.commandTimeout
-        self._handshake: Deferred[Reply] | None = None
+        self._handshake: Deferred[None] | None = None
         self._accepted = 0
         self._downconvert = False
         self._stuffer: DotStuffer | None = None
@@ -374,7 +374,7 @@ class SMTPClientProtocol(LineReceiver):
             if self._lines or self.clearLineBuffer():
                 self._abortWith(replies.DOWNSTREAM_LOST, f"data injected after STARTTLS by {self.peer}")
                 raise AttemptFailed(f"data injected after STARTTLS by {self.peer}", noTLS=True)
-            handshake: Deferred[Reply] = Deferred()
+            handshake: Deferred[None] = Deferred()
             self._handshake = handshake
             self.capabilities = {}
             self._armTimer()

@@ -156,7 +156,7 @@ class FakeDownstream(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.received += data
         self._buffer += data
-        while self._buffer and not self.lost and not self.transport.disconnecting:  # type: ignore[attr-defined]
+        while self._buffer and not self.lost and not self.transport.disconnecting:  # type: ignore[union-attr]
             if self._body is not None:
                 if not self._bodyReceived():
                     return
@@ -218,7 +218,7 @@ class FakeDownstream(Protocol):
                 self._buffer = b""
                 self.tls = True
                 if self.script.tlsOptions is not None:
-                    self.transport.startTLS(self.script.tlsOptions)  # type: ignore[attr-defined]
+                    self.transport.startTLS(self.script.tlsOptions)  # type: ignore[union-attr]
         elif step in ("EHLO", "LHLO", "HELO", "RSET", "NOOP", "QUIT"):
             self._answer(step)
             if step == "QUIT":
@@ -288,7 +288,7 @@ class PretendTLSTransport(iosim.FakeTransport):
             directlyProvides(self, ISSLTransport)
             self.protocol.handshakeCompleted()
         else:
-            self.disconnectReason = SSL.Error("pretend handshake failure")
+            self.disconnectReason = SSL.Error("pretend handshake failure")  # type: ignore[assignment]
             self.loseConnection()
 
 
