@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import base64
 from collections import deque
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -580,12 +581,7 @@ def tlsInfo(transport: Any) -> TLSInfo | None:
     """
     for candidate in (transport, getattr(transport, "protocol", None)):
         getHandle = getattr(candidate, "getHandle", None)
-        if getHandle is None:
-            continue
-        try:
-            connection = getHandle()
-        except Exception:
-            continue
+        connection = getHandle() if getHandle is not None else None
         if isinstance(connection, SSL.Connection):
             return TLSInfo(
                 str(connection.get_protocol_version_name()),

@@ -81,7 +81,7 @@ class _ReusePortEndpoint:
             sock.listen(511)
             sock.setblocking(False)
             port = self._reactor.adoptStreamPort(sock.fileno(), family, factory)
-        except Exception:
+        except OSError:
             sock.close()
             return fail()
         sock.close()  # the reactor holds its own duplicate

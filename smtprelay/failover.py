@@ -15,7 +15,8 @@ MAIL) is final: it is the client's answer, not a fault.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generator
+from collections.abc import Callable, Generator
+from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import connectProtocol
@@ -188,8 +189,8 @@ class Failover:
             yield connecting
         except DNSLookupError:
             raise AttemptFailed(f"cannot resolve {address.host}", backoff=True, dns=True)
-        except Exception as e:
-            raise AttemptFailed(f"connect failed: {type(e).__name__}", backoff=True)
+        except Exception as e:  # noqa: BLE001 - any connect failure means "next target"
+            raise AttemptFailed(f"connect failed: {type(e).__name__}: {e}", backoff=True)
         finally:
             if timer.active():
                 timer.cancel()
@@ -232,15 +233,15 @@ class Failover:
             yield self._hello(protocol)
             needTLS = target.requireTLS or target.auth.mechanism != "off"
             wantTLS = target.attemptStartTLS or needTLS
-            if address.scheme == "tcp" and starttls and wantTLS:
-                if "STARTTLS" in protocol.capabilities:
-                    started = yield protocol.startTLS(self._options(address))
-                    if started.code == 220:
-                        yield self._hello(protocol)
-                    elif needTLS:
-                        raise AttemptFailed(
-                            f"STARTTLS refused: {started.code} {started.text}", noTLS=True
-                        )
+            offered = "STARTTLS" in protocol.capabilities
+            if address.scheme == "tcp" and starttls and wantTLS and offered:
+                started = yield protocol.startTLS(self._options(address))
+                if started.code == 220:
+                    yield self._hello(protocol)
+                elif needTLS:
+                    raise AttemptFailed(
+                        f"STARTTLS refused: {started.code} {started.text}", noTLS=True
+                    )
             if protocol.tls is None:
                 if target.requireTLS:
                     raise AttemptFailed("no TLS available", noTLS=True)

@@ -20,8 +20,14 @@ from smtprelay import replies
 from smtprelay.client import REQUIRETLS_UNAVAILABLE, AttemptFailed, SMTPClientProtocol
 from smtprelay.config.model import Address, Target
 from smtprelay.interfaces import Credentials, DownstreamError, IDownstream, TLSInfo
-from smtprelay.replies import Reply
-from smtprelay.testing.downstream import CLOSE, STALL, FakeDownstream, Script, connectInMemory
+from smtprelay.replies import Reply, reply
+from smtprelay.testing.downstream import (
+    CLOSE,
+    STALL,
+    FakeDownstream,
+    Script,
+    connectInMemory,
+)
 
 EHLO_BARE = b"250-fake.example\r\n250 ENHANCEDSTATUSCODES\r\n"
 EHLO_ALL = (
@@ -225,7 +231,7 @@ class ParameterTests(SynchronousTestCase):
         SIZE, DSN's RET/ENVID, AUTH= and SMTPUTF8 (ASCII addresses) are
         dropped; BODY=7BIT is kept as the client declared it.
         """
-        reply, wire = self.mailLine(
+        _reply, wire = self.mailLine(
             EHLO_BARE,
             {"SIZE": "100", "BODY": "7BIT", "SMTPUTF8": None, "RET": "FULL", "ENVID": "e", "AUTH": "u"},
         )
@@ -322,7 +328,7 @@ class BodyTests(SynchronousTestCase):
         self.transaction(h)
         writes: list[bytes] = []
         original = h.pump.clientIO.write
-        h.pump.clientIO.write = lambda data: (writes.append(data), original(data))  # type: ignore[method-assign]
+        h.pump.clientIO.write = lambda data: (writes.append(data), original(data))  # type: ignore[method-assign, func-returns-value]
         h.client.write(b".first\r\nline\r\n.")
         h.client.write(b"second\r\n")
         d = h.client.endData()
@@ -454,7 +460,7 @@ class AuthTests(SynchronousTestCase):
 
     def harness(self, auth: list[bytes]) -> Harness:
         h = Harness(Script(replies={"EHLO": EHLO_ALL}, auth=auth), debug=True)
-        h.client._log = Logger(observer=self.events.append)
+        h.client._log = Logger(observer=self.events.append)  # type: ignore[arg-type]
         h.ready()
         return h
 
@@ -500,7 +506,7 @@ class AuthTests(SynchronousTestCase):
         h.flush()
         self.assertEqual(
             result(self, d),
-            Reply(535, "5.7.8", ("Username and Password not accepted.", "Learn more")),
+            reply(535, "5.7.8", "Username and Password not accepted.", "Learn more"),
         )
 
 
@@ -535,7 +541,7 @@ class MalformedTests(SynchronousTestCase):
         h = Harness()
         h.ready()
         d = h.client.greeting  # already fired; watch the connection instead
-        h.server.transport.write(b"250 surprise\r\n")
+        h.server.transport.write(b"250 surprise\r\n")  # type: ignore[union-attr]
         h.flush()
         self.assertTrue(h.server.lost)
         self.assertEqual(h.client._error.reply, replies.DOWNSTREAM_LOST)  # type: ignore[union-attr]

@@ -9,17 +9,17 @@ import socket
 from typing import Any
 
 from twisted.internet import reactor as _reactor
+from twisted.internet._resolver import HostResolution
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHostnameResolver
-from twisted.internet._resolver import HostResolution
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
+from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-from zope.interface import implementer
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from smtprelay.config.model import Address, ClientTLS
 from smtprelay.endpoints import clientEndpoint, serverEndpoint
@@ -39,7 +39,9 @@ class RecordingResolver:
         self.names: list[str] = []
         self._addresses = addresses
 
-    def resolveHostName(self, receiver: Any, hostName: str, portNumber: int = 0, **kw: Any) -> Any:
+    def resolveHostName(  # type: ignore[override]
+        self, receiver: Any, hostName: str, portNumber: int = 0, **kw: Any
+    ) -> Any:
         self.names.append(hostName)
         receiver.resolutionBegan(HostResolution(hostName))
         for address in self._addresses:
@@ -60,7 +62,7 @@ class ClientEndpointTests(SynchronousTestCase):
     def test_tcp(self) -> None:
         memory = self.connect(Address("tcp", "mx.example", 2525))
         self.assertEqual(self.resolver.names, ["mx.example"])
-        host, port, factory, timeout, bind = memory.tcpClients[0]
+        host, port, _factory, timeout, _bind = memory.tcpClients[0]
         self.assertEqual((host, port, timeout), ("192.0.2.1", 2525, 7.0))
 
     def test_allAddressesTried(self) -> None:
@@ -87,7 +89,7 @@ class ClientEndpointTests(SynchronousTestCase):
         memory = self.connect(Address("tls", "mx.example", 465), clientOptions(ClientTLS(), "mx.example"))
         factory = memory.tcpClients[0][2]
         built = factory.buildProtocol(None)
-        self.assertIsInstance(built._wrappedProtocol, TLSMemoryBIOProtocol)
+        self.assertIsInstance(built._wrappedProtocol, TLSMemoryBIOProtocol)  # type: ignore[union-attr]
 
     def test_unix(self) -> None:
         memory = self.connect(Address("unix", path="/run/dovecot/lmtp"))
@@ -99,7 +101,7 @@ class ServerEndpointTests(SynchronousTestCase):
     def test_tcp4(self) -> None:
         memory = MemoryReactorClock()
         serverEndpoint(memory, Address("tcp", "127.0.0.1", 2525)).listen(Factory.forProtocol(Protocol))
-        port, factory, backlog, interface = memory.tcpServers[0]
+        port, _factory, _backlog, interface = memory.tcpServers[0]
         self.assertEqual((port, interface), (2525, "127.0.0.1"))
 
     def test_tcp6(self) -> None:
@@ -147,7 +149,7 @@ class RealSocketTests(TestCase):
         Downstream TCP connections have TCP_NODELAY set.
         """
         net = Loopback(self)
-        address, factory = net.listen()
+        address, _factory = net.listen()
         session, _ = yield net.failover(makeTarget(address)).open()
         self.assertTrue(session.transport.getTcpNoDelay())
 
@@ -165,7 +167,7 @@ class RealSocketTests(TestCase):
         self.addCleanup(port.stopListening)
         lost: Deferred[None] = Deferred()
         client = Protocol()
-        client.connectionLost = lambda reason: lost.callback(None)  # type: ignore[method-assign]
+        client.connectionLost = lambda reason: lost.callback(None)  # type: ignore[method-assign, assignment, misc]
         yield connectProtocol(clientEndpoint(reactor, Address("unix", path=path), 5.0), client)
         yield connected
         yield lost

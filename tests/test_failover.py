@@ -14,14 +14,14 @@ from smtprelay import replies
 from smtprelay.config.model import Address, DownstreamAuth, Secret, Target
 from smtprelay.failover import Failover
 from smtprelay.interfaces import Credentials, DownstreamError, IDownstream
-from smtprelay.replies import Reply
+from smtprelay.replies import Reply, reply
 from smtprelay.testing.downstream import CLOSE, STALL, MemoryNetwork, Script
 
 MX1 = Address("tcp", "mx1.example", 25)
 MX2 = Address("tcp", "mx2.example", 25)
 MX3 = Address("tcp", "mx3.example", 25)
 TLS_EHLO = b"250-fake.example\r\n250-PIPELINING\r\n250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n"
-MAIL = (b"a@example.org", {})
+MAIL: tuple[bytes, dict[str, str | None]] = (b"a@example.org", {})
 
 
 def makeTarget(*endpoints: Address, **kw: Any) -> Target:
@@ -120,7 +120,7 @@ class OrderTests(FailoverTestCase):
 class MailTests(FailoverTestCase):
     def test_mailAccepted(self) -> None:
         first = self.net.add(str(MX1))
-        session, mailReply = self.opened(self.failover(makeTarget()), mail=MAIL)
+        _session, mailReply = self.opened(self.failover(makeTarget()), mail=MAIL)
         assert mailReply is not None
         self.assertEqual(mailReply.code, 250)
         self.assertEqual(first.connections[0].commands[-1], b"MAIL FROM:<a@example.org>")
@@ -128,7 +128,7 @@ class MailTests(FailoverTestCase):
     def test_temporaryMailThenNext(self) -> None:
         first = self.net.add(str(MX1), Script(replies={"MAIL": b"451 4.3.0 try later\r\n"}))
         self.net.add(str(MX2))
-        session, mailReply = self.opened(self.failover(makeTarget()), mail=MAIL)
+        session, _mailReply = self.opened(self.failover(makeTarget()), mail=MAIL)
         self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
         self.assertEqual(first.connections[0].commands[-1], b"QUIT")
 
@@ -141,8 +141,8 @@ class MailTests(FailoverTestCase):
     def test_permanentMailReturned(self) -> None:
         self.net.add(str(MX1), Script(replies={"MAIL": b"550 5.7.1 sender rejected\r\n"}))
         self.net.add(str(MX2))
-        session, mailReply = self.opened(self.failover(makeTarget()), mail=MAIL)
-        self.assertEqual(mailReply, Reply(550, "5.7.1", ("sender rejected",)))
+        _session, mailReply = self.opened(self.failover(makeTarget()), mail=MAIL)
+        self.assertEqual(mailReply, reply(550, "5.7.1", "sender rejected"))
         self.assertEqual(self.net.attempts, [str(MX1)])
 
 
@@ -236,7 +236,7 @@ class TimeoutTests(FailoverTestCase):
         self.net.flush()
         self.clock.advance(20)
         self.net.flush()
-        session, mailReply = self.successResultOf(d)
+        session, _mailReply = self.successResultOf(d)
         self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
 
 
@@ -302,7 +302,7 @@ class StartTLSTests(FailoverTestCase):
         STARTTLS when TLS is not required.
         """
         first = self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}), handshake="fail")
-        session, mailReply = self.opened(self.failover(makeTarget(attemptStartTLS=True)), mail=MAIL)
+        session, _mailReply = self.opened(self.failover(makeTarget(attemptStartTLS=True)), mail=MAIL)
         self.assertEqual(len(first.connections), 2)
         self.assertEqual(first.connections[0].commands, [b"EHLO relay.example", b"STARTTLS"])
         self.assertEqual(
@@ -394,7 +394,7 @@ class AuthTests(FailoverTestCase):
         self.net.add(str(MX1), script)
         self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
         error = self.failed(self.failover(makeTarget(auth=self.auth("plain"))))
-        self.assertEqual(error.reply, Reply(535, "5.7.8", ("Bad credentials", "see docs")))
+        self.assertEqual(error.reply, reply(535, "5.7.8", "Bad credentials", "see docs"))
         self.assertEqual(self.net.attempts, [str(MX1)])
         self.assertNotIn("pa55word", error.reason)
         self.assertNotIn("pa55word", str(error))

@@ -15,10 +15,9 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SkipTest, TestCase
 
-
 from smtprelay.config.model import Address, DownstreamAuth, Secret
 from smtprelay.interfaces import Credentials, DownstreamError
-from smtprelay.replies import Reply
+from smtprelay.replies import reply
 from tests.procs import HOST, Processes, freePort, need, sinkMessages, waitForPath
 from tests.test_tls import PKI, Loopback, makeTarget
 
@@ -61,7 +60,7 @@ class SmtpSinkTests(TestCase):
         """
         smtp-sink -L: LHLO, one end-of-data reply per accepted recipient.
         """
-        port, dumps = self.procs.smtpSink(lmtp=True)
+        port, _dumps = self.procs.smtpSink(lmtp=True)
         target = makeTarget(Address("tcp", HOST, port), protocol="lmtp", attemptStartTLS=False)
         session, mailReply = yield self.net.failover(target).open(mail=(b"a@example.org", {}))
         self.assertEqual(mailReply.code, 250)
@@ -132,7 +131,7 @@ class AiosmtpdTests(TestCase):
             yield session.data()
             session.write(BODY)
             final = yield session.endData()
-            self.assertEqual(final[0], Reply(250, "2.0.0", ("Message accepted",)))
+            self.assertEqual(final[0], reply(250, "2.0.0", "Message accepted"))
             session.quit()
         self.assertEqual(len(self.received), 2)
         self.assertEqual(self.received[0].content.replace(b"\r\n", b"\n"), BODY.replace(b"\r\n", b"\n"))

@@ -87,8 +87,8 @@ class Loopback:
         wrapped: Any = TLSMemoryBIOFactory(implicitTLS, False, factory) if implicitTLS else factory
         port = reactor.listenTCP(0, wrapped, interface="127.0.0.1")
         self._ports.append(port)
-        scheme = "tls" if implicitTLS else "tcp"
-        return Address(scheme, "127.0.0.1", port.getHost().port), factory
+        address = Address("tls" if implicitTLS else "tcp", "127.0.0.1", port.getHost().port)
+        return address, factory
 
     def endpointFactory(self, address: Address, timeout: float, options: Any) -> Any:
         endpoint = clientEndpoint(reactor, address, timeout, options)
@@ -175,7 +175,7 @@ class StartTLSTests(TestCase):
         """
         Without server_name the target's IP literal is verified (IP-ID).
         """
-        address, factory = self.starttlsServer(self.pki.server("127.0.0.1"))
+        address, _factory = self.starttlsServer(self.pki.server("127.0.0.1"))
         session, _ = yield self.net.failover(
             makeTarget(address, requireTLS=True, tlsClient=self.pki.clientTLS())
         ).open()
@@ -207,7 +207,7 @@ class StartTLSTests(TestCase):
         return self.assertNoTLS(self.pki.server("other.example"), self.pki.clientTLS(serverName="mx.example"))
 
     def test_expired(self) -> Any:
-        past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=10)
+        past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
         tls = self.pki.server("mx.example", not_before=past - datetime.timedelta(days=10), not_after=past)
         return self.assertNoTLS(tls, self.pki.clientTLS(serverName="mx.example"))
 
@@ -272,7 +272,7 @@ class StartTLSTests(TestCase):
         """
         tls = self.pki.server("mx.example")
         server = ServerTLS(cert=tls.cert, key=tls.key, protocols=("tls1.2", "tls1.2"))
-        address, factory = self.starttlsServer(server)
+        address, _factory = self.starttlsServer(server)
         error = yield self.assertFailure(
             self.net.failover(makeTarget(
                 address, requireTLS=True,
@@ -289,7 +289,7 @@ class StartTLSTests(TestCase):
 
     @inlineCallbacks
     def test_curves(self) -> Any:
-        address, factory = self.starttlsServer(self.pki.server("mx.example"))
+        address, _factory = self.starttlsServer(self.pki.server("mx.example"))
         session, _ = yield self.net.failover(makeTarget(
             address, requireTLS=True,
             tlsClient=self.pki.clientTLS(serverName="mx.example", curves=("P-256",)),
@@ -303,7 +303,7 @@ class StartTLSTests(TestCase):
         the second is reached.
         """
         bad, badFactory = self.starttlsServer(self.pki.server("other.example"))
-        good, goodFactory = self.starttlsServer(self.pki.server("mx.example"))
+        good, _goodFactory = self.starttlsServer(self.pki.server("mx.example"))
         session, mailReply = yield self.net.failover(makeTarget(
             bad, good, requireTLS=True, tlsClient=self.pki.clientTLS(serverName="mx.example"),
         )).open(mail=(b"a@example.org", {}))
@@ -313,7 +313,7 @@ class StartTLSTests(TestCase):
 
     @inlineCallbacks
     def test_refusedFirstTarget(self) -> Any:
-        good, goodFactory = self.net.listen()
+        good, _goodFactory = self.net.listen()
         refused = Address("tcp", "127.0.0.1", freeTCPPort())
         session, _ = yield self.net.failover(makeTarget(refused, good)).open()
         self.assertEqual(session.peer, f"127.0.0.1[127.0.0.1]:{good.port}")
@@ -339,7 +339,7 @@ class ImplicitTLSTests(TestCase):
 
     @inlineCallbacks
     def test_implicitBadCertificate(self) -> Any:
-        address, factory = self.net.listen(
+        address, _factory = self.net.listen(
             implicitTLS=serverOptions(self.pki.server("other.example"))
         )
         error = yield self.assertFailure(
@@ -374,7 +374,7 @@ class ServerOptionsTests(TestCase):
         address = Address("tls", "127.0.0.1", port.getHost().port)
         protocol = Protocol()
         done: Deferred[None] = Deferred()
-        protocol.connectionLost = lambda reason: done.callback(None)  # type: ignore[method-assign]
+        protocol.connectionLost = lambda reason: done.callback(None)  # type: ignore[method-assign, assignment, misc]
         endpoint = clientEndpoint(reactor, address, 10, clientOptions(clientTLS, "127.0.0.1"))
         yield connectProtocol(endpoint, protocol)
         received: Deferred[None] = Deferred()

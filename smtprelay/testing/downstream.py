@@ -17,7 +17,8 @@ protocol to one fake.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import attrs
 from OpenSSL import SSL
@@ -81,7 +82,7 @@ class Script:
     tlsOptions: Any = None
     onStep: Callable[[FakeDownstream, str], None] | None = None
 
-    _DEFAULTS = {
+    _DEFAULTS: ClassVar[dict[str, bytes]] = {
         "greeting": b"220 fake.example ESMTP ready\r\n",
         "EHLO": DEFAULT_EHLO,
         "LHLO": DEFAULT_EHLO,
