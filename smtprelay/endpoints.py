@@ -3,7 +3,8 @@ ADDRESS (C{tcp://}, C{tls://}, C{unix://}) → Twisted endpoints.
 
 Client endpoints resolve host names without blocking the reactor and try
 every address of a name (C{HostnameEndpoint}); C{tls://} wraps the
-connection in TLS before the greeting.  Server endpoints may share their
+connection in TLS before the greeting (TCP_NODELAY is set by the client
+protocol as soon as it is connected).  Server endpoints may share their
 port between processes (C{SO_REUSEPORT}) for scale-out on one host.
 """
 
