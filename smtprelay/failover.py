@@ -19,7 +19,7 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import connectProtocol
+from twisted.internet.protocol import Factory
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
@@ -29,6 +29,7 @@ from .client import AttemptFailed, SMTPClientProtocol
 from .config.model import Address, Target
 from .endpoints import clientEndpoint
 from .interfaces import Credentials, DownstreamError, IDownstream, Params
+from .metrics import IMetrics, NullMetrics
 from .replies import Reply
 from .tls import clientOptions
 
@@ -64,8 +65,10 @@ class Failover:
         loopToken: str = "",
         clock: IReactorTime | None = None,
         endpointFactory: EndpointFactory | None = None,
+        metrics: IMetrics | None = None,
     ) -> None:
         self.target = target
+        self._metrics: IMetrics = metrics if metrics is not None else NullMetrics()
         self._reactor = reactor
         self._clock: IReactorTime = clock if clock is not None else reactor
         self._loopToken = loopToken
@@ -107,18 +110,23 @@ class Failover:
         target = self.target
         reasons: list[str] = []
         allDNS = allNoTLS = True
-        for address in self.order():
+        for attempt, address in enumerate(self.order()):
+            if attempt:
+                self._metrics.failover(target.name)
             starttls = True
             while True:
+                started = self._clock.seconds()
                 try:
                     session = yield self._attempt(address, starttls, credentials)
                 except _Loop:
+                    self._metrics.attempt(target.name, "loop")
                     self._log.error(
                         "target {target}: {address} greets with our own loop token",
                         target=target.name, address=str(address),
                     )
                     raise DownstreamError(replies.LOOP, f"{address} greets with our own token")
                 except AttemptFailed as e:
+                    self._metrics.attempt(target.name, _result(e))
                     reasons.append(f"{address}: {e.reason}")
                     allDNS = allDNS and e.dns
                     allNoTLS = allNoTLS and e.noTLS
@@ -139,15 +147,18 @@ class Failover:
                         continue
                     break
                 self._restingUntil.pop(address, None)
+                self._metrics.attempt(target.name, "ok", self._clock.seconds() - started)
                 if mail is None:
                     return (session, None)
                 try:
                     reply = yield session.mail(*mail)
                 except DownstreamError as e:
+                    self._metrics.attempt(target.name, "mail")
                     reasons.append(f"{address}: MAIL: {e.reason}")
                     allDNS = allNoTLS = False
                     break
                 if reply.transient:
+                    self._metrics.attempt(target.name, "mail")
                     reasons.append(f"{address}: MAIL: {reply.code} {reply.text}")
                     allDNS = allNoTLS = False
                     session.quit()
@@ -183,7 +194,7 @@ class Failover:
         target = self.target
         options = self._options(address) if address.scheme == "tls" else None
         endpoint = self._endpointFactory(address, target.connectTimeout, options)
-        connecting = connectProtocol(endpoint, protocol)
+        connecting = endpoint.connect(_OneConnection(protocol))
         timer = self._clock.callLater(target.connectTimeout, connecting.cancel)
         try:
             yield connecting
@@ -292,3 +303,31 @@ class Failover:
         if r.permanent:
             raise DownstreamError(r, f"AUTH {wire.upper()} refused by {protocol.peer}: {r.code}")
         raise AttemptFailed(f"AUTH {wire.upper()} failed at {protocol.peer}: {r.code} {r.text}")
+
+
+def _result(failure: AttemptFailed) -> str:
+    """
+    The C{result} label of C{smtprelay_downstream_attempts_total}.
+    """
+    if failure.dns:
+        return "dns"
+    if failure.noTLS:
+        return "tls"
+    if failure.backoff:
+        return "connect_failed"
+    return "failed"
+
+
+class _OneConnection(Factory):
+    """
+    A client factory for one attempt, quiet: C{connectProtocol}'s factory
+    logs two lines per connection, twice per relayed message.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: SMTPClientProtocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> SMTPClientProtocol:
+        return self._protocol

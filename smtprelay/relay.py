@@ -104,6 +104,13 @@ class RelaySession:
         self._downstream: IDownstream | None = None
         self._idle: Deferred[None] = succeed(None)
         self._closed = False
+        self._sender: bytes | None = None
+        self._accepted: list[bytes] = []
+        self._size = 0
+        self._started = 0.0
+        self._dotSent = 0.0
+        self._inBody = False
+        self._ending = False
         self._resetTransaction()
 
     # -- IRelayHandler ----------------------------------------------------
@@ -279,8 +286,8 @@ class RelaySession:
         )
 
     def _resetTransaction(self) -> None:
-        self._sender: bytes | None = None
-        self._accepted: list[bytes] = []
+        self._sender = None
+        self._accepted = []
         self._size = 0
         self._started = 0.0
         self._inBody = False

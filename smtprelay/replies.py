@@ -26,6 +26,10 @@ _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 _UNPRINTABLE_UTF8 = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def _toTuple(lines: Iterable[str]) -> tuple[str, ...]:
+    return tuple(lines)
+
+
 class MalformedReply(ValueError):
     """
     A reply line from a peer is not C{NNN[ -]text}, or a multi-line reply
@@ -45,7 +49,7 @@ class Reply:
 
     code: int
     enhanced: str | None
-    lines: tuple[str, ...] = attrs.field(converter=tuple, default=("",))
+    lines: tuple[str, ...] = attrs.field(converter=_toTuple, default=("",))
 
     @property
     def text(self) -> str:

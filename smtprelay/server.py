@@ -1017,7 +1017,7 @@ def _normalizeHost(host: str) -> str:
     return host
 
 
-_REJECTION_REASONS = {
+_REJECTION_REASONS: dict[tuple[int, str | None], str] = {
     (554, "5.7.1"): "relay_denied",
     (530, "5.7.0"): "auth_required",
     (552, "5.3.4"): "too_big",

@@ -141,7 +141,8 @@ class RelayService(MultiService):
     def _abortAll(self) -> None:
         for factory in self.factories:
             for protocol in list(factory.sessions):
-                protocol.transport.abortConnection()
+                transport: Any = protocol.transport
+                transport.abortConnection()
 
 
 def makeService(config: Config, reactor: Any) -> RelayService:
@@ -159,7 +160,7 @@ def makeService(config: Config, reactor: Any) -> RelayService:
     def failoverFor(target: Target) -> Failover:
         key = id(target)
         if key not in failovers:
-            failovers[key] = Failover(target, reactor, loopToken=token)
+            failovers[key] = Failover(target, reactor, loopToken=token, metrics=metrics)
         return failovers[key]
 
     for listener in config.listeners:

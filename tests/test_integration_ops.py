@@ -56,3 +56,5 @@ metrics tcp://{HOST}:{metrics}
         self.assertEqual(after[sessions] - before.get(sessions, 0.0), 1.0)
         self.assertEqual(after[("smtprelay_bytes_relayed_total", ())], 2 * len(b"Subject: m\r\n\r\nbody\r\n"))
         self.assertEqual(after[("smtprelay_sessions_open", (("listener", "smtp"),))], 0.0)
+        ok = ("smtprelay_downstream_attempts_total", (("result", "ok"), ("target", "smtp-listener-1")))
+        self.assertEqual(after[ok] - before.get(ok, 0.0), 1.0, "one downstream session for both transactions")
