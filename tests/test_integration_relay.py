@@ -316,3 +316,50 @@ class DovecotLMTPTests(SynchronousTestCase):
         self.assertEqual([f[:9] for f in finals], [b"250 2.0.0", b"552 5.2.2", b"250 2.0.0"])
         self.assertEqual(len(self.delivered("alice")), 1)
         self.assertEqual(len(self.delivered("bob")), 1)
+
+
+class SwaksTLSTests(SynchronousTestCase):
+    """
+    swaks with STARTTLS, AUTH (a local C{users} file) and PIPELINING against
+    a running relay, from an address outside C{allow}: only AUTH lets it
+    relay.
+    """
+
+    def test_starttlsAuthPipelining(self) -> None:
+        import bcrypt
+        import trustme
+
+        need("swaks")
+        if subprocess.run(["perl", "-MNet::SSLeay", "-e1"], capture_output=True).returncode:
+            self.skipTest("swaks has no TLS (Debian package libnet-ssleay-perl)")
+        self.procs = Processes(self)
+        sinkPort, dumps = self.procs.smtpSink()
+        ca = trustme.CA()
+        leaf = ca.issue_cert("relay.test", HOST)
+        cert, key, caFile = (os.path.join(self.procs.dir, n) for n in ("cert.pem", "key.pem", "ca.pem"))
+        leaf.private_key_pem.write_to_path(key)
+        leaf.cert_chain_pems[0].write_to_path(cert)
+        ca.cert_pem.write_to_path(caFile)
+        users = os.path.join(self.procs.dir, "users")
+        with open(users, "wb") as f:
+            f.write(b"alice:" + bcrypt.hashpw(b"correct horse", bcrypt.gensalt(4)) + b"\n")
+        os.chmod(users, 0o600)
+        port = freePort()
+        config = os.path.join(self.procs.dir, "relay.conf")
+        with open(config, "w") as f:
+            f.write(f"hostname relay.test\ntls {cert} {key}\nsmtp tcp://{HOST}:{port} {{\n"
+                    f"    allow 192.0.2.0/24\n    auth users {users}\n"
+                    f"    deliver_to smtp tcp://{HOST}:{sinkPort}\n}}\n")
+        self.procs.relay("--config", config, port=port)
+        common = ("--server", f"{HOST}:{port}", "--from", "alice@example.org", "--to", "rcpt@example.net",
+                  "--tls", "--tls-ca-path", caFile, "--pipeline")
+        denied = swaks(*common)
+        self.assertIn(b"<~* 554 5.7.1 Relay access denied", denied.stdout)
+        done = swaks(*common, "--auth", "PLAIN", "--auth-user", "alice", "--auth-password", "correct horse")
+        self.assertEqual(done.returncode, 0, done.stdout.decode())
+        self.assertIn(b"<~  235 2.7.0 Authentication successful", done.stdout)
+        self.assertIn(b"<~  250 2.0.0 Ok", done.stdout)
+        [dump] = sinkMessages(dumps)
+        received = splitSinkDump(dump)[1]
+        self.assertIn(b"with ESMTPSA id", received)
+        self.assertIn(b"(using TLSv1.3 with cipher ", received)
