@@ -13,6 +13,7 @@ import socket
 import sys
 from typing import Any
 
+import attrs
 from twisted.python import usage
 
 from . import config as configuration
@@ -50,6 +51,7 @@ tls://HOST:PORT (implicit TLS) or unix:///PATH.
     optParameters = [
         ["config", "c", None, f"Configuration file (default {DEFAULT_CONFIG})."],
         ["hostname", None, None, "Our name in greetings and Received: (default: FQDN)."],
+        ["metrics", None, None, "Serve Prometheus /metrics on ADDRESS (e.g. tcp://127.0.0.1:9749)."],
     ]
 
     def __init__(self) -> None:
@@ -68,6 +70,12 @@ tls://HOST:PORT (implicit TLS) or unix:///PATH.
         Forward to ADDRESS; several are tried in order (repeatable).
         """
         self["target"].append(_address(address))
+
+    def opt_metrics(self, address: str) -> None:
+        """
+        Serve Prometheus /metrics on ADDRESS (tcp:// or unix://).
+        """
+        self["metrics"] = _address(address)
 
     def postOptions(self) -> None:
         if self["config"] and (self["listen"] or self["target"]):
@@ -93,9 +101,9 @@ def configFromOptions(options: Options) -> Config:
     if not options["listen"]:
         loaded = configuration.load(options["config"] or DEFAULT_CONFIG)
         if options["hostname"]:
-            from attrs import evolve
-
-            loaded = evolve(loaded, hostname=options["hostname"])
+            loaded = attrs.evolve(loaded, hostname=options["hostname"])
+        if options["metrics"]:
+            loaded = attrs.evolve(loaded, metrics=options["metrics"])
         return loaded
     hostname = options["hostname"] or socket.getfqdn()
     lmtp = bool(options["lmtp"])
@@ -113,7 +121,7 @@ def configFromOptions(options: Options) -> Config:
         allow=LOOPBACK,
         maxMessageSize=QUICK_START_MAX_MESSAGE_SIZE,
     )
-    return Config(hostname=hostname, listeners=(listener,), targets=(target,))
+    return Config(hostname=hostname, listeners=(listener,), targets=(target,), metrics=options["metrics"])
 
 
 def makeService(options: Options, reactor: Any = None) -> service.RelayService:

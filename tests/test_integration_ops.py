@@ -12,7 +12,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from .procs import HOST, Processes, freePort, waitForPort
+from .procs import HOST, Processes, freePort, sinkMessages, waitForPort
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -58,3 +58,49 @@ metrics tcp://{HOST}:{metrics}
         self.assertEqual(after[("smtprelay_sessions_open", (("listener", "smtp"),))], 0.0)
         ok = ("smtprelay_downstream_attempts_total", (("result", "ok"), ("target", "smtp-listener-1")))
         self.assertEqual(after[ok] - before.get(ok, 0.0), 1.0, "one downstream session for both transactions")
+
+
+class CommandLineMetricsTests(SynchronousTestCase):
+    def test_metricsOption(self) -> None:
+        """
+        C{--metrics ADDRESS} serves /metrics for a command-line relay.
+        """
+        procs = Processes(self)
+        metrics = freePort()
+        procs.relay("--target", f"tcp://{HOST}:{freePort()}", "--metrics", f"tcp://{HOST}:{metrics}")
+        waitForPort(metrics)
+        self.assertIn(("smtprelay_sessions_open", (("listener", "smtp"),)), scrape(metrics))
+
+
+class ProxyProtocolTests(SynchronousTestCase):
+    def test_proxiedClientAddressReachesReceived(self) -> None:
+        """
+        A listener with C{proxy_protocol}: the greeting waits for the PROXY
+        header, and the client address it names is the one in Received:.
+        """
+        procs = Processes(self)
+        sinkPort, dumps = procs.smtpSink()
+        listen = freePort()
+        config = os.path.join(procs.dir, "relay.conf")
+        with open(config, "w") as f:
+            f.write(f"hostname relay.test\nsmtp tcp://{HOST}:{listen} {{\n    proxy_protocol 127.0.0.0/8\n"
+                    f"    allow 198.51.100.0/24\n    deliver_to smtp tcp://{HOST}:{sinkPort}\n}}\n")
+        procs.relay("--config", config, port=listen)
+        import socket
+        with socket.create_connection((HOST, listen), timeout=30) as s:
+            s.settimeout(0.5)
+            with self.assertRaises(socket.timeout):
+                s.recv(100)  # no greeting before the header
+            s.settimeout(30)
+            s.sendall(b"PROXY TCP4 198.51.100.7 127.0.0.1 51234 25\r\n")
+            reader = s.makefile("rb")
+            self.assertTrue(reader.readline().startswith(b"220 relay.test "))
+            s.sendall(b"HELO proxied.test\r\n")
+            reader.readline()
+            for command in (b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.net>", b"DATA"):
+                s.sendall(command + b"\r\n")
+                self.assertIn(reader.readline()[:1], (b"2", b"3"))
+            s.sendall(b"Subject: p\r\n\r\nx\r\n.\r\n")
+            self.assertTrue(reader.readline().startswith(b"250 "))
+        [dump] = sinkMessages(dumps)
+        self.assertIn(b"Received: from proxied.test ([198.51.100.7])", dump)
