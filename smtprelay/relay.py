@@ -82,6 +82,15 @@ class RelaySession:
 
     _log = Logger()
 
+    # The current transaction, set by _resetTransaction.
+    _sender: bytes | None
+    _accepted: list[bytes]
+    _size: int
+    _started: float
+    _dotSent: float
+    _inBody: bool
+    _ending: bool
+
     def __init__(
         self,
         session: ClientSession,
@@ -104,13 +113,6 @@ class RelaySession:
         self._downstream: IDownstream | None = None
         self._idle: Deferred[None] = succeed(None)
         self._closed = False
-        self._sender: bytes | None = None
-        self._accepted: list[bytes] = []
-        self._size = 0
-        self._started = 0.0
-        self._dotSent = 0.0
-        self._inBody = False
-        self._ending = False
         self._resetTransaction()
 
     # -- IRelayHandler ----------------------------------------------------
@@ -290,6 +292,7 @@ class RelaySession:
         self._accepted = []
         self._size = 0
         self._started = 0.0
+        self._dotSent = 0.0
         self._inBody = False
         self._ending = False
 

@@ -73,6 +73,8 @@ class RelayService(MultiService):
         """
         if factory is not None and factory not in self.factories:
             self.factories.append(factory)
+        # A port we cannot bind must stop the process, not be logged and ignored.
+        service._raiseSynchronously = True  # type: ignore[attr-defined]
         self._listeners.append(service)
 
     def addTLS(self, options: ReloadableServerOptions) -> None:
@@ -182,9 +184,6 @@ def makeService(config: Config, reactor: Any) -> RelayService:
         for description in listener.endpoints:
             endpoint = serverFromString(reactor, description)
             root.addListener(factory, StreamServerEndpointService(endpoint, _proxied(reactor, listener, factory)))
-    for service in root._listeners:
-        # A port we cannot bind must stop the process, not be logged and ignored.
-        service._raiseSynchronously = True  # type: ignore[attr-defined]
     return root
 
 
