@@ -52,6 +52,20 @@ class PluginTests(SynchronousTestCase):
         )
         self.assertNotIn(b"Usage:", done.stdout + done.stderr)
 
+    def test_busyPortStopsWithOneLine(self) -> None:
+        import socket
+
+        with socket.socket() as busy:
+            busy.bind((HOST, 0))
+            busy.listen(1)
+            port = busy.getsockname()[1]
+            done = twistd("-n", "--pidfile=", "smtprelay", "--listen", f"tcp://{HOST}:{port}",
+                          "--target", f"tcp://{HOST}:{freePort()}")
+        self.assertEqual(done.returncode, 1)
+        output = (done.stdout + done.stderr).decode()
+        self.assertIn(f"smtprelay: cannot listen on {HOST}:{port}: [Errno 98] Address already in use", output)
+        self.assertNotIn("Traceback", output)
+
     def test_checkOption(self) -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as f:
             f.write("hostname x\nsmtp tcp://127.0.0.1:2600 {\n  deliver_to smtp tcp://127.0.0.1:2601\n}\n")
