@@ -37,9 +37,10 @@ from zope.interface import implementer
 from . import replies
 from .addresses import downconvert
 from .body import DotStuffer
-from .config.model import Target
+from .config.model import Address, Target
 from .interfaces import Credentials, DownstreamError, IDownstream, Params, TLSInfo
 from .replies import MalformedReply, Reply, reply
+from .wire import writeNow
 
 MAX_REPLY_BYTES = 64 * 1024
 """The largest reply (all its lines) we accept from a downstream."""
@@ -148,6 +149,9 @@ class SMTPClientProtocol(LineReceiver):
 
     @ivar greeting: fires with the greeting reply.
     @ivar tlsFailed: the connection was lost to a TLS error.
+    @ivar address: the endpoint this connection goes to (set by
+        L{smtprelay.failover.Failover}).
+    @ivar connectedAt: when the connection was opened (C{clock} seconds).
     """
 
     delimiter = b"\r\n"
@@ -162,6 +166,8 @@ class SMTPClientProtocol(LineReceiver):
         self.peer = peer
         self.tlsFailed = False
         self.greeting: Deferred[Reply] = Deferred()
+        self.address: Address | None = None
+        self.connectedAt = clock.seconds()
         self._clock = clock
         self._debug = target.debug
         self._waiting: deque[tuple[Deferred[Reply], Check]] = deque()
@@ -179,6 +185,7 @@ class SMTPClientProtocol(LineReceiver):
         self._stall: IDelayedCall | None = None
         self._closed = False
         self._error: DownstreamError | None = None
+        self._inTransaction = False
         self._waiting.append((self.greeting, _classes(2, 4, 5)))
 
     # -- connection -------------------------------------------------------
@@ -212,6 +219,22 @@ class SMTPClientProtocol(LineReceiver):
                     retryPlain=True,
                 )
             )
+
+    @property
+    def idle(self) -> bool:
+        """
+        Open, between transactions, with nothing outstanding: the
+        connection could serve another transaction as it is.
+        """
+        return not (
+            self._closed
+            or self._error is not None
+            or self._waiting
+            or self._queued
+            or self._handshake is not None
+            or self._stuffer is not None
+            or self._inTransaction
+        )
 
     def _failAll(self, error: DownstreamError) -> None:
         waiting = [d for d, _ in self._waiting] + [q[1] for q in self._queued]
@@ -320,7 +343,7 @@ class SMTPClientProtocol(LineReceiver):
         if not self._waiting:
             self._armTimer()
         self._waiting.append((d, check))
-        self.transport.write(line + b"\r\n")  # type: ignore[union-attr]
+        writeNow(self.transport, line + b"\r\n")
 
     def _sendQueued(self) -> None:
         while self._queued and not self._waiting and self._error is None:
@@ -461,7 +484,13 @@ class SMTPClientProtocol(LineReceiver):
             self._log.debug(
                 "{peer} does not advertise DSN: dropped {params}", peer=self.peer, params=dropped
             )
-        return self.command(b"MAIL FROM:<" + sender + b">" + _formatParams(out))
+        return self.command(b"MAIL FROM:<" + sender + b">" + _formatParams(out)).addCallback(
+            self._transactionOpen
+        )
+
+    def _transactionOpen(self, reply_: Reply) -> Reply:
+        self._inTransaction = reply_.positive
+        return reply_
 
     def rcpt(self, recipient: bytes, params: Params) -> Deferred[Reply]:
         if self._downconvert or (not recipient.isascii() and "SMTPUTF8" not in self.capabilities):
@@ -494,7 +523,7 @@ class SMTPClientProtocol(LineReceiver):
     def write(self, data: bytes) -> None:
         if self._stuffer is None or self._error is not None or self._closed:
             return
-        self.transport.write(self._stuffer.stuff(data))  # type: ignore[union-attr]
+        writeNow(self.transport, self._stuffer.stuff(data))
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
         self._producer = producer
@@ -518,10 +547,11 @@ class SMTPClientProtocol(LineReceiver):
         waits: list[Deferred[Reply]] = [Deferred() for _ in range(count)]
         self._armTimer()
         self._waiting.extend((d, _NORMAL) for d in waits)
-        self.transport.write(stuffer.end())  # type: ignore[union-attr]
+        writeNow(self.transport, stuffer.end())
 
         def collected(results: list[Reply]) -> list[Reply]:
             self._timeout = self.target.commandTimeout
+            self._inTransaction = False
             return results
 
         def firstError(f: Failure) -> Failure:
@@ -532,7 +562,13 @@ class SMTPClientProtocol(LineReceiver):
 
     def rset(self) -> Deferred[Reply]:
         self._stuffer = None
-        return self.command(b"RSET")
+
+        def reset(r: Reply) -> Reply:
+            if r.positive:
+                self._inTransaction = False
+            return r
+
+        return self.command(b"RSET").addCallback(reset)
 
     def quit(self) -> None:
         if self._closed or self._error is not None:

@@ -11,6 +11,15 @@ could not be reached rest for C{backoff} seconds so that a message does not
 wait for a dead first endpoint each time; the configured order returns as
 soon as they recover.  A downstream's permanent verdict (5xx to AUTH or
 MAIL) is final: it is the client's answer, not a fault.
+
+Between client sessions, a connection the relay is done with waits idle
+for the next transaction (L{Failover.release}), as Postfix's connection
+cache does: a new client session then skips connect, greeting, EHLO,
+STARTTLS and AUTH.  Only connections that are between transactions and
+carry the relay's own identity are kept (never C{auth forward}); each
+waits at most C{reuse_idle_time} and serves for at most
+C{reuse_time_limit}.  One that went stale while idle is noticed at MAIL,
+before the client has seen any reply, and the transaction starts afresh.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory
 from twisted.internet.error import DNSLookupError
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
 from . import replies
@@ -35,6 +44,10 @@ from .tls import clientOptions
 
 EndpointFactory = Callable[[Address, float, Any], IStreamClientEndpoint]
 """C{(address, connectTimeout, tlsOptions or None) → endpoint}."""
+
+
+MAX_IDLE = 16
+"""The most idle connections kept per target."""
 
 
 class _Loop(Exception):
@@ -77,6 +90,8 @@ class Failover:
         )
         self._restingUntil: dict[Address, float] = {}
         self._tlsOptions: dict[str, Any] = {}
+        self._idle: list[tuple[SMTPClientProtocol, IDelayedCall]] = []
+        self._closed = False
 
     def order(self) -> list[Address]:
         """
@@ -103,11 +118,90 @@ class Failover:
         """
         return self._open(credentials, mail)  # type: ignore[return-value]
 
+    def release(self, session: IDownstream) -> None:
+        """
+        The relay is done with C{session}: keep it idle for another client
+        session if it can serve one as it is, QUIT it otherwise.
+        """
+        target = self.target
+        if (
+            self._closed
+            or not target.reuseConnections
+            or target.auth.mechanism == "forward"
+            or not isinstance(session, SMTPClientProtocol)
+            or not session.idle
+            or self._clock.seconds() - session.connectedAt >= target.reuseTimeLimit
+            or len(self._idle) >= MAX_IDLE
+        ):
+            session.quit()
+            return
+        expiry = self._clock.callLater(target.reuseIdleTime, self._expire, session)
+        self._idle.append((session, expiry))
+
+    def close(self) -> None:
+        """
+        Shutting down: QUIT the idle connections and keep no more.
+        """
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for session, expiry in idle:
+            expiry.cancel()
+            session.quit()
+
+    def _expire(self, session: SMTPClientProtocol) -> None:
+        self._idle = [(s, e) for s, e in self._idle if s is not session]
+        session.quit()
+
+    def _takeIdle(self) -> SMTPClientProtocol | None:
+        """
+        The newest idle connection to the endpoint the configured order
+        would try first now, if one is still usable.
+        """
+        first = self.order()[0]
+        for i in range(len(self._idle) - 1, -1, -1):
+            session, expiry = self._idle[i]
+            if session.address != first:
+                continue
+            del self._idle[i]
+            expiry.cancel()
+            if session.idle:
+                return session
+            session.abort()
+        return None
+
+    @inlineCallbacks
+    def _reuse(
+        self, mail: tuple[bytes, Params]
+    ) -> Generator[Deferred[Any], Any, tuple[IDownstream, Reply] | None]:
+        """
+        MAIL on an idle connection, if one is usable: C{(session, reply)}.
+        A connection that went stale while idle (closed, or a transient
+        reply such as C{421} after the downstream's own idle timeout) is
+        dropped, and None says "open a new one".
+        """
+        while (session := self._takeIdle()) is not None:
+            try:
+                reply = yield session.mail(*mail)
+            except DownstreamError as e:
+                self._log.debug("idle {peer} went stale: {reason}", peer=session.peer, reason=e.reason)
+                continue
+            if reply.transient:
+                self._log.debug("idle {peer} answered {code}", peer=session.peer, code=reply.code)
+                session.quit()
+                continue
+            self._metrics.attempt(self.target.name, "reused")
+            return (session, reply)
+        return None
+
     @inlineCallbacks
     def _open(
         self, credentials: Credentials | None, mail: tuple[bytes, Params] | None
     ) -> Generator[Deferred[Any], Any, tuple[IDownstream, Reply | None]]:
         target = self.target
+        if mail is not None and credentials is None and self._idle:
+            reused = yield self._reuse(mail)
+            if reused is not None:
+                return reused
         reasons: list[str] = []
         allDNS = allNoTLS = True
         for attempt, address in enumerate(self.order()):
@@ -224,6 +318,7 @@ class Failover:
         """
         target = self.target
         protocol = SMTPClientProtocol(target, self._clock, peer=str(address))
+        protocol.address = address
         yield self._connect(address, protocol)
         try:
             greeting = yield protocol.greeting

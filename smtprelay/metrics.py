@@ -29,7 +29,7 @@ STATUSES = ("sent", "deferred", "bounced", "aborted")
 TLS_SIDES = ("inbound", "outbound")
 
 ATTEMPT_RESULTS = (
-    "ok", "connect_failed", "greeting", "ehlo", "tls", "auth", "mail", "timeout", "loop", "lost",
+    "ok", "reused", "connect_failed", "greeting", "ehlo", "tls", "auth", "mail", "timeout", "loop", "lost",
 )
 """The usual values of C{result} for L{IMetrics.attempt} (not enforced)."""
 

@@ -46,6 +46,9 @@ from .replies import Reply
 Opener = Callable[..., "Deferred[tuple[IDownstream, Reply | None]]"]
 """C{Failover.open}: C{(credentials=, mail=)} → (session, MAIL reply)."""
 
+Releaser = Callable[[IDownstream], None]
+"""C{Failover.release}: the relay is done with a downstream session."""
+
 PasswordChecker = Callable[[str, str], "Deferred[bool]"]
 """Checks a user name and password against local C{users FILE} entries."""
 
@@ -78,6 +81,9 @@ class RelaySession:
     @param checkPassword: the local C{users FILE} checker, when the listener
         uses one.
     @param metrics: where transactions are counted.
+    @param releaseDownstream: the target's
+        L{smtprelay.failover.Failover.release}, which may keep a session
+        this relay is done with for another client (default: QUIT it).
     """
 
     _log = Logger()
@@ -100,12 +106,14 @@ class RelaySession:
         clock: IReactorTime,
         checkPassword: PasswordChecker | None = None,
         metrics: IMetrics | None = None,
+        releaseDownstream: Releaser | None = None,
     ) -> None:
         self.session = session
         self._metrics: IMetrics = metrics if metrics is not None else NullMetrics()
         self._listener = listener
         self._target = listener.deliverTo
         self._open = openDownstream
+        self._release: Releaser = releaseDownstream or (lambda downstream: downstream.quit())
         self._hostname = hostname
         self._clock = clock
         self._checkPassword = checkPassword
@@ -357,7 +365,7 @@ class RelaySession:
         if abort:
             downstream.abort()
         else:
-            downstream.quit()
+            self._release(downstream)
 
     def _perRecipient(self, reply: Reply) -> list[Reply]:
         if self.session.protocol == "lmtp":

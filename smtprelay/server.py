@@ -40,6 +40,7 @@ from .config.model import Listener
 from .interfaces import ClientSession, IRelayHandler, TLSInfo
 from .metrics import IMetrics, NullMetrics
 from .replies import Reply, reply
+from .wire import writeNow
 
 MAX_INPUT_BUFFER = 1024 * 1024
 """Unprocessed input beyond this means the transport ignored a pause: abort."""
@@ -212,20 +213,22 @@ class SMTPServerProtocol(Protocol):
             return
         self._registered = True
         self.factory.metrics.sessionOpened(self._listener.kind)
+        self.handler = self.factory.handlerFactory(self.session)
+        transport.registerProducer(_Pauser(self, "write"), True)
+        pregreet = not self._tlsActive and _hasPendingInput(transport)
+        if not pregreet:
+            self._out.append(self.factory.greeting)
+            self._flush()
+            self._setReadTimer(True)
+        # Logged once the greeting is on its way.
         self._log.info(
             "connect {session} from {client}", session=self.session.id,
             client=self.session.clientHost or "unix", port=self.session.clientPort,
         )
-        self.handler = self.factory.handlerFactory(self.session)
-        transport.registerProducer(_Pauser(self, "write"), True)
-        if not self._tlsActive and _hasPendingInput(transport):
+        if pregreet:
             # The client talked before it could have seen our greeting.
             self._log.info("pregreet talk in {session}", session=self.session.id)
             self._disconnect(_PREGREET)
-            return
-        self._out.append(self.factory.greeting)
-        self._flush()
-        self._setReadTimer(True)
 
     def handshakeCompleted(self) -> None:
         """
@@ -421,7 +424,7 @@ class SMTPServerProtocol(Protocol):
             data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
             self._out = []
             self._outSize = 0
-            self.transport.write(data)
+            writeNow(self.transport, data)
 
     def _disconnect(self, r: Reply) -> None:
         """

@@ -55,6 +55,8 @@ class RelayService(MultiService):
     The relay: its listeners, and a graceful stop.
 
     @ivar factories: the server factories, one per listener.
+    @ivar failovers: one per target; their idle downstream connections
+        are closed once the sessions have drained.
     """
 
     def __init__(self, config: Config, reactor: Any) -> None:
@@ -62,6 +64,7 @@ class RelayService(MultiService):
         self.config = config
         self._reactor = reactor
         self.factories: list[SMTPServerFactory] = []
+        self.failovers: list[Failover] = []
         self._listeners: list[IService] = []
         self._tlsOptions: list[ReloadableServerOptions] = []
 
@@ -137,6 +140,8 @@ class RelayService(MultiService):
         def done(_: object) -> None:
             if deadline.active():
                 deadline.cancel()
+            for failover in self.failovers:
+                failover.close()
 
         return DeferredList(stopping + [drained]).addCallback(done)
 
@@ -163,6 +168,7 @@ def makeService(config: Config, reactor: Any) -> RelayService:
         key = id(target)
         if key not in failovers:
             failovers[key] = Failover(target, reactor, loopToken=token, metrics=metrics)
+            root.failovers.append(failovers[key])
         return failovers[key]
 
     for listener in config.listeners:
@@ -225,7 +231,8 @@ def _handlerFactory(
 
     def handlerFor(session: ClientSession) -> RelaySession:
         return RelaySession(
-            session, listener, failover.open, config.hostname, reactor, checker, metrics
+            session, listener, failover.open, config.hostname, reactor, checker, metrics,
+            failover.release,
         )
 
     return handlerFor

@@ -728,12 +728,24 @@ class TargetTests(SynchronousTestCase):
         ("data_timeout 250ms", "dataTimeout", 0.25),
         ("backoff 0", "backoff", 0.0),
         ("backoff 1m", "backoff", 60.0),
+        ("reuse_connections no", "reuseConnections", False),
+        ("reuse_idle_time 10s", "reuseIdleTime", 10.0),
+        ("reuse_time_limit 1h", "reuseTimeLimit", 3600.0),
     ]
 
     def test_values(self) -> None:
         for line, field, value in self.VALUES:
             with self.subTest(line):
                 self.assertEqual(getattr(_target(line), field), value)
+
+    def test_reuseDefaults(self) -> None:
+        """
+        Like Postfix's connection cache: on, 2 s idle, 300 s per connection.
+        """
+        target = _target()
+        self.assertEqual(
+            (target.reuseConnections, target.reuseIdleTime, target.reuseTimeLimit), (True, 2.0, 300.0)
+        )
 
     def test_lmtpSplit(self) -> None:
         self.assertEqual(_target(kind="lmtp").lmtpSplit, "one_rcpt")
@@ -772,6 +784,8 @@ class TargetTests(SynchronousTestCase):
         ("submission_timeout -1m", 'submission_timeout: "-1m" is not a duration'),
         ("data_timeout", "data_timeout: expected a duration"),
         ("backoff 1d", 'backoff: "1d" is not a duration'),
+        ("reuse_connections maybe", 'reuse_connections: "maybe" is not a boolean'),
+        ("reuse_idle_time 0", "reuse_idle_time: must be longer than 0"),
         ("lmtp_split tempfail", "lmtp_split: only LMTP targets split recipients"),
         ("tls_client {\ncert c\n}", "tls_client: cert and key go together"),
         ("require_tls {\n}", "require_tls: takes no block"),

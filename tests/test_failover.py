@@ -404,3 +404,203 @@ class AuthTests(FailoverTestCase):
         self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
         session, _ = self.opened(self.failover(makeTarget(auth=self.auth("plain"))))
         self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+
+
+class ReuseTests(FailoverTestCase):
+    """
+    L{Failover.release} keeps a connection that is between transactions
+    for the next client session (Postfix's connection cache).
+    """
+
+    def transaction(self, failover: Failover) -> IDownstream:
+        """
+        A whole transaction on a session from C{failover}, ended by the
+        downstream's 250.
+        """
+        session, mailReply = self.opened(failover, mail=MAIL)
+        assert mailReply is not None and mailReply.code == 250
+        rcpt = session.rcpt(b"b@example.org", {})
+        data = session.data()
+        self.net.flush()
+        self.assertEqual(self.successResultOf(rcpt).code, 250)
+        self.assertEqual(self.successResultOf(data).code, 354)
+        session.write(b"Subject: x\r\n\r\nbody\r\n")
+        end = session.endData()
+        self.net.flush()
+        self.assertEqual([r.code for r in self.successResultOf(end)], [250])
+        return session
+
+    def test_reusedAfterTransaction(self) -> None:
+        """
+        The next MAIL goes out on the released connection: no new connect,
+        greeting or EHLO.
+        """
+        first = self.net.add(str(MX1))
+        failover = self.failover(makeTarget())
+        session = self.transaction(failover)
+        failover.release(session)
+        again, mailReply = self.opened(failover, mail=MAIL)
+        self.assertIs(again, session)
+        self.assertEqual(mailReply, reply(250, "2.1.0", "Ok"))
+        self.assertEqual(self.net.attempts, [str(MX1)])
+        commands = first.connections[0].commands
+        self.assertEqual(
+            [c for c in commands if not c.startswith(b"Subject") and c not in (b"", b"body", b".")],
+            [b"EHLO relay.example", b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.org>",
+             b"DATA", b"MAIL FROM:<a@example.org>"],
+        )
+
+    def test_midTransactionQuits(self) -> None:
+        """
+        A connection released with a transaction open (MAIL accepted, no
+        end-of-data) is not kept: QUIT.
+        """
+        first = self.net.add(str(MX1))
+        failover = self.failover(makeTarget())
+        session, _ = self.opened(failover, mail=MAIL)
+        failover.release(session)
+        self.net.flush()
+        self.assertEqual(first.connections[0].commands[-1], b"QUIT")
+        self.opened(failover, mail=MAIL)
+        self.assertEqual(self.net.attempts, [str(MX1), str(MX1)])
+
+    def test_rejectedMailIsBetweenTransactions(self) -> None:
+        """
+        After a refused MAIL the connection has no transaction: kept.
+        """
+        first = self.net.add(str(MX1), Script(replies={"MAIL": b"550 5.7.1 no\r\n"}))
+        failover = self.failover(makeTarget())
+        session, _ = self.opened(failover, mail=MAIL)
+        failover.release(session)
+        again, _ = self.opened(failover, mail=MAIL)
+        self.assertIs(again, session)
+        self.assertEqual(len(first.connections), 1)
+
+    def test_afterRset(self) -> None:
+        self.net.add(str(MX1))
+        failover = self.failover(makeTarget())
+        session, _ = self.opened(failover, mail=MAIL)
+        reset = session.rset()
+        self.net.flush()
+        self.assertEqual(self.successResultOf(reset).code, 250)
+        failover.release(session)
+        again, _ = self.opened(failover, mail=MAIL)
+        self.assertIs(again, session)
+
+    def test_idleExpiry(self) -> None:
+        """
+        An idle connection waits C{reuse_idle_time}, then gets QUIT.
+        """
+        first = self.net.add(str(MX1))
+        failover = self.failover(makeTarget(reuseIdleTime=2.0))
+        session, _ = self.opened(failover)
+        failover.release(session)
+        self.net.flush()
+        self.clock.advance(1.9)
+        self.net.flush()
+        self.assertNotIn(b"QUIT", first.connections[0].commands)
+        self.clock.advance(0.1)
+        self.net.flush()
+        self.assertEqual(first.connections[0].commands[-1], b"QUIT")
+        self.assertTrue(first.connections[0].lost)
+        self.opened(failover, mail=MAIL)
+        self.assertEqual(len(first.connections), 2)
+
+    def test_timeLimit(self) -> None:
+        """
+        A connection older than C{reuse_time_limit} is not kept.
+        """
+        first = self.net.add(str(MX1))
+        failover = self.failover(makeTarget(reuseTimeLimit=60.0))
+        session, _ = self.opened(failover)
+        self.clock.advance(60)
+        failover.release(session)
+        self.net.flush()
+        self.assertEqual(first.connections[0].commands[-1], b"QUIT")
+
+    def test_disabled(self) -> None:
+        first = self.net.add(str(MX1))
+        failover = self.failover(makeTarget(reuseConnections=False))
+        session, _ = self.opened(failover)
+        failover.release(session)
+        self.net.flush()
+        self.assertEqual(first.connections[0].commands[-1], b"QUIT")
+
+    def test_forwardNeverKept(self) -> None:
+        """
+        A connection authenticated with a client's own credentials serves
+        that client only.
+        """
+        first = self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}))
+        failover = self.failover(
+            makeTarget(auth=DownstreamAuth("forward"), attemptStartTLS=True)
+        )
+        session, _ = self.opened(failover, credentials=Credentials("u", "p"))
+        failover.release(session)
+        self.net.flush()
+        self.assertEqual(first.connections[0].commands[-1], b"QUIT")
+
+    def test_closedWhileIdle(self) -> None:
+        """
+        A kept connection the downstream closed is skipped; the client's
+        MAIL goes to a new one and never sees the failure.
+        """
+        first = self.net.add(str(MX1))
+        failover = self.failover(makeTarget())
+        session, _ = self.opened(failover)
+        failover.release(session)
+        first.connections[0].transport.loseConnection()  # type: ignore[union-attr]
+        self.net.flush()
+        again, mailReply = self.opened(failover, mail=MAIL)
+        self.assertIsNot(again, session)
+        self.assertEqual(mailReply, reply(250, "2.1.0", "Ok"))
+        self.assertEqual(len(first.connections), 2)
+
+    def test_staleAnswersMail(self) -> None:
+        """
+        The downstream timed the idle connection out just as MAIL went out
+        (421, or the connection drops): a new connection takes the MAIL.
+        """
+        for stale in (b"421 4.4.2 fake.example idle too long\r\n" + CLOSE, CLOSE):
+            self.net = MemoryNetwork(self.clock)
+            first = self.net.add(str(MX1))
+            failover = self.failover(makeTarget())
+            session, _ = self.opened(failover)
+            failover.release(session)
+            first.connections[0].script = Script(replies={"MAIL": stale})
+            again, mailReply = self.opened(failover, mail=MAIL)
+            self.assertIsNot(again, session)
+            self.assertEqual(mailReply, reply(250, "2.1.0", "Ok"))
+            self.assertEqual(len(first.connections), 2)
+
+    def test_preferredEndpointOnly(self) -> None:
+        """
+        A connection to a fallback endpoint is not reused once the first
+        endpoint is back: the configured order wins.
+        """
+        self.net.add(str(MX2))
+        failover = self.failover(makeTarget(backoff=30))
+        session, _ = self.opened(failover)
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+        failover.release(session)
+        self.clock.advance(1)
+        again, _ = self.opened(failover, mail=MAIL)
+        self.assertIs(again, session)
+        failover.release(again)
+        self.net.add(str(MX1))
+        self.clock.advance(30)
+        fresh, _ = self.opened(failover, mail=MAIL)
+        self.assertEqual(fresh.peer, "mx1.example[192.0.2.25]:25")
+
+    def test_closeQuitsIdle(self) -> None:
+        first = self.net.add(str(MX1))
+        failover = self.failover(makeTarget())
+        session, _ = self.opened(failover)
+        failover.release(session)
+        failover.close()
+        self.net.flush()
+        self.assertEqual(first.connections[0].commands[-1], b"QUIT")
+        other, _ = self.opened(failover)
+        failover.release(other)
+        self.net.flush()
+        self.assertEqual(first.connections[1].commands[-1], b"QUIT")

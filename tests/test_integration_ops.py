@@ -60,6 +60,42 @@ metrics tcp://{HOST}:{metrics}
         self.assertEqual(after[ok] - before.get(ok, 0.0), 1.0, "one downstream session for both transactions")
 
 
+class ConnectionReuseTests(SynchronousTestCase):
+    def test_nextClientReusesDownstream(self) -> None:
+        """
+        Client sessions one after another through a real relay to
+        smtp-sink: the first opens the downstream connection, the next
+        ones reuse it (counted as C{result="reused"}), every message
+        arrives, and with C{reuse_connections no} each session connects.
+        """
+        procs = Processes(self)
+        sinkPort, dumps = procs.smtpSink()
+        for reuse, connects, reused in (("yes", 1.0, 2.0), ("no", 3.0, 0.0)):
+            listen, metrics = freePort(), freePort()
+            config = os.path.join(procs.dir, f"relay-{reuse}.conf")
+            with open(config, "w") as f:
+                f.write(f"""
+smtp tcp://{HOST}:{listen} {{
+    deliver_to smtp tcp://{HOST}:{sinkPort} {{
+        reuse_connections {reuse}
+    }}
+}}
+metrics tcp://{HOST}:{metrics}
+""")
+            procs.relay("--config", config, port=listen, name=f"relay-{reuse}")
+            waitForPort(metrics)
+            for n in range(3):
+                with smtplib.SMTP(HOST, listen, timeout=60) as client:
+                    client.sendmail("a@example.org", ["r@example.net"], f"Subject: {n}\r\n\r\nbody\r\n")
+            after = scrape(metrics)
+            attempts = "smtprelay_downstream_attempts_total"
+            target = ("target", "smtp-listener-1")
+            self.assertEqual(after.get((attempts, (("result", "ok"), target)), 0.0), connects, reuse)
+            self.assertEqual(after.get((attempts, (("result", "reused"), target)), 0.0), reused, reuse)
+        subjects = [m.split(b"Subject: ")[1][:1] for m in sinkMessages(dumps, 6)]
+        self.assertEqual(sorted(subjects), [b"0", b"0", b"1", b"1", b"2", b"2"])
+
+
 class CommandLineMetricsTests(SynchronousTestCase):
     def test_metricsOption(self) -> None:
         """

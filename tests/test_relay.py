@@ -411,6 +411,30 @@ class RelaySessionTests(SynchronousTestCase):
         relay.close()
         self.assertEqual(self.downstream.calls[-1], ("quit",))
 
+    def test_doneDownstreamGoesToReleaser(self) -> None:
+        """
+        A downstream this client is done with (after its transaction, or
+        after a client that quits before its dot's reply comes) is handed
+        to C{releaseDownstream}, which may keep it for another client; an
+        aborted body's downstream is aborted, never released.
+        """
+        released: list[object] = []
+        relay = RelaySession(self.session, listener(), self.opener, "relay.test", self.clock,
+                             releaseDownstream=released.append)
+        self.transaction(relay)
+        relay.close()
+        self.assertEqual(released, [self.downstream])
+        self.assertNotIn(("quit",), self.downstream.calls)
+
+        aborted = RelaySession(self.session, listener(), self.opener, "relay.test", self.clock,
+                               releaseDownstream=released.append)
+        result(aborted.mail(b"s@x", {}))
+        result(aborted.rcpt(b"r@x", {}))
+        result(aborted.data(Producer()))
+        aborted.close()
+        self.assertEqual(released, [self.downstream])
+        self.assertEqual(self.downstream.calls[-1], ("abort",))
+
     def test_transactionLogEvent(self) -> None:
         """
         SPEC §5: one event per transaction with stable keys.

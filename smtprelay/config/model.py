@@ -126,6 +126,9 @@ class Target:
     dataTimeout: float = 180.0
     lmtpSplit: Literal["one_rcpt", "tempfail"] = "one_rcpt"
     backoff: float = 30.0
+    reuseConnections: bool = True
+    reuseIdleTime: float = 2.0
+    reuseTimeLimit: float = 300.0
 
 
 @attrs.frozen

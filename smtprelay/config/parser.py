@@ -363,6 +363,9 @@ _TARGET = {
     "data_timeout": _Directive("dataTimeout", _timeout),
     "lmtp_split": _Directive("lmtpSplit", _choice("one_rcpt", "tempfail")),
     "backoff": _Directive("backoff", _duration),
+    "reuse_connections": _Directive("reuseConnections", _flag),
+    "reuse_idle_time": _Directive("reuseIdleTime", _timeout),
+    "reuse_time_limit": _Directive("reuseTimeLimit", _timeout),
 }
 
 _LISTENER = {

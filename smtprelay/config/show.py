@@ -96,6 +96,10 @@ def _targetBody(depth: int, target: Target) -> list[str]:
     if target.protocol == "lmtp":
         lines.append(_line(depth, "lmtp_split", target.lmtpSplit))
     lines.append(_line(depth, "backoff", formatDuration(target.backoff)))
+    lines.append(_line(depth, "reuse_connections", formatBool(target.reuseConnections)))
+    if target.reuseConnections:
+        lines.append(_line(depth, "reuse_idle_time", formatDuration(target.reuseIdleTime)))
+        lines.append(_line(depth, "reuse_time_limit", formatDuration(target.reuseTimeLimit)))
     return lines
 
 
