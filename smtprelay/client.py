@@ -523,7 +523,9 @@ class SMTPClientProtocol(LineReceiver):
     def write(self, data: bytes) -> None:
         if self._stuffer is None or self._error is not None or self._closed:
             return
-        writeNow(self.transport, self._stuffer.stuff(data))
+        # Buffered: the end-of-data's writeNow sends the tail in the same
+        # segment as the dot; a long body goes out as the socket drains.
+        self.transport.write(self._stuffer.stuff(data))  # type: ignore[union-attr]
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
         self._producer = producer

@@ -417,15 +417,15 @@ class RelaySession:
         endOfDataSeconds: float | None = None,
     ) -> None:
         """
-        The one log event per transaction (SPEC §5), and its metrics.
+        The one log event per transaction (SPEC §5), and its metrics.  The
+        event is taken now and emitted on the next reactor turn, after the
+        client's reply has been sent: formatting it is not the client's wait.
         """
         session = self.session
         self._metrics.transaction(
             status, self._size, self._target.name, endOfDataSeconds
         )
-        self._log.info(
-            "{session}: from=<{sender}> to={to} size={size} relay={relay} "
-            "tls={tls} delay={delay:.3f} status={status} reply={reply}",
+        fields = dict(
             session=session.id,
             client=session.clientHost,
             helo=session.heloName,
@@ -439,6 +439,13 @@ class RelaySession:
             reply=f"{reply.code} {reply.enhanced or ''} {reply.text}".strip(),
             transaction=True,
         )
+        self._clock.callLater(0, lambda: self._log.info(_TRANSACTION_FORMAT, **fields))
+
+
+_TRANSACTION_FORMAT = (
+    "{session}: from=<{sender}> to={to} size={size} relay={relay} "
+    "tls={tls} delay={delay:.3f} status={status} reply={reply}"
+)
 
 
 def _status(final: Sequence[Reply]) -> str:

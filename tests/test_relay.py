@@ -296,6 +296,7 @@ class RelaySessionTests(SynchronousTestCase):
         self.downstream.script["end"] = [reply(552, "5.3.4", "Message size exceeds fixed limit")]
         *_, final = self.transaction(self.relay())
         self.assertEqual(final, [reply(552, "5.3.4", "Message size exceeds fixed limit")])
+        self.clock.advance(0)  # the event follows the reply by one turn
         [event] = [e for e in self.events if e.get("transaction")]
         self.assertEqual(event["status"], "bounced")
 
@@ -307,6 +308,7 @@ class RelaySessionTests(SynchronousTestCase):
         self.downstream.script["end"] = DownstreamError(replies.DOWNSTREAM_LOST, "connection lost")
         *_, final = self.transaction(self.relay())
         self.assertEqual(final, [replies.DOWNSTREAM_LOST.withSession("S1D")])
+        self.clock.advance(0)  # the event follows the reply by one turn
         [event] = [e for e in self.events if e.get("transaction")]
         self.assertEqual(event["status"], "deferred")
 
@@ -352,6 +354,7 @@ class RelaySessionTests(SynchronousTestCase):
         relay.close()
         self.assertTrue(self.downstream.aborted)
         self.assertNotIn(("end",), self.downstream.calls)
+        self.clock.advance(0)  # the event follows the reply by one turn
         [event] = [e for e in self.events if e.get("transaction")]
         self.assertEqual(event["status"], "aborted")
 
@@ -374,6 +377,7 @@ class RelaySessionTests(SynchronousTestCase):
         pending.callback([reply(250, "2.0.0", "queued")])
         self.assertEqual(result(final), [reply(250, "2.0.0", "queued")])
         self.assertTrue(self.downstream.quitted)
+        self.clock.advance(0)  # the event follows the reply by one turn
         [event] = [e for e in self.events if e.get("transaction")]
         self.assertEqual((event["status"], event["reply"]), ("sent", "250 2.0.0 queued"))
 
@@ -437,9 +441,16 @@ class RelaySessionTests(SynchronousTestCase):
 
     def test_transactionLogEvent(self) -> None:
         """
-        SPEC §5: one event per transaction with stable keys.
+        SPEC §5: one event per transaction with stable keys.  It is emitted
+        one reactor turn after the final reply (formatting it is not the
+        client's wait) with the values of that transaction, even when the
+        client's next MAIL has started another.
         """
-        self.transaction(self.relay(), rcpts=[b"a@x", b"b@x"])
+        relay = self.relay()
+        self.transaction(relay, rcpts=[b"a@x", b"b@x"])
+        self.assertEqual([e for e in self.events if e.get("transaction")], [])
+        result(relay.mail(b"next@example.org", {}))
+        self.clock.advance(0)
         [event] = [e for e in self.events if e.get("transaction")]
         self.assertEqual(
             {k: event[k] for k in ("session", "client", "helo", "sender", "to", "relay", "status", "reply", "tls")},
