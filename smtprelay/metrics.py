@@ -6,21 +6,23 @@ C{CollectorRegistry} (no global state), L{NullMetrics} ignores everything
 when no C{metrics} listener is configured.  Labels are few and bounded:
 listener kinds, target names from the configuration, and fixed words for
 statuses, results and reasons.  C{prometheus_client} is the optional
-C{metrics} extra: it is imported only when a L{Metrics} is made.
+C{metrics} extra: it is imported only when a L{Metrics} is made, and
+C{twisted.web} (a few megabytes of memory) only when it is served.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
-from twisted.web.resource import IResource, NoResource, Resource
-from twisted.web.server import Request, Site
 from zope.interface import Interface, implementer
 
 from .config.model import Address
 from .endpoints import serverEndpoint
+
+if TYPE_CHECKING:
+    from twisted.web.resource import IResource
 
 MISSING = "metrics need the \"metrics\" extra: pip install 'smtprelay[metrics]'"
 
@@ -240,42 +242,14 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class _MetricsResource(Resource):
-    """
-    C{/metrics}, and 404 for every other path.
-    """
-
-    isLeaf = True
-
-    def __init__(self, metrics: Metrics) -> None:
-        super().__init__()
-        self._metrics = metrics
-
-    def render_GET(self, request: Request) -> bytes:
-        if request.path != b"/metrics":
-            return NoResource().render(request)  # type: ignore[no-any-return]
-        body, contentType = self._metrics.exposition()
-        request.setHeader(b"content-type", contentType.encode("ascii"))
-        return body
-
-
 def metricsResource(metrics: Metrics) -> IResource:
     """
     The web resource to put at the root of a site: serves C{metrics} on
     C{/metrics} (GET and HEAD), 404 elsewhere.
     """
-    return _MetricsResource(metrics)
+    from ._metricsweb import MetricsResource
 
-
-class _QuietSite(Site):
-    """
-    A site without access log lines: a scrape every few seconds is noise.
-    """
-
-    noisy = False
-
-    def log(self, request: Any) -> None:
-        pass
+    return MetricsResource(metrics)
 
 
 def metricsService(address: Address, metrics: Metrics, reactor: Any) -> IService:
@@ -287,5 +261,7 @@ def metricsService(address: Address, metrics: Metrics, reactor: Any) -> IService
     """
     if address.scheme == "tls":
         raise ValueError(f"metrics cannot listen on {address}: use tcp:// or unix://")
+    from ._metricsweb import QuietSite
+
     endpoint = serverEndpoint(reactor, address)
-    return StreamServerEndpointService(endpoint, _QuietSite(metricsResource(metrics)))
+    return StreamServerEndpointService(endpoint, QuietSite(metricsResource(metrics)))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from fractions import Fraction
 
 from .model import Address, IPNetwork
 
@@ -19,15 +18,15 @@ _TRUE = {"yes", "true", "on", "1"}
 _FALSE = {"no", "false", "off", "0"}
 
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
-_UNITS: dict[str, Fraction] = {
-    "ns": Fraction(1, 10**9),
-    "us": Fraction(1, 10**6),
-    "µs": Fraction(1, 10**6),
-    "μs": Fraction(1, 10**6),
-    "ms": Fraction(1, 1000),
-    "s": Fraction(1),
-    "m": Fraction(60),
-    "h": Fraction(3600),
+_NANOSECONDS = {
+    "ns": 1,
+    "us": 10**3,
+    "µs": 10**3,
+    "μs": 10**3,
+    "ms": 10**6,
+    "s": 10**9,
+    "m": 60 * 10**9,
+    "h": 3600 * 10**9,
 }
 
 _SIZE = re.compile(r"([0-9]+)([BKMGT]?)", re.IGNORECASE)
@@ -59,11 +58,15 @@ def parseDuration(text: str) -> float:
     A Go duration such as C{5m}, C{1h30m}, C{1.5h} or C{250ms}, in seconds.
     C{0} alone needs no unit; there is no C{d} and no sign.
     """
+    # Exact sums; fractions (with decimal, half a megabyte) is imported here
+    # so that only reading a configuration file pays for it.
+    from fractions import Fraction
+
     if text == "0":
         return 0.0
     if not text:
         raise ValueError("missing duration")
-    total = Fraction(0)
+    nanoseconds = Fraction(0)
     pos = 0
     while pos < len(text):
         match = _DURATION_PART.match(text, pos)
@@ -72,15 +75,17 @@ def parseDuration(text: str) -> float:
                 f'"{text}" is not a duration (use a number with a unit: '
                 "h, m, s, ms, us or ns, as in 1h30m or 250ms)"
             )
-        total += Fraction(match.group(1)) * _UNITS[match.group(2)]
+        nanoseconds += Fraction(match.group(1)) * _NANOSECONDS[match.group(2)]
         pos = match.end()
-    return float(total)
+    return float(nanoseconds / 10**9)
 
 
 def formatDuration(seconds: float) -> str:
     """
     The shortest Go-style spelling of C{seconds} (to the nanosecond).
     """
+    from fractions import Fraction
+
     nanoseconds = round(Fraction(seconds) * 10**9)
     if nanoseconds == 0:
         return "0"

@@ -1,0 +1,46 @@
+"""
+The HTTP side of L{smtprelay.metrics}: the C{/metrics} resource and a quiet
+site to serve it.  Kept apart because C{twisted.web.server} costs a few
+megabytes of memory that a relay without a C{metrics} listener never needs;
+L{smtprelay.metrics} imports this module only when metrics are served.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.web.resource import NoResource, Resource
+from twisted.web.server import Request, Site
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
+
+class MetricsResource(Resource):
+    """
+    C{/metrics}, and 404 for every other path.
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        if request.path != b"/metrics":
+            return NoResource().render(request)  # type: ignore[no-any-return]
+        body, contentType = self._metrics.exposition()
+        request.setHeader(b"content-type", contentType.encode("ascii"))
+        return body
+
+
+class QuietSite(Site):
+    """
+    A site without access log lines: a scrape every few seconds is noise.
+    """
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass

@@ -1,0 +1,54 @@
+"""
+Tests for L{smtprelay.tap}: what a relay started from the command line
+loads.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from twisted.trial.unittest import SynchronousTestCase
+
+_QUICK_START = """
+import sys
+from smtprelay import tap
+options = tap.Options()
+options.parseOptions(["--listen", "tcp://127.0.0.1:2525", "--target", "tcp://127.0.0.1:2526"])
+tap.makeService(options)
+print(" ".join(sorted(set(sys.argv[1:]) & set(sys.modules))))
+"""
+
+
+class QuickStartImportTests(SynchronousTestCase):
+    """
+    Modules only some configurations need stay unloaded by a quick-start
+    relay: each costs memory in every relay process.
+    """
+
+    def loaded(self, *modules: str) -> list[str]:
+        """
+        Which of C{modules} a fresh interpreter has loaded once it has built
+        a quick-start relay service.
+        """
+        result = subprocess.run(
+            [sys.executable, "-c", _QUICK_START, *modules],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return result.stdout.split()
+
+    def test_noMetricsListener(self) -> None:
+        """
+        Without a metrics listener neither the web server nor the
+        Prometheus client is loaded.
+        """
+        self.assertEqual(self.loaded("twisted.web.server", "prometheus_client"), [])
+
+    def test_noConfigurationFile(self) -> None:
+        """
+        Without a configuration file, the exact arithmetic of durations
+        (C{fractions}, which brings C{decimal}) is not loaded.
+        """
+        self.assertEqual(self.loaded("fractions", "decimal"), [])
