@@ -2,7 +2,8 @@
 ADDRESS (C{tcp://}, C{tls://}, C{unix://}) → Twisted endpoints.
 
 Client endpoints resolve host names without blocking the reactor and try
-every address of a name (C{HostnameEndpoint}); C{tls://} wraps the
+every address of a name (C{HostnameEndpoint}); an IP literal is connected to
+directly, so that no resolver thread is started for it; C{tls://} wraps the
 connection in TLS before the greeting (TCP_NODELAY is set by the client
 protocol as soon as it is connected).  Server endpoints may share their
 port between processes (C{SO_REUSEPORT}) for scale-out on one host.
@@ -14,8 +15,9 @@ import socket
 from typing import Any
 
 from twisted.internet import endpoints
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
@@ -28,7 +30,13 @@ def clientEndpoint(reactor: Any, address: Address, timeout: float, tlsOptions: A
     """
     if address.scheme == "unix":
         return endpoints.UNIXClientEndpoint(reactor, address.path, timeout=timeout)
-    endpoint = endpoints.HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
+    endpoint: IStreamClientEndpoint
+    if isIPAddress(address.host):
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
+    elif isIPv6Address(address.host):
+        endpoint = endpoints.TCP6ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
+    else:
+        endpoint = endpoints.HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
     if address.scheme == "tls":
         return endpoints.wrapClientTLS(tlsOptions, endpoint)
     return endpoint

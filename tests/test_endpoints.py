@@ -76,14 +76,17 @@ class ClientEndpointTests(SynchronousTestCase):
         memory.advance(1)
         self.assertEqual([c[0] for c in memory.tcpClients], ["2001:db8::1", "192.0.2.1"])
 
-    def test_ipv6Literal(self) -> None:
+    def test_ipLiterals(self) -> None:
         """
-        An IPv6 literal (C{tcp://[2001:db8::1]:25}) reaches the resolver
-        without brackets.
+        An IP literal, IPv6 included (C{tcp://[2001:db8::1]:25} arrives
+        without brackets), is connected to at once: it needs no resolver,
+        whose thread would cost every relay memory.
         """
-        memory = self.connect(Address("tcp", "2001:db8::1", 25), None, IPv6Address("TCP", "2001:db8::1", 0))
-        self.assertEqual(self.resolver.names, ["2001:db8::1"])
-        self.assertEqual(memory.tcpClients[0][:2], ("2001:db8::1", 25))
+        for host in ("192.0.2.7", "2001:db8::1"):
+            memory = self.connect(Address("tcp", host, 25))
+            self.assertEqual(self.resolver.names, [])
+            connected, port, _factory, timeout, _bind = memory.tcpClients[0]
+            self.assertEqual((connected, port, timeout), (host, 25, 7.0))
 
     def test_tls(self) -> None:
         memory = self.connect(Address("tls", "mx.example", 465), clientOptions(ClientTLS(), "mx.example"))
