@@ -18,7 +18,10 @@ $(VENV)/.installed: $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[metrics]' --config-settings editable_mode=compat
 	touch $@
 
+# Byte-compiled once here: a relay that compiles its own modules at every start
+# (PYTHONDONTWRITEBYTECODE, read-only trees) peaks ~2.4 MB higher.
 venv: $(VENV)/.installed
+	@$(PY) -m compileall -q smtprelay twisted/plugins >/dev/null
 
 ## run: the relay on 127.0.0.1:2525 forwarding to a capture sink on 127.0.0.1:2526
 run: venv
