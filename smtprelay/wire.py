@@ -12,17 +12,45 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
+
 
 def writeNow(transport: Any, data: bytes) -> None:
     """
-    C{transport.write(data)}, then, when C{transport} is a reactor
-    socket (an L{IWriteDescriptor}) that is not closing, send what it
-    holds at once.  What the socket does not take stays buffered and goes
-    out on the usual writable event, as do errors, which the reactor then
-    handles as it always does; other transports (TLS wrappers, test
-    doubles) just buffer.
+    C{transport.write(data)}, sent at once when C{transport} is a plain
+    (not TLS) reactor socket that is open.
+
+    With nothing queued, the socket takes the bytes directly
+    (C{writeSomeData}, the call the reactor itself makes when a socket is
+    writable), so the reactor is not even asked to watch for writability;
+    what it does not take, and anything written behind a queue, goes
+    through C{write()} and C{doWrite()} in the same turn.  Errors and a
+    full socket are left to the reactor, which handles them as it always
+    does.  Other transports (TLS, test doubles) just buffer.
     """
+    if not _plainSocket(transport):
+        transport.write(data)
+        return
+    if not transport.dataBuffer and not getattr(transport, "_tempDataLen", 1):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int):
+            if sent == len(data):
+                return
+            data = data[sent:]
     transport.write(data)
-    doWrite = getattr(transport, "doWrite", None)
-    if doWrite is not None and transport.connected and not transport.disconnecting:
-        doWrite()
+    transport.doWrite()
+
+
+def _plainSocket(transport: Any) -> bool:
+    """
+    A reactor TCP/unix socket without TLS, open for writing.  The class is
+    checked, not attributes: a TLS wrapper (C{TLSMemoryBIOProtocol})
+    forwards unknown attributes to the socket beneath it, whose
+    C{writeSomeData} would send plaintext.
+    """
+    return (
+        isinstance(transport, FileDescriptor)
+        and getattr(transport, "TLS", None) is False
+        and bool(transport.connected)
+        and not transport.disconnecting
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 
 from twisted.internet import reactor
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.test.proto_helpers import StringTransport
@@ -17,17 +18,26 @@ from smtprelay.wire import writeNow
 
 
 class _Writer(Protocol):
-    def __init__(self, peer: socket.socket, data: bytes) -> None:
+    """
+    Writes C{first} with a plain C{write} (None: nothing), then C{data}
+    with L{writeNow}, and reports what the peer's socket holds after each
+    and whether the reactor watches the socket for writability.
+    """
+
+    def __init__(self, peer: socket.socket, first: bytes | None, data: bytes) -> None:
         self.peer = peer
+        self.first = first
         self.data = data
-        self.seen: Deferred[tuple[bytes, bytes]] = Deferred()
+        self.seen: Deferred[tuple[bytes, bytes, bool]] = Deferred()
 
     def connectionMade(self) -> None:
         accepted, _ = self.peer.accept()
-        self.transport.write(b"buffered ")  # type: ignore[union-attr]
-        first = _peek(accepted)
+        if self.first is not None:
+            self.transport.write(self.first)  # type: ignore[union-attr]
+        before = _peek(accepted)
         writeNow(self.transport, self.data)
-        self.seen.callback((first, _peek(accepted)))
+        watched = self.transport in reactor.getWriters()  # type: ignore[attr-defined,arg-type]
+        self.seen.callback((before, _peek(accepted), watched))
         accepted.close()
 
 
@@ -39,22 +49,84 @@ def _peek(sock: socket.socket) -> bytes:
 
 
 class RealSocketTests(TestCase):
-    def test_sentWithinTheTurn(self) -> None:
-        """
-        A plain C{write} is still in Twisted's buffer when the callback
-        returns; after L{writeNow} the peer's socket already holds it all.
-        """
+    def run_(self, first: bytes | None, data: bytes) -> Deferred[tuple[bytes, bytes, bool]]:
         listening = socket.socket()
         self.addCleanup(listening.close)
         listening.bind(("127.0.0.1", 0))
         listening.listen(1)
-        protocol = _Writer(listening, b"now\r\n")
+        protocol = _Writer(listening, first, data)
         factory = ClientFactory.forProtocol(lambda: protocol)
-        connector = reactor.connectTCP("127.0.0.1", listening.getsockname()[1], factory)  # type: ignore[attr-defined]
+        connector = reactor.connectTCP("127.0.0.1", listening.getsockname()[1], factory)  # type: ignore[attr-defined,arg-type]
         self.addCleanup(connector.disconnect)
-        return protocol.seen.addCallback(
-            self.assertEqual, (b"", b"buffered now\r\n")
+        return protocol.seen
+
+    def test_sentDirectly(self) -> Deferred[object]:
+        """
+        Nothing queued: the peer holds the bytes when L{writeNow} returns,
+        and the reactor was never asked to watch the socket.
+        """
+        return self.run_(None, b"250 ok\r\n").addCallback(
+            self.assertEqual, (b"", b"250 ok\r\n", False)
         )
+
+    def test_sentBehindTheQueue(self) -> Deferred[object]:
+        """
+        Behind bytes a plain C{write} queued (still in Twisted's buffer),
+        L{writeNow} sends both, in order, within the turn.
+        """
+        return self.run_(b"buffered ", b"now\r\n").addCallback(
+            self.assertEqual, (b"", b"buffered now\r\n", False)
+        )
+
+
+class _Reactor:
+    def addWriter(self, writer: object) -> None:
+        pass
+
+    def removeWriter(self, writer: object) -> None:
+        pass
+
+
+class _Socketish(FileDescriptor):
+    """
+    A reactor socket that records how it is written to and takes
+    C{accept} bytes per send.
+    """
+
+    TLS = False
+
+    def __init__(self, accept: int = 0) -> None:
+        super().__init__(_Reactor())  # type: ignore[arg-type]
+        self.connected = True
+        self.accept = accept
+        self.calls: list[str] = []
+        self.sent = b""
+
+    def writeSomeData(self, data: bytes) -> int:
+        self.calls.append("writeSomeData")
+        n = min(self.accept, len(data))
+        self.sent += bytes(data[:n])
+        return n
+
+    def doWrite(self) -> None:
+        self.calls.append("doWrite")
+
+
+class _Wrapper:
+    """
+    Like C{TLSMemoryBIOProtocol}: a transport that forwards unknown
+    attributes to the socket beneath it.
+    """
+
+    def __init__(self, inner: _Socketish) -> None:
+        self.inner = inner
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
 
 
 class OtherTransportTests(SynchronousTestCase):
@@ -63,20 +135,36 @@ class OtherTransportTests(SynchronousTestCase):
         writeNow(transport, b"250 ok\r\n")
         self.assertEqual(transport.value(), b"250 ok\r\n")
 
-    def test_closingSocketWaitsForTheReactor(self) -> None:
+    def test_partialSend(self) -> None:
         """
-        A socket that is closing is left to the reactor, which ends the
-        connection once its buffer is sent.
+        What the socket does not take now is queued and flushed in the
+        turn (C{doWrite}).
         """
+        transport = _Socketish(accept=3)
+        writeNow(transport, b"250 ok\r\n")
+        self.assertEqual(transport.sent, b"250")
+        self.assertEqual(transport.calls, ["writeSomeData", "doWrite"])
+        self.assertEqual(transport._tempDataBuffer, [b" ok\r\n"])
 
-        class Closing(StringTransport):
-            connected = True
-            disconnecting = True
-            wrote = False
+    def test_closingOrTLSLeftToTheReactor(self) -> None:
+        """
+        A socket that is closing, or speaks TLS, is written to as usual and
+        flushed by the reactor: the end of the connection follows its
+        buffer; TLS has its own path.
+        """
+        for attribute, value in (("disconnecting", True), ("TLS", True)):
+            transport = _Socketish(accept=100)
+            setattr(transport, attribute, value)
+            writeNow(transport, b"221 bye\r\n")
+            self.assertEqual((transport.sent, transport.calls), (b"", []), attribute)
+            self.assertEqual(transport._tempDataBuffer, [b"221 bye\r\n"], attribute)
 
-            def doWrite(self) -> None:
-                self.wrote = True
-
-        transport = Closing()
-        writeNow(transport, b"221 bye\r\n")
-        self.assertEqual((transport.value(), transport.wrote), (b"221 bye\r\n", False))
+    def test_wrapperIsNotBypassed(self) -> None:
+        """
+        Through a TLS-like wrapper the bytes go to the wrapper's C{write}
+        (to be encrypted), never to the socket beneath it.
+        """
+        inner = _Socketish(accept=100)
+        wrapper = _Wrapper(inner)
+        writeNow(wrapper, b"MAIL FROM:<a@b>\r\n")
+        self.assertEqual((wrapper.written, inner.sent, inner.calls), (b"MAIL FROM:<a@b>\r\n", b"", []))
