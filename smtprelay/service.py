@@ -55,8 +55,8 @@ class RelayService(MultiService):
     The relay: its listeners, and a graceful stop.
 
     @ivar factories: the server factories, one per listener.
-    @ivar failovers: one per target; their idle downstream connections
-        are closed once the sessions have drained.
+    @ivar failovers: one per target (by identity); their idle downstream
+        connections are closed once the sessions have drained.
     """
 
     def __init__(self, config: Config, reactor: Any) -> None:
@@ -64,7 +64,7 @@ class RelayService(MultiService):
         self.config = config
         self._reactor = reactor
         self.factories: list[SMTPServerFactory] = []
-        self.failovers: list[Failover] = []
+        self.failovers: dict[int, Failover] = {}
         self._listeners: list[IService] = []
         self._tlsOptions: list[ReloadableServerOptions] = []
 
@@ -140,7 +140,7 @@ class RelayService(MultiService):
         def done(_: object) -> None:
             if deadline.active():
                 deadline.cancel()
-            for failover in self.failovers:
+            for failover in self.failovers.values():
                 failover.close()
 
         return DeferredList(stopping + [drained]).addCallback(done)
@@ -162,13 +162,12 @@ def makeService(config: Config, reactor: Any) -> RelayService:
     if config.metrics is not None:
         metrics = Metrics()
         root.addListener(None, metricsService(config.metrics, metrics, reactor))
-    failovers: dict[int, Failover] = {}
+    failovers = root.failovers
 
     def failoverFor(target: Target) -> Failover:
         key = id(target)
         if key not in failovers:
             failovers[key] = Failover(target, reactor, loopToken=token, metrics=metrics)
-            root.failovers.append(failovers[key])
         return failovers[key]
 
     for listener in config.listeners:

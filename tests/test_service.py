@@ -1,0 +1,38 @@
+"""
+Tests for L{smtprelay.service.RelayService}'s graceful stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from smtprelay.config import loadString
+from smtprelay.service import makeService
+
+from .procs import HOST, freePort
+
+
+class StopTests(TestCase):
+    @inlineCallbacks
+    def test_idleDownstreamsClosedAfterDrain(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        Stopping closes every target's idle downstream connections (once,
+        after the sessions drained), so that none outlives the relay.
+        """
+        config = loadString(
+            f"smtp tcp://{HOST}:{freePort()} {{\n deliver_to smtp tcp://{HOST}:{freePort()}\n}}\n"
+        )
+        root = makeService(config, reactor)
+        root.privilegedStartService()
+        root.startService()
+        [failover] = root.failovers.values()
+        closed: list[str] = []
+        failover.close = lambda: closed.append(failover.target.name)  # type: ignore[method-assign]
+        self.assertEqual(closed, [])
+        yield root.stopService()
+        self.assertEqual(closed, [failover.target.name])
