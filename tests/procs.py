@@ -161,3 +161,17 @@ def sinkMessages(dumps: str, count: int = 1) -> list[bytes]:
             return out
         time.sleep(0.05)
     raise AssertionError(f"smtp-sink got {len(os.listdir(dumps))} messages, expected {count}")
+
+
+def sinkAborted(dumps: str) -> None:
+    """
+    Wait until smtp-sink holds no message file.  The sink creates a
+    transaction's file at MAIL and removes it when the transaction ends
+    without DATA (RSET, QUIT, disconnect), which may happen just after the
+    client has its reply.
+    """
+    deadline = time.monotonic() + STARTUP
+    while os.listdir(dumps):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"smtp-sink kept {os.listdir(dumps)}")
+        time.sleep(0.05)
