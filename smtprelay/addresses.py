@@ -38,6 +38,54 @@ def downconvert(address: bytes) -> bytes | None:
     return local + b"@" + labels
 
 
+def domainKey(domain: str) -> str:
+    """
+    A domain as routing rules compare it: lower-case IDNA A-labels
+    (C{Bücher.Example} → C{xn--bcher-kva.example}); an address literal
+    such as C{[192.0.2.1]} lower-cased.
+
+    @raise ValueError: C{domain} is neither a valid host name nor a literal.
+    """
+    if domain.startswith("[") and domain.endswith("]") and len(domain) > 2:
+        return domain.lower()
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii").lower()
+    except idna.IDNAError as e:
+        raise ValueError(f'"{domain}" is not a valid domain ({e})') from None
+
+
+def ruleKey(rule: str) -> str:
+    """
+    A routing rule (C{example.org} or C{user@example.org}) as lookups
+    compare it: the domain by L{domainKey}, the local-part lower-cased
+    (lookups ignore case, as Postfix's tables do).
+
+    @raise ValueError: not a domain or an address with a domain.
+    """
+    local, at, domain = rule.rpartition("@")
+    if at and not local:
+        raise ValueError(f'"{rule}" has no local-part')
+    key = domainKey(domain)
+    return f"{local.lower()}@{key}" if at else key
+
+
+def routingKeys(address: bytes) -> tuple[str, ...]:
+    """
+    The rule keys an envelope address matches, most specific first: the
+    whole address, then its domain.  The null sender and an address
+    without a domain (C{postmaster}) match no rule.
+    """
+    text = address.decode("utf-8", "replace")
+    local, at, domain = text.rpartition("@")
+    if not (at and local and domain):
+        return ()
+    try:
+        key = domainKey(domain)
+    except ValueError:
+        key = domain.lower()
+    return (f"{local.lower()}@{key}", key)
+
+
 class EnvelopeError(ValueError):
     """
     A MAIL or RCPT argument was refused; C{reply} is what the client gets.

@@ -6,6 +6,9 @@ reader can check them against the spec line by line:
 
   - the downstream session opens at MAIL (after the server's local checks),
     trying targets in order, and the client's MAIL reply is the downstream's;
+    under recipient routing (§4.9) MAIL gets a local 250 and the session
+    opens at the first routed RCPT, whose target is then the transaction's:
+    a RCPT routed elsewhere is told to come back in another transaction;
   - every RCPT reply, the 354 and the final reply are the downstream's own,
     sanitized; the client gets 2xx to end-of-data only after the
     downstream's 2xx on this transaction;
@@ -31,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import replies
-from .config.model import Listener
+from .config.model import Destinations, Listener
 from .metrics import IMetrics, NullMetrics
 from .interfaces import (
     ClientSession,
@@ -42,12 +45,7 @@ from .interfaces import (
     Params,
 )
 from .replies import Reply
-
-Opener = Callable[..., "Deferred[tuple[IDownstream, Reply | None]]"]
-"""C{Failover.open}: C{(credentials=, mail=)} → (session, MAIL reply)."""
-
-Releaser = Callable[[IDownstream], None]
-"""C{Failover.release}: the relay is done with a downstream session."""
+from .routing import Route, Router
 
 PasswordChecker = Callable[[str, str], "Deferred[bool]"]
 """Checks a user name and password against local C{users FILE} entries."""
@@ -70,26 +68,31 @@ _RELAY_REPLIES = frozenset(
 @implementer(IRelayHandler)
 class RelaySession:
     """
-    Relay one client session's transactions to a target (L{IRelayHandler}).
+    Relay one client session's transactions to their targets
+    (L{IRelayHandler}).
 
     @param session: the client's session, kept current by the server.
-    @param listener: the listener the client came in on; its C{deliverTo}
-        is the target.
-    @param openDownstream: the target's L{smtprelay.failover.Failover.open}.
+    @param listener: the listener the client came in on.
+    @param router: the listener's routing: the target of each transaction,
+        with the L{smtprelay.failover.Failover} that opens sessions to it
+        and may keep those this relay is done with for another client.
     @param hostname: this relay's name, for the C{Received:} header.
     @param clock: the time source for delays and the C{Received:} date.
     @param checkPassword: the local C{users FILE} checker, when the listener
         uses one.
     @param metrics: where transactions are counted.
-    @param releaseDownstream: the target's
-        L{smtprelay.failover.Failover.release}, which may keep a session
-        this relay is done with for another client (default: QUIT it).
     """
 
     _log = Logger()
 
-    # The current transaction, set by _resetTransaction.
+    # The current transaction, set by _resetTransaction.  _route is its
+    # target once known; _destinations routes its recipients when MAIL could
+    # not choose; _mailRefused is the route's answer to a MAIL sent at RCPT.
     _sender: bytes | None
+    _mailParams: Params
+    _route: Route | None
+    _destinations: Destinations | None
+    _mailRefused: Reply | None
     _accepted: list[bytes]
     _size: int
     _started: float
@@ -101,24 +104,22 @@ class RelaySession:
         self,
         session: ClientSession,
         listener: Listener,
-        openDownstream: Opener,
+        router: Router,
         hostname: str,
         clock: IReactorTime,
         checkPassword: PasswordChecker | None = None,
         metrics: IMetrics | None = None,
-        releaseDownstream: Releaser | None = None,
     ) -> None:
         self.session = session
         self._metrics: IMetrics = metrics if metrics is not None else NullMetrics()
         self._listener = listener
-        self._target = listener.deliverTo
-        self._open = openDownstream
-        self._release: Releaser = releaseDownstream or (lambda downstream: downstream.quit())
+        self._router = router
         self._hostname = hostname
         self._clock = clock
         self._checkPassword = checkPassword
         self._credentials: Credentials | None = None
         self._downstream: IDownstream | None = None
+        self._downstreamRoute: Route | None = None
         self._idle: Deferred[None] = succeed(None)
         self._closed = False
         self._resetTransaction()
@@ -135,13 +136,14 @@ class RelaySession:
             return self._checkPassword(username, password).addCallback(
                 lambda ok: replies.AUTH_OK if ok else replies.AUTH_FAILED
             )
-        if self._listener.auth.mode != "forward":
+        route = self._router.only
+        if self._listener.auth.mode != "forward" or route is None:
             return succeed(replies.AUTH_TEMPFAIL)
         credentials = Credentials(username, password)
         self._dropDownstream(abort=True)
 
         def bound(result: tuple[IDownstream, Reply | None]) -> Reply:
-            self._downstream = result[0]
+            self._downstream, self._downstreamRoute = result[0], route
             self._credentials = credentials
             return replies.AUTH_OK
 
@@ -157,24 +159,57 @@ class RelaySession:
                 return error.reply.sanitized()
             return self._local(replies.AUTH_TEMPFAIL)
 
-        return self._open(credentials=credentials).addCallbacks(bound, refused)
+        return route.open(credentials=credentials).addCallbacks(bound, refused)
 
     def mail(self, sender: bytes, params: Params) -> Deferred[Reply]:
         """
-        Open (or reuse) the downstream session and send MAIL; the client
-        gets the downstream's reply.
+        Route the transaction by its sender.  Open (or reuse) the
+        downstream session and send MAIL, and the client gets the
+        downstream's reply; or, when the target depends on the recipients,
+        a local 250.
         """
         self._resetTransaction()
+        choice = self._router.bySender(sender)
+        if isinstance(choice, Reply):
+            return succeed(self._rejected("MAIL FROM", sender, choice))
         self._sender = sender
         self._started = self._clock.seconds()
         if self.session.user is None:
             params = {k: v for k, v in params.items() if k != "AUTH"}
-        mailParams = params
-        d = self._idle.addCallback(lambda _: self._mailOn(sender, mailParams))
-        self._idle = succeed(None)
-        return d
+        self._mailParams = params
+        if isinstance(choice, Destinations):
+            self._destinations = choice
+            return succeed(replies.SENDER_OK)
+        self._route = choice
+        return self._mailWhenIdle()
 
     def rcpt(self, recipient: bytes, params: Params) -> Deferred[Reply]:
+        """
+        Route the recipient when the sender did not choose the target: the
+        first routed recipient chooses it and opens the downstream session
+        (the MAIL reply, if not positive, is this RCPT's and every later
+        one's); one routed elsewhere gets C{451 4.5.3}.  Then relay RCPT.
+        """
+        if self._destinations is not None:
+            choice = self._router.byRecipient(self._destinations, recipient)
+            if isinstance(choice, Reply):
+                return succeed(self._rejected("RCPT TO", recipient, choice))
+            if self._route is None:
+                self._route = choice
+                return self._mailWhenIdle().addCallback(self._rcptAfterMail, recipient, params)
+            if choice is not self._route:
+                return succeed(self._local(replies.ROUTED_ELSEWHERE))
+            if self._mailRefused is not None:
+                return succeed(self._mailRefused)
+        return self._rcpt(recipient, params)
+
+    def _rcptAfterMail(self, mail: Reply, recipient: bytes, params: Params) -> Deferred[Reply]:
+        if not mail.positive:
+            self._mailRefused = mail
+            return succeed(mail)
+        return self._rcpt(recipient, params)
+
+    def _rcpt(self, recipient: bytes, params: Params) -> Deferred[Reply]:
         """
         Send RCPT downstream; its reply is the client's.  An SMTP client
         relaying to an LMTP target under C{lmtp_split one_rcpt} gets one
@@ -289,14 +324,20 @@ class RelaySession:
 
     @property
     def _splitOneRecipient(self) -> bool:
+        target = self._route.target if self._route is not None else None
         return (
-            self._target.protocol == "lmtp"
+            target is not None
+            and target.protocol == "lmtp"
             and self.session.protocol == "smtp"
-            and self._target.lmtpSplit == "one_rcpt"
+            and target.lmtpSplit == "one_rcpt"
         )
 
     def _resetTransaction(self) -> None:
         self._sender = None
+        self._mailParams = {}
+        self._route = None
+        self._destinations = None
+        self._mailRefused = None
         self._accepted = []
         self._size = 0
         self._started = 0.0
@@ -304,11 +345,23 @@ class RelaySession:
         self._inBody = False
         self._ending = False
 
+    def _mailWhenIdle(self) -> Deferred[Reply]:
+        """
+        MAIL for this transaction's route, once an RSET in flight is done.
+        """
+        sender, params = self._sender, self._mailParams
+        assert sender is not None
+        d = self._idle.addCallback(lambda _: self._mailOn(sender, params))
+        self._idle = succeed(None)
+        return d
+
     def _mailOn(self, sender: bytes, params: Params) -> Deferred[Reply]:
         """
-        MAIL on the session we hold (if it still works), else on a new one
-        from the target list.
+        MAIL on the session we hold (if it still works and goes to this
+        transaction's route), else on a new one from the route's targets.
         """
+        if self._downstreamRoute is not self._route:
+            self._dropDownstream(abort=False)
         downstream = self._downstream
         if downstream is None:
             return self._openWithMail(sender, params)
@@ -321,12 +374,16 @@ class RelaySession:
         return downstream.mail(sender, params).addCallbacks(self._relayed, broken)
 
     def _openWithMail(self, sender: bytes, params: Params) -> Deferred[Reply]:
+        route = self._route
+        assert route is not None
+
         def opened(result: tuple[IDownstream, Reply | None]) -> Reply:
             self._downstream, reply = result
+            self._downstreamRoute = route
             assert reply is not None
             return self._relayed(reply)
 
-        return self._open(credentials=self._credentials, mail=(sender, params)).addCallbacks(
+        return route.open(credentials=self._credentials, mail=(sender, params)).addCallbacks(
             opened, self._failed
         )
 
@@ -339,6 +396,20 @@ class RelaySession:
 
     def _local(self, reply: Reply) -> Reply:
         return reply.withSession(self.session.id)
+
+    def _rejected(self, command: str, address: bytes, reply: Reply) -> Reply:
+        """
+        A C{reject} routing rule's reply, logged as Postfix logs its
+        rejections.
+        """
+        self._log.info(
+            "{session}: reject: {command}:<{address}>: {reply}",
+            session=self.session.id,
+            command=command,
+            address=address.decode("utf-8", "replace"),
+            reply=f"{reply.code} {reply.enhanced} {reply.text}",
+        )
+        return reply
 
     def _failed(self, failure: Failure) -> Reply:
         """
@@ -360,12 +431,13 @@ class RelaySession:
 
     def _dropDownstream(self, abort: bool) -> None:
         downstream, self._downstream = self._downstream, None
+        route, self._downstreamRoute = self._downstreamRoute, None
         if downstream is None:
             return
-        if abort:
+        if abort or route is None:
             downstream.abort()
         else:
-            self._release(downstream)
+            route.release(downstream)
 
     def _perRecipient(self, reply: Reply) -> list[Reply]:
         if self.session.protocol == "lmtp":
@@ -423,7 +495,7 @@ class RelaySession:
         """
         session = self.session
         self._metrics.transaction(
-            status, self._size, self._target.name, endOfDataSeconds
+            status, self._size, self._route.target.name if self._route else "none", endOfDataSeconds
         )
         fields = dict(
             session=session.id,

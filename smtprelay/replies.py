@@ -179,6 +179,10 @@ def joinReplies(replies: Iterable[Reply]) -> bytes:
 # Replies the relay itself gives (SPEC §4).  Generic texts: they never leak
 # internals.  Callers add the session id with Reply.withSession.
 OK = reply(250, "2.0.0", "OK")
+SENDER_OK = reply(250, "2.1.0", "OK")
+ROUTED_ELSEWHERE = reply(
+    451, "4.5.3", "Recipient routed elsewhere, send it in a separate transaction"
+)
 START_INPUT = reply(354, None, "End data with <CR><LF>.<CR><LF>")
 BYE = reply(221, "2.0.0", "Bye")
 SHUTTING_DOWN = reply(421, "4.3.2", "Service shutting down")

@@ -32,6 +32,7 @@ from .endpoints import serverEndpoint
 from .failover import Failover
 from .interfaces import ClientSession
 from .relay import PasswordChecker, RelaySession
+from .routing import Route, Router
 from .server import SMTPServerFactory
 from .tls import ReloadableServerOptions, serverOptions
 
@@ -164,11 +165,12 @@ def makeService(config: Config, reactor: Any) -> RelayService:
         root.addListener(None, metricsService(config.metrics, metrics, reactor))
     failovers = root.failovers
 
-    def failoverFor(target: Target) -> Failover:
+    def routeFor(target: Target) -> Route:
         key = id(target)
         if key not in failovers:
             failovers[key] = Failover(target, reactor, loopToken=token, metrics=metrics)
-        return failovers[key]
+        failover = failovers[key]
+        return Route(target, failover.open, failover.release)
 
     for listener in config.listeners:
         tlsOptions = None
@@ -177,7 +179,7 @@ def makeService(config: Config, reactor: Any) -> RelayService:
             root.addTLS(tlsOptions)
         factory = SMTPServerFactory(
             listener,
-            _handlerFactory(listener, failoverFor(listener.deliverTo), config, reactor, metrics),
+            _handlerFactory(listener, Router(listener.deliverTo, routeFor), config, reactor, metrics),
             config.hostname,
             reactor,
             tlsOptions=tlsOptions,
@@ -219,7 +221,7 @@ def _listen(
 
 
 def _handlerFactory(
-    listener: Listener, failover: Failover, config: Config, reactor: Any, metrics: IMetrics
+    listener: Listener, router: Router, config: Config, reactor: Any, metrics: IMetrics
 ) -> Callable[[ClientSession], RelaySession]:
     checker: PasswordChecker | None = None
     if listener.auth.mode == "users" and listener.auth.usersFile:
@@ -229,9 +231,6 @@ def _handlerFactory(
         checker = lambda user, password: succeed(users.check(user, password))
 
     def handlerFor(session: ClientSession) -> RelaySession:
-        return RelaySession(
-            session, listener, failover.open, config.hostname, reactor, checker, metrics,
-            failover.release,
-        )
+        return RelaySession(session, listener, router, config.hostname, reactor, checker, metrics)
 
     return handlerFor

@@ -106,6 +106,19 @@ class TreeTests(SynchronousTestCase):
         self.assertFalse(none.block)
 
 
+    def test_oneLineBlocks(self) -> None:
+        """
+        A block may open and close on its directive's line (SPEC §4.9 writes
+        C{source example.org { deliver_to &corp }}), also nested and empty.
+        """
+        a, b, c = parseTree("a x { b y }\nb { c { d } }\nc { }", "t.conf", {})
+        self.assertEqual((a.args, [(n.name, n.args) for n in a.children]), (("x",), [("b", ("y",))]))
+        self.assertEqual([n.name for n in b.children], ["c"])
+        self.assertEqual([n.name for n in b.children[0].children], ["d"])
+        self.assertTrue(c.block)
+        self.assertEqual(c.children, ())
+
+
 class SyntaxErrorTests(SynchronousTestCase):
     """
     Malformed text: one error with the right line.
@@ -120,8 +133,8 @@ class SyntaxErrorTests(SynchronousTestCase):
             "a\n{\n b\n}",
             "t.conf:2: unexpected {: a block opens on the line of its directive",
         ),
-        ("open not at end", "a { b }", "t.conf:1: a block's { must end its line"),
         ("word after close", "a {\n b\n} c", 't.conf:3: unexpected "c" after }'),
+        ("two directives on a line", "a { b { c } d }", 't.conf:1: unexpected "d" after }'),
         ("unterminated quote", 'a\nb "c\nd', "t.conf:2: unterminated quoted string"),
     ]
 

@@ -445,7 +445,7 @@ class ListenerTests(SynchronousTestCase):
         ("tls c.pem", "tls: expected CERT KEY [{ ... }] or off"),
         ("tls off {\n}", "tls: expected CERT KEY [{ ... }] or off"),
         ("alow 10.0.0.0/8", 'unknown directive "alow" (did you mean "allow"?)'),
-        ("source example.org {\nmax_hops 1\n}", 'unknown directive "source"'),
+        ("source example.org {\nmax_hops 1\n}", "max_hops: not allowed here (expected deliver_to or reject)"),
         ("allow 10.0.0.0/8\nallow ::1", "allow: duplicate directive (first at relay.conf:3)"),
     ]
 

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtprelay.config.model import Address, Listener, Target
 from smtprelay.failover import Failover
 from smtprelay.relay import RelaySession
+from smtprelay.routing import Route, Router
 from smtprelay.server import SMTPServerFactory
 from smtprelay.testing.downstream import CLOSE, MemoryNetwork, Script
 
@@ -41,9 +42,10 @@ class Stack:
                         attemptStartTLS=False)
         listener = Listener(kind="smtp", addresses=(Address("tcp", "127.0.0.1", 2525),), deliverTo=target)
         failover = Failover(target, self.clock, endpointFactory=self.network)
+        routes = Router.single(Route(target, failover.open, lambda downstream: downstream.quit()))
         factory = SMTPServerFactory(
             listener,
-            lambda session: RelaySession(session, listener, failover.open, "relay.test", self.clock),
+            lambda session: RelaySession(session, listener, routes, "relay.test", self.clock),
             "relay.test", self.clock,
         )
         factory.newSessionId = lambda: "SID"

@@ -26,6 +26,7 @@ from smtprelay.interfaces import (
     TLSInfo,
 )
 from smtprelay.relay import RelaySession
+from smtprelay.routing import Route, Router
 from smtprelay.replies import Reply, reply
 
 SINK = Address("tcp", "127.0.0.1", 2526)
@@ -129,6 +130,20 @@ class Opener:
         return self.downstream.mail(*mail).addCallback(lambda r: (self.downstream, r))
 
 
+def router(listener_: Listener, opener: Opener, release: object = None) -> Router:
+    """
+    The listener's one target reached through C{opener}; C{release} (by
+    default QUIT) takes the downstreams the relay is done with.
+    """
+    assert isinstance(listener_.deliverTo, Target)
+    return Router.single(Route(listener_.deliverTo, opener, release or (lambda d: d.quit())))  # type: ignore[arg-type]
+
+
+def relaySession(session: ClientSession, listener_: Listener, opener: Opener, clock: Clock,
+                 release: object = None) -> RelaySession:
+    return RelaySession(session, listener_, router(listener_, opener, release), "relay.test", clock)
+
+
 def result(d: Deferred) -> object:
     out: list = []
     d.addBoth(out.append)
@@ -162,8 +177,7 @@ class RelaySessionTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def relay(self, **listenerArgs: object) -> RelaySession:
-        return RelaySession(self.session, listener(**listenerArgs), self.opener,
-                            "relay.test", self.clock)
+        return relaySession(self.session, listener(**listenerArgs), self.opener, self.clock)
 
     def transaction(self, relay: RelaySession, rcpts: Sequence[bytes] = (b"rcpt@example.org",),
                     body: bytes = b"Subject: hi\r\n\r\nbody\r\n") -> object:
@@ -399,11 +413,7 @@ class RelaySessionTests(SynchronousTestCase):
         self.downstream.script["mail"] = DownstreamError(replies.DOWNSTREAM_LOST)
         fresh = ScriptedDownstream()
         first = self.downstream
-
-        def reopen(credentials: object = None, mail: tuple | None = None) -> Deferred:
-            return fresh.mail(*mail).addCallback(lambda r: (fresh, r))  # type: ignore[misc]
-
-        relay._open = reopen
+        self.opener.downstream = fresh
         got = result(relay.mail(b"s2@x", {}))
         self.assertEqual(got.code, 250)
         self.assertEqual(fresh.calls, [("mail", b"s2@x", {})])
@@ -423,15 +433,13 @@ class RelaySessionTests(SynchronousTestCase):
         aborted body's downstream is aborted, never released.
         """
         released: list[object] = []
-        relay = RelaySession(self.session, listener(), self.opener, "relay.test", self.clock,
-                             releaseDownstream=released.append)
+        relay = relaySession(self.session, listener(), self.opener, self.clock, released.append)
         self.transaction(relay)
         relay.close()
         self.assertEqual(released, [self.downstream])
         self.assertNotIn(("quit",), self.downstream.calls)
 
-        aborted = RelaySession(self.session, listener(), self.opener, "relay.test", self.clock,
-                               releaseDownstream=released.append)
+        aborted = relaySession(self.session, listener(), self.opener, self.clock, released.append)
         result(aborted.mail(b"s@x", {}))
         result(aborted.rcpt(b"r@x", {}))
         result(aborted.data(Producer()))
@@ -473,8 +481,8 @@ class LMTPMappingTests(SynchronousTestCase):
 
     def run_(self, protocol: str, target_: Target, rcpts: Sequence[bytes], end: object) -> tuple:
         session = ClientSession(id="L1", protocol=protocol, clientHost="127.0.0.1")  # type: ignore[arg-type]
-        relay = RelaySession(session, listener("lmtp" if protocol == "lmtp" else "smtp", deliverTo=target_),
-                             self.opener, "relay.test", self.clock)
+        relay = relaySession(session, listener("lmtp" if protocol == "lmtp" else "smtp", deliverTo=target_),
+                             self.opener, self.clock)
         self.downstream.script["end"] = end
         result(relay.mail(b"s@x", {}))
         rcptReplies = [result(relay.rcpt(r, {})) for r in rcpts]
@@ -532,8 +540,8 @@ class AuthForwardTests(SynchronousTestCase):
         self.opener = Opener()
 
     def relay(self) -> RelaySession:
-        return RelaySession(self.session, listener("submission", auth=ListenerAuth("forward")),
-                            self.opener, "relay.test", Clock())
+        return relaySession(self.session, listener("submission", auth=ListenerAuth("forward")),
+                            self.opener, Clock())
 
     def test_acceptedCredentialsBindTheDownstream(self) -> None:
         relay = self.relay()
@@ -561,16 +569,9 @@ class AuthForwardTests(SynchronousTestCase):
         relay = self.relay()
         result(relay.authenticate("PLAIN", "alice", "pw"))
         self.opener.downstream.script["mail"] = DownstreamError(replies.DOWNSTREAM_LOST)
-        fresh = ScriptedDownstream()
-        calls = []
-
-        def reopen(credentials: object = None, mail: tuple | None = None) -> Deferred:
-            calls.append(credentials)
-            return fresh.mail(*mail).addCallback(lambda r: (fresh, r))  # type: ignore[misc]
-
-        relay._open = reopen
+        self.opener.downstream = ScriptedDownstream()
         self.assertEqual(result(relay.mail(b"alice@x", {})).code, 250)
-        self.assertEqual(calls, [Credentials("alice", "pw")])
+        self.assertEqual([c["credentials"] for c in self.opener.calls[1:]], [Credentials("alice", "pw")])
 
     def test_credentialsNotInRepr(self) -> None:
         self.assertNotIn("s3cret", repr(Credentials("alice", "s3cret")))

@@ -245,9 +245,8 @@ class _Reader:
                 closes = True
                 break
             else:
-                after = self.peek()
-                if after is not None and after.kind != "eol":
-                    raise self.fail(token.line, "a block's { must end its line")
+                # The block may go on over lines or close on this one,
+                # as in "source example.org { deliver_to &corp }".
                 block = True
                 children = self.block(depth + 1, token.line)
                 after = self.peek()

@@ -132,6 +132,70 @@ class Target:
 
 
 @attrs.frozen
+class Reject:
+    """
+    C{reject [CODE [ENHANCED [TEXT]]]} in a routing block (maddy's defaults).
+    """
+
+    code: int = 554
+    enhanced: str = "5.7.0"
+    text: str = "Message rejected due to a local policy"
+
+
+Decision = Union[Target, Reject]
+"""What a routing rule does with a transaction or a recipient."""
+
+
+@attrs.frozen
+class Destinations:
+    """
+    C{destination RULE... { ... }} blocks and their C{default_destination}:
+    each recipient goes where its address's rule, else its domain's rule,
+    else the default says (SPEC §4.9).
+
+    @ivar rules: (rule, decision) in file order; a rule is a lower-case
+        domain in A-labels or a lower-case C{local@domain}.
+    """
+
+    rules: tuple[tuple[str, Decision], ...]
+    default: Decision
+
+
+Handling = Union[Target, Reject, Destinations]
+"""What a sender's transactions get: one target, a rejection, or routing by
+recipient."""
+
+
+@attrs.frozen
+class Routing:
+    """
+    A listener's routing blocks (SPEC §4.9): C{source RULE... { ... }} by the
+    sender's address or domain, else C{default} (C{default_source}, or the
+    listener's own C{deliver_to}/C{destination}/C{reject} directives).
+    """
+
+    sources: tuple[tuple[str, Handling], ...]
+    default: Handling
+
+    def targets(self) -> tuple[Target, ...]:
+        """
+        Every target a transaction may go to, each once, in file order.
+        """
+        found: list[Target] = []
+        handlings = [h for _, h in self.sources] + [self.default]
+        for handling in handlings:
+            decisions = (
+                [d for _, d in handling.rules] + [handling.default]
+                if isinstance(handling, Destinations)
+                else [handling]
+            )
+            for decision in decisions:
+                if isinstance(decision, Target) and decision not in found:
+                    found.append(decision)
+        return tuple(found)
+
+
+@attrs.frozen
 class ListenerAuth:
     """
     Inbound AUTH of a listener: C{off}, C{forward} or C{users FILE}.
@@ -147,6 +211,9 @@ class Listener:
     One C{smtp}/C{submission}/C{lmtp} block: where to listen, what to accept
     and where to deliver (SPEC §2.2, limits of §4.10).
 
+    @ivar deliverTo: the one target of every transaction, or the routing
+        blocks that choose one per transaction.
+
     @ivar tls: server TLS for this listener (the global C{tls} unless
         overridden or C{tls off}), or L{None}.
     @ivar endpoints: extra Twisted server endpoint strings (C{systemd:...}).
@@ -154,7 +221,7 @@ class Listener:
 
     kind: Literal["smtp", "submission", "lmtp"]
     addresses: tuple[Address, ...]
-    deliverTo: Target
+    deliverTo: Target | Routing
     endpoints: tuple[str, ...] = ()
     allow: tuple[IPNetwork, ...] = LOOPBACK
     auth: ListenerAuth = ListenerAuth()
@@ -179,6 +246,15 @@ class Listener:
     @property
     def lmtp(self) -> bool:
         return self.kind == "lmtp"
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        """
+        Every target this listener's transactions may go to.
+        """
+        if isinstance(self.deliverTo, Routing):
+            return self.deliverTo.targets()
+        return (self.deliverTo,)
 
 
 @attrs.frozen

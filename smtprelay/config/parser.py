@@ -20,14 +20,20 @@ from typing import Any
 import attrs
 import idna
 
+from ..addresses import ruleKey
 from .lexer import ConfigError, Node, parseTree, readTree
 from .model import (
     Address,
     ClientTLS,
     Config,
+    Decision,
+    Destinations,
     DownstreamAuth,
+    Handling,
     Listener,
     ListenerAuth,
+    Reject,
+    Routing,
     Secret,
     ServerTLS,
     Target,
@@ -369,7 +375,6 @@ _TARGET = {
 }
 
 _LISTENER = {
-    "deliver_to": _Directive("deliverTo", _deliverTo),
     "allow": _Directive("allow", _networks),
     "auth": _Directive("auth", _listenerAuth),
     "require_tls": _Directive("requireTLS", _flag),
@@ -450,6 +455,181 @@ def _namedTarget(node: Node, ctx: _Context, named: dict[str, Target | None]) -> 
     named[name] = _target(name, node.name.split(".")[1], (), node, ctx)
 
 
+ROUTING = ("deliver_to", "reject", "destination", "default_destination", "source", "default_source")
+"""The listener directives that say where mail goes (SPEC §2.2, §4.9)."""
+
+_Resolve = Callable[[Node], "Target | None"]
+"""A C{deliver_to} node → its target (L{None} after reporting an error)."""
+
+
+def _reject(node: Node, ctx: _Context) -> Reject:
+    """
+    C{reject [CODE [ENHANCED [TEXT]]]}, maddy's syntax and defaults.
+    """
+    args = _args(node, "[CODE [ENHANCED [TEXT]]]", 0, 3)
+    default = Reject()
+    code = int(args[0]) if args and args[0].isascii() and args[0].isdigit() else 0
+    if args and not 400 <= code <= 599:
+        raise ValueError(f'"{args[0]}" is not a 4xx or 5xx reply code')
+    if len(args) < 2:
+        return Reject(code or default.code, f"{code // 100}.7.0" if code else default.enhanced)
+    enhanced = args[1]
+    parts = enhanced.split(".")
+    if not (len(parts) == 3 and all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts)):
+        raise ValueError(f'"{enhanced}" is not an enhanced status code (as in 5.7.1)')
+    if parts[0] != str(code // 100):
+        raise ValueError(f"{enhanced} does not match the class of {code}")
+    text = args[2] if len(args) == 3 else default.text
+    if not text.strip() or not text.isprintable() or not text.isascii():
+        raise ValueError("the text must be printable ASCII")
+    return Reject(code, enhanced, text)
+
+
+def _decision(nodes: Sequence[Node], where: Node, ctx: _Context, resolve: _Resolve) -> Decision | None:
+    """
+    The inside of a routing block: one C{deliver_to} or one C{reject}.
+    One message goes to one target, never several.
+    """
+    found: list[Decision | None] = []
+    for node in nodes:
+        if node.name == "deliver_to":
+            found.append(resolve(node))
+        elif node.name == "reject":
+            try:
+                found.append(_reject(node, ctx))
+            except ValueError as e:
+                ctx.error(node, f"reject: {e}")
+                found.append(None)
+        else:
+            ctx.error(node, f'{node.name}: not allowed here (expected deliver_to or reject)')
+            found.append(None)
+    if len(found) > 1:
+        ctx.error(nodes[1], f"{nodes[1].name}: one deliver_to or reject per block (a message goes to one target)")
+        return None
+    if not found:
+        ctx.error(where, f"{where.name}: expected deliver_to or reject")
+        return None
+    return found[0]
+
+
+def _rules(node: Node, ctx: _Context, seen: dict[str, Node]) -> list[str]:
+    """
+    The rule keys of a C{source}/C{destination} block, each new in C{seen}.
+    """
+    if not node.args or not node.block:
+        ctx.error(node, f"{node.name}: expected DOMAIN|ADDRESS... {{ ... }}")
+    keys = []
+    for arg in node.args:
+        try:
+            key = ruleKey(arg)
+        except ValueError as e:
+            ctx.error(node, f"{node.name}: {e}")
+            continue
+        if key in seen:
+            ctx.error(node, f"{node.name}: {arg} is already routed (at {seen[key].where()})")
+            continue
+        seen[key] = node
+        keys.append(key)
+    return keys
+
+
+def _single(nodes: Sequence[Node], name: str, ctx: _Context) -> Node | None:
+    """
+    The one C{default_source}/C{default_destination} block in C{nodes}.
+    """
+    found = [node for node in nodes if node.name == name]
+    for node in found[1:]:
+        ctx.error(node, f"{name}: duplicate directive (first at {found[0].where()})")
+    for node in found[:1]:
+        if node.args or not node.block:
+            ctx.error(node, f"{name}: expected {name} {{ ... }}")
+    return found[0] if found else None
+
+
+def _handling(nodes: Sequence[Node], where: Node, ctx: _Context, resolve: _Resolve) -> Handling | None:
+    """
+    What one sender's mail gets: C{deliver_to}/C{reject}, or C{destination}
+    blocks with their C{default_destination}.
+    """
+    if not any(node.name in ("destination", "default_destination") for node in nodes):
+        return _decision(nodes, where, ctx, resolve)
+    for node in nodes:
+        if node.name not in ("destination", "default_destination"):
+            ctx.error(node, f"{node.name}: not beside destination blocks "
+                            "(put it in default_destination { ... })")
+    seen: dict[str, Node] = {}
+    rules: list[tuple[str, Decision | None]] = []
+    for node in nodes:
+        if node.name == "destination":
+            decision = _decision(node.children, node, ctx, resolve)
+            rules += [(key, decision) for key in _rules(node, ctx, seen)]
+    fallback = _single(nodes, "default_destination", ctx)
+    if fallback is None:
+        ctx.error(where, f"{where.name}: destination blocks need a default_destination "
+                         "{ deliver_to ... } or { reject }")
+        return None
+    default = _decision(fallback.children, fallback, ctx, resolve)
+    if default is None or any(decision is None for _, decision in rules):
+        return None
+    return Destinations(tuple(rules), default)  # type: ignore[arg-type]
+
+
+def _delivery(
+    kind: str, number: int, nodes: Sequence[Node], where: Node, ctx: _Context,
+    named: Mapping[str, Target | None],
+) -> Target | Routing | None:
+    """
+    A listener's C{deliver_to}, or its routing blocks (SPEC §4.9): C{source}
+    blocks, and C{default_source} or the listener's own directives for
+    every other sender.  Inline targets are named after the listener, as
+    in C{smtp-listener-1} (C{smtp-listener-1-route-2} in routing blocks).
+    """
+    routed = not (len(nodes) == 1 and nodes[0].name == "deliver_to")
+    inline = 0
+
+    def resolve(node: Node) -> Target | None:
+        nonlocal inline
+        try:
+            delivery = _deliverTo(node, ctx)
+        except ValueError as e:
+            ctx.error(node, f"deliver_to: {e}")
+            return None
+        if isinstance(delivery, str):
+            if delivery not in named:
+                ctx.error(node, f'deliver_to: unknown target "&{delivery}"')
+            return named.get(delivery)
+        inline += 1
+        name = f"{kind}-listener-{number}" + (f"-route-{inline}" if routed else "")
+        return _target(name, delivery.protocol, delivery.endpoints, delivery.node, ctx)
+
+    if not nodes:
+        ctx.error(where, f"{kind}: listener needs deliver_to")
+        return None
+    if not routed:
+        return resolve(nodes[0])
+    seen: dict[str, Node] = {}
+    sources: list[tuple[str, Handling | None]] = []
+    for node in nodes:
+        if node.name == "source":
+            handling = _handling(node.children, node, ctx, resolve)
+            sources += [(key, handling) for key in _rules(node, ctx, seen)]
+    defaultSource = _single(nodes, "default_source", ctx)
+    others = [node for node in nodes if node.name not in ("source", "default_source")]
+    default: Handling | None = None
+    if defaultSource is not None:
+        for node in others:
+            ctx.error(node, f"{node.name}: not beside default_source (put it in default_source {{ ... }})")
+        default = _handling(defaultSource.children, defaultSource, ctx, resolve)
+    elif others:
+        default = _handling(others, where, ctx, resolve)
+    else:
+        ctx.error(where, f"{kind}: source blocks need a default_source {{ ... }} "
+                         "(or deliver_to or destination blocks for other senders)")
+    if default is None or any(handling is None for _, handling in sources):
+        return None
+    return Routing(tuple(sources), default)  # type: ignore[arg-type]
+
+
 def _listener(
     kind: str, number: int, node: Node, ctx: _Context, named: Mapping[str, Target | None]
 ) -> Listener | None:
@@ -465,29 +645,25 @@ def _listener(
             addresses.append(parseAddress(arg))
         except ValueError as e:
             ctx.error(node, f"{kind}: {e}")
-    values, seen = _readBlock(node.children, _LISTENER, ctx)
+    values, seen = _readBlock([n for n in node.children if n.name not in ROUTING], _LISTENER, ctx)
     endpoints = tuple(values.pop("endpoints", ()))
     if not node.args and not endpoints:
         ctx.error(node, f"{kind}: expected ADDRESS... {{ ... }} (or an endpoint directive)")
-
-    delivery = values.pop("deliverTo", None)
-    target: Target | None = None
-    if isinstance(delivery, _Inline):
-        name = f"{kind}-listener-{number}"
-        target = _target(name, delivery.protocol, delivery.endpoints, delivery.node, ctx)
-    elif isinstance(delivery, str):
-        if delivery not in named:
-            ctx.error(seen["deliver_to"], f'deliver_to: unknown target "&{delivery}"')
-        target = named.get(delivery)
-    elif "deliver_to" not in seen:
-        ctx.error(node, f"{kind}: listener needs deliver_to")
+    routing = [n for n in node.children if n.name in ROUTING]
+    target = _delivery(kind, number, routing, node, ctx, named)
 
     auth: ListenerAuth = values.get("auth", ListenerAuth())
     if kind == "submission" and auth.mode == "off":
         ctx.error(
             seen.get("auth", node), "submission listener needs auth forward or auth users FILE"
         )
-    if auth.mode == "forward" and target is not None:
+    if auth.mode == "forward" and isinstance(target, Routing):
+        ctx.error(
+            seen["auth"],
+            "auth forward: needs one deliver_to target (AUTH comes before the envelope "
+            "that routing blocks choose a target by)",
+        )
+    elif auth.mode == "forward" and isinstance(target, Target):
         if target.auth.mechanism == "off":
             target = attrs.evolve(target, auth=DownstreamAuth(mechanism="forward"))
         elif target.auth.mechanism != "forward":

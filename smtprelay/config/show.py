@@ -14,7 +14,19 @@ from collections.abc import Iterable
 
 import attrs
 
-from .model import ClientTLS, Config, DownstreamAuth, Listener, ServerTLS, Target
+from .model import (
+    ClientTLS,
+    Config,
+    Decision,
+    Destinations,
+    DownstreamAuth,
+    Handling,
+    Listener,
+    Reject,
+    Routing,
+    ServerTLS,
+    Target,
+)
 from .values import formatBool, formatDuration, formatSize
 
 _PLAIN = re.compile(r'[^\s"#{}\\]+')
@@ -115,13 +127,56 @@ def _isNamed(config: Config, target: Target) -> bool:
     )
 
 
+def _decision(depth: int, config: Config, decision: Decision) -> list[str]:
+    """
+    C{deliver_to} or C{reject}.
+    """
+    if isinstance(decision, Reject):
+        return [_line(depth, "reject", decision.code, decision.enhanced, decision.text)]
+    if _isNamed(config, decision):
+        return [_line(depth, "deliver_to", "&" + decision.name)]
+    return _block(depth, ["deliver_to", decision.protocol], _targetBody(depth + 1, decision))
+
+
+def _rules(name: str, rules: Iterable[tuple[str, object]]) -> list[tuple[list[object], object]]:
+    """
+    Rules in order, those next to each other with the same decision
+    grouped into one C{name RULE... { }} head, as they were written.
+    """
+    groups: list[tuple[list[object], object]] = []
+    for key, value in rules:
+        if groups and groups[-1][1] is value:
+            groups[-1][0].append(key)
+        else:
+            groups.append(([name, key], value))
+    return groups
+
+
+def _handling(depth: int, config: Config, handling: Handling) -> list[str]:
+    """
+    A sender's handling: a decision, or destination blocks and their default.
+    """
+    if not isinstance(handling, Destinations):
+        return _decision(depth, config, handling)
+    lines: list[str] = []
+    for head, decision in _rules("destination", handling.rules):
+        lines += _block(depth, head, _decision(depth + 1, config, decision))  # type: ignore[arg-type]
+    return lines + _block(
+        depth, ["default_destination"], _decision(depth + 1, config, handling.default)
+    )
+
+
+def _delivery(config: Config, delivery: Target | Routing) -> list[str]:
+    if isinstance(delivery, Target):
+        return _decision(1, config, delivery)
+    lines: list[str] = []
+    for head, handling in _rules("source", delivery.sources):
+        lines += _block(1, head, _handling(2, config, handling))  # type: ignore[arg-type]
+    return lines + _handling(1, config, delivery.default)
+
+
 def _listener(config: Config, listener: Listener) -> list[str]:
-    body: list[str] = []
-    target = listener.deliverTo
-    if _isNamed(config, target):
-        body.append(_line(1, "deliver_to", "&" + target.name))
-    else:
-        body.extend(_block(1, ["deliver_to", target.protocol], _targetBody(2, target)))
+    body = _delivery(config, listener.deliverTo)
     for endpoint in listener.endpoints:
         body.append(_line(1, "endpoint", endpoint))
     auth = listener.auth
