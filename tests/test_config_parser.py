@@ -19,9 +19,12 @@ from smtprelay.config.model import (
     Address,
     ClientTLS,
     Config,
+    Destinations,
     DownstreamAuth,
     Listener,
     ListenerAuth,
+    Reject,
+    Routing,
     Secret,
     ServerTLS,
     Target,
@@ -963,3 +966,177 @@ class ModelTests(SynchronousTestCase):
     def test_frozen(self) -> None:
         config = _load(_listen())
         self.assertRaises(attrs.exceptions.FrozenInstanceError, setattr, config, "hostname", "x")
+
+
+ROUTING = """\
+hostname relay.test
+target.smtp corp {
+    targets tcp://127.0.0.1:2601
+}
+target.smtp smarthost {
+    targets tcp://127.0.0.1:2602
+}
+smtp tcp://0.0.0.0:25 {
+    source example.org Boss@Example.COM { deliver_to &corp }
+    destination example.net Lists.Example.NET bob@Bücher.example {
+        deliver_to lmtp unix:///run/dovecot/lmtp
+    }
+    default_destination { deliver_to &smarthost }
+}
+"""
+
+
+def _routing(*children: str) -> list[str]:
+    """
+    The errors of a listener made of C{children} (line 3 on) with a
+    named target C{t} (line 8).
+    """
+    return _errors(
+        "hostname relay.test\nsmtp tcp://127.0.0.1:2525 {\n" + "\n".join(children)
+        + "\n}\ntarget.smtp t {\ntargets tcp://127.0.0.1:26\n}\n"
+    )
+
+
+class RoutingTests(SynchronousTestCase):
+    """
+    SPEC §4.9: C{source}, C{destination} and their defaults in a listener.
+    """
+
+    def test_specExample(self) -> None:
+        """
+        The SPEC's shape: C{source} blocks beside the listener's own
+        C{destination} blocks, which route every other sender; rules are
+        normalized (lower case, A-labels) and one block's rules share one
+        decision.
+        """
+        config = _load(ROUTING)
+        corp, smarthost = config.targets
+        routing = config.listeners[0].deliverTo
+        self.assertIsInstance(routing, Routing)
+        assert isinstance(routing, Routing)
+        self.assertEqual(routing.sources, (("example.org", corp), ("boss@example.com", corp)))
+        destinations = routing.default
+        assert isinstance(destinations, Destinations)
+        keys = [key for key, _ in destinations.rules]
+        self.assertEqual(keys, ["example.net", "lists.example.net", "bob@xn--bcher-kva.example"])
+        [lmtp] = {id(d): d for _, d in destinations.rules}.values()
+        assert isinstance(lmtp, Target)
+        self.assertEqual((lmtp.name, lmtp.protocol, lmtp.endpoints),
+                         ("smtp-listener-1-route-1", "lmtp", (Address("unix", path="/run/dovecot/lmtp"),)))
+        self.assertIs(destinations.default, smarthost)
+        self.assertEqual(config.listeners[0].targets, (corp, lmtp, smarthost))
+
+    def test_defaultSourceAndNestedDestinations(self) -> None:
+        """
+        maddy's own shape: C{default_source} for other senders, and
+        C{destination} blocks inside a C{source} block.
+        """
+        [listener] = _load(
+            "target.smtp t {\ntargets tcp://127.0.0.1:26\n}\n"
+            "smtp tcp://127.0.0.1:25 {\n"
+            "  source lists.test {\n"
+            "    destination a.test { deliver_to &t }\n"
+            "    default_destination { reject }\n"
+            "  }\n"
+            "  default_source { deliver_to &t }\n"
+            "}\n"
+        ).listeners
+        t = listener.targets[0]
+        self.assertEqual(
+            listener.deliverTo,
+            Routing((("lists.test", Destinations((("a.test", t),), Reject())),), t),
+        )
+
+    def test_reject(self) -> None:
+        """
+        C{reject [CODE [ENHANCED [TEXT]]]} with maddy's defaults; the
+        enhanced code follows a bare code's class.
+        """
+        cases = [
+            ("reject", Reject(554, "5.7.0", "Message rejected due to a local policy")),
+            ("reject 450", Reject(450, "4.7.0", "Message rejected due to a local policy")),
+            ("reject 550 5.1.2", Reject(550, "5.1.2", "Message rejected due to a local policy")),
+            ('reject 550 5.1.2 "unknown domain"', Reject(550, "5.1.2", "unknown domain")),
+        ]
+        for line, expected in cases:
+            with self.subTest(line):
+                [listener] = _load(f"smtp tcp://127.0.0.1:25 {{\n{line}\n}}\n").listeners
+                self.assertEqual(listener.deliverTo, Routing((), expected))
+
+    def test_errors(self) -> None:
+        """
+        Every mistake is reported with its line, all in one run.
+        """
+        self.assertEqual(
+            _routing(
+                "source a.test { deliver_to &t }",
+                "destination b.test B.TEST { deliver_to &t }",
+                "destination c.test {",
+                "  deliver_to &t",
+                "  reject",
+                "}",
+                "destination @x { reject 250 }",
+                "destination d.test { reject 550 4.1.1 }",
+                "destination e.test { reject 550 5.1.1 \"déjà vu\" }",
+                "destination { deliver_to &t }",
+                "destination f.test { deliver_to &nope }",
+                "destination g.test { max_hops 3 }",
+                "destination h.test { }",
+                "deliver_to &t",
+                "default_destination { deliver_to &t }",
+                "default_destination { reject }",
+            ),
+            [
+                "relay.conf:4: destination: B.TEST is already routed (at relay.conf:4)",
+                "relay.conf:7: reject: one deliver_to or reject per block (a message goes to one target)",
+                'relay.conf:9: reject: "250" is not a 4xx or 5xx reply code',
+                "relay.conf:9: destination: \"@x\" has no local-part",
+                "relay.conf:10: reject: 4.1.1 does not match the class of 550",
+                "relay.conf:11: reject: the text must be printable ASCII",
+                "relay.conf:12: destination: expected DOMAIN|ADDRESS... { ... }",
+                'relay.conf:13: deliver_to: unknown target "&nope"',
+                "relay.conf:14: max_hops: not allowed here (expected deliver_to or reject)",
+                "relay.conf:15: destination: expected deliver_to or reject",
+                "relay.conf:16: deliver_to: not beside destination blocks (put it in default_destination { ... })",
+                "relay.conf:18: default_destination: duplicate directive (first at relay.conf:17)",
+            ],
+        )
+
+    def test_defaultsRequired(self) -> None:
+        """
+        Every sender and recipient must end in a decision: no silent
+        default route.
+        """
+        self.assertEqual(
+            _routing("destination a.test { deliver_to &t }"),
+            ["relay.conf:2: smtp: destination blocks need a default_destination { deliver_to ... } or { reject }"],
+        )
+        self.assertEqual(
+            _routing("source a.test { deliver_to &t }"),
+            ["relay.conf:2: smtp: source blocks need a default_source { ... } "
+             "(or deliver_to or destination blocks for other senders)"],
+        )
+        self.assertEqual(
+            _routing("source a.test {", "destination b.test { deliver_to &t }", "}", "deliver_to &t"),
+            ["relay.conf:3: source: destination blocks need a default_destination { deliver_to ... } or { reject }"],
+        )
+        self.assertEqual(
+            _routing("source a.test { deliver_to &t }", "default_source { deliver_to &t }", "reject"),
+            ["relay.conf:5: reject: not beside default_source (put it in default_source { ... })"],
+        )
+        self.assertEqual(
+            _routing("source a.test a.test { deliver_to &t }", "deliver_to &t"),
+            ["relay.conf:3: source: a.test is already routed (at relay.conf:3)"],
+        )
+
+    def test_authForwardNeedsOneTarget(self) -> None:
+        """
+        C{auth forward} checks the password against the target at AUTH,
+        before the envelope that routing needs: refused with routing.
+        """
+        self.assertEqual(
+            _routing("auth forward", "destination a.test { deliver_to &t }",
+                     "default_destination { reject }"),
+            ["relay.conf:3: auth forward: needs one deliver_to target (AUTH comes before "
+             "the envelope that routing blocks choose a target by)"],
+        )

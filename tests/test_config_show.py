@@ -72,6 +72,22 @@ target.lmtp dovecot {
 }
 """
 
+ROUTING = """\
+target.smtp corp {
+    targets tcp://127.0.0.1:2601
+}
+smtp tcp://0.0.0.0:25 {
+    source example.org Boss@Example.COM { deliver_to &corp }
+    source lists.test {
+        destination x.test { deliver_to smtp tcp://127.0.0.1:2603 }
+        default_destination { reject 550 5.1.2 "unknown domain" }
+    }
+    destination a.test b.test { deliver_to smtp tcp://127.0.0.1:2604 }
+    destination c.test { deliver_to smtp tcp://127.0.0.1:2605 }
+    default_destination { deliver_to &corp }
+}
+"""
+
 
 class ShowTests(SynchronousTestCase):
     def test_roundTrip(self) -> None:
@@ -81,6 +97,19 @@ class ShowTests(SynchronousTestCase):
         config = loadString(FULL, "relay.conf", {})
         shown = show(config)
         self.assertEqual(loadString(shown, "relay.conf", {}), config)
+
+    def test_routingRoundTrip(self) -> None:
+        """
+        Routing blocks are written back as blocks, rules that share a
+        decision in one head, so that inline targets keep their names.
+        """
+        config = loadString(ROUTING, "relay.conf", {})
+        shown = show(config)
+        self.assertEqual(loadString(shown, "relay.conf", {}), config)
+        self.assertIn("    source example.org boss@example.com {\n        deliver_to &corp\n    }\n", shown)
+        self.assertIn('            reject 550 5.1.2 "unknown domain"\n', shown)
+        self.assertIn("    destination a.test b.test {\n        deliver_to smtp {\n", shown)
+        self.assertIn("    default_destination {\n        deliver_to &corp\n    }\n", shown)
 
     def test_defaultsFilledIn(self) -> None:
         config = loadString(

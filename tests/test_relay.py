@@ -16,7 +16,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from smtprelay import replies
-from smtprelay.config.model import Address, Listener, ListenerAuth, Target
+from smtprelay.config.model import Address, Destinations, Listener, ListenerAuth, Reject, Routing, Target
 from smtprelay.interfaces import (
     ClientSession,
     Credentials,
@@ -33,7 +33,8 @@ SINK = Address("tcp", "127.0.0.1", 2526)
 
 
 def target(protocol: str = "smtp", **kw: object) -> Target:
-    return Target(name="t", protocol=protocol, endpoints=(SINK,), **kw)  # type: ignore[arg-type]
+    kw.setdefault("name", "t")
+    return Target(protocol=protocol, endpoints=(SINK,), **kw)  # type: ignore[arg-type]
 
 
 def listener(kind: str = "smtp", **kw: object) -> Listener:
@@ -575,3 +576,143 @@ class AuthForwardTests(SynchronousTestCase):
 
     def test_credentialsNotInRepr(self) -> None:
         self.assertNotIn("s3cret", repr(Credentials("alice", "s3cret")))
+
+
+class RoutingTests(SynchronousTestCase):
+    """
+    SPEC §4.9 and §4.3: one target per transaction, chosen by the sender at
+    MAIL or by the first routed recipient at RCPT.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.session = ClientSession(id="R1", protocol="smtp", clientHost="127.0.0.1")
+        self.openers = {name: Opener() for name in ("a", "b", "corp", "lists")}
+        self.released: list[tuple[str, object]] = []
+        targets = {name: target(name=name) for name in self.openers}
+        targets["lists"] = target("lmtp", name="lists")
+        routing = Routing(
+            (("corp.test", targets["corp"]), ("spam.test", Reject(550, "5.7.1", "go away"))),
+            Destinations(
+                (("a.test", targets["a"]), ("b.test", targets["b"]),
+                 ("lists.test", targets["lists"]),
+                 ("nobody@a.test", Reject(550, "5.1.1", "no such user"))),
+                Reject(550, "5.1.2", "unknown domain"),
+            ),
+        )
+
+        def routeFor(t: Target) -> Route:
+            return Route(t, self.openers[t.name], lambda d: self.released.append((t.name, d)))
+
+        self.relay = RelaySession(self.session, listener(deliverTo=routing), Router(routing, routeFor),
+                                  "relay.test", self.clock)
+
+    def calls(self, name: str) -> list[str]:
+        return [c[0] for c in self.openers[name].downstream.calls]
+
+    def test_firstRecipientOpensItsTarget(self) -> None:
+        """
+        Under recipient routing MAIL is answered here and contacts no one;
+        the first RCPT opens its target with the client's MAIL, and the
+        transaction's other recipients for that target go on that session.
+        """
+        self.assertEqual(result(self.relay.mail(b"s@x.test", {"SIZE": "10"})),
+                         reply(250, "2.1.0", "OK"))
+        self.assertEqual([o.calls for o in self.openers.values()], [[], [], [], []])
+        self.assertEqual(result(self.relay.rcpt(b"r1@A.test", {})), reply(250, "2.1.5", "Recipient ok"))
+        self.assertEqual(self.openers["a"].calls, [{"credentials": None, "mail": (b"s@x.test", {"SIZE": "10"})}])
+        self.assertEqual(result(self.relay.rcpt(b"r2@a.test", {})).code, 250)
+        self.assertEqual(result(self.relay.data(Producer())).code, 354)
+        self.relay.dataChunk(b"x\r\n")
+        self.assertEqual(result(self.relay.endData())[0].code, 250)  # type: ignore[index]
+        self.assertEqual(self.openers["a"].downstream.calls[:3],
+                         [("mail", b"s@x.test", {"SIZE": "10"}), ("rcpt", b"r1@A.test"), ("rcpt", b"r2@a.test")])
+        self.assertEqual([len(o.calls) for o in self.openers.values()], [1, 0, 0, 0])
+
+    def test_recipientRoutedElsewhere(self) -> None:
+        """
+        A recipient whose target is not the transaction's is told to come
+        back in another transaction, and never reaches either target; a
+        recipient rejected by a rule does not choose the target.
+        """
+        result(self.relay.mail(b"s@x.test", {}))
+        self.assertEqual(result(self.relay.rcpt(b"nobody@a.test", {})), reply(550, "5.1.1", "no such user"))
+        self.assertEqual(result(self.relay.rcpt(b"r@unknown.test", {})), reply(550, "5.1.2", "unknown domain"))
+        self.assertEqual(result(self.relay.rcpt(b"r@b.test", {})).code, 250)
+        self.assertEqual(
+            result(self.relay.rcpt(b"r@a.test", {})),
+            reply(451, "4.5.3", "Recipient routed elsewhere, send it in a separate transaction [R1]"),
+        )
+        self.assertEqual(self.openers["a"].calls, [])
+        self.assertEqual(self.calls("b"), ["mail", "rcpt"])
+
+    def test_nextTransactionElsewhere(self) -> None:
+        """
+        The next transaction of the session may go to another target: the
+        held session is released to its own target's pool first.
+        """
+        result(self.relay.mail(b"s@x.test", {}))
+        result(self.relay.rcpt(b"r@a.test", {}))
+        self.relay.reset()
+        result(self.relay.mail(b"s@x.test", {}))
+        self.assertEqual(self.released, [])
+        result(self.relay.rcpt(b"r@b.test", {}))
+        self.assertEqual(self.released, [("a", self.openers["a"].downstream)])
+        self.assertEqual(self.calls("a"), ["mail", "rcpt", "rset"])
+        self.assertEqual(self.calls("b"), ["mail", "rcpt"])
+        result(self.relay.mail(b"s2@x.test", {}))
+        result(self.relay.rcpt(b"r@b.test", {}))
+        self.assertEqual(len(self.openers["b"].calls), 1, "same target: the held session is reused")
+        self.relay.close()
+        self.assertEqual([name for name, _ in self.released], ["a", "b"])
+
+    def test_mailRefusedAtFirstRecipient(self) -> None:
+        """
+        The target's refusal of the MAIL sent at the first RCPT is that
+        RCPT's reply and every later one's for that target; no RCPT is
+        sent after a refused MAIL, and DATA finds no recipient.
+        """
+        self.openers["a"].downstream.script["mail"] = reply(550, "5.1.8", "Sender rejected")
+        result(self.relay.mail(b"s@x.test", {}))
+        self.assertEqual(result(self.relay.rcpt(b"r1@a.test", {})), reply(550, "5.1.8", "Sender rejected"))
+        self.assertEqual(result(self.relay.rcpt(b"r2@a.test", {})), reply(550, "5.1.8", "Sender rejected"))
+        self.assertEqual(self.calls("a"), ["mail"])
+        self.assertEqual(result(self.relay.data(Producer())).code, 554)
+
+    def test_noTargetReachable(self) -> None:
+        """
+        When the first routed recipient's target cannot be reached, it and
+        the later recipients for it get the temporary failure.
+        """
+        self.openers["a"].error = DownstreamError(replies.NO_DOWNSTREAM)
+        result(self.relay.mail(b"s@x.test", {}))
+        self.assertEqual(result(self.relay.rcpt(b"r1@a.test", {})), replies.NO_DOWNSTREAM.withSession("R1"))
+        self.assertEqual(result(self.relay.rcpt(b"r2@a.test", {})), replies.NO_DOWNSTREAM.withSession("R1"))
+        self.assertEqual(len(self.openers["a"].calls), 1)
+
+    def test_senderRoute(self) -> None:
+        """
+        A sender rule chooses the target at MAIL, whose reply is the
+        downstream's; the recipients' rules do not apply.
+        """
+        self.assertEqual(result(self.relay.mail(b"boss@Corp.Test", {})), reply(250, "2.1.0", "Sender ok"))
+        self.assertEqual(result(self.relay.rcpt(b"r@unknown.test", {})).code, 250)
+        self.assertEqual(self.calls("corp"), ["mail", "rcpt"])
+
+    def test_senderRejected(self) -> None:
+        """
+        A C{reject} sender rule answers MAIL, contacts no one, and leaves
+        no transaction open.
+        """
+        self.assertEqual(result(self.relay.mail(b"x@spam.test", {})), reply(550, "5.7.1", "go away"))
+        self.assertEqual([o.calls for o in self.openers.values()], [[], [], [], []])
+        self.assertEqual(result(self.relay.rcpt(b"r@a.test", {})), replies.DOWNSTREAM_LOST.withSession("R1"))
+
+    def test_lmtpSplitFollowsTheRoute(self) -> None:
+        """
+        C{lmtp_split one_rcpt} applies when the transaction's target is
+        LMTP, whatever the listener's other targets.
+        """
+        result(self.relay.mail(b"s@x.test", {}))
+        self.assertEqual(result(self.relay.rcpt(b"r1@lists.test", {})).code, 250)
+        self.assertEqual(result(self.relay.rcpt(b"r2@lists.test", {})), replies.LMTP_SPLIT)
