@@ -195,7 +195,10 @@ class ExampleTests(SynchronousTestCase):
         self.addCleanup(os.environ.pop, "SMARTHOST_PASSWORD")
         config = load(path)
         self.assertEqual(config.source, path)
-        self.assertEqual(len(config.listeners), 3)
+        self.assertEqual([len(listener.targets) for listener in config.listeners], [1, 1, 2, 1])
+        mx = config.listeners[2].deliverTo
+        assert isinstance(mx, Routing) and isinstance(mx.default, Destinations)
+        self.assertEqual(mx.default.default, Reject(550, "5.7.1", "Relay access denied"))
 
 
 class TopLevelTests(SynchronousTestCase):
