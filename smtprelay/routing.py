@@ -112,6 +112,8 @@ def _lookup(table: Mapping[str, _T], address: bytes, default: _T) -> _T:
     """
     The value of C{address}'s most specific rule in C{table}, else C{default}.
     """
+    if not table:  # one deliver_to: no per-message IDNA work
+        return default
     for key in routingKeys(address):
         if key in table:
             return table[key]

@@ -10,7 +10,7 @@ from typing import Sequence
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -704,8 +704,13 @@ class RoutingTests(SynchronousTestCase):
         A C{reject} sender rule answers MAIL, contacts no one, and leaves
         no transaction open.
         """
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         self.assertEqual(result(self.relay.mail(b"x@spam.test", {})), reply(550, "5.7.1", "go away"))
         self.assertEqual([o.calls for o in self.openers.values()], [[], [], [], []])
+        self.assertEqual([formatEvent(e) for e in events],
+                         ["R1: reject: MAIL FROM:<x@spam.test>: 550 5.7.1 go away"])
         self.assertEqual(result(self.relay.rcpt(b"r@a.test", {})), replies.DOWNSTREAM_LOST.withSession("R1"))
 
     def test_lmtpSplitFollowsTheRoute(self) -> None:
