@@ -286,6 +286,39 @@ class DovecotLMTPTests(SynchronousTestCase):
         self.assertTrue(message.endswith(MESSAGE.replace(b"\r\n", b"\n")), message[-300:])
         self.assertIn(b"by relay.test (smtprelay) with ESMTP id ", message)
 
+    def test_routedBySenderToDovecotOrSink(self) -> None:
+        """
+        Routing blocks with real targets: senders in example.org go to
+        Dovecot over LMTP (its per-recipient verdicts, one recipient per
+        transaction), every other sender to smtp-sink over SMTP.
+        """
+        sinkPort, dumps = self.procs.smtpSink()
+        port = freePort()
+        config = os.path.join(self.procs.dir, "relay.conf")
+        with open(config, "w") as f:
+            f.write(
+                f"hostname relay.test\nsmtp tcp://{HOST}:{port} {{\n"
+                f"    source example.org {{ deliver_to lmtp unix://{self.socket} }}\n"
+                f"    default_source {{ deliver_to smtp tcp://{HOST}:{sinkPort} }}\n}}\n"
+            )
+        self.procs.relay("--config", config, port=port)
+        with smtplib.SMTP(HOST, port, timeout=60) as client:
+            refused = client.sendmail("s@Example.ORG", ["alice", "bob"], MESSAGE)
+            self.assertEqual(list(refused), ["bob"])
+            self.assertEqual(refused["bob"][0], 452)
+            with self.assertRaises(smtplib.SMTPRecipientsRefused) as unknown:
+                client.sendmail("s@example.org", ["nosuchuser"], MESSAGE)
+            code, text = unknown.exception.recipients["nosuchuser"]
+            self.assertEqual((code, text[:6]), (550, b"5.1.1 "))
+            self.assertEqual(client.sendmail("s@elsewhere.test", ["bob"], MESSAGE), {})
+        [toAlice] = self.delivered("alice")
+        self.assertTrue(toAlice.endswith(MESSAGE.replace(b"\r\n", b"\n")), toAlice[-300:])
+        [dump] = sinkMessages(dumps)
+        envelope = splitSinkDump(dump)[0]
+        self.assertEqual((envelope["X-Mail-Args"], envelope["X-Rcpt-Args"]), ([b"<s@elsewhere.test>"], [b"<bob>"]))
+        bob = os.path.join(self.dovecot, "mail", "bob", "Maildir", "new")
+        self.assertFalse(os.path.isdir(bob) and os.listdir(bob))
+
     def test_lmtpListenerPerRecipientReplies(self) -> None:
         """
         LMTP client → LMTP listener → Dovecot: one reply per recipient
