@@ -407,7 +407,7 @@ class RelaySession:
             session=self.session.id,
             command=command,
             address=address.decode("utf-8", "replace"),
-            reply=f"{reply.code} {reply.enhanced} {reply.text}",
+            reply=reply.summary,
         )
         return reply
 
@@ -508,7 +508,7 @@ class RelaySession:
             tls=bool(downstream is not None and downstream.tls is not None),
             delay=self._clock.seconds() - self._started,
             status=status,
-            reply=f"{reply.code} {reply.enhanced or ''} {reply.text}".strip(),
+            reply=reply.summary,
             transaction=True,
         )
         self._clock.callLater(0, lambda: self._log.info(_TRANSACTION_FORMAT, **fields))

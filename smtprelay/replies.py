@@ -59,6 +59,13 @@ class Reply:
         return " ".join(self.lines)
 
     @property
+    def summary(self) -> str:
+        """
+        C{code enhanced text} on one line, for logs.
+        """
+        return f"{self.code} {self.enhanced or ''} {self.text}".strip()
+
+    @property
     def positive(self) -> bool:
         return 200 <= self.code < 400
 

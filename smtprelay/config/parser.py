@@ -15,7 +15,7 @@ import difflib
 import os
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import idna
@@ -512,25 +512,37 @@ def _decision(nodes: Sequence[Node], where: Node, ctx: _Context, resolve: _Resol
     return found[0]
 
 
-def _rules(node: Node, ctx: _Context, seen: dict[str, Node]) -> list[str]:
+_V = TypeVar("_V")
+
+
+def _rules(
+    nodes: Sequence[Node], name: str, ctx: _Context, inside: Callable[[Node], _V]
+) -> list[tuple[str, _V]]:
     """
-    The rule keys of a C{source}/C{destination} block, each new in C{seen}.
+    The rules of every C{name RULE... { ... }} block (C{source} or
+    C{destination}) in C{nodes}, in order: (rule key, what C{inside} reads
+    from the block).  A rule routed twice is an error.
     """
-    if not node.args or not node.block:
-        ctx.error(node, f"{node.name}: expected DOMAIN|ADDRESS... {{ ... }}")
-    keys = []
-    for arg in node.args:
-        try:
-            key = ruleKey(arg)
-        except ValueError as e:
-            ctx.error(node, f"{node.name}: {e}")
+    seen: dict[str, Node] = {}
+    rules: list[tuple[str, _V]] = []
+    for node in nodes:
+        if node.name != name:
             continue
-        if key in seen:
-            ctx.error(node, f"{node.name}: {arg} is already routed (at {seen[key].where()})")
-            continue
-        seen[key] = node
-        keys.append(key)
-    return keys
+        if not node.args or not node.block:
+            ctx.error(node, f"{name}: expected DOMAIN|ADDRESS... {{ ... }}")
+        value = inside(node)
+        for arg in node.args:
+            try:
+                key = ruleKey(arg)
+            except ValueError as e:
+                ctx.error(node, f"{name}: {e}")
+                continue
+            if key in seen:
+                ctx.error(node, f"{name}: {arg} is already routed (at {seen[key].where()})")
+                continue
+            seen[key] = node
+            rules.append((key, value))
+    return rules
 
 
 def _single(nodes: Sequence[Node], name: str, ctx: _Context) -> Node | None:
@@ -557,12 +569,9 @@ def _handling(nodes: Sequence[Node], where: Node, ctx: _Context, resolve: _Resol
         if node.name not in ("destination", "default_destination"):
             ctx.error(node, f"{node.name}: not beside destination blocks "
                             "(put it in default_destination { ... })")
-    seen: dict[str, Node] = {}
-    rules: list[tuple[str, Decision | None]] = []
-    for node in nodes:
-        if node.name == "destination":
-            decision = _decision(node.children, node, ctx, resolve)
-            rules += [(key, decision) for key in _rules(node, ctx, seen)]
+    rules = _rules(
+        nodes, "destination", ctx, lambda node: _decision(node.children, node, ctx, resolve)
+    )
     fallback = _single(nodes, "default_destination", ctx)
     if fallback is None:
         ctx.error(where, f"{where.name}: destination blocks need a default_destination "
@@ -607,12 +616,9 @@ def _delivery(
         return None
     if not routed:
         return resolve(nodes[0])
-    seen: dict[str, Node] = {}
-    sources: list[tuple[str, Handling | None]] = []
-    for node in nodes:
-        if node.name == "source":
-            handling = _handling(node.children, node, ctx, resolve)
-            sources += [(key, handling) for key in _rules(node, ctx, seen)]
+    sources = _rules(
+        nodes, "source", ctx, lambda node: _handling(node.children, node, ctx, resolve)
+    )
     defaultSource = _single(nodes, "default_source", ctx)
     others = [node for node in nodes if node.name not in ("source", "default_source")]
     default: Handling | None = None
