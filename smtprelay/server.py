@@ -412,7 +412,13 @@ class SMTPServerProtocol(Protocol):
             return True
         method = _COMMANDS.get(verb)
         if method is not None:
-            getattr(self, method)(argument.strip(b" "))
+            try:
+                getattr(self, method)(argument.strip(b" "))
+            except Exception:
+                # A defect of ours must still leave one reply per command.
+                self._log.failure("{command} failed in {session}", command=verb.decode(),
+                                  session=self.session.id)
+                self._reply(replies.LOCAL_ERROR.withSession(self.session.id))
         elif verb in _REFUSED:
             self._error(_NOT_IMPLEMENTED)
         elif not verb:
