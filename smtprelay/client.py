@@ -204,6 +204,7 @@ class SMTPClientProtocol(LineReceiver):
         self._closed = True
         self._cancelTimer()
         self._cancelStall()
+        self._releaseProducer()
         if reason is not None and reason.check(SSL.Error, VerificationError):
             self.tlsFailed = True
         error = self._error or DownstreamError(
@@ -252,6 +253,7 @@ class SMTPClientProtocol(LineReceiver):
             self._error = DownstreamError(reply_, reason)
             self._log.info("aborting downstream {peer}: {reason}", peer=self.peer, reason=reason)
             self._cancelTimer()
+            self._releaseProducer()
             if self.transport is not None:
                 self.transport.abortConnection()  # type: ignore[attr-defined]
         return self._error
@@ -588,6 +590,17 @@ class SMTPClientProtocol(LineReceiver):
             self._abortWith(replies.DOWNSTREAM_LOST, "aborted")
 
     # -- back-pressure ------------------------------------------------------
+
+    def _releaseProducer(self) -> None:
+        """
+        The body can no longer reach the downstream: stop holding the
+        client's upload (SPEC §4.8), which is then read to its end-of-data
+        and discarded here; the end-of-data gets the failure.
+        """
+        producer, self._producer = self._producer, None
+        self._paused = False
+        if producer is not None:
+            producer.stopProducing()
 
     def _bodyPaused(self) -> None:
         self._paused = True

@@ -391,6 +391,26 @@ class BodyTests(SynchronousTestCase):
         h.client.endData()
         self.assertIsNone(h.pump.clientIO.producer)
 
+    def test_lostInBodyReleasesTheProducer(self) -> None:
+        """
+        The downstream going away in the body stops the paused client's
+        producer at once (its body is then read and discarded), and the
+        end-of-data fails without a dot: issue 14 A.
+        """
+        h = Harness()
+        self.transaction(h)
+        producer = RecordingProducer()
+        h.client.registerProducer(producer, True)
+        h.pump.clientIO.producer.pauseProducing()
+        h.server.transport.loseConnection()
+        h.flush()
+        self.assertEqual(producer.events, ["pause", "stop"])
+        h.client.write(b"more\r\n")
+        h.client.unregisterProducer()
+        failure = self.failureResultOf(h.client.endData(), DownstreamError)
+        self.assertEqual(failure.value.reply, replies.DOWNSTREAM_LOST)
+        self.assertNotIn(b"more", bytes(h.server.received))
+
     def test_registerWhilePaused(self) -> None:
         h = Harness()
         self.transaction(h)
