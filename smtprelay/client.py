@@ -548,7 +548,13 @@ class SMTPClientProtocol(LineReceiver):
         count = max(1, self._accepted) if self.lmtp else 1
         if self._debug:
             self._trace("C", b"<end of data>")
-        waits: list[Deferred[Reply]] = [Deferred() for _ in range(count)]
+        received: list[Reply] = []
+
+        def arrived(r: Reply) -> Reply:
+            received.append(r)
+            return r
+
+        waits = [Deferred[Reply]().addCallback(arrived) for _ in range(count)]
         self._armTimer()
         self._waiting.extend((d, _NORMAL) for d in waits)
         writeNow(self.transport, stuffer.end())
@@ -560,6 +566,11 @@ class SMTPClientProtocol(LineReceiver):
 
         def firstError(f: Failure) -> Failure:
             f.trap(FirstError)
+            error = f.value.subFailure.value
+            if received and isinstance(error, DownstreamError):
+                # Replies come in RCPT order: those before the failure are
+                # verdicts the client must get (SPEC §4.7).
+                raise DownstreamError(error.reply, error.reason, received)
             return f.value.subFailure  # type: ignore[no-any-return]
 
         return gatherResults(waits, consumeErrors=True).addCallbacks(collected, firstError)

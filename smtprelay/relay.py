@@ -281,8 +281,15 @@ class RelaySession:
         def failed(failure: Failure) -> Sequence[Reply]:
             self._ending = False
             reply = self._failed(failure)
-            self._logTransaction("deferred", reply, downstream)
-            return self._perRecipient(reply)
+            received = [self._relayed(r) for r in failure.value.received]
+            if not received:
+                self._logTransaction("deferred", reply, downstream)
+                return self._perRecipient(reply)
+            # The recipients the downstream answered keep their verdict;
+            # only the missing ones are temporary failures.
+            final = self._mapFinal(received + [reply] * (len(self._accepted) - len(received)))
+            self._logTransaction(_status(final), reply, downstream)
+            return final
 
         return downstream.endData().addCallbacks(finished, failed)
 

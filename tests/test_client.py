@@ -363,6 +363,20 @@ class BodyTests(SynchronousTestCase):
         final = result(self, d)
         self.assertEqual([(r.code, r.text) for r in final], [(250, "a ok"), (452, "c full")])
 
+    def test_lmtpLostAfterSomeReplies(self) -> None:
+        """
+        LMTP: the connection is lost after the first recipient's reply; the
+        failure carries that reply (issue 14 C).
+        """
+        script = Script(lmtp={b"a@example.net": b"250 2.0.0 a ok\r\n", b"b@example.net": CLOSE})
+        h = Harness(script, lmtp=True)
+        self.transaction(h, (b"a@example.net", b"b@example.net"))
+        d = h.client.endData()
+        h.flush()
+        error = self.failureResultOf(d, DownstreamError).value
+        self.assertEqual(error.reply, replies.DOWNSTREAM_LOST)
+        self.assertEqual(error.received, (reply(250, "2.0.0", "a ok"),))
+
     def test_abortNeverSendsDot(self) -> None:
         h = Harness()
         self.transaction(h)

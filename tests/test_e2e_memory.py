@@ -17,7 +17,7 @@ from smtprelay.failover import Failover
 from smtprelay.relay import RelaySession
 from smtprelay.routing import Route, Router
 from smtprelay.server import SMTPServerFactory
-from smtprelay.testing.downstream import CLOSE, MemoryNetwork, Script
+from smtprelay.testing.downstream import CLOSE, STALL, MemoryNetwork, Script
 
 from .server_helpers import LOOPBACK, FakeTransport
 
@@ -276,3 +276,41 @@ class MidBodyFaultTests(SynchronousTestCase):
         self.assertEqual(stack.send(b".\r\n"),
                          b"451 4.4.2 Downstream connection lost, try again later [SID]\r\n")
         self.assertEqual(stack.downstream().messages, [])
+
+
+class LMTPPartialTests(SynchronousTestCase):
+    """
+    Issue 14 C, SPEC §4.7: LMTP → LMTP, the downstream answers the first of
+    three recipients after the dot and then closes or stalls.  The reply
+    that arrived is relayed as it is; only the missing ones become
+    C{451 4.4.2}, so that the client does not deliver recipient 1 twice.
+    """
+
+    def run_(self, then: bytes) -> bytes:
+        script = Script(lmtp={b"a@example.net": b"250 2.0.0 <a@example.net> Saved\r\n",
+                              b"b@example.net": then, b"c@example.net": then})
+        stack = Stack(self, {FIRST: script}, kind="lmtp", lmtp=True)
+        stack.send(b"MAIL FROM:<s@example.org>\r\n")
+        for rcpt in (b"a", b"b", b"c"):
+            self.assertEqual(stack.send(b"RCPT TO:<" + rcpt + b"@example.net>\r\n"), b"250 2.1.5 Ok\r\n")
+        stack.send(b"DATA\r\n")
+        self.stack = stack
+        return stack.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+
+    def test_closedAfterTheFirst(self) -> None:
+        out = self.run_(CLOSE)
+        self.assertEqual(out, b"250 2.0.0 <a@example.net> Saved\r\n"
+                              b"451 4.4.2 Downstream connection lost, try again later [SID]\r\n"
+                              b"451 4.4.2 Downstream connection lost, try again later [SID]\r\n")
+
+    def test_stalledAfterTheFirst(self) -> None:
+        """
+        The replies go to the client together, when the target's
+        C{submission_timeout} gives up on the missing ones.
+        """
+        self.assertEqual(self.run_(STALL), b"")
+        self.stack.clock.advance(self.stack.target.submissionTimeout)
+        self.assertEqual(self.stack.received(),
+                         b"250 2.0.0 <a@example.net> Saved\r\n"
+                         b"451 4.4.2 Downstream connection lost, try again later [SID]\r\n"
+                         b"451 4.4.2 Downstream connection lost, try again later [SID]\r\n")
