@@ -459,10 +459,11 @@ class RelaySession:
             if len(results) == len(self._accepted):
                 return list(results)
             return self._perRecipient(results[0])
-        if len(results) == 1:
-            return [results[0]]
+        # lmtp_split tempfail: the recipients agree when their outcomes
+        # have one class (texts differ: "<a@x> Saved", "delivered"); the
+        # first recipient's reply then speaks for all.
         first = results[0]
-        if all((r.code, r.enhanced) == (first.code, first.enhanced) for r in results):
+        if all(r.code // 100 == first.code // 100 for r in results):
             return [first]
         return [self._local(replies.LMTP_MIXED)]
 

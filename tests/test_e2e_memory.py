@@ -314,3 +314,21 @@ class LMTPPartialTests(SynchronousTestCase):
                          b"250 2.0.0 <a@example.net> Saved\r\n"
                          b"451 4.4.2 Downstream connection lost, try again later [SID]\r\n"
                          b"451 4.4.2 Downstream connection lost, try again later [SID]\r\n")
+
+
+class LMTPTempfailTests(SynchronousTestCase):
+    def test_agreementByClass(self) -> None:
+        """
+        Issue 14 D: an SMTP client, an LMTP target under C{lmtp_split
+        tempfail}: C{250 2.0.0 ok} and C{250 2.1.5 delivered} are both
+        deliveries, so the client gets the first one's 250, once.
+        """
+        script = Script(lmtp={b"a@example.net": b"250 2.0.0 ok\r\n",
+                              b"b@example.net": b"250 2.1.5 delivered\r\n"})
+        stack = Stack(self, {FIRST: script}, lmtp=True, lmtpSplit="tempfail")
+        stack.send(b"MAIL FROM:<s@example.org>\r\n")
+        stack.send(b"RCPT TO:<a@example.net>\r\n")
+        self.assertEqual(stack.send(b"RCPT TO:<b@example.net>\r\n"), b"250 2.1.5 Ok\r\n")
+        stack.send(b"DATA\r\n")
+        self.assertEqual(stack.send(b"Subject: x\r\n\r\nhi\r\n.\r\n"), b"250 2.0.0 ok\r\n")
+        self.assertEqual(len(stack.downstream().messages), 1)
