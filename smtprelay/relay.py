@@ -224,7 +224,7 @@ class RelaySession:
         def accepted(reply: Reply) -> Reply:
             if reply.positive:
                 self._accepted.append(recipient)
-            return self._relayed(reply)
+            return self._relayed(replies.forRcpt(reply))
 
         return downstream.rcpt(recipient, params).addCallbacks(accepted, self._failed)
 

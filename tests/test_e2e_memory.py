@@ -332,3 +332,33 @@ class LMTPTempfailTests(SynchronousTestCase):
         stack.send(b"DATA\r\n")
         self.assertEqual(stack.send(b"Subject: x\r\n\r\nhi\r\n.\r\n"), b"250 2.0.0 ok\r\n")
         self.assertEqual(len(stack.downstream().messages), 1)
+
+
+class RcptReplyTests(SynchronousTestCase):
+    def test_tooManyRecipientsIsTemporary(self) -> None:
+        """
+        RFC 5321 §4.5.3.1.10: the downstream's C{552 5.5.3} to RCPT reaches
+        the client as C{452 4.5.3}, text kept; the transaction goes on.
+        """
+        script = Script(rcpt={b"b@example.net": b"552 5.5.3 Error: too many recipients\r\n"})
+        stack = Stack(self, {FIRST: script})
+        stack.send(b"MAIL FROM:<s@example.org>\r\n")
+        self.assertEqual(stack.send(b"RCPT TO:<a@example.net>\r\n"), b"250 2.1.5 Ok\r\n")
+        self.assertEqual(stack.send(b"RCPT TO:<b@example.net>\r\n"),
+                         b"452 4.5.3 Error: too many recipients\r\n")
+        self.assertEqual(stack.send(b"DATA\r\n"), b"354 End data with <CR><LF>.<CR><LF>\r\n")
+
+    def test_longReplyWrapped(self) -> None:
+        """
+        A downstream reply line longer than 512 bytes reaches the client
+        wrapped onto continuation lines of at most 512 bytes each.
+        """
+        text = b"<r@example.net>: " + b"no such user here " * 40
+        stack = Stack(self, {FIRST: Script(rcpt={b"r@example.net": b"550 5.1.1 " + text + b"\r\n"})})
+        stack.send(b"MAIL FROM:<s@example.org>\r\n")
+        out = stack.send(b"RCPT TO:<r@example.net>\r\n")
+        lines = out.split(b"\r\n")[:-1]
+        self.assertEqual([len(line) + 2 for line in lines], [509, 250])
+        self.assertEqual(lines[0][:10], b"550-5.1.1 ")
+        self.assertEqual(lines[1][:10], b"550 5.1.1 ")
+        self.assertEqual(b" ".join(line[10:] for line in lines), text.rstrip())
