@@ -80,6 +80,10 @@ class AttemptFailed(Exception):
         without C{require_tls} the same target is retried on a new
         connection without STARTTLS.
     @ivar dns: the target's name did not resolve.
+    @ivar auth: the relay could not authenticate there with its own
+        configuration: its credentials were refused, the mechanism is not
+        offered, or no verified TLS carries the password.  A fault of the
+        relay's configuration, never the message's: a temporary failure.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class AttemptFailed(Exception):
         noTLS: bool = False,
         retryPlain: bool = False,
         dns: bool = False,
+        auth: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -97,6 +102,7 @@ class AttemptFailed(Exception):
         self.noTLS = noTLS
         self.retryPlain = retryPlain
         self.dns = dns
+        self.auth = auth
 
 
 def parseCapabilities(ehlo: Reply) -> dict[str, str]:

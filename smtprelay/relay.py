@@ -57,6 +57,7 @@ _RELAY_REPLIES = frozenset(
         replies.DOWNSTREAM_DNS,
         replies.DOWNSTREAM_NO_TLS,
         replies.DOWNSTREAM_CONFUSED,
+        replies.DOWNSTREAM_AUTH,
         replies.LOOP,
         replies.CONVERSION_REQUIRED,
         replies.UTF8_SENDER,

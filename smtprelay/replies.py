@@ -234,6 +234,7 @@ DOWNSTREAM_LOST = reply(451, "4.4.2", "Downstream connection lost, try again lat
 DOWNSTREAM_DNS = reply(451, "4.4.4", "Downstream address lookup failed")
 DOWNSTREAM_NO_TLS = reply(451, "4.7.5", "No downstream server with TLS available")
 DOWNSTREAM_CONFUSED = reply(451, "4.3.0", "Unexpected downstream reply")
+DOWNSTREAM_AUTH = reply(454, "4.7.0", "Relay cannot authenticate downstream, try again later")
 LOOP = reply(554, "5.4.6", "Mail loops back to myself")
 TOO_MANY_HOPS = reply(554, "5.4.6", "Too many hops")
 NO_VALID_RECIPIENTS = reply(554, "5.5.1", "No valid recipients")

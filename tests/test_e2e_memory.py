@@ -12,7 +12,7 @@ import re
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay.config.model import Address, Listener, Target
+from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener, Secret, Target
 from smtprelay.failover import Failover
 from smtprelay.relay import RelaySession
 from smtprelay.routing import Route, Router
@@ -362,3 +362,20 @@ class RcptReplyTests(SynchronousTestCase):
         self.assertEqual(lines[0][:10], b"550-5.1.1 ")
         self.assertEqual(lines[1][:10], b"550 5.1.1 ")
         self.assertEqual(b" ".join(line[10:] for line in lines), text.rstrip())
+
+
+class OwnCredentialsTests(SynchronousTestCase):
+    def test_refusedEverywhereIsASoftBounce(self) -> None:
+        """
+        Issue 13 item 3: the relay's own password refused (535) by every
+        target: the client's MAIL gets 454 4.7.0, which it retries, not the
+        downstream's 535, which would bounce the message.
+        """
+        ehlo = b"250-fake.example\r\n250-STARTTLS\r\n250 AUTH PLAIN\r\n"
+        refused = Script(replies={"EHLO": ehlo}, auth=[b"535 5.7.8 Error: authentication failed\r\n"])
+        stack = Stack(self, {FIRST: refused, SECOND: refused}, endpoints=(FIRST, SECOND),
+                      auth=DownstreamAuth("plain", "relayuser", Secret("wrongpass")),
+                      tlsClient=ClientTLS(insecureSkipVerify=True))
+        self.assertEqual(stack.send(b"MAIL FROM:<s@example.org>\r\n"),
+                         b"454 4.7.0 Relay cannot authenticate downstream, try again later [SID]\r\n")
+        self.assertEqual(stack.network.attempts, [str(FIRST), str(SECOND)])
