@@ -347,6 +347,10 @@ class SMTPServerProtocol(Protocol):
                     self._feedBody(data)
                 elif not self._nextLine():
                     break
+                # Input was consumed (a whole line, or body bytes): the next
+                # read gets a fresh timeout.  Bytes of an unfinished line do
+                # not extend it (Postfix's smtpd_per_record_deadline).
+                self._setReadTimer(False)
                 if self._outSize >= _OUTPUT_BATCH:
                     self._flush()
         finally:
@@ -564,6 +568,11 @@ class SMTPServerProtocol(Protocol):
             self._process()
 
     def _setReadTimer(self, on: bool) -> None:
+        """
+        Stop the read timeout, or start it unless it runs already: it runs
+        from the moment we wait for a command line until the whole line is
+        in, however its bytes trickle.
+        """
         timer = self._readTimer
         if not on or self._closing:
             if timer is not None:
@@ -572,8 +581,6 @@ class SMTPServerProtocol(Protocol):
                 self._readTimer = None
         elif timer is None or not timer.active():
             self._readTimer = self._clock.callLater(self._listener.readTimeout, self._timedOut)
-        else:
-            timer.reset(self._listener.readTimeout)
 
     def _cancelTimers(self) -> None:
         for timer in (self._readTimer, self._dataTimer):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import fail
 from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import directlyProvides
 
@@ -956,6 +957,65 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(session.read(), b"421 4.4.2 Timeout exceeded [S1]\r\n")
         self.assertTrue(session.closed)
         self.assertEqual(session.handler.closed, 1)
+
+    def test_tricklePerCommandDeadline(self) -> None:
+        """
+        A command trickled one byte every 3 s does not restart the read
+        timeout: the line must be complete within it (Postfix's
+        smtpd_per_record_deadline), or the client gets C{421 4.4.2}.
+        """
+        session = greeted(listener=makeListener(readTimeout=10), clock=MemoryReactorClock())
+        command = b"MAIL FROM:<a@example.com>\r\n"
+        for byte in command[:3]:
+            session.clock.advance(3)
+            self.assertEqual(session.send(bytes([byte])), b"")
+        session.clock.advance(1)
+        self.assertEqual(session.read(), b"421 4.4.2 Timeout exceeded [S1]\r\n")
+        self.assertTrue(session.closed)
+        self.assertEqual(session.handler.methods, ["close"])
+        self.assertEqual(session.clock.getDelayedCalls(), [])
+
+    def test_trickleInTime(self) -> None:
+        """
+        A line completed within the timeout is served, and the next one has
+        a whole timeout of its own.
+        """
+        session = greeted(listener=makeListener(readTimeout=10))
+        out = b""
+        for byte in b"NOOP\r\n":
+            session.clock.advance(1)
+            out += session.send(bytes([byte]))
+        self.assertEqual(out, b"250 2.0.0 OK\r\n")
+        session.clock.advance(9.9)
+        self.assertFalse(session.closed)
+        session.clock.advance(0.1)
+        self.assertTrue(session.closed)
+
+    def test_slowClientsBeforeData(self) -> None:
+        """
+        200 clients each sending one byte every 3 s before DATA, with
+        C{read_timeout 10s}, are all cut off 10 s after their last reply
+        (they held their sessions for as long as they trickled).
+        """
+        clock = MemoryReactorClock()
+        first = greeted(listener=makeListener(readTimeout=10, maxConnectionsPerIP=500), clock=clock)
+        sessions = [first] + [Session(factory=first.factory, clock=clock) for _ in range(199)]
+        for session in sessions[1:]:
+            session.read()
+            session.send(b"EHLO client.example\r\n")
+        script = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+        for session in sessions:
+            session.send(script[:30])  # MAIL served, RCPT begun
+        for tick in range(1, 4):
+            clock.advance(3)
+            for session in sessions:
+                session.send(script[29 + tick:30 + tick])
+        clock.advance(1)
+        for session in sessions:
+            self.assertEqual(session.read(), b"421 4.4.2 Timeout exceeded [S%d]\r\n" % (
+                sessions.index(session) + 1))
+            self.assertTrue(session.closed)
+        self.assertEqual(first.factory.sessions, set())
 
     def test_noTimeoutWhileHandlerBusy(self) -> None:
         session = greeted(listener=makeListener(readTimeout=60), manual=("mail",))
