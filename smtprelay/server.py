@@ -1021,9 +1021,6 @@ class SMTPServerFactory(ServerFactory):
         kind = "LMTP" if listener.lmtp else "ESMTP"
         text = f"{hostname} {kind} smtprelay {greetingToken}".rstrip()
         self.greeting = reply(220, None, text).toBytes()
-        self._allow = [
-            (network.version, network) for network in listener.allow
-        ]
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
         return SMTPServerProtocol(self)
@@ -1032,17 +1029,14 @@ class SMTPServerFactory(ServerFactory):
         """
         Whether C{host} (an IP address) is in the listener's C{allow} list.
         """
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(address.version == v and address in net for v, net in self._allow)
+        return _inNetworks(host, self.listener.allow)
 
     def _register(self, protocol: SMTPServerProtocol) -> bool:
         host = protocol.session.clientHost
         if len(self.sessions) >= self.listener.maxConnections:
             return False
-        if host and self._perHost.get(host, 0) >= self.listener.maxConnectionsPerIP:
+        if (host and self._perHost.get(host, 0) >= self.listener.maxConnectionsPerIP
+                and not _inNetworks(host, self.listener.limitExceptions)):
             return False
         self.sessions.add(protocol)
         if host:
@@ -1056,6 +1050,17 @@ class SMTPServerFactory(ServerFactory):
             self._perHost[host] -= 1
             if not self._perHost[host]:
                 del self._perHost[host]
+
+
+def _inNetworks(host: str, networks: Sequence[Any]) -> bool:
+    """
+    Whether C{host} (an IP address) is in one of C{networks}.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address.version == net.version and address in net for net in networks)
 
 
 def _normalizeHost(host: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import socket
+from ipaddress import ip_network
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -940,12 +941,41 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(third.read(), GREETING)
 
     def test_perHostLimit(self) -> None:
-        first = Session(makeListener(maxConnectionsPerIP=1))
+        first = Session(makeListener(maxConnectionsPerIP=1, limitExceptions=()))
         other = Session(factory=first.factory, clock=first.clock, peer=STRANGER)
         self.assertEqual(other.read(), GREETING)
         second = Session(factory=first.factory, clock=first.clock)
         self.assertEqual(second.read(), b"421 4.7.0 Too many connections [S3]\r\n")
         self.assertEqual(len(first.factory.sessions), 2)
+
+    def test_allowedClientsExempt(self) -> None:
+        """
+        Clients in C{allow} (the default C{limit_exceptions}) are exempt
+        from C{max_connections_per_ip}, as Postfix exempts C{$mynetworks}:
+        120 concurrent sessions from 127.0.0.1 are all served; a client
+        outside the exceptions is still limited.
+        """
+        first = Session(makeListener(maxConnectionsPerIP=2))
+        sessions = [first] + [Session(factory=first.factory, clock=first.clock) for _ in range(119)]
+        for session in sessions:
+            self.assertEqual(session.read(), GREETING)
+        self.assertEqual(len(first.factory.sessions), 120)
+        strangers = [Session(factory=first.factory, clock=first.clock, peer=STRANGER)
+                     for _ in range(3)]
+        self.assertEqual([s.read()[:3] for s in strangers], [b"220", b"220", b"421"])
+
+    def test_limitExceptionsConfigured(self) -> None:
+        """
+        C{limit_exceptions} replaces the default: an allowed client outside
+        it is limited, a client in it is not (allowed to relay or not).
+        """
+        listener = makeListener(maxConnectionsPerIP=1, limitExceptions=(ip_network("192.0.2.0/24"),))
+        first = Session(listener)
+        second = Session(factory=first.factory, clock=first.clock)
+        self.assertEqual(second.read(), b"421 4.7.0 Too many connections [S2]\r\n")
+        strangers = [Session(factory=first.factory, clock=first.clock, peer=STRANGER)
+                     for _ in range(3)]
+        self.assertEqual([s.read() for s in strangers], [GREETING] * 3)
 
     def test_readTimeout(self) -> None:
         session = greeted(listener=makeListener(readTimeout=60))
