@@ -7,19 +7,25 @@ clock.
 from __future__ import annotations
 
 import base64
+import os
+import re
 import socket
 from ipaddress import ip_network
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from typing import Any, Sequence
+
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import fail
+from twisted.internet.task import Clock
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import directlyProvides
 
 from smtprelay import replies
+from smtprelay.metrics import REJECTION_REASONS, NullMetrics
 from smtprelay.config.model import ListenerAuth
 from smtprelay.replies import reply
 from smtprelay.server import MAX_INPUT_BUFFER, SMTPServerFactory, randomSessionId
@@ -1111,3 +1117,112 @@ class ShutdownTests(SynchronousTestCase):
                          QUEUED + b"421 4.3.2 Service shutting down [S1]\r\n")
         self.assertTrue(session.closed)
         self.assertEqual(session.handler.methods[-2:], ["endData", "close"])
+
+
+class _RecordingMetrics(NullMetrics):
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def rejected(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+
+def _rejections(listener: Any = None, peer: Any = LOOPBACK, steps: Sequence[bytes | float] = (),
+                script: Any = None, tlsOptions: Any = None, sessions: int = 1) -> list[str]:
+    """
+    The rejection reasons counted while C{sessions} clients connect and the
+    last one sends C{steps} (bytes, or seconds to let pass).
+    """
+    metrics = _RecordingMetrics()
+    clock = Clock()
+    factory = SMTPServerFactory(listener or makeListener(), RecordingHandlerFactory(), HOST, clock,
+                                tlsOptions=tlsOptions, metrics=metrics)
+    for _ in range(sessions):
+        session = Session(factory=factory, clock=clock, peer=peer, script=script)
+    for step in steps:
+        if isinstance(step, bytes):
+            session.send(step)
+        else:
+            clock.advance(step)
+    return metrics.reasons
+
+
+_BODY = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+_USERS = ListenerAuth("users", "/dev/null")
+
+
+class RejectionReasonTests(SynchronousTestCase):
+    """
+    Each local refusal is counted under the reason it was made for (not
+    guessed from its reply code), and the documented reasons are exactly
+    those.
+    """
+
+    CASES: list[tuple[str, dict[str, Any], list[str]]] = [
+        ("relay denied", dict(peer=STRANGER, steps=[b"EHLO c\r\n", b"MAIL FROM:<a@x.example>\r\n",
+                                                     b"RCPT TO:<b@y.example>\r\n"]), ["relay_denied"]),
+        ("submission without AUTH", dict(listener=makeListener(kind="submission", auth=_USERS),
+                                         peer=STRANGER, steps=[b"EHLO c\r\n", b"MAIL FROM:<a@x.example>\r\n"]),
+         ["auth_required"]),
+        ("MAIL before STARTTLS", dict(listener=makeListener(requireTLS=True), tlsOptions=object(),
+                                      steps=[b"EHLO c\r\n", b"MAIL FROM:<a@x.example>\r\n"]), ["tls_required"]),
+        ("AUTH without TLS", dict(listener=makeListener(auth=_USERS), tlsOptions=object(),
+                                  steps=[b"EHLO c\r\n", b"AUTH PLAIN AHUAcA==\r\n"]), ["tls_required"]),
+        ("SIZE too big", dict(steps=[b"EHLO c\r\n", b"MAIL FROM:<a@x.example> SIZE=99999999999\r\n"]),
+         ["too_big"]),
+        ("body too big", dict(listener=makeListener(maxMessageSize=10),
+                              steps=[b"EHLO c\r\n", _BODY, b"0123456789abc\r\n.\r\n"]), ["too_big"]),
+        ("bare LF in body", dict(steps=[b"EHLO c\r\n", _BODY, b"a\nb\r\n.\r\n"]), ["bare_lf"]),
+        ("too many hops", dict(listener=makeListener(maxHops=1),
+                               steps=[b"EHLO c\r\n", _BODY, b"Received: a\r\nReceived: b\r\n\r\n.\r\n"]),
+         ["too_many_hops"]),
+        ("too many recipients", dict(listener=makeListener(maxRecipients=1), steps=[
+            b"EHLO c\r\n", b"MAIL FROM:<a@x.example>\r\n", b"RCPT TO:<b@x.example>\r\n",
+            b"RCPT TO:<c@x.example>\r\n"]), ["too_many_recipients"]),
+        ("AUTH failures", dict(listener=makeListener(auth=_USERS, maxAuthFailures=2), peer=UNIX,
+                               script={"authenticate": replies.AUTH_FAILED},
+                               steps=[b"EHLO c\r\n", b"AUTH PLAIN AHUAcA==\r\n", b"AUTH PLAIN AHUAcA==\r\n"]),
+         ["auth_failed", "auth_failed", "too_many_auth_failures"]),
+        ("AUTH cancelled", dict(listener=makeListener(auth=_USERS), peer=UNIX,
+                                steps=[b"EHLO c\r\n", b"AUTH PLAIN\r\n", b"*\r\n"]), ["auth_aborted"]),
+        ("pipelining without EHLO", dict(steps=[b"HELO c\r\n", b"NOOP\r\nNOOP\r\n"]), ["sync"]),
+        ("command line too long", dict(listener=makeListener(maxCommandLength=100),
+                                       steps=[b"NOOP " + b"x" * 200 + b"\r\n"]), ["line_too_long"]),
+        ("input overflow", dict(script=None, steps=[b"EHLO c\r\n", b"MAIL FROM:<a@x.example>\r\n" * 50000]),
+         ["too_much_input"]),
+        ("unknown command", dict(steps=[b"FOO\r\n"]), ["unknown_command"]),
+        ("EXPN", dict(steps=[b"EXPN list\r\n"]), ["not_implemented"]),
+        ("bare CR in a command", dict(steps=[b"NO\rOP\r\n"]), ["syntax"]),
+        ("bad address", dict(steps=[b"EHLO c\r\n", b"MAIL FROM:<a b@x.example>\r\n"]), ["syntax"]),
+        ("RCPT before MAIL", dict(steps=[b"EHLO c\r\n", b"RCPT TO:<b@x.example>\r\n"]), ["bad_sequence"]),
+        ("read timeout", dict(listener=makeListener(readTimeout=5), steps=[5.0]), ["timeout"]),
+        ("connection limit", dict(listener=makeListener(maxConnections=1), sessions=2),
+         ["too_many_connections"]),
+        ("error limit", dict(listener=makeListener(maxErrors=1), steps=[b"FOO\r\n", b"FOO\r\n"]),
+         ["unknown_command", "too_many_errors"]),
+    ]
+
+    def test_eachRefusalItsReason(self) -> None:
+        for name, kwargs, expected in self.CASES:
+            with self.subTest(name):
+                self.assertEqual(_rejections(**kwargs), expected)
+
+    def test_everyReasonEmitted(self) -> None:
+        """
+        Every reason in L{REJECTION_REASONS} has a refusal that emits it.
+        """
+        self.assertEqual({r for _, _, reasons in self.CASES for r in reasons}, set(REJECTION_REASONS))
+
+    def test_documented(self) -> None:
+        """
+        The README documents exactly the reasons the code emits.
+        """
+        path = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+        with open(path, encoding="utf-8") as f:
+            readme = f.read()
+        start = readme.index("- Rejection reasons:")
+        paragraph = readme[start:readme.index("\n- ", start + 1)]
+        # Explanations in parentheses may quote directives; the reasons are
+        # the quoted words outside them.
+        documented = set(re.findall(r"`([a-z_]+)`", re.sub(r"\([^()]*\)", "", paragraph)))
+        self.assertEqual(documented, set(REJECTION_REASONS))
