@@ -35,11 +35,14 @@ ATTEMPT_RESULTS = (
 )
 """The usual values of C{result} for L{IMetrics.attempt} (not enforced)."""
 
-REJECTION_REASONS = (
-    "relay_denied", "too_big", "bare_lf", "too_many_hops", "too_many_recipients", "rate",
-    "auth_failed", "sync", "line_too_long", "timeout", "too_many_connections", "too_many_errors",
-)
-"""The usual values of C{reason} for L{IMetrics.rejected} (not enforced)."""
+REJECTION_REASONS = frozenset({
+    "relay_denied", "auth_required", "tls_required", "too_big", "bare_lf", "too_many_hops",
+    "too_many_recipients", "auth_failed", "auth_aborted", "too_many_auth_failures", "sync",
+    "line_too_long", "too_much_input", "unknown_command", "not_implemented", "syntax",
+    "bad_sequence", "timeout", "too_many_connections", "too_many_errors",
+})
+"""Every value of C{reason} for L{IMetrics.rejected}: each local refusal
+names its own where it is made (README, Logs, metrics, shutdown)."""
 
 CONNECT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 END_OF_DATA_BUCKETS = (
@@ -229,6 +232,8 @@ class Metrics:
         self._tls.labels(side, "ok" if ok else "failed").inc()
 
     def rejected(self, reason: str) -> None:
+        if reason not in REJECTION_REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}")
         self._rejections.labels(reason).inc()
 
     def exposition(self) -> tuple[bytes, str]:
