@@ -26,7 +26,7 @@ from smtprelay.client import SMTPClientProtocol
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Secret, ServerTLS, Target
 from smtprelay.endpoints import clientEndpoint
 from smtprelay.failover import Failover
-from smtprelay.interfaces import DownstreamError
+from smtprelay.interfaces import Credentials, DownstreamError
 from smtprelay.metrics import Metrics
 from smtprelay.testing.downstream import DownstreamFactory, FakeDownstream, Script
 from smtprelay.tls import ClientOptions, serverOptions
@@ -210,8 +210,8 @@ class StartTLSTests(TestCase):
         (C{451 4.7.5}), never retried in plain text.  With only
         C{attempt_starttls} the encrypted connection is kept, marked
         untrusted (Postfix's C{may}), and the message goes over it.  The
-        relay's password is never sent over it: a configuration fault,
-        C{454 4.7.0}.
+        relay's password, or a client's (C{auth forward}), is never sent
+        over it: a configuration fault, C{454 4.7.0}.
         """
         address, factory = self.starttlsServer(tls)
         metrics = Metrics()
@@ -244,8 +244,16 @@ class StartTLSTests(TestCase):
             DownstreamError,
         )
         self.assertEqual(error.reply, replies.DOWNSTREAM_AUTH)
-        self.assertEqual(len(factory.connections), 3)
-        self.assertFalse(any(c.startswith(b"AUTH") for c in factory.connections[2].commands))
+        error = yield self.assertFailure(
+            self.net.failover(makeTarget(address, auth=DownstreamAuth("forward"), tlsClient=clientTLS))
+            .open(credentials=Credentials("alice", "wonder")),
+            DownstreamError,
+        )
+        self.assertEqual(error.reply, replies.DOWNSTREAM_AUTH)
+        self.assertEqual(len(factory.connections), 4)
+        for connection in factory.connections[2:]:
+            self.assertFalse(any(c.startswith(b"AUTH") for c in connection.commands))
+            self.assertTrue(connection.tls)
 
     def test_wrongName(self) -> Any:
         return self.assertUntrusted(self.pki.server("other.example"),
