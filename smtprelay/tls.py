@@ -122,6 +122,7 @@ class ClientOptions:
             trustRoot._addCACertsToContext(self._context)
         self.serverName = tls.serverName or hostname
         self._isIP = _isIP(self.serverName)
+        self._sni = None if self._isIP else self.serverName.encode("idna")
         self._curves = ":".join(tls.curves).encode("ascii") if tls.curves else None
         if self._curves is not None:
             _setCurves(SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None), self._curves)
@@ -129,8 +130,8 @@ class ClientOptions:
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
         connection.set_app_data(tlsProtocol)
-        if not self._isIP:
-            connection.set_tlsext_host_name(self.serverName.encode("idna"))
+        if self._sni is not None:
+            connection.set_tlsext_host_name(self._sni)
         if self._curves is not None:
             _setCurves(connection, self._curves)
         connection.set_connect_state()
