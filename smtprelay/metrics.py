@@ -90,10 +90,11 @@ class IMetrics(Interface):
         The relay gave up on C{target} for a transaction and tried the next.
         """
 
-    def tlsHandshake(side: str, ok: bool) -> None:
+    def tlsHandshake(side: str, ok: bool, verified: bool = False) -> None:
         """
         A TLS handshake ended: C{side} is inbound (STARTTLS or implicit TLS
-        from a client) or outbound (to a downstream).
+        from a client) or outbound (to a downstream); C{verified}: the
+        peer's certificate was verified (a downstream's chain and name).
         """
 
     def rejected(reason: str) -> None:
@@ -126,7 +127,7 @@ class NullMetrics:
     def failover(self, target: str) -> None:
         pass
 
-    def tlsHandshake(self, side: str, ok: bool) -> None:
+    def tlsHandshake(self, side: str, ok: bool, verified: bool = False) -> None:
         pass
 
     def rejected(self, reason: str) -> None:
@@ -183,8 +184,8 @@ class Metrics:
             buckets=END_OF_DATA_BUCKETS, registry=registry,
         )
         self._tls = Counter(
-            "smtprelay_tls_handshakes", "TLS handshakes, by side and result.",
-            ["side", "result"], registry=registry,
+            "smtprelay_tls_handshakes", "TLS handshakes, by side, result and peer verification.",
+            ["side", "result", "verified"], registry=registry,
         )
         self._rejections = Counter(
             "smtprelay_rejections", "Local refusals, by reason.", ["reason"], registry=registry
@@ -197,7 +198,8 @@ class Metrics:
             self._transactions.labels(status)
         for side in TLS_SIDES:
             for result in ("ok", "failed"):
-                self._tls.labels(side, result)
+                self._tls.labels(side, result, "no")
+        self._tls.labels("outbound", "ok", "yes")
 
     def sessionOpened(self, kind: str) -> None:
         self._sessionsOpen.labels(kind).inc()
@@ -226,10 +228,10 @@ class Metrics:
     def failover(self, target: str) -> None:
         self._failovers.labels(target).inc()
 
-    def tlsHandshake(self, side: str, ok: bool) -> None:
+    def tlsHandshake(self, side: str, ok: bool, verified: bool = False) -> None:
         if side not in TLS_SIDES:
             raise ValueError(f"unknown TLS side {side!r}")
-        self._tls.labels(side, "ok" if ok else "failed").inc()
+        self._tls.labels(side, "ok" if ok else "failed", "yes" if verified else "no").inc()
 
     def rejected(self, reason: str) -> None:
         if reason not in REJECTION_REASONS:
