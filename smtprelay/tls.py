@@ -37,12 +37,48 @@ _VERSIONS = {
 
 
 def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    """
+    @raise ValueError: C{PATH: cannot read: REASON}.
+    """
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror}") from None
 
 
 def _certificates(path: str) -> list[ssl.Certificate]:
-    return [ssl.Certificate.loadPEM(pem) for pem in _PEM_CERT.findall(_read(path))]
+    """
+    The PEM certificates in C{path}, at least one.
+
+    @raise ValueError: C{PATH: reason}.
+    """
+    pems = _PEM_CERT.findall(_read(path))
+    if not pems:
+        raise ValueError(f"{path}: no PEM certificate found")
+    try:
+        return [ssl.Certificate.loadPEM(pem) for pem in pems]
+    except crypto.Error:
+        raise ValueError(f"{path}: not a valid PEM certificate") from None
+
+
+def _privateCertificate(certPath: str, keyPath: str) -> tuple[list[ssl.Certificate], ssl.KeyPair]:
+    """
+    The certificate chain in C{certPath} and the private key in
+    C{keyPath}, which must belong to its first certificate.
+
+    @raise ValueError: C{PATH: reason}.
+    """
+    chain = _certificates(certPath)
+    try:
+        # An empty passphrase: an encrypted key fails here instead of
+        # prompting on the terminal.
+        key = ssl.KeyPair(crypto.load_privatekey(crypto.FILETYPE_PEM, _read(keyPath), b""))
+    except crypto.Error:
+        raise ValueError(f"{keyPath}: not an unencrypted PEM private key") from None
+    if not key.matches(chain[0].getPublicKey()):
+        raise ValueError(f"{keyPath}: does not match the certificate in {certPath}")
+    return chain, key
 
 
 def _versionOptions(protocols: tuple[str, str | None]) -> dict[str, Any]:
@@ -125,14 +161,15 @@ def clientOptions(tls: ClientTLS, hostname: str) -> IOpenSSLClientConnectionCrea
     C{insecure_skip_verify} encrypts without verifying.  Build it once per
     host and reuse it: it holds the OpenSSL context.
 
-    @raise ValueError: an unknown curve name.
-    @raise OSError: a file cannot be read.
+    @raise ValueError: an unknown curve name; a file that cannot be read
+        or does not hold what it should (C{PATH: reason}).
     """
     extra: dict[str, Any] = {**_versionOptions(tls.protocols), **_cipherOptions(tls.ciphers)}
     name = tls.serverName or hostname
     clientCertificate = None
     if tls.cert and tls.key:
-        clientCertificate = ssl.PrivateCertificate.loadPEM(_read(tls.cert) + b"\n" + _read(tls.key))
+        chain, key = _privateCertificate(tls.cert, tls.key)
+        clientCertificate = ssl.PrivateCertificate.fromCertificateAndKeyPair(chain[0], key)
     creator: IOpenSSLClientConnectionCreator
     if tls.insecureSkipVerify:
         if clientCertificate is not None:
@@ -176,10 +213,7 @@ class ReloadableServerOptions:
 
     def _load(self) -> ssl.CertificateOptions:
         config = self.config
-        chain = _certificates(config.cert)
-        if not chain:
-            raise ValueError(f"{config.cert}: no PEM certificate found")
-        key = ssl.KeyPair.load(_read(config.key), crypto.FILETYPE_PEM)
+        chain, key = _privateCertificate(config.cert, config.key)
         extra: dict[str, Any] = {
             **_versionOptions(config.protocols),
             **_cipherOptions(config.ciphers),
@@ -196,7 +230,7 @@ class ReloadableServerOptions:
             extraCertChain=[c.original for c in chain[1:]],
             **extra,
         )
-        options.getContext()  # a key that does not match fails here, not in a handshake
+        options.getContext()  # the context's errors come now, not in a handshake
         return options
 
     def reload(self) -> None:
@@ -219,8 +253,8 @@ def serverOptions(tls: ServerTLS) -> ReloadableServerOptions:
     """
     Server TLS options for STARTTLS and C{tls://} listeners.
 
-    @raise ValueError: no certificate in the file, or the key does not
-        match.
-    @raise OSError: a file cannot be read.
+    @raise ValueError: a file that cannot be read or does not hold what it
+        should (C{PATH: reason}): no PEM certificate, no unencrypted PEM
+        key, a key that does not match the certificate.
     """
     return ReloadableServerOptions(tls)
