@@ -38,6 +38,7 @@ from .addresses import EnvelopeError, parseMail, parseRcpt
 from .body import DataScanner
 from .config.model import Listener
 from .interfaces import ClientSession, IRelayHandler, TLSInfo
+from .logs import logReject
 from .metrics import IMetrics, NullMetrics
 from .replies import Reply, reply
 from .wire import writeNow
@@ -414,6 +415,17 @@ class SMTPServerProtocol(Protocol):
         self._countRejection(r)
         self._reply(r.withSession(self.session.id))
 
+    def _refuse(
+        self, command: str, r: Reply, sender: bytes | None = None, recipient: bytes | None = None
+    ) -> None:
+        """
+        A policy or syntax refusal of C{MAIL}, C{RCPT} or C{DATA}: logged as
+        the relay logs every refused command (L{logReject}), then answered
+        as L{_error}.
+        """
+        logReject(self._log, self.session, command, r.withSession(self.session.id), sender, recipient)
+        self._error(r)
+
     def _countRejection(self, r: Reply) -> None:
         reason = _REJECTION_REASONS.get((r.code, r.enhanced))
         if reason is not None:
@@ -618,19 +630,19 @@ class SMTPServerProtocol(Protocol):
             self._error(_NESTED_MAIL)
             return
         if self._listener.requireTLS and not self._tlsActive and not self._unix:
-            self._error(replies.STARTTLS_FIRST)
+            self._refuse("MAIL", replies.STARTTLS_FIRST)
             return
         if self._listener.kind == "submission" and not self._relayAllowed():
-            self._error(replies.AUTH_REQUIRED)
+            self._refuse("MAIL", replies.AUTH_REQUIRED)
             return
         try:
             sender, params = parseMail(argument)
         except EnvelopeError as e:
-            self._error(e.reply)
+            self._refuse("MAIL", e.reply)
             return
         size = params.get("SIZE")
         if size is not None and int(size) > self._listener.maxMessageSize:
-            self._error(replies.MESSAGE_TOO_BIG)
+            self._refuse("MAIL", replies.MESSAGE_TOO_BIG, sender)
             return
         smtputf8 = "SMTPUTF8" in params
         if not self._relayAllowed():
@@ -660,14 +672,14 @@ class SMTPServerProtocol(Protocol):
         try:
             recipient, params = parseRcpt(argument, self.session.smtputf8)
         except EnvelopeError as e:
-            self._error(e.reply)
+            self._refuse("RCPT", e.reply, self._sender)
             return
         self._rcptTried = True
         if not self._relayAllowed():
-            self._error(replies.RELAY_DENIED)
+            self._refuse("RCPT", replies.RELAY_DENIED, self._sender, recipient)
             return
         if self._accepted >= self._listener.maxRecipients:
-            self._error(replies.TOO_MANY_RECIPIENTS)
+            self._refuse("RCPT", replies.TOO_MANY_RECIPIENTS, self._sender, recipient)
             return
         assert self.handler is not None
 
@@ -686,8 +698,11 @@ class SMTPServerProtocol(Protocol):
         if self._sender is None:
             self._error(_NEED_MAIL)
             return
+        if not self._accepted and self._rcptTried:
+            self._refuse("DATA", replies.NO_VALID_RECIPIENTS, self._sender)
+            return
         if not self._accepted:
-            self._error(replies.NO_VALID_RECIPIENTS if self._rcptTried else _NEED_RCPT)
+            self._error(_NEED_RCPT)
             return
         assert self.handler is not None
         pauser = _Pauser(self, "body")

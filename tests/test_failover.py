@@ -604,3 +604,84 @@ class ReuseTests(FailoverTestCase):
         failover.release(other)
         self.net.flush()
         self.assertEqual(first.connections[1].commands[-1], b"QUIT")
+
+
+class AttemptLogTests(FailoverTestCase):
+    """
+    SPEC §5: one log line per failed attempt (target, endpoint, stage,
+    reason), even when a later endpoint succeeds, as Postfix logs each MX
+    it could not use.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        from twisted.logger import globalLogPublisher
+
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def attempts(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events if e.get("attempt")]
+
+    def test_connectRefusedThenNext(self) -> None:
+        self.net.add(str(MX2))
+        self.opened(self.failover(makeTarget()), sessionId="S1D")
+        self.assertEqual(
+            self.attempts(),
+            ["S1D: target t: tcp://mx1.example:25 failed at connect: "
+             "connect failed: ConnectionRefusedError: Connection was refused by other side: "
+             "tcp://mx1.example:25."],
+        )
+        [event] = [e for e in self.events if e.get("attempt")]
+        self.assertEqual(
+            {k: event[k] for k in ("session", "target", "endpoint", "stage")},
+            {"session": "S1D", "target": "t", "endpoint": "tcp://mx1.example:25", "stage": "connect"},
+        )
+
+    def test_stages(self) -> None:
+        """
+        Each step names itself: greeting, EHLO, STARTTLS (under
+        C{require_tls}), AUTH, MAIL, and a connection lost in reply to a
+        command is the stage of that command.
+        """
+        cases = [
+            (Script(replies={"greeting": b"554 5.3.2 go away\r\n"}), {},
+             "greeting", "greeting 554 go away"),
+            (Script(replies={"EHLO": b"421 4.3.2 busy\r\n"}), {},
+             "ehlo", "EHLO/HELO refused: 421 busy"),
+            (Script(replies={"EHLO": b"250 fake.example\r\n"}), {"requireTLS": True},
+             "starttls", "no TLS available"),
+            (Script(replies={"EHLO": TLS_EHLO, "STARTTLS": CLOSE}), {"requireTLS": True},
+             "starttls", "connection to mx1.example[192.0.2.25]:25 lost"),
+            (Script(replies={"EHLO": TLS_EHLO}, auth=[b"454 4.7.0 try later\r\n"]),
+             {"auth": DownstreamAuth("plain", "u", Secret("p"))},
+             "auth", "AUTH PLAIN failed at mx1.example[192.0.2.25]:25: 454 try later"),
+            (Script(replies={"MAIL": b"451 4.3.0 try later\r\n"}), {},
+             "mail", "451 4.3.0 try later"),
+        ]
+        for script, options, stage, reason in cases:
+            self.events.clear()
+            self.net = MemoryNetwork(self.clock)
+            self.net.add(str(MX1), script)
+            self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
+            session, _ = self.opened(self.failover(makeTarget(**options)), mail=MAIL, sessionId="S2")
+            self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+            self.assertEqual(
+                self.attempts(), [f"S2: target t: tcp://mx1.example:25 failed at {stage}: {reason}"]
+            )
+
+    def test_tlsRetryLogged(self) -> None:
+        """
+        A failed handshake is an attempt of its own before the plain-text
+        retry on the same endpoint.
+        """
+        self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}), handshake="fail")
+        self.opened(self.failover(makeTarget(attemptStartTLS=True)), mail=MAIL, sessionId="S3")
+        self.assertEqual(
+            self.attempts(),
+            ["S3: target t: tcp://mx1.example:25 failed at starttls: "
+             "TLS handshake with mx1.example[192.0.2.25]:25 failed"],
+        )
