@@ -132,6 +132,22 @@ class FileErrorTests(SynchronousTestCase):
             f"{config}:2: tls: {self.key}: does not match the certificate in {self.cert}",
         )
 
+    def test_passwordFile(self) -> None:
+        """
+        A C{file:} password is read with the configuration: the same form
+        of line.
+        """
+        missing = os.path.join(self.dir, "password")
+        path = os.path.join(self.dir, "relay.conf")
+        with open(path, "w") as f:
+            f.write(f"hostname relay.test\nsmtp tcp://{HOST}:{freePort()} {{\n"
+                    f"    deliver_to smtp tcp://{HOST}:{freePort()} {{\n"
+                    f"        auth plain relay file:{missing}\n    }}\n}}\n")
+        self.assertOneLine(
+            twistd("-n", "--pidfile=", "smtprelay", "--config", path),
+            f"{path}:4: auth: {missing}: cannot read: No such file or directory",
+        )
+
     def test_usersFile(self) -> None:
         config = self.config("", inner=f"    auth users {self.dir}\n")
         self.assertOneLine(

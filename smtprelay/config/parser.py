@@ -251,9 +251,9 @@ def _password(text: str) -> Secret:
                 text = f.readline().rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as e:
             reason = getattr(e, "strerror", None) or "not UTF-8 text"
-            raise ValueError(f"cannot read password file {path}: {reason}") from None
+            raise ValueError(f"{path}: cannot read: {reason}") from None
         if not text:
-            raise ValueError(f"password file {path} is empty")
+            raise ValueError(f"{path}: empty password file")
     elif not text:
         raise ValueError("empty password (is its environment variable set?)")
     return Secret(text)
