@@ -377,7 +377,7 @@ class Failover:
                     raise AttemptFailed("no TLS available", stage="starttls", noTLS=True)
                 if target.auth.mechanism != "off":
                     raise AttemptFailed(
-                        f"AUTH {target.auth.mechanism} needs TLS, which was not available",
+                        f"{target.auth.mechanism} authentication needs TLS, which was not available",
                         stage="auth",
                         noTLS=True,
                     )
@@ -411,7 +411,7 @@ class Failover:
         offered = protocol.capabilities.get("AUTH", "").upper().split()
         if mechanism == "forward":
             if credentials is None:
-                raise AttemptFailed("auth forward without client credentials", stage="auth")
+                raise AttemptFailed("no client credentials to forward", stage="auth")
             wire = "login" if "PLAIN" not in offered and "LOGIN" in offered else "plain"
         elif mechanism in ("plain", "login"):
             assert auth.username is not None and auth.password is not None
@@ -423,9 +423,9 @@ class Failover:
         if r.code == 235:
             return
         if r.permanent:
-            raise DownstreamError(r, f"AUTH {wire.upper()} refused by {protocol.peer}: {r.code}")
+            raise DownstreamError(r, f"{wire.upper()} authentication refused by {protocol.peer}: {r.code}")
         raise AttemptFailed(
-            f"AUTH {wire.upper()} failed at {protocol.peer}: {r.code} {r.text}", stage="auth"
+            f"{wire.upper()} authentication failed at {protocol.peer}: {r.code} {r.text}", stage="auth"
         )
 
 

@@ -658,7 +658,7 @@ class AttemptLogTests(FailoverTestCase):
              "starttls", "connection to mx1.example[192.0.2.25]:25 lost"),
             (Script(replies={"EHLO": TLS_EHLO}, auth=[b"454 4.7.0 try later\r\n"]),
              {"auth": DownstreamAuth("plain", "u", Secret("p"))},
-             "auth", "AUTH PLAIN failed at mx1.example[192.0.2.25]:25: 454 try later"),
+             "auth", "PLAIN authentication failed at mx1.example[192.0.2.25]:25: 454 try later"),
             (Script(replies={"MAIL": b"451 4.3.0 try later\r\n"}), {},
              "mail", "451 4.3.0 try later"),
         ]
@@ -672,6 +672,29 @@ class AttemptLogTests(FailoverTestCase):
             self.assertEqual(
                 self.attempts(), [f"S2: target t: tcp://mx1.example:25 failed at {stage}: {reason}"]
             )
+
+    def test_authFailureReadableAfterRedaction(self) -> None:
+        """
+        The redacting observers mask what follows C{AUTH MECHANISM}: the
+        reasons of AUTH failures do not start that way, so the line stays
+        whole.
+        """
+        from smtprelay.logs import redact
+
+        self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}, auth=[b"454 4.7.0 try later\r\n"]))
+        self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
+        self.net.add(str(MX3))  # no STARTTLS
+        self.opened(self.failover(makeTarget(auth=DownstreamAuth("plain", "u", Secret("p")))))
+        self.failed(self.failover(makeTarget(MX2, auth=DownstreamAuth("forward"))))
+        self.failed(self.failover(makeTarget(MX3, auth=DownstreamAuth("login", "u", Secret("p")))))
+        self.assertEqual(
+            [line.split(" failed at auth: ")[1] for line in self.attempts()],
+            ["PLAIN authentication failed at mx1.example[192.0.2.25]:25: 454 try later",
+             "no client credentials to forward",
+             "login authentication needs TLS, which was not available"],
+        )
+        for line in self.attempts():
+            self.assertEqual(redact(line), line)
 
     def test_tlsRetryLogged(self) -> None:
         """
