@@ -854,11 +854,11 @@ class SecretTests(SynchronousTestCase):
         open(empty, "w").close()
         self.assertEqual(
             _errors(_listen("deliver_to smtp tcp://x:25 {", f"auth plain u file:{missing}", "}")),
-            [f"relay.conf:4: auth: cannot read password file {missing}: No such file or directory"],
+            [f"relay.conf:4: auth: {missing}: cannot read: No such file or directory"],
         )
         self.assertEqual(
             _errors(_listen("deliver_to smtp tcp://x:25 {", f"auth plain u file:{empty}", "}")),
-            [f"relay.conf:4: auth: password file {empty} is empty"],
+            [f"relay.conf:4: auth: {empty}: empty password file"],
         )
 
     def test_masked(self) -> None:

@@ -257,9 +257,9 @@ def _password(text: str) -> Secret:
                 text = f.readline().rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as e:
             reason = getattr(e, "strerror", None) or "not UTF-8 text"
-            raise ValueError(f"cannot read password file {path}: {reason}") from None
+            raise ValueError(f"{path}: cannot read: {reason}") from None
         if not text:
-            raise ValueError(f"password file {path} is empty")
+            raise ValueError(f"{path}: empty password file")
     elif not text:
         raise ValueError("empty password (is its environment variable set?)")
     return Secret(text)
@@ -271,7 +271,7 @@ def _serverTLS(node: Node, ctx: _Context) -> ServerTLS | None:
     if len(node.args) != 2:
         raise ValueError("expected CERT KEY [{ ... }] or off")
     values, _ = _readBlock(node.children, _SERVER_TLS, ctx)
-    return ServerTLS(cert=node.args[0], key=node.args[1], **values)
+    return ServerTLS(cert=node.args[0], key=node.args[1], origin=node.where(), **values)
 
 
 def _clientTLS(node: Node, ctx: _Context) -> ClientTLS:
@@ -280,7 +280,7 @@ def _clientTLS(node: Node, ctx: _Context) -> ClientTLS:
     values, seen = _readBlock(node.children, _CLIENT_TLS, ctx)
     if ("cert" in values) != ("key" in values):
         ctx.error(seen.get("cert") or seen["key"], "tls_client: cert and key go together")
-    return ClientTLS(**values)
+    return ClientTLS(origin=node.where(), **values)
 
 
 def _listenerAuth(node: Node, ctx: _Context) -> ListenerAuth:
@@ -288,7 +288,7 @@ def _listenerAuth(node: Node, ctx: _Context) -> ListenerAuth:
     if args in (("off",), ("forward",)):
         return ListenerAuth(mode=args[0])  # type: ignore[arg-type]
     if len(args) == 2 and args[0] == "users" and args[1]:
-        return ListenerAuth(mode="users", usersFile=args[1])
+        return ListenerAuth(mode="users", usersFile=args[1], origin=node.where())
     raise ValueError("expected off, forward or users FILE")
 
 
