@@ -8,7 +8,8 @@
 #       Inject with:  sendmail -C DIR -f from@example.org to@example.net < message
 #       or SMTP to 127.0.0.1:PORT. Flush the queue now: postqueue -c DIR -f
 #       Queue listing: postqueue -c DIR -j (JSON lines). Log: DIR/maillog.
-#       Extra main.cf lines from $POSTFIX_MAIN (e.g. "smtp_tls_security_level = encrypt").
+#       Extra main.cf lines from $POSTFIX_MAIN (e.g. "smtp_tls_security_level = encrypt"), extra master.cf
+#       lines from $POSTFIX_MASTER (e.g. a transport "relay1 unix - - n - - smtp").
 #
 #   postfix-instance.sh DIR downstream PORT [CERT KEY]
 #       smtpd on 127.0.0.1:PORT that accepts every recipient and stores each message under DIR/mail/
@@ -116,6 +117,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 store     unix  -       n       n       -       -       pipe
   flags=FR user=nobody argv=$dir/store.sh $dir/mail
 CONF
+[ -z "${POSTFIX_MASTER:-}" ] || printf '%s\n' "$POSTFIX_MASTER" >> "$dir/master.cf"
 postfix -c "$dir" check || { echo "postfix check failed for $dir/main.cf" >&2; exit 1; }
 postfix -c "$dir" start >/dev/null 2>&1 || { tail -5 "$dir/maillog" >&2; exit 1; }
 i=0

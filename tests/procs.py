@@ -153,12 +153,13 @@ class Processes:
         waitForPort(port, self.start(f"smtp-sink-{port}", argv))
         return port, dumps
 
-    def postfix(self, role: str, *args: str, main: str = "") -> Postfix:
+    def postfix(self, role: str, *args: str, main: str = "", master: str = "") -> Postfix:
         """
         A private Postfix instance from C{tests/postfix-instance.sh} (read
         its header): C{role} is C{client} (C{args}: the relay's port) or
         C{downstream} (C{args}: optional certificate and key files);
-        C{main} holds extra C{main.cf} lines.  Stopped in cleanup.
+        C{main} and C{master} hold extra C{main.cf} and C{master.cf} lines.
+        Stopped in cleanup.
         """
         need("postfix", "postqueue", "sendmail")
         port = freePort()
@@ -168,7 +169,7 @@ class Processes:
         with open(os.path.join(self.dir, f"postfix-{role}-{port}.log"), "wb") as out:
             # Postfix daemonizes and keeps its inherited descriptors: a file, not a pipe.
             started = subprocess.run(["sh", os.path.join(TESTS, "postfix-instance.sh"), postfix.dir, role, str(port), *args],
-                                     env={**os.environ, "POSTFIX_MAIN": main}, stdout=out, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "POSTFIX_MAIN": main, "POSTFIX_MASTER": master}, stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, timeout=120)
         if started.returncode:
             with open(out.name, encoding="utf-8", errors="replace") as f:

@@ -140,8 +140,8 @@ class PostfixClientTests(DovecotTestCase):
     with four recipients promptly and exactly once.
     """
 
-    def postfix(self, split: str, main: str = "") -> Postfix:
-        client = self.procs.postfix("client", str(self.relayTo(split)), main=main)
+    def postfix(self, split: str, main: str = "", master: str = "") -> Postfix:
+        client = self.procs.postfix("client", str(self.relayTo(split)), main=main, master=master)
         client.sendmail("s@example.org", USERS, MESSAGE)
         return client
 
@@ -158,6 +158,18 @@ class PostfixClientTests(DovecotTestCase):
         four are delivered in the first queue run, once each.
         """
         self.assertOneQueueRun(self.postfix("one_rcpt", "smtp_destination_recipient_limit = 1"))
+
+    def test_oneRecipientPerTransactionWithATransportOfItsOwn(self) -> None:
+        """
+        The same with the limit on a transport of its own for the relay
+        (C{lmtpfront_destination_recipient_limit = 1}), as a Postfix that
+        sends other mail elsewhere would be configured.
+        """
+        client = self.postfix("one_rcpt", "default_transport = lmtpfront\nlmtpfront_destination_recipient_limit = 1",
+                              master="lmtpfront unix - - n - - smtp -o syslog_name=postfix/lmtpfront")
+        self.assertOneQueueRun(client)
+        self.assertEqual(len(re.findall(r" postfix/lmtpfront/smtp\[\d+\]: \w+: to=<\w+@.* status=sent ", client.log())),
+                         len(USERS))
 
     def test_oneRecipientPerTransactionDefaultClient(self) -> None:
         """
