@@ -10,12 +10,13 @@ C{maillog} is the witness of what Postfix saw, as a postmaster would read it.
 from __future__ import annotations
 
 import os
+import re
 import smtplib
 import ssl
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .procs import HOST, Postfix, Processes, sinkAborted, sinkMessages
+from .procs import HOST, Postfix, Processes, sinkAborted, sinkMessages, waitFor
 from .test_integration_relay import splitSinkDump
 
 MESSAGE = (
@@ -158,11 +159,15 @@ class PostfixDownstreamTLSTests(SynchronousTestCase):
         with smtplib.SMTP(HOST, relay, local_hostname="client.test", timeout=60) as client:
             return client.sendmail("sender@example.org", ["rcpt@example.net"], SMTP_MESSAGE)
 
-    def assertArrivedEncrypted(self, downstream: Postfix) -> bytes:
+    def assertArrivedEncrypted(self, downstream: Postfix, relay: int, trust: str) -> bytes:
         """
         One message is stored, and Postfix's C{Received:} line and log say
-        that the relay delivered it over TLS.
+        that the relay delivered it over TLS; the relay's transaction log
+        line labels that TLS C{trust} (C{verified} or C{untrusted}).
         """
+        line = waitFor("the relay's transaction log line", lambda: re.search(
+            r" from=<sender@example\.org> to=1 .* tls=(\S+) .* status=sent ", self.procs.log(f"relay-{relay}")))
+        self.assertEqual(line.group(1), trust)
         [stored] = downstream.stored()
         self.assertRegex(stored, rb"\nReceived: from relay\.test \(localhost \[127\.0\.0\.1\]\)\n"
                                  rb"\t\(using TLSv1\.3 with cipher [^\n]*\n(\t[^\n]*\n)*?"
@@ -176,25 +181,26 @@ class PostfixDownstreamTLSTests(SynchronousTestCase):
         A downstream whose certificate cannot be verified (self-signed)
         still gets the message encrypted under opportunistic TLS (the
         default C{attempt_starttls yes}, C{require_tls no}), as Postfix's
-        C{may} level does.
+        C{may} level does; the relay logs the TLS as untrusted.
         """
         cert = self.procs.selfSigned("downstream.test")
         downstream = self.procs.postfix("downstream", cert.cert, cert.key)
-        self.assertEqual(self.send(relayThrough(self.procs, f"tcp://{HOST}:{downstream.port}")), {})
-        self.assertArrivedEncrypted(downstream)
+        relay = relayThrough(self.procs, f"tcp://{HOST}:{downstream.port}")
+        self.assertEqual(self.send(relay), {})
+        self.assertArrivedEncrypted(downstream, relay, "untrusted")
 
     def test_requiredTLSWithTrustedCertificate(self) -> None:
         """
         With the downstream's CA as C{root_ca} and C{require_tls yes}
         (which accepts only a verified certificate), the message arrives
-        encrypted.
+        encrypted, and the relay logs the TLS as verified.
         """
         pki = self.procs.certificates(HOST)
         downstream = self.procs.postfix("downstream", pki.cert, pki.key)
         relay = relayThrough(self.procs, f"tcp://{HOST}:{downstream.port}\n"
                                          f"require_tls yes\ntls_client {{\nroot_ca {pki.ca}\n}}")
         self.assertEqual(self.send(relay), {})
-        self.assertArrivedEncrypted(downstream)
+        self.assertArrivedEncrypted(downstream, relay, "verified")
 
     def test_requiredTLSWithUntrustedCertificate(self) -> None:
         """
