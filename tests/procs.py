@@ -183,7 +183,7 @@ class Processes:
         returns DIR.  Stopped in cleanup.
         """
         need("dovecot", "doveadm")
-        directory = os.path.join(self.dir, "dovecot")
+        directory = tempfile.mkdtemp(prefix="dovecot-", dir=self.dir)
         self.case.addCleanup(subprocess.run, ["doveadm", "-c", os.path.join(directory, "dovecot.conf"), "stop"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         # Dovecot daemonizes and keeps its inherited stdout: no pipes here.

@@ -16,7 +16,7 @@ import ssl
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .procs import HOST, Postfix, Processes, sinkAborted, sinkMessages, waitFor
+from .procs import HOST, Certificates, Postfix, Processes, sinkAborted, sinkMessages, waitFor
 from .test_integration_relay import splitSinkDump
 
 MESSAGE = (
@@ -227,17 +227,23 @@ class PostfixDownstreamSASLTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.procs = Processes(self)
-        dovecot = self.procs.dovecot()
         self.pki = self.procs.certificates("relay.test", HOST)
-        self.downstream = self.procs.postfix("downstream", self.pki.cert, self.pki.key, main=(
+        self.downstream = self.saslDownstream(self.pki)
+        self.target = f"tcp://{HOST}:{self.downstream.port}\ntls_client {{\nroot_ca {self.pki.ca}\n}}"
+
+    def saslDownstream(self, pki: Certificates) -> Postfix:
+        """
+        A Postfix downstream with C{pki}'s certificate that relays only for
+        clients authenticated by a new Dovecot.
+        """
+        return self.procs.postfix("downstream", pki.cert, pki.key, main=(
             "smtpd_sasl_auth_enable = yes\n"
             "smtpd_sasl_type = dovecot\n"
-            f"smtpd_sasl_path = {dovecot}/auth\n"
+            f"smtpd_sasl_path = {self.procs.dovecot()}/auth\n"
             "smtpd_tls_auth_only = yes\n"
             "mynetworks = 127.0.0.2/32\n"
             "smtpd_recipient_restrictions = permit_sasl_authenticated, reject\n"
         ))
-        self.target = f"tcp://{HOST}:{self.downstream.port}\ntls_client {{\nroot_ca {self.pki.ca}\n}}"
 
     def relayWithPassword(self, password: str) -> int:
         return relayThrough(self.procs, f"{self.target}\nauth plain alice {password}")
@@ -269,6 +275,39 @@ class PostfixDownstreamSASLTests(SynchronousTestCase):
         self.assertEqual(refused.exception.smtp_code // 100, 4, refused.exception.smtp_error)
         self.downstream.waitForLog(r"SASL PLAIN authentication failed")
         self.assertNothingStored()
+
+    def test_relayCredentialsNeverOverUnverifiedTLS(self) -> None:
+        """
+        A downstream with a self-signed certificate: the relay may encrypt
+        to it, but never sends it the password (the certificate could be a
+        man in the middle's); the client gets a 4xx at MAIL and Postfix's
+        session summary shows no AUTH command.
+        """
+        downstream = self.saslDownstream(self.procs.selfSigned("downstream.test"))
+        relay = relayThrough(self.procs, f"tcp://{HOST}:{downstream.port}\nauth plain alice x")
+        with smtplib.SMTP(HOST, relay, timeout=60) as client:
+            with self.assertRaises(smtplib.SMTPSenderRefused) as refused:
+                client.sendmail("sender@example.org", ["rcpt@example.net"], SMTP_MESSAGE)
+        self.assertEqual(refused.exception.smtp_code // 100, 4, refused.exception.smtp_error)
+        summaries = downstream.waitForLog(r"disconnect from localhost\[127\.0\.0\.1\] (ehlo=.*)$")
+        self.assertNotIn("auth=", " ".join(m.group(1) for m in summaries))
+        self.assertEqual(os.listdir(os.path.join(downstream.dir, "mail")), [])
+
+    def test_relayCredentialsWithoutAUTHOfferedIsTemporary(self) -> None:
+        """
+        A downstream (verified TLS) that offers no AUTH while the relay is
+        configured with credentials: a fault of the configuration, so the
+        client gets a 4xx at MAIL and nothing is sent.
+        """
+        plain = self.procs.postfix("downstream", self.pki.cert, self.pki.key)
+        relay = relayThrough(self.procs, f"tcp://{HOST}:{plain.port}\ntls_client {{\nroot_ca {self.pki.ca}\n}}\n"
+                                         "auth plain alice x")
+        with smtplib.SMTP(HOST, relay, timeout=60) as client:
+            with self.assertRaises(smtplib.SMTPSenderRefused) as refused:
+                client.sendmail("sender@example.org", ["rcpt@example.net"], SMTP_MESSAGE)
+        self.assertEqual(refused.exception.smtp_code // 100, 4, refused.exception.smtp_error)
+        self.assertEqual(os.listdir(os.path.join(plain.dir, "mail")), [])
+        self.assertNotIn("from=<sender@example.org>", plain.log())
 
     def test_postfixClientDefersOnRelayCredentialFailure(self) -> None:
         """
