@@ -250,16 +250,8 @@ class DovecotLMTPTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        need("dovecot", "doveadm")
         self.procs = Processes(self)
-        self.dovecot = os.path.join(self.procs.dir, "dovecot")
-        recipe = os.path.join(os.path.dirname(__file__), "dovecot-lmtp.sh")
-        # Dovecot daemonizes and keeps its inherited stdout: no pipes here.
-        subprocess.run(["sh", recipe, self.dovecot], check=True, timeout=60,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(subprocess.run, ["doveadm", "-c", os.path.join(self.dovecot, "dovecot.conf"), "stop"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        waitForPath(os.path.join(self.dovecot, "lmtp"))
+        self.dovecot = self.procs.dovecot()
         self.socket = os.path.join(self.dovecot, "lmtp")
 
     def delivered(self, user: str) -> list[bytes]:
