@@ -395,8 +395,17 @@ class Failover:
         r = yield protocol.authenticate(wire, credentials)
         if r.code == 235:
             return
-        if r.permanent:
+        if r.permanent and mechanism == "forward":
+            # The downstream's verdict on the client's own password.
             raise DownstreamError(r, f"AUTH {wire.upper()} refused by {protocol.peer}: {r.code}")
+        if r.permanent:
+            # Our own credentials: a configuration fault, never the client's
+            # bounce (SPEC §4.5, Postfix's smtp_sasl_auth_soft_bounce).
+            self._log.error(
+                "target {target}: {peer} refused the relay's AUTH {mechanism}: {code} {text}",
+                target=self.target.name, peer=protocol.peer, mechanism=wire.upper(),
+                code=r.code, text=r.text,
+            )
         raise AttemptFailed(f"AUTH {wire.upper()} failed at {protocol.peer}: {r.code} {r.text}")
 
 

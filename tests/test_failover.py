@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay import replies
@@ -387,17 +388,43 @@ class AuthTests(FailoverTestCase):
 
     def test_refusedPassedWhole(self) -> None:
         """
-        A 5xx to AUTH is the downstream's verdict: returned whole, no next
-        target.
+        A 5xx to AUTH with the client's own credentials (C{auth forward}) is
+        the downstream's verdict: returned whole, no next target.
         """
         script = Script(replies={"EHLO": TLS_EHLO}, auth=[b"535-5.7.8 Bad credentials\r\n535 5.7.8 see docs\r\n"])
         self.net.add(str(MX1), script)
         self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
-        error = self.failed(self.failover(makeTarget(auth=self.auth("plain"))))
+        error = self.failed(self.failover(makeTarget(auth=self.auth("forward"))),
+                            credentials=Credentials("alice", "pa55word"))
         self.assertEqual(error.reply, reply(535, "5.7.8", "Bad credentials", "see docs"))
         self.assertEqual(self.net.attempts, [str(MX1)])
         self.assertNotIn("pa55word", error.reason)
         self.assertNotIn("pa55word", str(error))
+
+    def test_ownCredentialsRefusedIsNotABounce(self) -> None:
+        """
+        SPEC §4.5: the relay's own configured credentials refused (or AUTH
+        not offered) is a configuration fault: the next target is tried, and
+        with none left the client gets a 4xx, never the 5xx; the error is
+        logged naming the target.
+        """
+        refusing = Script(replies={"EHLO": TLS_EHLO}, auth=[b"535 5.7.8 Bad credentials\r\n"])
+        self.net.add(str(MX1), refusing)
+        self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
+        target = makeTarget(auth=self.auth("plain"))
+        session, _ = self.opened(self.failover(target))
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+
+        self.net.add(str(MX2), refusing)
+        errors: list[dict] = []
+        globalLogPublisher.addObserver(errors.append)
+        self.addCleanup(globalLogPublisher.removeObserver, errors.append)
+        error = self.failed(self.failover(target))
+        self.assertEqual(error.reply, replies.NO_DOWNSTREAM)
+        logged = [formatEvent(e) for e in errors if e.get("log_level") == LogLevel.error]
+        self.assertIn("target t: mx1.example[192.0.2.25]:25 refused the relay's AUTH PLAIN: "
+                      "535 Bad credentials", logged)
+        self.assertNotIn("pa55word", " ".join(logged))
 
     def test_temporaryThenNext(self) -> None:
         self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}, auth=[b"454 4.7.0 try later\r\n"]))
