@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.config.model import Address, DownstreamAuth, Listener, Secret, Target
@@ -95,12 +96,13 @@ class Client:
         self._seen += len(new)
         return new
 
-    def reset(self) -> None:
+    def disconnect(self, reason: Failure) -> None:
         """
-        The client's TCP connection is reset.
+        The client's connection ends: C{ConnectionDone} for a FIN (or a TLS
+        close), C{ConnectionLost} for a reset.
         """
         self.transport.connected = False
-        self.protocol.connectionLost(None)  # type: ignore[arg-type]
+        self.protocol.connectionLost(reason)
         self.stack.flush()
 
 
@@ -113,6 +115,9 @@ class RelayStack:
     @param scripts: the fake at each endpoint (L{None}: refuses).
     @param faulty: how many connections to each fake follow its script
         (later ones behave).
+    @param listenerOptions: L{Listener} fields (limits, timeouts).
+    @param targetOptions: L{Target} fields; C{withAuth=True} configures
+        AUTH PLAIN with the relay's own credentials (and STARTTLS).
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class RelayStack:
         protocol: str = "smtp",
         endpoints: Sequence[Address] = (FIRST,),
         faulty: int | None = None,
+        listenerOptions: dict[str, Any] | None = None,
         **targetOptions: Any,
     ) -> None:
         self.case = case
@@ -145,7 +151,8 @@ class RelayStack:
         self.listener = Listener(
             kind="lmtp" if protocol == "lmtp" else "smtp",
             addresses=(Address("tcp", "127.0.0.1", 2525),), deliverTo=self.target,
-            readTimeout=READ_TIMEOUT, dataTimeout=LISTENER_DATA_TIMEOUT,
+            **{"readTimeout": READ_TIMEOUT, "dataTimeout": LISTENER_DATA_TIMEOUT,
+               **(listenerOptions or {})},
         )
         self.failover = Failover(self.target, self.clock, endpointFactory=self.network)
         routes = Router.single(Route(self.target, self.failover.open, self.failover.release))
