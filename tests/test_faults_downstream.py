@@ -422,3 +422,66 @@ class LMTPFaultTests(SynchronousTestCase):
         final = self.splitTempfail({RECIPIENTS[0]: b"550 5.1.1 unknown\r\n",
                                     RECIPIENTS[1]: b"552 5.2.2 over quota\r\n"})
         self.assertEqual(final[:1], b"5")
+
+
+class PooledAndCapabilityFaultTests(SynchronousTestCase):
+    """
+    Faults that need more than one session or an odd EHLO: a stale pooled
+    connection, odd C{SIZE} values, every target down.
+    """
+
+    def test_stalePooledConnection(self) -> None:
+        """
+        A connection kept for reuse that the downstream closed, or that
+        answers MAIL with 421 (its own idle timeout), is replaced before the
+        client sees any reply.
+        """
+        for stale in ("closed", "421"):
+            stack = RelayStack(self, {FIRST: Script()})
+            first = stack.connect()
+            self.assertEqual(sendMessage(first, RECIPIENTS[:1]), [b"250 2.0.0 Ok: queued"])
+            first.exchange(b"QUIT\r\n")
+            [pooled] = stack.allDownstreams()
+            self.assertFalse(pooled.lost)
+            if stale == "closed":
+                pooled.transport.loseConnection()
+            else:
+                pooled.script = Script(replies={"MAIL": b"421 4.4.2 Idle timeout\r\n" + CLOSE})
+            stack.flush()
+            second = stack.connect()
+            self.assertEqual(sendMessage(second, RECIPIENTS[:1]), [b"250 2.0.0 Ok: queued"])
+            self.assertEqual(len(stack.allDownstreams()), 2)
+            self.assertEqual([len(d.messages) for d in stack.allDownstreams()], [1, 1])
+            second.exchange(b"QUIT\r\n")
+            stack.assertQuiet()
+
+    def test_oddSizeValues(self) -> None:
+        """
+        Whatever a downstream advertises as C{SIZE}, the client's own SIZE
+        goes on MAIL and the downstream's verdict is relayed.
+        """
+        for size in (b"SIZE", b"SIZE abc", b"SIZE -1", b"SIZE 0", b"SIZE 99999999999999999999999", b"SIZE 10",
+                     b"SIZE 1e9", b"SIZE \xc2\xb9"):
+            ehlo = b"250-fake.example\r\n250-PIPELINING\r\n250-" + size + b"\r\n250 8BITMIME\r\n"
+            stack = RelayStack(self, {FIRST: Script(replies={"EHLO": ehlo, "LHLO": ehlo})})
+            client = stack.connect()
+            self.assertEqual(client.exchange(b"MAIL FROM:<s@example.org> SIZE=100\r\n"), [b"250 2.1.0 Ok"])
+            self.assertIn(b"MAIL FROM:<s@example.org> SIZE=100", stack.allDownstreams()[0].commands)
+            client.exchange(b"QUIT\r\n")
+            stack.assertQuiet()
+            self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_everyTargetDown(self) -> None:
+        """
+        Both targets refuse: 451 4.4.1, and the next session tries them
+        again (back-off does not make a target unreachable for ever).
+        """
+        stack = RelayStack(self, {FIRST: None, SECOND: None}, endpoints=(FIRST, SECOND))
+        client = stack.connect()
+        [reply] = client.exchange(b"MAIL FROM:<s@example.org>\r\n")
+        self.assertRegex(reply, rb"^451 4\.4\.1 ")
+        self.assertEqual(stack.network.attempts, [str(FIRST), str(SECOND)])
+        stack.servers[SECOND] = stack.network.recover(str(SECOND), Script())
+        self.assertEqual(client.exchange(b"MAIL FROM:<s@example.org>\r\n"), [b"250 2.1.0 Ok"])
+        client.exchange(b"QUIT\r\n")
+        stack.assertQuiet()
