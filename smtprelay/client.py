@@ -80,6 +80,10 @@ class AttemptFailed(Exception):
         without C{require_tls} the same target is retried on a new
         connection without STARTTLS.
     @ivar dns: the target's name did not resolve.
+    @ivar auth: the relay could not authenticate there with its own
+        configuration: its credentials were refused, the mechanism is not
+        offered, or no verified TLS carries the password.  A fault of the
+        relay's configuration, never the message's: a temporary failure.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class AttemptFailed(Exception):
         noTLS: bool = False,
         retryPlain: bool = False,
         dns: bool = False,
+        auth: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -97,6 +102,7 @@ class AttemptFailed(Exception):
         self.noTLS = noTLS
         self.retryPlain = retryPlain
         self.dns = dns
+        self.auth = auth
 
 
 def parseCapabilities(ehlo: Reply) -> dict[str, str]:
@@ -204,6 +210,7 @@ class SMTPClientProtocol(LineReceiver):
         self._closed = True
         self._cancelTimer()
         self._cancelStall()
+        self._releaseProducer()
         if reason is not None and reason.check(SSL.Error, VerificationError):
             self.tlsFailed = True
         error = self._error or DownstreamError(
@@ -252,6 +259,7 @@ class SMTPClientProtocol(LineReceiver):
             self._error = DownstreamError(reply_, reason)
             self._log.info("aborting downstream {peer}: {reason}", peer=self.peer, reason=reason)
             self._cancelTimer()
+            self._releaseProducer()
             if self.transport is not None:
                 self.transport.abortConnection()  # type: ignore[attr-defined]
         return self._error
@@ -546,7 +554,13 @@ class SMTPClientProtocol(LineReceiver):
         count = max(1, self._accepted) if self.lmtp else 1
         if self._debug:
             self._trace("C", b"<end of data>")
-        waits: list[Deferred[Reply]] = [Deferred() for _ in range(count)]
+        received: list[Reply] = []
+
+        def arrived(r: Reply) -> Reply:
+            received.append(r)
+            return r
+
+        waits = [Deferred[Reply]().addCallback(arrived) for _ in range(count)]
         self._armTimer()
         self._waiting.extend((d, _NORMAL) for d in waits)
         writeNow(self.transport, stuffer.end())
@@ -558,6 +572,11 @@ class SMTPClientProtocol(LineReceiver):
 
         def firstError(f: Failure) -> Failure:
             f.trap(FirstError)
+            error = f.value.subFailure.value
+            if received and isinstance(error, DownstreamError):
+                # Replies come in RCPT order: those before the failure are
+                # verdicts the client must get (SPEC §4.7).
+                raise DownstreamError(error.reply, error.reason, received)
             return f.value.subFailure  # type: ignore[no-any-return]
 
         return gatherResults(waits, consumeErrors=True).addCallbacks(collected, firstError)
@@ -588,6 +607,17 @@ class SMTPClientProtocol(LineReceiver):
             self._abortWith(replies.DOWNSTREAM_LOST, "aborted")
 
     # -- back-pressure ------------------------------------------------------
+
+    def _releaseProducer(self) -> None:
+        """
+        The body can no longer reach the downstream: stop holding the
+        client's upload (SPEC §4.8), which is then read to its end-of-data
+        and discarded here; the end-of-data gets the failure.
+        """
+        producer, self._producer = self._producer, None
+        self._paused = False
+        if producer is not None:
+            producer.stopProducing()
 
     def _bodyPaused(self) -> None:
         self._paused = True

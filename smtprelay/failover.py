@@ -9,8 +9,11 @@ any step moves on to the next endpoint; a failed TLS handshake is retried on
 a new connection without STARTTLS unless C{require_tls}.  Endpoints that
 could not be reached rest for C{backoff} seconds so that a message does not
 wait for a dead first endpoint each time; the configured order returns as
-soon as they recover.  A downstream's permanent verdict (5xx to AUTH or
-MAIL) is final: it is the client's answer, not a fault.
+soon as they recover.  A downstream's permanent verdict (5xx to MAIL, or
+to AUTH with the client's own credentials) is final: it is the client's
+answer, not a fault.  The relay's own credentials refused, or a mechanism
+not offered, is a fault of its configuration: the next endpoint, and a
+temporary failure when none is left.
 
 Between client sessions, a connection the relay is done with waits idle
 for the next transaction (L{Failover.release}), as Postfix's connection
@@ -113,8 +116,10 @@ class Failover:
         @param mail: C{(sender, params)} to send MAIL as the last step.
         @raise DownstreamError: C{451 4.4.1} when every endpoint failed
             (C{4.7.5} when C{require_tls} eliminated them, C{4.4.4} when
-            all were DNS failures); the downstream's own reply to a refused
-            AUTH; C{554 5.4.6} when a target is ourselves.
+            all were DNS failures, C{454 4.7.0} when the relay could
+            authenticate at none of them); the downstream's own reply to
+            the client's credentials refused (C{auth forward});
+            C{554 5.4.6} when a target is ourselves.
         """
         return self._open(credentials, mail)  # type: ignore[return-value]
 
@@ -203,7 +208,7 @@ class Failover:
             if reused is not None:
                 return reused
         reasons: list[str] = []
-        allDNS = allNoTLS = True
+        allDNS = allNoTLS = allAuth = True
         for attempt, address in enumerate(self.order()):
             if attempt:
                 self._metrics.failover(target.name)
@@ -224,6 +229,7 @@ class Failover:
                     reasons.append(f"{address}: {e.reason}")
                     allDNS = allDNS and e.dns
                     allNoTLS = allNoTLS and e.noTLS
+                    allAuth = allAuth and e.auth
                     if e.backoff:
                         self._rest(address)
                     if (
@@ -249,12 +255,12 @@ class Failover:
                 except DownstreamError as e:
                     self._metrics.attempt(target.name, "mail")
                     reasons.append(f"{address}: MAIL: {e.reason}")
-                    allDNS = allNoTLS = False
+                    allDNS = allNoTLS = allAuth = False
                     break
                 if reply.transient:
                     self._metrics.attempt(target.name, "mail")
                     reasons.append(f"{address}: MAIL: {reply.code} {reply.text}")
-                    allDNS = allNoTLS = False
+                    allDNS = allNoTLS = allAuth = False
                     session.quit()
                     break
                 return (session, reply)
@@ -266,6 +272,8 @@ class Failover:
             raise DownstreamError(replies.DOWNSTREAM_DNS, reason)
         if reasons and allNoTLS and target.requireTLS:
             raise DownstreamError(replies.DOWNSTREAM_NO_TLS, reason)
+        if reasons and allAuth:
+            raise DownstreamError(replies.DOWNSTREAM_AUTH, reason)
         raise DownstreamError(replies.NO_DOWNSTREAM, reason)
 
     def _rest(self, address: Address) -> None:
@@ -392,21 +400,29 @@ class Failover:
             wire = mechanism
         else:
             wire = "external"
+        if wire.upper() not in offered:
+            raise self._authFault(protocol, f"AUTH {wire.upper()} not offered")
         r = yield protocol.authenticate(wire, credentials)
         if r.code == 235:
             return
-        if r.permanent and mechanism == "forward":
-            # The downstream's verdict on the client's own password.
-            raise DownstreamError(r, f"AUTH {wire.upper()} refused by {protocol.peer}: {r.code}")
-        if r.permanent:
-            # Our own credentials: a configuration fault, never the client's
-            # bounce (SPEC §4.5, Postfix's smtp_sasl_auth_soft_bounce).
-            self._log.error(
-                "target {target}: {peer} refused the relay's AUTH {mechanism}: {code} {text}",
-                target=self.target.name, peer=protocol.peer, mechanism=wire.upper(),
-                code=r.code, text=r.text,
-            )
-        raise AttemptFailed(f"AUTH {wire.upper()} failed at {protocol.peer}: {r.code} {r.text}")
+        if mechanism == "forward":
+            if r.permanent:
+                # The client's own credentials: its verdict (SPEC §4.6).
+                raise DownstreamError(r, f"AUTH {wire.upper()} refused by {protocol.peer}: {r.code}")
+            raise AttemptFailed(f"AUTH {wire.upper()} failed at {protocol.peer}: {r.code} {r.text}")
+        raise self._authFault(protocol, f"AUTH {wire.upper()} refused: {r.code} {r.text}")
+
+    def _authFault(self, protocol: SMTPClientProtocol, reason: str) -> AttemptFailed:
+        """
+        The relay cannot authenticate at C{protocol}'s endpoint with its
+        configuration: an error for the postmaster, and for the message a
+        temporary failure (Postfix's C{smtp_sasl_auth_soft_bounce}).
+        """
+        self._log.error(
+            "target {target}: cannot authenticate at {peer}: {reason}",
+            target=self.target.name, peer=protocol.peer, reason=reason,
+        )
+        return AttemptFailed(f"{reason} at {protocol.peer}", auth=True)
 
 
 def _result(failure: AttemptFailed) -> str:
@@ -415,6 +431,8 @@ def _result(failure: AttemptFailed) -> str:
     """
     if failure.dns:
         return "dns"
+    if failure.auth:
+        return "auth"
     if failure.noTLS:
         return "tls"
     if failure.backoff:

@@ -57,6 +57,7 @@ _RELAY_REPLIES = frozenset(
         replies.DOWNSTREAM_DNS,
         replies.DOWNSTREAM_NO_TLS,
         replies.DOWNSTREAM_CONFUSED,
+        replies.DOWNSTREAM_AUTH,
         replies.LOOP,
         replies.CONVERSION_REQUIRED,
         replies.UTF8_SENDER,
@@ -224,7 +225,7 @@ class RelaySession:
         def accepted(reply: Reply) -> Reply:
             if reply.positive:
                 self._accepted.append(recipient)
-            return self._relayed(reply)
+            return self._relayed(replies.forRcpt(reply))
 
         return downstream.rcpt(recipient, params).addCallbacks(accepted, self._failed)
 
@@ -281,8 +282,15 @@ class RelaySession:
         def failed(failure: Failure) -> Sequence[Reply]:
             self._ending = False
             reply = self._failed(failure)
-            self._logTransaction("deferred", reply, downstream)
-            return self._perRecipient(reply)
+            received = [self._relayed(r) for r in failure.value.received]
+            if not received:
+                self._logTransaction("deferred", reply, downstream)
+                return self._perRecipient(reply)
+            # The recipients the downstream answered keep their verdict;
+            # only the missing ones are temporary failures.
+            final = self._mapFinal(received + [reply] * (len(self._accepted) - len(received)))
+            self._logTransaction(_status(final), reply, downstream)
+            return final
 
         return downstream.endData().addCallbacks(finished, failed)
 
@@ -452,10 +460,11 @@ class RelaySession:
             if len(results) == len(self._accepted):
                 return list(results)
             return self._perRecipient(results[0])
-        if len(results) == 1:
-            return [results[0]]
+        # lmtp_split tempfail: the recipients agree when their outcomes
+        # have one class (texts differ: "<a@x> Saved", "delivered"); the
+        # first recipient's reply then speaks for all.
         first = results[0]
-        if all((r.code, r.enhanced) == (first.code, first.enhanced) for r in results):
+        if all(r.code // 100 == first.code // 100 for r in results):
             return [first]
         return [self._local(replies.LMTP_MIXED)]
 

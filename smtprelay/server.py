@@ -176,6 +176,8 @@ class SMTPServerProtocol(Protocol):
         self._discarding = False
         self._unix = False
         self._tlsActive = False
+        self._handshaking = False
+        self._greetAfterHandshake = False
         self._errors = 0
         self._authFailures = 0
         self._authState: tuple[str, str | None] | None = None
@@ -215,35 +217,68 @@ class SMTPServerProtocol(Protocol):
         self.factory.metrics.sessionOpened(self._listener.kind)
         self.handler = self.factory.handlerFactory(self.session)
         transport.registerProducer(_Pauser(self, "write"), True)
-        pregreet = not self._tlsActive and _hasPendingInput(transport)
-        if not pregreet:
-            self._out.append(self.factory.greeting)
-            self._flush()
+        if self._tlsActive:
+            # Implicit TLS: the greeting waits for the handshake.  Written
+            # now, the TLS layer would buffer it and pause us as its
+            # producer, and with us the reading of the ClientHello.  The
+            # read timeout bounds the handshake.
+            self._handshaking = self._greetAfterHandshake = True
             self._setReadTimer(True)
+            self._logConnect()
+            return
+        pregreet = _hasPendingInput(transport)
+        if not pregreet:
+            self._sendGreeting()
         # Logged once the greeting is on its way.
-        self._log.info(
-            "connect {session} from {client}", session=self.session.id,
-            client=self.session.clientHost or "unix", port=self.session.clientPort,
-        )
+        self._logConnect()
         if pregreet:
             # The client talked before it could have seen our greeting.
             self._log.info("pregreet talk in {session}", session=self.session.id)
             self._disconnect(_PREGREET)
 
+    def _sendGreeting(self) -> None:
+        self._out.append(self.factory.greeting)
+        self._flush()
+        self._setReadTimer(True)
+
+    def _logConnect(self) -> None:
+        self._log.info(
+            "connect {session} from {client}", session=self.session.id,
+            client=self.session.clientHost or "unix", port=self.session.clientPort,
+        )
+
     def handshakeCompleted(self) -> None:
         """
         The TLS handshake (STARTTLS or implicit TLS) is done: note what it
-        negotiated for the handler.
+        negotiated for the handler, and greet an implicit-TLS client.
         """
         self._tlsActive = True
+        self._handshaking = False
         self.session.tls = _tlsInfo(self.transport)
         self.factory.metrics.tlsHandshake("inbound", True)
         self._log.info(
             "TLS in {session}: {version} {cipher}", session=self.session.id,
             version=self.session.tls.version, cipher=self.session.tls.cipher,
         )
+        if self._closing:
+            return
+        if self._greetAfterHandshake:
+            self._greetAfterHandshake = False
+            self._sendGreeting()
+        else:
+            # The next command gets a whole read timeout after the handshake.
+            self._setReadTimer(False)
+            self._setReadTimer(True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._handshaking:
+            self._handshaking = False
+            self.factory.metrics.tlsHandshake("inbound", False)
+            self._log.info(
+                "TLS handshake failed in {session} from {client}: {reason}",
+                session=self.session.id, client=self.session.clientHost or "unix",
+                reason=reason.getErrorMessage(),
+            )
         self._closed = self._closing = True
         self._cancelTimers()
         if self._abortTimer is not None and self._abortTimer.active():
@@ -377,7 +412,13 @@ class SMTPServerProtocol(Protocol):
             return True
         method = _COMMANDS.get(verb)
         if method is not None:
-            getattr(self, method)(argument.strip(b" "))
+            try:
+                getattr(self, method)(argument.strip(b" "))
+            except Exception:
+                # A defect of ours must still leave one reply per command.
+                self._log.failure("{command} failed in {session}", command=verb.decode(),
+                                  session=self.session.id)
+                self._reply(replies.LOCAL_ERROR.withSession(self.session.id))
         elif verb in _REFUSED:
             self._error(_NOT_IMPLEMENTED)
         elif not verb:
@@ -434,13 +475,17 @@ class SMTPServerProtocol(Protocol):
         if self._closing:
             return
         self._countRejection(r)
-        self._reply(r.withSession(self.session.id) if r.code >= 400 else r)
-        self._flush()
+        if not self._handshaking:
+            # In a TLS handshake no reply can be sent: the TLS layer drops
+            # the connection as soon as nothing of ours is waiting in it.
+            self._reply(r.withSession(self.session.id) if r.code >= 400 else r)
+            self._flush()
         self._closing = True
         self._cancelTimers()
         self._closeHandler()
-        transport = self.transport
-        assert transport is not None
+        transport: Any = self.transport
+        # A TLS layer starts its close only once no producer is registered.
+        transport.unregisterProducer()
         transport.loseConnection()
         if not self._closed:
             # A client that never reads would keep the connection forever.
@@ -806,7 +851,7 @@ class SMTPServerProtocol(Protocol):
         self.session.heloName = None
         self.session.esmtp = False
         self.session.user = None
-        self._tlsActive = True
+        self._tlsActive = self._handshaking = True
         transport: Any = self.transport
         transport.startTLS(options)
 

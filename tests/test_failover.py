@@ -365,7 +365,8 @@ class AuthTests(FailoverTestCase):
         self.assertEqual(first.connections[0].commands[-1], b"AUTH PLAIN AGFsaWNlAHdvbmRlcg==")
 
     def test_external(self) -> None:
-        first = self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}))
+        ehlo = TLS_EHLO.replace(b"AUTH PLAIN LOGIN", b"AUTH EXTERNAL")
+        first = self.net.add(str(MX1), Script(replies={"EHLO": ehlo}))
         self.opened(self.failover(makeTarget(auth=self.auth("external"))))
         self.assertEqual(first.connections[0].commands[-1], b"AUTH EXTERNAL =")
 
@@ -386,45 +387,71 @@ class AuthTests(FailoverTestCase):
         # No plain-text retry after the failed handshake: it could not AUTH.
         self.assertEqual(len(second.connections), 3)
 
-    def test_refusedPassedWhole(self) -> None:
+    def test_clientsCredentialsRefusedPassedWhole(self) -> None:
         """
-        A 5xx to AUTH with the client's own credentials (C{auth forward}) is
-        the downstream's verdict: returned whole, no next target.
+        C{auth forward}: a 5xx to AUTH is the downstream's verdict on the
+        client's own credentials: returned whole, no next target.
         """
         script = Script(replies={"EHLO": TLS_EHLO}, auth=[b"535-5.7.8 Bad credentials\r\n535 5.7.8 see docs\r\n"])
         self.net.add(str(MX1), script)
         self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
         error = self.failed(self.failover(makeTarget(auth=self.auth("forward"))),
-                            credentials=Credentials("alice", "pa55word"))
+                            credentials=Credentials("alice", "wonder"))
         self.assertEqual(error.reply, reply(535, "5.7.8", "Bad credentials", "see docs"))
         self.assertEqual(self.net.attempts, [str(MX1)])
-        self.assertNotIn("pa55word", error.reason)
+        self.assertNotIn("wonder", error.reason)
+        self.assertNotIn("wonder", str(error))
+
+    def assertSoftBounce(self, *scripts: Script, mechanism: str = "plain") -> list[Any]:
+        """
+        The relay's own credentials cannot be used at any endpoint: each is
+        tried once, the failure is C{454 4.7.0} (never the downstream's
+        5xx), and an error names the target and the endpoint.
+        """
+        for address, script in zip((MX1, MX2), scripts):
+            self.net.add(str(address), script)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        error = self.failed(self.failover(makeTarget(auth=self.auth(mechanism))))
+        self.assertEqual(error.reply, replies.DOWNSTREAM_AUTH)
+        self.assertEqual(replies.DOWNSTREAM_AUTH.toBytes(),
+                         b"454 4.7.0 Relay cannot authenticate downstream, try again later\r\n")
+        self.assertEqual(self.net.attempts, [str(MX1), str(MX2)])
         self.assertNotIn("pa55word", str(error))
+        errors = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.error]
+        self.assertEqual(len(errors), 2, errors)
+        self.assertIn("target t: cannot authenticate at mx1.example[192.0.2.25]:25", errors[0])
+        self.assertIn("target t: cannot authenticate at mx2.example[192.0.2.25]:25", errors[1])
+        return errors
 
-    def test_ownCredentialsRefusedIsNotABounce(self) -> None:
+    def test_ownCredentialsRefused(self) -> None:
         """
-        SPEC §4.5: the relay's own configured credentials refused (or AUTH
-        not offered) is a configuration fault: the next target is tried, and
-        with none left the client gets a 4xx, never the 5xx; the error is
-        logged naming the target.
+        Issue 13 item 3: C{auth plain relayuser wrongpass}, the downstream
+        answers 535: a configuration fault, soft-bounced.
         """
-        refusing = Script(replies={"EHLO": TLS_EHLO}, auth=[b"535 5.7.8 Bad credentials\r\n"])
-        self.net.add(str(MX1), refusing)
+        refused = Script(replies={"EHLO": TLS_EHLO}, auth=[b"535 5.7.8 Error: authentication failed\r\n"])
+        errors = self.assertSoftBounce(refused, refused)
+        self.assertIn("AUTH PLAIN refused: 535 Error: authentication failed", errors[0])
+
+    def test_authNotOffered(self) -> None:
+        """
+        A target that offers no AUTH, or not the configured mechanism, is
+        never sent our credentials.
+        """
+        noAuth = Script(replies={"EHLO": TLS_EHLO.replace(b"250-AUTH PLAIN LOGIN\r\n", b"")})
+        loginOnly = Script(replies={"EHLO": TLS_EHLO.replace(b"AUTH PLAIN LOGIN", b"AUTH LOGIN")})
+        errors = self.assertSoftBounce(noAuth, loginOnly)
+        self.assertIn("AUTH PLAIN not offered", errors[0])
+        for server in self.net._servers.values():
+            self.assertFalse(any(c.startswith(b"AUTH") for c in server.connections[0].commands))
+
+    def test_ownCredentialsRefusedThenNext(self) -> None:
+        self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}, auth=[b"535 5.7.8 no\r\n"]))
         self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
-        target = makeTarget(auth=self.auth("plain"))
-        session, _ = self.opened(self.failover(target))
+        session, mailReply = self.opened(self.failover(makeTarget(auth=self.auth("plain"))), mail=MAIL)
         self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
-
-        self.net.add(str(MX2), refusing)
-        errors: list[dict] = []
-        globalLogPublisher.addObserver(errors.append)
-        self.addCleanup(globalLogPublisher.removeObserver, errors.append)
-        error = self.failed(self.failover(target))
-        self.assertEqual(error.reply, replies.NO_DOWNSTREAM)
-        logged = [formatEvent(e) for e in errors if e.get("log_level") == LogLevel.error]
-        self.assertIn("target t: mx1.example[192.0.2.25]:25 refused the relay's AUTH PLAIN: "
-                      "535 Bad credentials", logged)
-        self.assertNotIn("pa55word", " ".join(logged))
+        self.assertEqual(mailReply.code, 250)
 
     def test_temporaryThenNext(self) -> None:
         self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}, auth=[b"454 4.7.0 try later\r\n"]))

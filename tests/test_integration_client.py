@@ -15,6 +15,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SkipTest, TestCase
 
+from smtprelay import replies
 from smtprelay.config.model import Address, DownstreamAuth, Secret
 from smtprelay.interfaces import Credentials, DownstreamError
 from smtprelay.replies import reply
@@ -139,10 +140,21 @@ class AiosmtpdTests(TestCase):
     @inlineCallbacks
     def test_badPassword(self) -> Any:
         """
-        aiosmtpd's 535 comes back whole, as the error's reply.
+        aiosmtpd's 535 to the relay's own password is a configuration
+        fault: a soft bounce (454 4.7.0).  To a client's own credentials
+        (C{auth forward}) it comes back whole, as the error's reply.
         """
         error = yield self.assertFailure(
             self.net.failover(self.target("plain", "wrong")).open(), DownstreamError
+        )
+        self.assertEqual(error.reply, replies.DOWNSTREAM_AUTH)
+        self.assertNotIn("wrong", error.reason)
+        forward = makeTarget(
+            Address("tcp", HOST, self.port), auth=DownstreamAuth("forward"),
+            tlsClient=self.pki.clientTLS(serverName="mx.example"),
+        )
+        error = yield self.assertFailure(
+            self.net.failover(forward).open(credentials=Credentials("relay", "wrong")), DownstreamError
         )
         self.assertEqual(error.reply.code, 535)
         self.assertEqual(error.reply.enhanced, "5.7.8")

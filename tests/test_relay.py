@@ -529,6 +529,34 @@ class LMTPMappingTests(SynchronousTestCase):
         _, final = self.run_("smtp", target("lmtp", lmtpSplit="tempfail"), [b"a@x", b"b@x"], [ok1, ok2])
         self.assertEqual(final, [ok1])
 
+    def test_smtpToLmtpTempfailAgreeingByClass(self) -> None:
+        """
+        Issue 14 D: agreement is by outcome class, not by identical text:
+        C{250 2.0.0 ok} and C{250 2.1.5 delivered} are one success, answered
+        with the first recipient's reply; likewise for failures of one
+        class.
+        """
+        tempfail = target("lmtp", lmtpSplit="tempfail")
+        ok = reply(250, "2.0.0", "ok")
+        delivered = reply(250, "2.1.5", "delivered")
+        _, final = self.run_("smtp", tempfail, [b"a@x", b"b@x"], [ok, delivered])
+        self.assertEqual(final, [ok])
+        full = reply(452, "4.2.2", "<a@x> Mailbox full")
+        busy = reply(451, "4.3.0", "<b@x> Try later")
+        _, final = self.run_("smtp", tempfail, [b"a@x", b"b@x"], [full, busy])
+        self.assertEqual(final, [full])
+
+    def test_smtpToLmtpTempfailLostAfterFirst(self) -> None:
+        """
+        The LMTP downstream is lost after the first recipient's 250: the
+        SMTP client gets a 451 (the first recipient may be delivered twice,
+        the second is never lost).
+        """
+        ok = reply(250, "2.0.0", "<a@x> Saved")
+        lost = DownstreamError(replies.DOWNSTREAM_LOST, "connection lost", received=[ok])
+        _, final = self.run_("smtp", target("lmtp", lmtpSplit="tempfail"), [b"a@x", b"b@x"], lost)
+        self.assertEqual(final, [replies.LMTP_MIXED.withSession("L1")])
+
 
 class AuthForwardTests(SynchronousTestCase):
     """

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import socket
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import fail
 from twisted.internet.interfaces import ISSLTransport
@@ -48,6 +50,20 @@ def greeted(**kwargs: object) -> Session:
     session.read()
     session.send(b"EHLO client.example\r\n")
     return session
+
+
+# Unicode characters whose upper case is an ASCII letter.
+_TRICKS = {"I": "\u0131", "S": "\u017f", "K": "\u212a"}
+
+
+def _trickValue(value: str) -> st.SearchStrategy[bytes]:
+    variants = [st.sampled_from([c, c.lower(), _TRICKS.get(c, c)]) for c in value]
+    return st.tuples(*variants).map(lambda chars: "".join(chars).encode("utf-8"))
+
+
+_caseTricks = st.sampled_from(["7BIT", "8BITMIME", "FULL", "HDRS", "NEVER", "SUCCESS,DELAY",
+                               "FAILURE"]).flatmap(_trickValue)
+"""Valid keyword values with letters swapped for their Unicode case tricks."""
 
 
 def b64(text: str) -> bytes:
@@ -139,7 +155,9 @@ class HelloTests(SynchronousTestCase):
         directlyProvides(transport, ISSLTransport)
         session = Session(makeListener(auth=ListenerAuth("forward")), tlsOptions=object(),
                           transport=transport)
-        session.read()
+        self.assertEqual(session.read(), b"", "the greeting waits for the handshake")
+        session.protocol.handshakeCompleted()
+        self.assertEqual(session.read(), GREETING)
         self.assertEqual(
             session.send(b"EHLO c\r\n"),
             EHLO_REPLY.replace(b"250-ENHANCED", b"250-AUTH PLAIN LOGIN\r\n250-ENHANCED"),
@@ -310,6 +328,45 @@ class EnvelopeTests(SynchronousTestCase):
             session.send(b"MAIL FROM:<a@example.com>\r\n")
             self.assertEqual(session.send(command + b"\r\n"), expected, command)
             self.assertEqual(session.handler.methods, ["mail"], command)
+
+    def test_unicodeCaseInParameters(self) -> None:
+        """
+        Values whose Unicode upper case is ASCII (dotless i, long s) are
+        refused like any other bad value, also pipelined behind MAIL: one
+        reply per command, in order, and the session goes on.
+        """
+        session = greeted()
+        self.assertEqual(session.send(b"MAIL FROM:<a@b.c> BODY=8b\xc4\xb1tmime\r\n"),
+                         b"555 5.5.4 Unsupported option: BODY=8b\\xc4\\xb1tmime [S1]\r\n")
+        out = session.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<r@d.e> NOTIFY=\xc5\xbfUCCESS\r\n"
+                           b"RCPT TO:<r@d.e> NOTIFY=SUCCESS\r\nMAIL FROM:<a@b.c> RET=HDR\xc5\xbf\r\n"
+                           b"NOOP\r\n")
+        self.assertEqual(
+            out,
+            MAIL_OK + b"501 5.5.4 Bad NOTIFY parameter syntax [S1]\r\n" + RCPT_OK
+            + b"503 5.5.1 Error: nested MAIL command [S1]\r\n" + b"250 2.0.0 OK\r\n",
+        )
+        self.assertEqual(session.handler.methods, ["mail", "rcpt"])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.one_of(_caseTricks, st.binary(min_size=1, max_size=30).map(
+        lambda b: b.replace(b"\r", b"").replace(b"\n", b"") or b"x")), min_size=1, max_size=3))
+    def test_anyParameterBytes(self, values: list[bytes]) -> None:
+        """
+        Any bytes as ESMTP parameters of MAIL and RCPT, pipelined: no
+        exception escapes and every command gets exactly one reply.
+        """
+        session = greeted(listener=makeListener(maxErrors=1000))
+        commands = []
+        for value in values:
+            for keyword in (b"BODY", b"RET", b"NOTIFY", b"ENVID", b"ORCPT", b"SIZE", b"AUTH", b""):
+                parameter = keyword + b"=" + value if keyword else value
+                commands += [b"MAIL FROM:<a@example.com> " + parameter,
+                             b"RCPT TO:<b@example.net> " + parameter, b"RSET"]
+        out = session.send(b"".join(c + b"\r\n" for c in commands))
+        finals = [line for line in out.split(b"\r\n")[:-1] if line[3:4] != b"-"]
+        self.assertEqual(len(finals), len(commands), out)
+        self.assertFalse(session.closed)
 
     def test_postmaster(self) -> None:
         session = greeted()

@@ -31,7 +31,7 @@ from smtprelay.tls import clientOptions, serverOptions
 
 reactor: Any = _reactor
 
-STARTTLS_EHLO = b"250-fake.example\r\n250-PIPELINING\r\n250-STARTTLS\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n"
+STARTTLS_EHLO = b"250-fake.example\r\n250-PIPELINING\r\n250-STARTTLS\r\n250-AUTH PLAIN EXTERNAL\r\n250 8BITMIME\r\n"
 
 
 def write(directory: str, name: str, data: bytes) -> str:
