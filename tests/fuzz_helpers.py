@@ -14,7 +14,7 @@ from twisted.logger import globalLogPublisher
 REPLY_LINE = re.compile(rb"[2-5][0-9][0-9](?:[ -][^\r\n]*)?")
 
 FUZZ_SETTINGS = settings(
-    max_examples=60,
+    max_examples=150,
     stateful_step_count=25,
     deadline=None,
     derandomize=True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -248,4 +249,4 @@ class OutboundFuzzTests(SynchronousTestCase):
         The outbound engine never crashes, desyncs or hangs (see
         L{OutboundMachine}).
         """
-        run_state_machine_as_test(OutboundMachine, settings=FUZZ_SETTINGS)
+        run_state_machine_as_test(OutboundMachine, settings=settings(FUZZ_SETTINGS, max_examples=500))
