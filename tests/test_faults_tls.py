@@ -15,7 +15,7 @@ import datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
@@ -53,21 +53,42 @@ class _ResetOnHandshakeFactory(DownstreamFactory):
         return p
 
 
-def _selfSigned(name: str) -> CertificateOptions:
+def _issued(pki: PKI, commonName: str) -> CertificateOptions:
     """
-    Server TLS options with a self-signed certificate for C{name} (with
-    its subjectAltName, so that only the issuer is wrong).
+    Server TLS options with a certificate from C{pki}'s CA that names
+    C{commonName} in its subject only (no subjectAltName).
+    """
+    caKey = serialization.load_pem_private_key(pki.ca.private_key_pem.bytes(), None)
+    caCert = x509.load_pem_x509_certificate(pki.ca.cert_pem.bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)]))
+        .issuer_name(caCert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(caKey, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return CertificateOptions(privateKey=crypto.PKey.from_cryptography_key(key),
+                              certificate=crypto.X509.from_cryptography(cert))
+
+
+def _selfSigned(name: str, altName: bool = True) -> CertificateOptions:
+    """
+    Server TLS options with a self-signed certificate for C{name}, with
+    its subjectAltName (so that only the issuer is wrong) or without.
     """
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
+    builder = (
         x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .sign(key, hashes.SHA256())
     )
+    if altName:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+    cert = builder.sign(key, hashes.SHA256())
     return CertificateOptions(privateKey=crypto.PKey.from_cryptography_key(key),
                               certificate=crypto.X509.from_cryptography(cert))
 
@@ -131,6 +152,26 @@ class TLSFaultTests(TestCase):
     def test_selfSigned(self) -> Any:
         return self.assertSkipped(Script(replies={"EHLO": STARTTLS_EHLO}, tlsOptions=_selfSigned("mx.example")))
 
+    def test_selfSignedWithoutSubjectAltName(self) -> Any:
+        """
+        The certificate many internal servers have: self-signed, a CN and no
+        subjectAltName.  Skipped like any unverifiable one, and nothing is
+        logged as an unhandled error.
+        """
+        return self.assertSkipped(
+            Script(replies={"EHLO": STARTTLS_EHLO}, tlsOptions=_selfSigned("mx.example", altName=False))
+        )
+
+    def test_trustedWithoutSubjectAltName(self) -> Any:
+        """
+        A certificate from the trusted CA without subjectAltName (for
+        another name in its CN) does not verify for our target.  Twisted
+        26.10's own client options log the missing subjectAltName and go by
+        the chain alone: any such certificate of the CA passed for any name.
+        """
+        return self.assertSkipped(Script(replies={"EHLO": STARTTLS_EHLO},
+                                         tlsOptions=_issued(self.pki, "other.example")))
+
     @inlineCallbacks
     def test_implicitTLSTargetSpeaksPlainText(self) -> Any:
         """
@@ -148,7 +189,10 @@ class TLSFaultTests(TestCase):
                 DownstreamError,
             )
             self.assertEqual(error.reply.code, 451)
-        self.assertEqual([c.commands for c in factory.connections], [[], []])
+        self.assertEqual(len(factory.connections), 2)
+        # Only the handshake's bytes arrived (which may hold a CRLF by chance).
+        sent = [c for connection in factory.connections for c in connection.commands]
+        self.assertFalse([c for c in sent if c[:4].upper() in (b"EHLO", b"HELO", b"MAIL", b"AUTH", b"RCPT")])
 
     @inlineCallbacks
     def test_opportunisticGoesOnInPlainText(self) -> Any:
