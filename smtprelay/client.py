@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from OpenSSL import SSL
-from service_identity import VerificationError
 from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -40,6 +39,7 @@ from .body import DotStuffer
 from .config.model import Address, Target
 from .interfaces import Credentials, DownstreamError, IDownstream, Params, TLSInfo
 from .replies import MalformedReply, Reply, reply
+from .tls import ClientOptions, cipherBits
 from .wire import writeNow
 
 MAX_REPLY_BYTES = 64 * 1024
@@ -154,6 +154,11 @@ class SMTPClientProtocol(LineReceiver):
     L{authenticate}) and hands it to the relay as an L{IDownstream}.
 
     @ivar greeting: fires with the greeting reply.
+    @ivar tls: the TLS of this connection once its handshake is complete.
+    @ivar tlsOptions: the options of this connection's TLS, which judge
+        the peer after the handshake (set by L{startTLS}, or before
+        connecting for implicit TLS).
+    @ivar untrusted: why the TLS peer is not verified, or None.
     @ivar tlsFailed: the connection was lost to a TLS error.
     @ivar address: the endpoint this connection goes to (set by
         L{smtprelay.failover.Failover}).
@@ -169,6 +174,8 @@ class SMTPClientProtocol(LineReceiver):
         self.lmtp = target.protocol == "lmtp"
         self.capabilities: dict[str, str] = {}
         self.tls: TLSInfo | None = None
+        self.tlsOptions: ClientOptions | None = None
+        self.untrusted: str | None = None
         self.peer = peer
         self.tlsFailed = False
         self.greeting: Deferred[Reply] = Deferred()
@@ -211,7 +218,7 @@ class SMTPClientProtocol(LineReceiver):
         self._cancelTimer()
         self._cancelStall()
         self._releaseProducer()
-        if reason is not None and reason.check(SSL.Error, VerificationError):
+        if reason is not None and reason.check(SSL.Error):
             self.tlsFailed = True
         error = self._error or DownstreamError(
             replies.DOWNSTREAM_LOST, f"connection to {self.peer} lost"
@@ -386,12 +393,13 @@ class SMTPClientProtocol(LineReceiver):
         self.capabilities = {}
         return self.command(verb + encoded).addCallback(learned)
 
-    def startTLS(self, options: Any) -> Deferred[Reply]:
+    def startTLS(self, options: ClientOptions) -> Deferred[Reply]:
         """
         STARTTLS, then the handshake.  Fires with the STARTTLS reply: C{220}
-        once the handshake and verification succeeded (the capabilities are
-        then forgotten: say EHLO again), anything else when the server
-        refused (the connection stays usable in plain text).
+        once the handshake succeeded, whether the peer could be verified or
+        not (see L{tls}; the capabilities are then forgotten: say EHLO
+        again), anything else when the server refused (the connection stays
+        usable in plain text).
 
         Bytes that arrive after the 220 and before the handshake are an
         injection attempt (or a confused server): abort.
@@ -409,6 +417,7 @@ class SMTPClientProtocol(LineReceiver):
             handshake: Deferred[None] = Deferred()
             self._handshake = handshake
             self.capabilities = {}
+            self.tlsOptions = options
             self._armTimer()
             self.transport.startTLS(options)  # type: ignore[union-attr]
             return handshake.addCallback(lambda _: r)
@@ -417,15 +426,21 @@ class SMTPClientProtocol(LineReceiver):
 
     def handshakeCompleted(self) -> None:
         """
-        The TLS handshake (STARTTLS or implicit TLS) and its verification
-        succeeded.
+        The TLS handshake (STARTTLS or implicit TLS) succeeded: judge the
+        peer (L{tls}, L{untrusted}).
         """
-        # Older Twisted versions verify the name after the handshake and
-        # still report it completed while aborting the connection.
-        tlsLayer = getattr(self.transport, "protocol", None)
-        if getattr(self.transport, "disconnecting", False) or getattr(tlsLayer, "disconnecting", False):
-            return
-        self.tls = tlsInfo(self.transport)
+        connection = _sslConnection(self.transport)
+        if connection is None or self.tlsOptions is None:
+            self.untrusted = "no certificate to check"
+            self.tls = TLSInfo("unknown", "unknown")
+        else:
+            self.untrusted = self.tlsOptions.verify(connection)
+            self.tls = TLSInfo(
+                str(connection.get_protocol_version_name()),
+                str(connection.get_cipher_name()),
+                cipherBits(connection),
+                verified=self.untrusted is None,
+            )
         if self._handshake is not None:
             if not self._waiting:
                 self._cancelTimer()
@@ -642,20 +657,17 @@ class SMTPClientProtocol(LineReceiver):
         self._abortWith(replies.DOWNSTREAM_LOST, f"body stalled writing to {self.peer}")
 
 
-def tlsInfo(transport: Any) -> TLSInfo | None:
+def _sslConnection(transport: Any) -> SSL.Connection | None:
     """
-    The version and cipher of a TLS transport (implicit TLS wraps the
+    The OpenSSL connection of a TLS transport (implicit TLS wraps the
     transport; STARTTLS puts the TLS protocol inside it).
     """
     for candidate in (transport, getattr(transport, "protocol", None)):
         getHandle = getattr(candidate, "getHandle", None)
         connection = getHandle() if getHandle is not None else None
         if isinstance(connection, SSL.Connection):
-            return TLSInfo(
-                str(connection.get_protocol_version_name()),
-                str(connection.get_cipher_name()),
-            )
-    return TLSInfo("unknown", "unknown")
+            return connection
+    return None
 
 
 def _redactCommand(line: bytes) -> bytes:

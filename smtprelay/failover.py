@@ -6,7 +6,9 @@ until one completes the steps before the transaction: connect, greeting
 220, EHLO/LHLO, STARTTLS and verification (when configured), AUTH (when
 configured) and, if asked, MAIL.  A temporary or connection-level failure at
 any step moves on to the next endpoint; a failed TLS handshake is retried on
-a new connection without STARTTLS unless C{require_tls}.  Endpoints that
+a new connection without STARTTLS unless C{require_tls}.  A completed one is
+kept whether the peer could be verified or not; C{require_tls} and a
+password need a verified peer.  Endpoints that
 could not be reached rest for C{backoff} seconds so that a message does not
 wait for a dead first endpoint each time; the configured order returns as
 soon as they recover.  A downstream's permanent verdict (5xx to MAIL, or
@@ -43,7 +45,7 @@ from .endpoints import clientEndpoint
 from .interfaces import Credentials, DownstreamError, IDownstream, Params
 from .metrics import IMetrics, NullMetrics
 from .replies import Reply
-from .tls import clientOptions
+from .tls import ClientOptions
 
 EndpointFactory = Callable[[Address, float, Any], IStreamClientEndpoint]
 """C{(address, connectTimeout, tlsOptions or None) → endpoint}."""
@@ -92,7 +94,7 @@ class Failover:
             lambda address, timeout, options: clientEndpoint(reactor, address, timeout, options)
         )
         self._restingUntil: dict[Address, float] = {}
-        self._tlsOptions: dict[str, Any] = {}
+        self._tlsOptions: dict[str, ClientOptions] = {}
         self._idle: list[tuple[SMTPClientProtocol, IDelayedCall]] = []
         self._closed = False
 
@@ -280,13 +282,13 @@ class Failover:
         if self.target.backoff > 0:
             self._restingUntil[address] = self._clock.seconds() + self.target.backoff
 
-    def _options(self, address: Address) -> Any:
+    def _options(self, address: Address) -> ClientOptions:
         """
         The client TLS options for C{address}, built once per host name.
         """
         options = self._tlsOptions.get(address.host)
         if options is None:
-            options = self._tlsOptions[address.host] = clientOptions(
+            options = self._tlsOptions[address.host] = ClientOptions(
                 self.target.tlsClient, address.host
             )
         return options
@@ -295,6 +297,7 @@ class Failover:
     def _connect(self, address: Address, protocol: SMTPClientProtocol) -> Generator[Deferred[Any], Any, None]:
         target = self.target
         options = self._options(address) if address.scheme == "tls" else None
+        protocol.tlsOptions = options
         endpoint = self._endpointFactory(address, target.connectTimeout, options)
         connecting = endpoint.connect(_OneConnection(protocol))
         timer = self._clock.callLater(target.connectTimeout, connecting.cancel)
@@ -332,6 +335,8 @@ class Failover:
             greeting = yield protocol.greeting
         except DownstreamError as e:
             failedTLS = protocol.tlsFailed
+            if failedTLS:
+                self._metrics.tlsHandshake("outbound", False)
             raise AttemptFailed(
                 f"no greeting: {'TLS handshake failed' if failedTLS else e.reason}",
                 backoff=not failedTLS,
@@ -356,24 +361,57 @@ class Failover:
                     raise AttemptFailed(
                         f"STARTTLS refused: {started.code} {started.text}", noTLS=True
                     )
-            if protocol.tls is None:
-                if target.requireTLS:
-                    raise AttemptFailed("no TLS available", noTLS=True)
-                if target.auth.mechanism != "off":
-                    raise AttemptFailed(
-                        f"AUTH {target.auth.mechanism} needs TLS, which was not available",
-                        noTLS=True,
-                    )
+            self._judgeTLS(protocol)
             yield self._authenticate(protocol, credentials)
         except DownstreamError as e:
             protocol.abort()
             if e.reply.permanent:
-                raise  # the downstream's verdict on our credentials
+                raise  # the downstream's verdict on the client's credentials
             raise AttemptFailed(e.reason)
+        except AttemptFailed as e:
+            protocol.abort()
+            if e.retryPlain:
+                self._metrics.tlsHandshake("outbound", False)
+            raise
         except BaseException:
             protocol.abort()
             raise
         return protocol
+
+    def _judgeTLS(self, protocol: SMTPClientProtocol) -> None:
+        """
+        What the connection's TLS, or its absence, allows.  Any TLS is kept,
+        verified or not (Postfix's C{may}); C{require_tls} wants a verified
+        peer, and so does a password (C{plain}, C{login}, C{forward}),
+        unless C{insecure_skip_verify} waives verification.
+
+        @raise AttemptFailed: the target cannot be used so.
+        """
+        target = self.target
+        tls = protocol.tls
+        if tls is not None:
+            self._metrics.tlsHandshake("outbound", True, tls.verified)
+            self._log.info(
+                "{trust} TLS connection established to {peer}: {tls}{why}",
+                trust="Verified" if tls.verified else "Untrusted",
+                peer=protocol.peer, tls=tls.description,
+                why="" if tls.verified else f" ({protocol.untrusted})",
+            )
+        trusted = tls is not None and (tls.verified or target.tlsClient.insecureSkipVerify)
+        if target.requireTLS and not trusted:
+            raise AttemptFailed(
+                "no TLS available" if tls is None else f"TLS peer not verified: {protocol.untrusted}",
+                noTLS=True,
+            )
+        mechanism = target.auth.mechanism
+        if mechanism == "off":
+            return
+        if tls is None:
+            raise AttemptFailed(f"AUTH {mechanism} needs TLS, which was not available", noTLS=True)
+        if mechanism != "external" and not trusted:
+            raise self._authFault(
+                protocol, f"AUTH {mechanism} needs a verified TLS peer ({protocol.untrusted})"
+            )
 
     @inlineCallbacks
     def _hello(self, protocol: SMTPClientProtocol) -> Generator[Deferred[Any], Any, None]:

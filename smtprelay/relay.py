@@ -244,7 +244,7 @@ class RelaySession:
             if reply.code == 354:
                 self._inBody = True
                 downstream.registerProducer(producer, True)
-                downstream.write(self._receivedHeader())
+                downstream.write(self._receivedHeader(downstream))
             return self._relayed(reply)
 
         return downstream.data().addCallbacks(started, self._failed)
@@ -468,19 +468,22 @@ class RelaySession:
             return [first]
         return [self._local(replies.LMTP_MIXED)]
 
-    def _receivedHeader(self) -> bytes:
+    def _receivedHeader(self, downstream: IDownstream) -> bytes:
         """
-        The C{Received:} header we prepend (RFC 5321 §4.4), Postfix-like.
+        The C{Received:} header we prepend (RFC 5321 §4.4), Postfix-like,
+        with a comment on the TLS the message leaves by, if any.
         """
         session = self.session
         helo = session.heloName or "unknown"
         address = f"[{session.clientHost}]" if session.clientHost else "unix socket"
         lines = [f"Received: from {helo} ({address})"]
         if session.tls is not None:
-            lines.append(f"\t(using {session.tls.version} with cipher {session.tls.cipher})")
+            lines.append(f"\t(using {session.tls.description})")
         lines.append(
             f"\tby {self._hostname} (smtprelay) with {session.withProtocol} id {session.id}"
         )
+        if downstream.tls is not None:
+            lines.append(f"\t(relayed using {downstream.tls.description}, {_trust(downstream)})")
         date = email.utils.formatdate(self._clock.seconds(), localtime=True)
         if len(self._accepted) == 1:
             forward = self._accepted[0].decode("utf-8", "replace")
@@ -514,7 +517,7 @@ class RelaySession:
             to=len(self._accepted),
             size=self._size,
             relay=downstream.peer if downstream is not None else "none",
-            tls=bool(downstream is not None and downstream.tls is not None),
+            tls=_trust(downstream),
             delay=self._clock.seconds() - self._started,
             status=status,
             reply=reply.summary,
@@ -527,6 +530,17 @@ _TRANSACTION_FORMAT = (
     "{session}: from=<{sender}> to={to} size={size} relay={relay} "
     "tls={tls} delay={delay:.3f} status={status} reply={reply}"
 )
+
+
+def _trust(downstream: IDownstream | None) -> str:
+    """
+    The downstream connection's TLS in one word: C{verified} (a
+    certificate chain to a trusted root, for the target's name),
+    C{untrusted} (encrypted, the peer not verified) or C{no}.
+    """
+    if downstream is None or downstream.tls is None:
+        return "no"
+    return "verified" if downstream.tls.verified else "untrusted"
 
 
 def _status(final: Sequence[Reply]) -> str:

@@ -12,7 +12,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay import replies
-from smtprelay.config.model import Address, DownstreamAuth, Secret, Target
+from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Secret, Target
 from smtprelay.failover import Failover
 from smtprelay.interfaces import Credentials, DownstreamError, IDownstream
 from smtprelay.replies import Reply, reply
@@ -28,6 +28,9 @@ MAIL: tuple[bytes, dict[str, str | None]] = (b"a@example.org", {})
 def makeTarget(*endpoints: Address, **kw: Any) -> Target:
     kw.setdefault("protocol", "smtp")
     kw.setdefault("attemptStartTLS", False)
+    # In memory TLS is pretended: there is no certificate to verify (the
+    # verification rules are tested over real TLS in test_tls).
+    kw.setdefault("tlsClient", ClientTLS(insecureSkipVerify=True))
     return Target(name="t", endpoints=endpoints or (MX1, MX2), hostname="relay.example", **kw)
 
 

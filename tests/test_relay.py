@@ -270,6 +270,33 @@ class RelaySessionTests(SynchronousTestCase):
             + self.downstreamDate() + b"\r\n",
         )
 
+    def test_receivedHeaderAndLogNameTheDownstreamTLS(self) -> None:
+        """
+        Issue 13 item 2: the TLS the message leaves by is a comment of the
+        C{Received:} header, Postfix-like, with whether the downstream's
+        certificate was verified; the transaction log says the same in one
+        word.
+        """
+        for verified, word in ((False, "untrusted"), (True, "verified")):
+            self.events.clear()
+            self.downstream.body = b""
+            self.downstream.tls = TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", (256, 256), verified)
+            relay = self.relay()
+            self.transaction(relay)
+            header = self.downstream.body.split(b"Subject:")[0]
+            self.assertEqual(
+                header,
+                b"Received: from client.test ([127.0.0.1])\r\n"
+                b"\tby relay.test (smtprelay) with ESMTP id S1D\r\n"
+                b"\t(relayed using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits), "
+                + word.encode() + b")\r\n"
+                b"\tfor <rcpt@example.org>; " + self.downstreamDate() + b"\r\n",
+            )
+            self.clock.advance(0)
+            [event] = [e for e in self.events if e.get("transaction")]
+            self.assertEqual(event["tls"], word)
+            self.assertIn(f" tls={word} ", formatEvent(event))
+
     def test_dataWithoutAcceptedRecipientsNeverReachesDownstream(self) -> None:
         """
         SPEC §4.3: never DATA downstream without an accepted recipient.
@@ -465,7 +492,7 @@ class RelaySessionTests(SynchronousTestCase):
             {k: event[k] for k in ("session", "client", "helo", "sender", "to", "relay", "status", "reply", "tls")},
             {"session": "S1D", "client": "127.0.0.1", "helo": "client.test", "sender": "sender@example.org",
              "to": 2, "relay": "sink.test[127.0.0.1]:2526", "status": "sent",
-             "reply": "250 2.0.0 Ok: queued as ABC", "tls": False},
+             "reply": "250 2.0.0 Ok: queued as ABC", "tls": "no"},
         )
         self.assertEqual(event["size"], len(b"Subject: hi\r\n\r\nbody\r\n"))
 

@@ -217,6 +217,9 @@ class Listener:
     @ivar tls: server TLS for this listener (the global C{tls} unless
         overridden or C{tls off}), or L{None}.
     @ivar endpoints: extra Twisted server endpoint strings (C{systemd:...}).
+    @ivar limitExceptions: clients exempt from C{max_connections_per_ip}
+        (the C{allow} networks unless configured, as Postfix's
+        C{smtpd_client_event_limit_exceptions} defaults to C{$mynetworks}).
     """
 
     kind: Literal["smtp", "submission", "lmtp"]
@@ -242,6 +245,9 @@ class Listener:
     proxyProtocol: tuple[IPNetwork, ...] = ()
     bareLF: Literal["reject", "normalize"] = "reject"
     reusePort: bool = False
+    limitExceptions: tuple[IPNetwork, ...] = attrs.field(
+        default=attrs.Factory(lambda self: self.allow, takes_self=True)
+    )
 
     @property
     def lmtp(self) -> bool:

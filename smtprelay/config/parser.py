@@ -206,6 +206,12 @@ def _networks(node: Node, ctx: _Context) -> tuple[Any, ...]:
     return tuple(parseNetwork(arg) for arg in _args(node, "one or more networks (CIDR)", 1))
 
 
+def _networksOrNone(node: Node, ctx: _Context) -> tuple[Any, ...]:
+    if node.args == ("none",):
+        return ()
+    return _networks(node, ctx)
+
+
 def _protocols(node: Node, ctx: _Context) -> tuple[str, str | None]:
     if node.block:
         raise ValueError("takes no block")
@@ -385,6 +391,7 @@ _LISTENER = {
     "max_command_length": _Directive("maxCommandLength", _count(512, "RFC 5321")),
     "max_connections": _Directive("maxConnections", _count(1)),
     "max_connections_per_ip": _Directive("maxConnectionsPerIP", _count(1)),
+    "limit_exceptions": _Directive("limitExceptions", _networksOrNone),
     "max_errors": _Directive("maxErrors", _count(1)),
     "max_auth_failures": _Directive("maxAuthFailures", _count(1)),
     "read_timeout": _Directive("readTimeout", _timeout),
