@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay.config.model import Address, DownstreamAuth, Listener, Secret, Target
+from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener, Secret, Target
 from smtprelay.failover import Failover
 from smtprelay.relay import RelaySession
 from smtprelay.routing import Route, Router
@@ -117,7 +117,8 @@ class RelayStack:
         (later ones behave).
     @param listenerOptions: L{Listener} fields (limits, timeouts).
     @param targetOptions: L{Target} fields; C{withAuth=True} configures
-        AUTH PLAIN with the relay's own credentials (and STARTTLS).
+        AUTH PLAIN with the relay's own credentials (and STARTTLS, without
+        certificate verification).
     """
 
     def __init__(
@@ -145,7 +146,9 @@ class RelayStack:
         )
         options.update(targetOptions)
         if options.pop("withAuth", False):
-            options.update(auth=DownstreamAuth("plain", "relay", Secret("secret")), attemptStartTLS=True)
+            # In memory, TLS only pretends and has no certificate to verify.
+            options.update(auth=DownstreamAuth("plain", "relay", Secret("secret")), attemptStartTLS=True,
+                           tlsClient=ClientTLS(insecureSkipVerify=True))
         self.target = Target(name="t", protocol="lmtp" if lmtpTarget else "smtp",
                              endpoints=tuple(endpoints), **options)
         self.listener = Listener(
