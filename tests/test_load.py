@@ -32,6 +32,9 @@ REPLY_DEADLINE = 60.0
 
 END_MARK = re.compile(rb"end-of-message (\d+)\r?\n")
 
+SCALE = int(os.environ.get("SMTPRELAY_LOAD_SCALE", "1"))
+"""Messages per session are multiplied by this (C{make soak} sets 10)."""
+
 
 def message(ident: int) -> bytes:
     """
@@ -215,11 +218,11 @@ class LoadTests(SynchronousTestCase):
         """
         [(sinkPort, dumps)] = self.sinks(1)
         port = self.relay([sinkPort])
-        tally = asyncio.run(runLoad(port, sessions=500, perSession=20))
+        tally = asyncio.run(runLoad(port, sessions=500, perSession=20 * SCALE))
         atSink = sinkIds(dumps)
-        self.assertPromisesKept(tally, atSink, 10_000)
-        self.assertEqual(len(tally.acknowledged), 10_000)
-        self.assertEqual(sum(atSink.values()), 10_000)
+        self.assertPromisesKept(tally, atSink, 10_000 * SCALE)
+        self.assertEqual(len(tally.acknowledged), 10_000 * SCALE)
+        self.assertEqual(sum(atSink.values()), 10_000 * SCALE)
 
     def test_firstTargetKilledAndRestarted(self) -> None:
         """
@@ -232,7 +235,7 @@ class LoadTests(SynchronousTestCase):
         [first] = [p for p in self.processes._procs if p.args[-2] == f"{HOST}:{firstPort}"]
 
         async def chaos() -> Tally:
-            load = asyncio.ensure_future(runLoad(port, sessions=200, perSession=25))
+            load = asyncio.ensure_future(runLoad(port, sessions=200, perSession=25 * SCALE))
             deadline = time.monotonic() + STARTUP
             while len(os.listdir(firstDumps)) < 500 and time.monotonic() < deadline and not load.done():
                 await asyncio.sleep(0.01)
@@ -244,14 +247,14 @@ class LoadTests(SynchronousTestCase):
             return await load
 
         tally = asyncio.run(chaos())
-        self.assertPromisesKept(tally, sinkIds(firstDumps, secondDumps), 5_000)
+        self.assertPromisesKept(tally, sinkIds(firstDumps, secondDumps), 5_000 * SCALE)
         self.assertGreater(len(tally.acknowledged), 0)
         self.assertTrue(os.listdir(secondDumps), "the second target never took over")
 
         # Once its back-off is over, the restarted first target is first
         # again (waiting for that is a condition with a deadline).
         deadline = time.monotonic() + STARTUP
-        ident = 100_000
+        ident = 1_000_000 * SCALE
         while ident not in sinkIds(firstDumps):
             self.assertLess(time.monotonic(), deadline, "the first target never came back")
             time.sleep(0.2)
