@@ -198,22 +198,19 @@ class RelayStack:
 
     def advanceTowards(self, deadline: float) -> bool:
         """
-        Advance fake time to the next timer due before C{deadline}, or to
-        the next second while a fake reads slowly.
+        Advance fake time to the next timer, to the next second while a fake
+        reads slowly, or else to C{deadline}.
 
-        @return: whether time moved.
+        @return: False once C{deadline} is reached.
         """
         now = self.clock.seconds()
-        due = [c.getTime() for c in self.clock.getDelayedCalls() if c.getTime() <= deadline]
-        step = min(due) if due else deadline
+        if now >= deadline:
+            return False
+        steps = [deadline] + [c.getTime() for c in self.clock.getDelayedCalls()]
         if self._waiting():
-            step = min(step, now + 1)
-        if step <= now:
-            if not due:
-                return False
-            step = now
-        self.clock.advance(step - now)
-        return step < deadline or bool(due)
+            steps.append(now + 1)
+        self.clock.advance(max(min(steps), now + 0.001) - now)
+        return True
 
     def downstreams(self, address: Address = FIRST) -> list[Any]:
         server = self.servers.get(address)
