@@ -7,7 +7,7 @@ SINK ?= tcp://127.0.0.1:2526
 MAILDIR ?= $(CURDIR)/run/mail
 APT_TEST_PACKAGES := postfix swaks libnet-ssleay-perl dovecot-core dovecot-lmtpd haproxy openssl
 
-.PHONY: run test venv test-deps bench clean
+.PHONY: run test venv test-deps soak bench clean
 
 $(PY):
 	python3 -m venv $(VENV) || { [ "$$(id -u)" = 0 ] && apt-get update && \
@@ -46,6 +46,10 @@ test-deps: venv
 ## test: the whole trial suite (unit and integration)
 test: test-deps
 	$(PY) -m twisted.trial $(TRIAL_ARGS) tests
+
+## soak: the load tests ten times longer (150,000 messages; not part of make test)
+soak: test-deps
+	SMTPRELAY_LOAD_SCALE=10 $(PY) -m twisted.trial tests.test_load
 
 bench: venv
 	sh benchmarks/run.sh
