@@ -15,7 +15,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(VENV)/.installed: $(PY) setup.cfg pyproject.toml
-	$(PY) -m pip install -q -e '.[metrics]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e '.[metrics]'
 	touch $@
 
 # Byte-compiled once here: a relay that compiles its own modules at every start
@@ -36,7 +36,7 @@ run: venv
 
 ## test-deps: the test extras in the venv and, as root, the real peers from Debian
 test-deps: venv
-	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e '.[test]'
 	@if [ "$$(id -u)" = 0 ] && ! { command -v smtp-sink && command -v swaks && command -v dovecot && command -v haproxy && perl -MNet::SSLeay -e1; } >/dev/null 2>&1; then \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_TEST_PACKAGES) >/dev/null; \
