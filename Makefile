@@ -7,7 +7,7 @@ SINK ?= tcp://127.0.0.1:2526
 MAILDIR ?= $(CURDIR)/run/mail
 APT_TEST_PACKAGES := postfix swaks libnet-ssleay-perl dovecot-lmtpd haproxy
 
-.PHONY: run test venv test-deps bench clean
+.PHONY: run test venv test-deps image bench clean
 
 $(PY):
 	python3 -m venv $(VENV) || { [ "$$(id -u)" = 0 ] && apt-get update && \
@@ -34,7 +34,7 @@ run: venv
 	@trap 'kill `cat run/sink.pid` 2>/dev/null' EXIT INT TERM; \
 	  $(TWISTD) -n --pidfile= smtprelay --listen $(LISTEN) --target $(SINK)
 
-## test-deps: the test extras in the venv and, as root, the real peers from Debian
+## test-deps: the test extras in the venv and, as root, the real peers and podman from Debian
 test-deps: venv
 	$(PY) -m pip install -q -e '.[test]'
 	@if [ "$$(id -u)" = 0 ] && ! { command -v smtp-sink && command -v swaks && command -v dovecot && command -v haproxy && perl -MNet::SSLeay -e1; } >/dev/null 2>&1; then \
@@ -42,10 +42,15 @@ test-deps: venv
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_TEST_PACKAGES) >/dev/null; \
 	  postfix status >/dev/null 2>&1 && postfix stop || true; \
 	fi
+	@if [ "$$(id -u)" = 0 ] && ! command -v podman >/dev/null; then sh contrib/container/container.sh setup >/dev/null; fi
 
 ## test: the whole trial suite (unit and integration)
 test: test-deps
 	$(PY) -m twisted.trial $(TRIAL_ARGS) tests
+
+## image: the container image localhost/smtprelay (podman; see contrib/container/build.sh)
+image:
+	sh contrib/container/build.sh
 
 bench: venv
 	sh benchmarks/run.sh
