@@ -4,6 +4,8 @@ host's network: configured by environment variables only, it relays a
 message to Postfix's C{smtp-sink} on loopback (failing over from a dead
 target named first in the same variable), serves C{/healthz} to its own
 C{HEALTHCHECK}, runs unprivileged, and drains on C{podman stop} (SIGTERM).
+The optional parts of its configuration follow their variables, and
+half-set ones stop it with one line.
 
 Skipped where podman cannot run containers; C{make test} installs it as
 root.
@@ -11,6 +13,7 @@ root.
 
 from __future__ import annotations
 
+import functools
 import os
 import smtplib
 import subprocess
@@ -18,6 +21,7 @@ import threading
 import time
 import urllib.request
 
+import trustme
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from .procs import HOST, STARTUP, Processes, freePort, sinkMessages, waitForPort
@@ -44,12 +48,21 @@ def needPodman() -> None:
         raise SkipTest(f"podman cannot work here: {info.stderr.strip()[-200:]}")
 
 
+@functools.lru_cache(maxsize=None)
+def buildImage() -> None:
+    """
+    Build L{IMAGE} with the project's script, once per test run.
+    """
+    build = subprocess.run([os.path.join(ROOT, "contrib", "container", "build.sh"), IMAGE],
+                           capture_output=True, text=True, timeout=900)
+    if build.returncode:
+        raise AssertionError(f"build.sh failed:\n{build.stdout[-2000:]}{build.stderr[-2000:]}")
+
+
 class ContainerTests(SynchronousTestCase):
     def setUp(self) -> None:
         needPodman()
-        build = subprocess.run([os.path.join(ROOT, "contrib", "container", "build.sh"), IMAGE],
-                               capture_output=True, text=True, timeout=900)
-        self.assertEqual(build.returncode, 0, build.stdout[-2000:] + build.stderr[-2000:])
+        buildImage()
 
     def start(self, name: str, env: dict[str, str]) -> None:
         """
@@ -62,6 +75,79 @@ class ContainerTests(SynchronousTestCase):
             argv += ["--env", f"{key}={value}"]
         started = podman(*argv, IMAGE)
         self.assertEqual(started.returncode, 0, started.stderr)
+
+    def once(self, env: dict[str, str], *args: str, volume: str | None = None) -> subprocess.CompletedProcess:
+        """
+        Run the image once with C{env} and C{args}, with the host directory
+        C{volume} at C{/run/secrets}.
+        """
+        argv = ["run", "--rm", "--network", "none"]
+        if volume is not None:
+            argv += ["--volume", f"{volume}:/run/secrets:ro"]
+        for key, value in env.items():
+            argv += ["--env", f"{key}={value}"]
+        return podman(*argv, IMAGE, *args)
+
+    def test_optionalParts(self) -> None:
+        """
+        Server TLS, the PROXY protocol and downstream AUTH (password from a
+        file) are configured when their variables are set.
+        """
+        secrets = os.path.abspath(self.mktemp())
+        os.makedirs(secrets)
+        os.chmod(secrets, 0o755)
+        ca = trustme.CA()
+        cert = ca.issue_cert("relay.test")
+        cert.private_key_pem.write_to_path(os.path.join(secrets, "key.pem"))
+        cert.cert_chain_pems[0].write_to_path(os.path.join(secrets, "cert.pem"))
+        with open(os.path.join(secrets, "password"), "w") as f:
+            f.write("s3cret\n")
+        for name in os.listdir(secrets):
+            os.chmod(os.path.join(secrets, name), 0o644)  # the container's user is not ours
+        shown = self.once({
+            "SMTPRELAY_TARGETS": "tcp://mx1.test:587 tcp://mx2.test:587",
+            "SMTPRELAY_TLS_CERT": "/run/secrets/cert.pem",
+            "SMTPRELAY_TLS_KEY": "/run/secrets/key.pem",
+            "SMTPRELAY_PROXY_PROTOCOL": "10.0.0.0/8,192.168.1.1",
+            "SMTPRELAY_AUTH_USER": "relay-user",
+            "SMTPRELAY_AUTH_PASSWORD_FILE": "/run/secrets/password",
+            "SMTPRELAY_TARGET_REQUIRE_TLS": "yes",
+        }, "--show", volume=secrets)
+        self.assertEqual(shown.returncode, 0, shown.stderr)
+        lines = [line.strip() for line in shown.stdout.splitlines()]
+        for line in ["targets tcp://mx1.test:587 tcp://mx2.test:587", "auth plain relay-user ****",
+                     "require_tls yes", "tls /run/secrets/cert.pem /run/secrets/key.pem {",
+                     "proxy_protocol 10.0.0.0/8 192.168.1.1/32", "smtp tcp://0.0.0.0:2525 {",
+                     "metrics tcp://0.0.0.0:9749",
+                     "allow 127.0.0.0/8 ::1/128 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 fc00::/7"]:
+            self.assertIn(line, lines, shown.stdout)
+        self.assertNotIn("s3cret", shown.stdout + shown.stderr)
+
+        plain = self.once({"SMTPRELAY_TARGETS": "tcp://mx1.test:25"}, "--show")
+        self.assertEqual(plain.returncode, 0, plain.stderr)
+        for absent in ("auth plain", "proxy_protocol", "tls /"):
+            self.assertNotIn(absent, plain.stdout)
+
+    def test_halfSetVariables(self) -> None:
+        """
+        Variables that need each other, set alone, stop the container with
+        status 2 and one line saying what is missing.
+        """
+        targets = {"SMTPRELAY_TARGETS": "tcp://mx1.test:25"}
+        cases = [
+            ({}, "smtprelay: set SMTPRELAY_TARGETS to the downstream servers, e.g. tcp://mx.example.net:25"),
+            ({**targets, "SMTPRELAY_TLS_CERT": "/c.pem"},
+             "smtprelay: SMTPRELAY_TLS_CERT and SMTPRELAY_TLS_KEY go together"),
+            ({**targets, "SMTPRELAY_AUTH_USER": "u"},
+             "smtprelay: SMTPRELAY_AUTH_USER needs SMTPRELAY_AUTH_PASSWORD or SMTPRELAY_AUTH_PASSWORD_FILE"),
+            ({**targets, "SMTPRELAY_AUTH_PASSWORD": "p"}, "smtprelay: a password needs SMTPRELAY_AUTH_USER"),
+            ({**targets, "SMTPRELAY_AUTH_USER": "u", "SMTPRELAY_AUTH_PASSWORD": "p",
+              "SMTPRELAY_AUTH_PASSWORD_FILE": "/p"},
+             "smtprelay: set SMTPRELAY_AUTH_PASSWORD or SMTPRELAY_AUTH_PASSWORD_FILE, not both"),
+        ]
+        for env, message in cases:
+            done = self.once(env)
+            self.assertEqual((done.returncode, done.stderr.splitlines()[-1:]), (2, [message]), env)
 
     def logs(self, name: str) -> str:
         done = podman("logs", name)

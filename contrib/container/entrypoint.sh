@@ -2,7 +2,7 @@
 # The image's entrypoint: checks the SMTPRELAY_* variables, points the imports of the image's
 # configuration at the optional parts they ask for, and runs the relay in the foreground as
 # PID 1 (SIGTERM drains it).  Arguments go to `twistd smtprelay` after --config: `--check`
-# validates the configuration and exits.
+# validates the configuration and exits; `--show` alone prints the effective configuration.
 set -eu
 parts=/etc/smtprelay/parts
 
@@ -42,4 +42,7 @@ if [ -z "${SMTPRELAY_TARGETS:-}" ] && grep -q '{env:SMTPRELAY_TARGETS}' "$SMTPRE
 fi
 
 export SMTPRELAY_HOSTNAME SMTPRELAY_PART_TLS SMTPRELAY_PART_PROXY SMTPRELAY_PART_AUTH
-exec /opt/smtprelay/bin/twistd --nodaemon --pidfile= smtprelay --config "$SMTPRELAY_CONFIG" "$@"
+if [ "$*" = --show ]; then
+    exec smtprelay-check --show "$SMTPRELAY_CONFIG"
+fi
+exec twistd --nodaemon --pidfile= smtprelay --config "$SMTPRELAY_CONFIG" "$@"
