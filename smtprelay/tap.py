@@ -28,7 +28,12 @@ QUICK_START_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 class Options(usage.Options):
     synopsis = "[--config PATH | --listen ADDRESS... --target ADDRESS...] [--lmtp] [--check]"
-    longdesc = """\
+    longdesc = ""
+    """
+    Empty: C{usage.Options} wraps C{longdesc} into one paragraph, which
+    would run the examples together; L{getUsage} appends L{description}.
+    """
+    description = """\
 A transparent, queue-less SMTP & LMTP forwarding relay.  Every transaction is
 forwarded, while the client waits, to the first reachable target; the client
 sees the target's own replies.
@@ -40,9 +45,9 @@ Examples:
   twistd -n smtprelay --listen unix:///run/smtprelay/lmtp.sock \\
          --target unix:///run/dovecot/lmtp --lmtp
 
-Without --config, clients on loopback only may relay through --listen to
-the --target addresses (tried in order), messages up to 64M.  ADDRESS is tcp://HOST:PORT,
-tls://HOST:PORT (implicit TLS) or unix:///PATH.
+Without --config, clients on loopback only may relay through --listen to the
+--target addresses (tried in order), messages up to 64M.  ADDRESS is
+tcp://HOST:PORT, tls://HOST:PORT (implicit TLS) or unix:///PATH.
 """
 
     optFlags = [
@@ -59,6 +64,12 @@ tls://HOST:PORT (implicit TLS) or unix:///PATH.
         super().__init__()
         self["listen"] = []
         self["target"] = []
+
+    def getUsage(self, width: int | None = None) -> str:
+        """
+        The option table, then L{description} line for line.
+        """
+        return f"{super().getUsage(width)}\n{self.description}"
 
     def opt_listen(self, address: str) -> None:
         """

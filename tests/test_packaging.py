@@ -1,12 +1,17 @@
 """
 The shape the owner fixed: the twistd plugins are found, the wheel carries
-the plugin without a C{twisted/__init__.py}, and C{twistd smtprelay},
-C{twistd -ny relay.tac} and C{twistd smtprelay-sink} start as documented.
+the plugin without a C{twisted/__init__.py}, every way to install it (wheel,
+C{pip install .}, editable in each of setuptools' modes) gives a working
+C{twistd smtprelay}, and C{twistd smtprelay}, C{twistd -ny relay.tac} and
+C{twistd smtprelay-sink} start as documented.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import smtplib
 import subprocess
 import sys
@@ -18,6 +23,7 @@ from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase
 
 from .procs import HOST, TWISTD, Processes, freePort, waitForPort
+from .test_tap import EXAMPLES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,6 +79,54 @@ class PluginTests(SynchronousTestCase):
         done = twistd("-n", "--pidfile=", "smtprelay", "--check", "--config", f.name)
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertIn(f"{f.name}: OK".encode(), done.stdout)
+
+
+def pip(*args: str) -> None:
+    """
+    Run this interpreter's pip (with the machine's pip configuration: its
+    index and its cache), failing the test with pip's own words.  Without
+    PYTHONPATH: a checkout on it would be the installation pip sees.
+    """
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    if done.returncode:
+        raise AssertionError(f"pip {' '.join(args)}:\n{done.stdout}{done.stderr}")
+
+
+@functools.lru_cache(maxsize=None)
+def scratch() -> str:
+    """
+    A directory for the whole run of this module (trial has no class
+    fixtures), removed when the process ends.
+    """
+    path = tempfile.mkdtemp(prefix="smtprelay-install-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def source() -> str:
+    """
+    A copy of the project, so that editable installs point away from the
+    checkout and leave nothing in it (the strict mode writes below build/).
+    """
+    copy = os.path.join(scratch(), "src")
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "_trial_temp*", "run", "__pycache__",
+        ".hypothesis", ".mypy_cache"))
+    return copy
+
+
+@functools.lru_cache(maxsize=None)
+def wheel() -> str:
+    """
+    The project's wheel, built once.
+    """
+    out = os.path.join(scratch(), "wheel")
+    pip("wheel", "-q", "--no-deps", "-w", out, source())
+    [name] = os.listdir(out)
+    return os.path.join(out, name)
 
 
 class FileErrorTests(SynchronousTestCase):
@@ -158,17 +212,60 @@ class FileErrorTests(SynchronousTestCase):
 
 class WheelTests(SynchronousTestCase):
     def test_wheelHasPluginButNoTwistedInit(self) -> None:
-        out = tempfile.mkdtemp()
-        self.addCleanup(subprocess.run, ["rm", "-rf", out])
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                        "-w", out, ROOT], check=True, capture_output=True, timeout=300)
-        [wheel] = [n for n in os.listdir(out) if n.endswith(".whl")]
-        names = zipfile.ZipFile(os.path.join(out, wheel)).namelist()
+        names = zipfile.ZipFile(wheel()).namelist()
         self.assertIn("twisted/plugins/smtprelay_plugin.py", names)
         self.assertNotIn("twisted/__init__.py", names)
         self.assertNotIn("twisted/plugins/__init__.py", names)
         self.assertIn("smtprelay/relay.py", names)
         self.assertFalse([n for n in names if n.startswith("tests/")])
+
+
+class InstallTests(SynchronousTestCase):
+    """
+    A user's install in a plain virtualenv (no system site-packages, no
+    PYTHONPATH, an empty working directory) finds both twistd plugins.
+    """
+
+    MODES = {
+        "wheel": lambda: [wheel()],
+        "pip install .": lambda: [source()],
+        "editable (default)": lambda: ["-e", source()],
+        "editable strict": lambda: ["-e", source(), "--config-settings", "editable_mode=strict"],
+        "editable compat": lambda: ["-e", source(), "--config-settings", "editable_mode=compat"],
+    }
+
+    def test_everyInstallFindsThePlugins(self) -> None:
+        """
+        One virtualenv gets the dependencies once; then for each install
+        mode the project is removed (and C{twistd} shown not to know the
+        plugin: nothing of the last mode is left), installed that way, and
+        C{twistd smtprelay --help} and C{twistd smtprelay-sink --help} run.
+        """
+        venv = os.path.join(scratch(), "venv")
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
+        python = os.path.join(venv, "bin", "python")
+        pip("--python", python, "install", "-q", wheel())
+        failures = {}
+        for mode, args in self.MODES.items():
+            pip("--python", python, "uninstall", "-q", "-y", "smtprelay")
+            self.assertIn("Unknown command: smtprelay", self.twistd(venv, "smtprelay", "--help").stdout)
+            pip("--python", python, "install", "-q", "--no-deps", *args())
+            relay, sink = self.twistd(venv, "smtprelay", "--help"), self.twistd(venv, "smtprelay-sink", "--help")
+            if relay.returncode or sink.returncode:
+                failures[mode] = (relay if relay.returncode else sink).stdout.splitlines()[-1]
+            elif EXAMPLES not in relay.stdout:
+                failures[mode] = "the examples are not one a line"
+        self.assertEqual(failures, {}, "\n".join(f"{mode}: {why}" for mode, why in failures.items()))
+
+    def twistd(self, venv: str, *args: str) -> subprocess.CompletedProcess:
+        """
+        The venv's C{twistd} as a user runs it: from an empty directory,
+        with nothing of this test run's environment; stderr goes to stdout.
+        """
+        cwd = tempfile.mkdtemp(dir=scratch())
+        env = {"PATH": os.path.join(venv, "bin") + os.pathsep + os.environ["PATH"], "HOME": cwd}
+        return subprocess.run(["twistd", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=cwd, env=env, timeout=120)
 
 
 class TacAndSinkTests(SynchronousTestCase):
