@@ -551,6 +551,26 @@ class DataTests(SynchronousTestCase):
         self.assertEqual(session.handler.aborted, replies.MESSAGE_TOO_BIG.withSession("S1"))
         self.assertNotIn("endData", session.handler.methods)
 
+    def test_lineTooLong(self) -> None:
+        """
+        With C{max_line_length}, a longer body line refuses the message
+        after its end-of-data with C{552 5.3.4}; the handler never gets
+        the end-of-data.
+        """
+        session = greeted(listener=makeListener(maxLineLength=1000))
+        out = self.transaction(session, b"a\r\n" + b"x" * 999 + b"\r\nb\r\n.\r\n")
+        self.assertEqual(out, b"552 5.3.4 Message has a line longer than allowed [S1]\r\n")
+        self.assertEqual(session.handler.aborted,
+                         replies.LINE_TOO_LONG_IN_BODY.withSession("S1"))
+        self.assertNotIn("endData", session.handler.methods)
+        self.assertEqual(session.send(b"NOOP\r\n"), b"250 2.0.0 OK\r\n")
+
+    def test_longLineForwardedByDefault(self) -> None:
+        session = greeted()
+        line = b"x" * 5000 + b"\r\n"
+        self.assertEqual(self.transaction(session, line + b".\r\n"), QUEUED)
+        self.assertEqual(session.handler.body, line)
+
     def test_tooManyHops(self) -> None:
         session = greeted(listener=makeListener(maxHops=2))
         out = self.transaction(session, b"Received: a\r\nReceived: b\r\nReceived: c\r\n\r\nx\r\n")
@@ -1186,6 +1206,9 @@ class RejectionReasonTests(SynchronousTestCase):
         ("AUTH cancelled", dict(listener=makeListener(auth=_USERS), peer=UNIX,
                                 steps=[b"EHLO c\r\n", b"AUTH PLAIN\r\n", b"*\r\n"]), ["auth_aborted"]),
         ("pipelining without EHLO", dict(steps=[b"HELO c\r\n", b"NOOP\r\nNOOP\r\n"]), ["sync"]),
+        ("body line too long", dict(listener=makeListener(maxLineLength=1000),
+                                    steps=[b"EHLO c\r\n", _BODY, b"x" * 1000 + b"\r\n.\r\n"]),
+         ["line_too_long"]),
         ("command line too long", dict(listener=makeListener(maxCommandLength=100),
                                        steps=[b"NOOP " + b"x" * 200 + b"\r\n"]), ["line_too_long"]),
         ("input overflow", dict(script=None, steps=[b"EHLO c\r\n", b"MAIL FROM:<a@x.example>\r\n" * 50000]),
