@@ -229,3 +229,24 @@ smtp tcp://{HOST}:{limited} {{
             finally:
                 for sock in sockets:
                     sock.close()
+
+
+class DefaultHostnameTests(SynchronousTestCase):
+    def test_hostnameFQDN(self) -> None:
+        """
+        Without C{hostname}, the relay names itself as C{hostname -f} does
+        (never C{localhost} because /etc/hosts aliases the host name to
+        127.0.0.1): in its EHLO reply and its C{Received:} header.
+        """
+        need("hostname")
+        fqdn = subprocess.run(["hostname", "-f"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        procs = Processes(self)
+        sinkPort, dumps = procs.smtpSink()
+        port = procs.relay("--target", f"tcp://{HOST}:{sinkPort}")
+        with smtplib.SMTP(HOST, port, timeout=CLIENT_TIMEOUT) as client:
+            code, banner = client.ehlo("client.test")
+            self.assertEqual(banner.split(b"\n")[0], fqdn.encode())
+            client.sendmail("a@example.org", ["r@example.net"], b"Subject: h\r\n\r\nbody\r\n")
+        [message] = sinkMessages(dumps)
+        self.assertIn(f"by {fqdn} (smtprelay)".encode(), message)
