@@ -736,7 +736,8 @@ class SMTPServerProtocol(Protocol):
             self._error(_NEED_MAIL, "bad_sequence")
             return
         if not self._accepted:
-            self._error(replies.NO_VALID_RECIPIENTS if self._rcptTried else _NEED_RCPT, "bad_sequence")
+            refusal = replies.NO_VALID_RECIPIENTS if self._rcptTried else _NEED_RCPT
+            self._error(refusal, "bad_sequence")
             return
         assert self.handler is not None
         pauser = _Pauser(self, "body")

@@ -238,7 +238,7 @@ class TopLevelTests(SynchronousTestCase):
             ("localhost", "localhost", "localhost", "localhost"),
         ]:
             resolver = _Resolver(hostname, canonical, fqdn)
-            self.assertEqual(parser.defaultHostname(resolver), expected, (hostname, canonical, fqdn))
+            self.assertEqual(parser.defaultHostname(resolver), expected, hostname)
 
     def test_hostnameIDNA(self) -> None:
         config = _load(_listen().replace("relay.test", "bücher.example"))
@@ -428,7 +428,8 @@ class ListenerTests(SynchronousTestCase):
         ("max_command_length 4096", "maxCommandLength", 4096),
         ("max_connections 10", "maxConnections", 10),
         ("max_connections_per_ip 2", "maxConnectionsPerIP", 2),
-        ("limit_exceptions 192.0.2.0/24", "limitExceptions", (ipaddress.ip_network("192.0.2.0/24"),)),
+        ("limit_exceptions 192.0.2.0/24", "limitExceptions",
+         (ipaddress.ip_network("192.0.2.0/24"),)),
         ("limit_exceptions none", "limitExceptions", ()),
         ("allow 10.0.0.0/8", "limitExceptions", (ipaddress.ip_network("10.0.0.0/8"),)),
         ("max_errors 5", "maxErrors", 5),

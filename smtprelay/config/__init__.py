@@ -9,4 +9,7 @@ from .permissions import secretFileWarnings
 from .show import show
 from .values import parseAddress
 
-__all__ = ["ConfigError", "defaultHostname", "load", "loadString", "parseAddress", "secretFileWarnings", "show"]
+__all__ = [
+    "ConfigError", "defaultHostname", "load", "loadString", "parseAddress", "secretFileWarnings",
+    "show",
+]
