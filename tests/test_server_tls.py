@@ -228,7 +228,7 @@ class ImplicitTLSTests(SynchronousTestCase):
         self.assertEqual(pair.factory.sessions, set())
         self.assertEqual(pair.handlers.last.closed, 1)
         self.assertEqual(_sample(pair.metrics, "smtprelay_tls_handshakes_total",
-                                 side="inbound", result="failed"), 1.0)
+                                 side="inbound", result="failed", verified="no"), 1.0)
 
     def test_garbageClosed(self) -> None:
         pair = _TLSPair(clientTLS=False)
