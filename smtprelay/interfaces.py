@@ -26,10 +26,25 @@ Params = Mapping[str, "str | None"]
 class TLSInfo:
     """
     What a TLS connection negotiated, for C{Received:} headers and logs.
+
+    @ivar bits: the cipher's secret and algorithm bits, when known.
+    @ivar verified: the peer's certificate was verified (a downstream's:
+        a chain to a trusted root and the target's name).
     """
 
     version: str
     cipher: str
+    bits: tuple[int, int] | None = None
+    verified: bool = False
+
+    @property
+    def description(self) -> str:
+        """
+        C{TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)}, as
+        Postfix writes it.
+        """
+        bits = f" ({self.bits[0]}/{self.bits[1]} bits)" if self.bits else ""
+        return f"{self.version} with cipher {self.cipher}{bits}"
 
 
 @attrs.define

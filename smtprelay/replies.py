@@ -205,6 +205,19 @@ def forRcpt(reply_: Reply) -> Reply:
     return reply_
 
 
+@attrs.frozen
+class Refusal:
+    """
+    A refusal the relay decides itself: the reply, and why.
+
+    @ivar reason: the C{reason} label of C{smtprelay_rejections_total}
+        (one of L{smtprelay.metrics.REJECTION_REASONS}).
+    """
+
+    reply: Reply
+    reason: str
+
+
 def reply(code: int, enhanced: str | None, *lines: str) -> Reply:
     """
     Build a L{Reply}: C{reply(250, "2.0.0", "OK")}.

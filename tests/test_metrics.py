@@ -6,7 +6,7 @@ C{/metrics} over loopback HTTP parsed with C{prometheus_client}'s parser.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
@@ -54,6 +54,7 @@ def exercise(metrics: Any) -> None:
     metrics.attempt("smarthost", "ok", 0.004)
     metrics.failover("smarthost")
     metrics.tlsHandshake("outbound", True)
+    metrics.tlsHandshake("outbound", True, verified=True)
     metrics.tlsHandshake("inbound", False)
     metrics.rejected("relay_denied")
     metrics.rejected("relay_denied")
@@ -110,9 +111,10 @@ class MetricsTests(SynchronousTestCase):
                 "smtprelay_end_of_data_seconds_bucket",
                 (("target", "smarthost"), ("le", "2.5")),
             ): 1.0,
-            ("smtprelay_tls_handshakes_total", (("side", "outbound"), ("result", "ok"))): 1.0,
-            ("smtprelay_tls_handshakes_total", (("side", "inbound"), ("result", "failed"))): 1.0,
-            ("smtprelay_tls_handshakes_total", (("side", "inbound"), ("result", "ok"))): 0.0,
+            ("smtprelay_tls_handshakes_total", (("side", "outbound"), ("result", "ok"), ("verified", "no"))): 1.0,
+            ("smtprelay_tls_handshakes_total", (("side", "outbound"), ("result", "ok"), ("verified", "yes"))): 1.0,
+            ("smtprelay_tls_handshakes_total", (("side", "inbound"), ("result", "failed"), ("verified", "no"))): 1.0,
+            ("smtprelay_tls_handshakes_total", (("side", "inbound"), ("result", "ok"), ("verified", "no"))): 0.0,
             ("smtprelay_rejections_total", (("reason", "relay_denied"),)): 2.0,
         }
         actual = {key: value(metrics, key[0], **dict(key[1])) for key in expected}
@@ -170,7 +172,7 @@ class MetricsTests(SynchronousTestCase):
 
     def test_noTLSListener(self) -> None:
         self.assertRaises(
-            ValueError, metricsService, Address("tls", "127.0.0.1", 9749), Metrics(), reactor
+            ValueError, metricsService, Address("tls", "127.0.0.1", 9749), Metrics(), reactor, lambda: True
         )
 
 
@@ -188,8 +190,8 @@ class ScrapeTests(TestCase):
     C{/metrics} over real loopback HTTP.
     """
 
-    def listen(self, metrics: Metrics) -> str:
-        port = reactor.listenTCP(0, Site(metricsResource(metrics)), interface="127.0.0.1")
+    def listen(self, metrics: Metrics, serving: Callable[[], bool] = lambda: True) -> str:
+        port = reactor.listenTCP(0, Site(metricsResource(metrics, serving)), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return f"http://127.0.0.1:{port.getHost().port}"
 
@@ -268,6 +270,25 @@ class ScrapeTests(TestCase):
         self.assertEqual(response.code, 405)
 
     @inlineCallbacks
+    def test_healthz(self) -> Any:
+        """
+        C{/healthz} answers 200 while the relay serves and 503 once it does
+        not (GET and HEAD); it shows no metrics.
+        """
+        serving = [True]
+        base = self.listen(Metrics(), lambda: serving[0])
+        response, body = yield self.get(base + "/healthz")
+        self.assertEqual((response.code, body), (200, b"serving\n"))
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/plain; charset=utf-8"])
+        response, body = yield self.get(base + "/healthz", b"HEAD")
+        self.assertEqual((response.code, body), (200, b""))
+        serving[0] = False
+        response, body = yield self.get(base + "/healthz")
+        self.assertEqual((response.code, body), (503, b"not serving\n"))
+        response, body = yield self.get(base + "/healthz/")
+        self.assertEqual(response.code, 404)
+
+    @inlineCallbacks
     def test_service(self) -> Any:
         """
         L{metricsService} listens on its address while running.
@@ -275,7 +296,7 @@ class ScrapeTests(TestCase):
         path = self.mktemp()
         metrics = Metrics()
         metrics.failover("mx1")
-        service = metricsService(Address("unix", path=path), metrics, reactor)
+        service = metricsService(Address("unix", path=path), metrics, reactor, lambda: True)
         service.startService()
         agent = Agent.usingEndpointFactory(reactor, _UNIXEndpoints(path))
         try:

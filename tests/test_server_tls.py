@@ -6,9 +6,10 @@ learns what TLS negotiated.
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
-from typing import Any
+from typing import Any, Mapping
 
 import trustme
 from twisted.internet import reactor
@@ -26,7 +27,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from smtprelay.config.model import Listener, ListenerAuth
 from smtprelay.metrics import Metrics
 from smtprelay.server import SMTPServerFactory, SMTPServerProtocol
-from smtprelay.testing.handler import RecordingHandlerFactory
+from smtprelay import replies
+from smtprelay.testing.handler import RecordingHandlerFactory, ScriptEntry
 
 from .server_helpers import GREETING, HOST, LOOPBACK, TOKEN, makeListener
 
@@ -115,11 +117,12 @@ class _TLSPair:
     L{_Wire}s and moved by L{pump} on a fake clock.
     """
 
-    def __init__(self, listener: Listener | None = None, clientTLS: bool = True) -> None:
+    def __init__(self, listener: Listener | None = None, clientTLS: bool = True,
+                 script: Mapping[str, ScriptEntry] | None = None) -> None:
         ca = trustme.CA()
         pem = ca.issue_cert(HOST).private_key_and_cert_chain_pem.bytes()
         self.clock = MemoryReactorClock()
-        self.handlers = RecordingHandlerFactory()
+        self.handlers = RecordingHandlerFactory(script)
         self.metrics = Metrics()
         self.factory = SMTPServerFactory(
             listener or makeListener(), self.handlers, HOST, self.clock,
@@ -223,7 +226,7 @@ class ImplicitTLSTests(SynchronousTestCase):
         self.assertEqual(pair.factory.sessions, set())
         self.assertEqual(pair.handlers.last.closed, 1)
         self.assertEqual(_sample(pair.metrics, "smtprelay_tls_handshakes_total",
-                                 side="inbound", result="failed"), 1.0)
+                                 side="inbound", result="failed", verified="no"), 1.0)
 
     def test_garbageClosed(self) -> None:
         pair = _TLSPair(clientTLS=False)
@@ -257,6 +260,29 @@ class ImplicitTLSTests(SynchronousTestCase):
         pair.pump()
         self.assertFalse(pair.serverWire.connected)
         self.assertEqual(pair.received, b"")
+
+
+class AuthOverTLSTests(SynchronousTestCase):
+    def test_tooManyFailuresClose(self) -> None:
+        """
+        After C{max_auth_failures} failed AUTH attempts over TLS, the
+        C{421} is followed by the close of the connection (the TLS layer
+        used to wait for our producer, keeping it open until the abort).
+        """
+        pair = _TLSPair(makeListener(auth=ListenerAuth("users", "/dev/null"), maxAuthFailures=2),
+                        script={"authenticate": replies.AUTH_FAILED})
+        pair.send(b"EHLO client.example\r\n")
+        bad = b"AUTH PLAIN " + base64.b64encode(b"\0user\0wrong") + b"\r\n"
+        self.assertEqual(pair.send(bad), b"535 5.7.8 Authentication credentials invalid\r\n")
+        self.assertTrue(pair.serverWire.connected)
+        self.assertEqual(
+            pair.send(bad),
+            b"535 5.7.8 Authentication credentials invalid\r\n"
+            b"421 4.7.0 Too many authentication failures [S1]\r\n",
+        )
+        self.assertFalse(pair.serverWire.connected)
+        self.assertEqual(pair.factory.sessions, set())
+        self.assertEqual(pair.clock.getDelayedCalls(), [])
 
 
 def _sample(metrics: Metrics, name: str, **labels: str) -> float | None:

@@ -1,9 +1,12 @@
 """
-TLS listeners of a real C{twistd -n smtprelay} against real TLS clients:
-C{openssl s_client} and Python's C{ssl}/C{smtplib} on a C{tls://} listener
-(handshake first, greeting after it) and C{openssl s_client -starttls smtp}
-on a C{tcp://} one; clients that never complete a handshake are closed and
-leave no socket behind, nor a place in C{max_connections}.
+The inbound side of a real C{twistd -n smtprelay} against real clients.
+
+TLS listeners: C{openssl s_client} and Python's C{ssl}/C{smtplib} on a
+C{tls://} listener (handshake first, greeting after it) and C{openssl
+s_client -starttls smtp} on a C{tcp://} one; clients that never complete a
+handshake are closed and leave no socket behind, nor a place in
+C{max_connections}.  Connection limits: many concurrent sessions from an
+allowed network are all served.
 """
 
 from __future__ import annotations
@@ -184,3 +187,45 @@ smtp tcp://{HOST}:{self.startTLSPort} {{
         log = self.procs.log("relay")
         self.assertIn("TLS handshake failed in", log)
         self.assertNotIn("Traceback", log)
+
+
+class PerIPLimitTests(SynchronousTestCase):
+    def test_allowedClientsExempt(self) -> None:
+        """
+        110 concurrent sessions from 127.0.0.1 are all greeted on a listener
+        that allows 127.0.0.0/8 with C{max_connections_per_ip 5}; with
+        C{limit_exceptions none} the sixth gets C{421 4.7.0}.
+        """
+        procs = Processes(self)
+        sinkPort, _ = procs.smtpSink()
+        exempt, limited = freePort(), freePort()
+        config = os.path.join(procs.dir, "relay.conf")
+        with open(config, "w") as f:
+            f.write(f"""
+hostname relay.test
+smtp tcp://{HOST}:{exempt} {{
+    allow 127.0.0.0/8
+    max_connections_per_ip 5
+    deliver_to smtp tcp://{HOST}:{sinkPort}
+}}
+smtp tcp://{HOST}:{limited} {{
+    allow 127.0.0.0/8
+    max_connections_per_ip 5
+    limit_exceptions none
+    deliver_to smtp tcp://{HOST}:{sinkPort}
+}}
+""")
+        procs.relay("--config", config, port=exempt)
+        for port, count, expected in ((exempt, 110, [b"220"] * 110),
+                                      (limited, 6, [b"220"] * 5 + [b"421"])):
+            sockets: list[socket.socket] = []
+            try:
+                replies = []
+                for _ in range(count):
+                    sockets.append(socket.create_connection((HOST, port), timeout=CLIENT_TIMEOUT))
+                    # Each is greeted (or refused) before the next connects.
+                    replies.append(sockets[-1].recv(4096)[:3])
+                self.assertEqual(replies, expected)
+            finally:
+                for sock in sockets:
+                    sock.close()
