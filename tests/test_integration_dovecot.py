@@ -62,8 +62,12 @@ class TempfailPolicyTests(DovecotTestCase):
     transaction; Dovecot's per-recipient verdicts become one reply.
     """
 
+    def setUp(self) -> None:
+        super().setUp()
+        self.relay = self.relayTo("tempfail")
+
     def send(self, recipients: list[str]) -> dict:
-        with smtplib.SMTP(HOST, self.relayTo("tempfail"), local_hostname="client.test", timeout=STARTUP) as client:
+        with smtplib.SMTP(HOST, self.relay, local_hostname="client.test", timeout=STARTUP) as client:
             return client.sendmail("s@example.org", recipients, MESSAGE)
 
     def test_allDelivered(self) -> None:
@@ -93,13 +97,17 @@ class TempfailPolicyTests(DovecotTestCase):
         """
         alice delivered, full over quota: no single reply is true for both,
         so the client gets a C{451} and will retry both (alice may get a
-        duplicate; nobody loses mail).
+        duplicate; nobody loses mail).  The relay logs what happened to
+        each recipient, as Dovecot said it.
         """
         with self.assertRaises(smtplib.SMTPDataError) as refused:
             self.send(["alice", "full"])
         self.assertEqual(refused.exception.smtp_code, 451)
         self.assertTrue(refused.exception.smtp_error.startswith(b"4."), refused.exception.smtp_error)
         self.waitForCopies(alice=1)
+        for line in (r": to=<alice> relay=\S+ status=sent reply=250 2\.0\.0 ",
+                     r": to=<full> relay=\S+ status=bounced reply=552 5\.2\.2 "):
+            waitFor(f"the relay's log line {line!r}", lambda: re.search(line, self.procs.log(f"relay-{self.relay}")))
 
 
 class LMTPListenerTests(DovecotTestCase):
