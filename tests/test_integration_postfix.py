@@ -128,7 +128,8 @@ class PostfixClientTests(SynchronousTestCase):
         once with the sink's own text, and sends the sender a
         non-delivery notification; the relay logs the rejection.
         """
-        sinkPort, dumps = self.procs.smtpSink(extra=["-f", "RCPT", "-B", "550 5.1.1 rcpt@example.net: no such user here"])
+        sinkPort, dumps = self.procs.smtpSink(
+            extra=["-f", "RCPT", "-B", "550 5.1.1 rcpt@example.net: no such user here"])
         relay = self.procs.relay("--target", f"tcp://{HOST}:{sinkPort}", "--hostname", "relay.test")
         client = self.clientFor(relay)
         client.sendmail("sender@example.org", ["rcpt@example.net"], MESSAGE)
@@ -138,8 +139,8 @@ class PostfixClientTests(SynchronousTestCase):
         client.waitForLog(r": sender non-delivery notification: ")
         self.assertRelayLogged(r": reject: RCPT from unknown\[127\.0\.0\.1\]: 550 5\.1\.1 rcpt@example\.net: "
                                r"no such user here; from=<sender@example\.org> to=<rcpt@example\.net> ")
-        self.assertNotIn("to=<rcpt@example.net>, relay=127.0.0.1[127.0.0.1]:%d, " % relay + "status=deferred",
-                         client.log())
+        self.assertNotIn("status=deferred", client.log())
+        sinkAborted(dumps)
 
     def test_starttlsFromPostfixToTheRelay(self) -> None:
         """
