@@ -5,9 +5,9 @@ TWISTD := $(VENV)/bin/twistd
 LISTEN ?= tcp://127.0.0.1:2525
 SINK ?= tcp://127.0.0.1:2526
 MAILDIR ?= $(CURDIR)/run/mail
-APT_TEST_PACKAGES := postfix swaks libnet-ssleay-perl dovecot-lmtpd haproxy
+APT_TEST_PACKAGES := postfix swaks libnet-ssleay-perl dovecot-core dovecot-lmtpd haproxy openssl
 
-.PHONY: run test venv test-deps soak bench clean
+.PHONY: run test venv test-deps soak image bench clean
 
 $(PY):
 	python3 -m venv $(VENV) || { [ "$$(id -u)" = 0 ] && apt-get update && \
@@ -15,7 +15,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(VENV)/.installed: $(PY) setup.cfg pyproject.toml
-	$(PY) -m pip install -q -e '.[metrics]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e '.[metrics]'
 	touch $@
 
 # Byte-compiled once here: a relay that compiles its own modules at every start
@@ -34,14 +34,15 @@ run: venv
 	@trap 'kill `cat run/sink.pid` 2>/dev/null' EXIT INT TERM; \
 	  $(TWISTD) -n --pidfile= smtprelay --listen $(LISTEN) --target $(SINK)
 
-## test-deps: the test extras in the venv and, as root, the real peers from Debian
+## test-deps: the test extras in the venv and, as root, the real peers and podman from Debian
 test-deps: venv
-	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
-	@if [ "$$(id -u)" = 0 ] && ! { command -v smtp-sink && command -v swaks && command -v dovecot && command -v haproxy && perl -MNet::SSLeay -e1; } >/dev/null 2>&1; then \
+	$(PY) -m pip install -q -e '.[test]'
+	@if [ "$$(id -u)" = 0 ] && ! { command -v smtp-sink && command -v swaks && command -v dovecot && command -v haproxy && command -v openssl && perl -MNet::SSLeay -e1; } >/dev/null 2>&1; then \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_TEST_PACKAGES) >/dev/null; \
 	  postfix status >/dev/null 2>&1 && postfix stop || true; \
 	fi
+	@if [ "$$(id -u)" = 0 ] && ! command -v podman >/dev/null; then sh contrib/container/container.sh setup >/dev/null; fi
 
 ## test: the whole trial suite (unit and integration)
 test: test-deps
@@ -50,6 +51,10 @@ test: test-deps
 ## soak: the load tests ten times longer (150,000 messages; not part of make test)
 soak: test-deps
 	SMTPRELAY_LOAD_SCALE=10 $(PY) -m twisted.trial tests.test_load
+
+## image: the container image localhost/smtprelay (podman; see contrib/container/build.sh)
+image:
+	sh contrib/container/build.sh
 
 bench: venv
 	sh benchmarks/run.sh

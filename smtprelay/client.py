@@ -84,12 +84,15 @@ class AttemptFailed(Exception):
         configuration: its credentials were refused, the mechanism is not
         offered, or no verified TLS carries the password.  A fault of the
         relay's configuration, never the message's: a temporary failure.
+    @ivar stage: the step that failed, for logs: C{connect}, C{greeting},
+        C{tls} (implicit TLS), C{ehlo}, C{starttls} or C{auth}.
     """
 
     def __init__(
         self,
         reason: str,
         *,
+        stage: str = "",
         backoff: bool = False,
         noTLS: bool = False,
         retryPlain: bool = False,
@@ -98,6 +101,7 @@ class AttemptFailed(Exception):
     ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.stage = stage
         self.backoff = backoff
         self.noTLS = noTLS
         self.retryPlain = retryPlain
@@ -163,6 +167,8 @@ class SMTPClientProtocol(LineReceiver):
     @ivar address: the endpoint this connection goes to (set by
         L{smtprelay.failover.Failover}).
     @ivar connectedAt: when the connection was opened (C{clock} seconds).
+    @ivar lastVerb: the verb of the last command sent (for logs), or
+        C{b""}.
     """
 
     delimiter = b"\r\n"
@@ -181,6 +187,7 @@ class SMTPClientProtocol(LineReceiver):
         self.greeting: Deferred[Reply] = Deferred()
         self.address: Address | None = None
         self.connectedAt = clock.seconds()
+        self.lastVerb = b""
         self._clock = clock
         self._debug = target.debug
         self._waiting: deque[tuple[Deferred[Reply], Check]] = deque()
@@ -229,6 +236,7 @@ class SMTPClientProtocol(LineReceiver):
             handshake.errback(
                 AttemptFailed(
                     f"TLS handshake with {self.peer} failed",
+                    stage="starttls",
                     noTLS=True,
                     retryPlain=True,
                 )
@@ -355,6 +363,8 @@ class SMTPClientProtocol(LineReceiver):
     def _write(self, line: bytes, d: Deferred[Reply], check: Check, secret: bool) -> None:
         if self._debug:
             self._trace("C", _redactCommand(line) if line[:5].upper() == b"AUTH " else b"****" if secret else line)
+        if not secret or line[:5].upper() == b"AUTH ":  # never a 334 answer
+            self.lastVerb = line.split(b" ", 1)[0].upper()
         if not self._waiting:
             self._armTimer()
         self._waiting.append((d, check))
@@ -413,7 +423,9 @@ class SMTPClientProtocol(LineReceiver):
                 return r
             if self._lines or self.clearLineBuffer():
                 self._abortWith(replies.DOWNSTREAM_LOST, f"data injected after STARTTLS by {self.peer}")
-                raise AttemptFailed(f"data injected after STARTTLS by {self.peer}", noTLS=True)
+                raise AttemptFailed(
+                    f"data injected after STARTTLS by {self.peer}", stage="starttls", noTLS=True
+                )
             handshake: Deferred[None] = Deferred()
             self._handshake = handshake
             self.capabilities = {}

@@ -108,14 +108,19 @@ class Failover:
         return awake or list(self.target.endpoints)
 
     def open(
-        self, credentials: Credentials | None = None, mail: tuple[bytes, Params] | None = None
+        self,
+        credentials: Credentials | None = None,
+        mail: tuple[bytes, Params] | None = None,
+        sessionId: str = "-",
     ) -> Deferred[tuple[IDownstream, Reply | None]]:
         """
         Fire with C{(session, MAIL reply or None)} from the first endpoint
         that completes the steps; a permanent MAIL reply is returned too.
+        Each failed attempt is logged, even when a later one succeeds.
 
         @param credentials: the client's own, for C{auth forward}.
         @param mail: C{(sender, params)} to send MAIL as the last step.
+        @param sessionId: the client session's id, for the logs.
         @raise DownstreamError: C{451 4.4.1} when every endpoint failed
             (C{4.7.5} when C{require_tls} eliminated them, C{4.4.4} when
             all were DNS failures, C{454 4.7.0} when the relay could
@@ -123,7 +128,7 @@ class Failover:
             the client's credentials refused (C{auth forward});
             C{554 5.4.6} when a target is ourselves.
         """
-        return self._open(credentials, mail)  # type: ignore[return-value]
+        return self._open(credentials, mail, sessionId)  # type: ignore[return-value]
 
     def release(self, session: IDownstream) -> None:
         """
@@ -202,7 +207,7 @@ class Failover:
 
     @inlineCallbacks
     def _open(
-        self, credentials: Credentials | None, mail: tuple[bytes, Params] | None
+        self, credentials: Credentials | None, mail: tuple[bytes, Params] | None, sessionId: str
     ) -> Generator[Deferred[Any], Any, tuple[IDownstream, Reply | None]]:
         target = self.target
         if mail is not None and credentials is None and self._idle:
@@ -228,6 +233,7 @@ class Failover:
                     raise DownstreamError(replies.LOOP, f"{address} greets with our own token")
                 except AttemptFailed as e:
                     self._metrics.attempt(target.name, _result(e))
+                    self._logFailure(sessionId, address, e.stage, e.reason)
                     reasons.append(f"{address}: {e.reason}")
                     allDNS = allDNS and e.dns
                     allNoTLS = allNoTLS and e.noTLS
@@ -256,11 +262,13 @@ class Failover:
                     reply = yield session.mail(*mail)
                 except DownstreamError as e:
                     self._metrics.attempt(target.name, "mail")
+                    self._logFailure(sessionId, address, "mail", e.reason)
                     reasons.append(f"{address}: MAIL: {e.reason}")
                     allDNS = allNoTLS = allAuth = False
                     break
                 if reply.transient:
                     self._metrics.attempt(target.name, "mail")
+                    self._logFailure(sessionId, address, "mail", reply.summary)
                     reasons.append(f"{address}: MAIL: {reply.code} {reply.text}")
                     allDNS = allNoTLS = allAuth = False
                     session.quit()
@@ -277,6 +285,21 @@ class Failover:
         if reasons and allAuth:
             raise DownstreamError(replies.DOWNSTREAM_AUTH, reason)
         raise DownstreamError(replies.NO_DOWNSTREAM, reason)
+
+    def _logFailure(self, sessionId: str, address: Address, stage: str, reason: str) -> None:
+        """
+        One line per failed attempt, as Postfix logs each MX it could not
+        use: the target, the endpoint, the step that failed and why.
+        """
+        self._log.info(
+            "{session}: target {target}: {endpoint} failed at {stage}: {reason}",
+            attempt=True,
+            session=sessionId,
+            target=self.target.name,
+            endpoint=str(address),
+            stage=stage,
+            reason=reason,
+        )
 
     def _rest(self, address: Address) -> None:
         if self.target.backoff > 0:
@@ -304,9 +327,9 @@ class Failover:
         try:
             yield connecting
         except DNSLookupError:
-            raise AttemptFailed(f"cannot resolve {address.host}", backoff=True, dns=True)
+            raise AttemptFailed(f"cannot resolve {address.host}", stage="connect", backoff=True, dns=True)
         except Exception as e:  # noqa: BLE001 - any connect failure means "next target"
-            raise AttemptFailed(f"connect failed: {type(e).__name__}: {e}", backoff=True)
+            raise AttemptFailed(f"connect failed: {type(e).__name__}: {e}", stage="connect", backoff=True)
         finally:
             if timer.active():
                 timer.cancel()
@@ -339,6 +362,7 @@ class Failover:
                 self._metrics.tlsHandshake("outbound", False)
             raise AttemptFailed(
                 f"no greeting: {'TLS handshake failed' if failedTLS else e.reason}",
+                stage="tls" if failedTLS else "greeting",
                 backoff=not failedTLS,
                 noTLS=failedTLS,
             )
@@ -347,7 +371,7 @@ class Failover:
             raise _Loop()
         if greeting.code != 220:
             protocol.quit()
-            raise AttemptFailed(f"greeting {greeting.code} {greeting.text}", backoff=True)
+            raise AttemptFailed(f"greeting {greeting.code} {greeting.text}", stage="greeting", backoff=True)
         try:
             yield self._hello(protocol)
             needTLS = target.requireTLS or target.auth.mechanism != "off"
@@ -359,7 +383,7 @@ class Failover:
                     yield self._hello(protocol)
                 elif needTLS:
                     raise AttemptFailed(
-                        f"STARTTLS refused: {started.code} {started.text}", noTLS=True
+                        f"STARTTLS refused: {started.code} {started.text}", stage="starttls", noTLS=True
                     )
             self._judgeTLS(protocol)
             yield self._authenticate(protocol, credentials)
@@ -367,7 +391,7 @@ class Failover:
             protocol.abort()
             if e.reply.permanent:
                 raise  # the downstream's verdict on the client's credentials
-            raise AttemptFailed(e.reason)
+            raise AttemptFailed(e.reason, stage=_STAGES.get(protocol.lastVerb, "ehlo"))
         except AttemptFailed as e:
             protocol.abort()
             if e.retryPlain:
@@ -401,23 +425,26 @@ class Failover:
         if target.requireTLS and not trusted:
             raise AttemptFailed(
                 "no TLS available" if tls is None else f"TLS peer not verified: {protocol.untrusted}",
+                stage="starttls",
                 noTLS=True,
             )
         mechanism = target.auth.mechanism
         if mechanism == "off":
             return
         if tls is None:
-            raise AttemptFailed(f"AUTH {mechanism} needs TLS, which was not available", noTLS=True)
+            raise AttemptFailed(f"{mechanism} authentication needs TLS, which was not available", stage="auth", noTLS=True)
         if mechanism != "external" and not trusted:
             raise self._authFault(
-                protocol, f"AUTH {mechanism} needs a verified TLS peer ({protocol.untrusted})"
+                protocol, f"{mechanism} authentication needs a verified TLS peer ({protocol.untrusted})"
             )
 
     @inlineCallbacks
     def _hello(self, protocol: SMTPClientProtocol) -> Generator[Deferred[Any], Any, None]:
         r = yield protocol.hello(self.target.hostname)
         if r.code != 250:
-            raise AttemptFailed(f"{'LHLO' if protocol.lmtp else 'EHLO/HELO'} refused: {r.code} {r.text}")
+            raise AttemptFailed(
+                f"{'LHLO' if protocol.lmtp else 'EHLO/HELO'} refused: {r.code} {r.text}", stage="ehlo"
+            )
 
     @inlineCallbacks
     def _authenticate(
@@ -430,7 +457,7 @@ class Failover:
         offered = protocol.capabilities.get("AUTH", "").upper().split()
         if mechanism == "forward":
             if credentials is None:
-                raise AttemptFailed("auth forward without client credentials")
+                raise AttemptFailed("no client credentials to forward", stage="auth")
             wire = "login" if "PLAIN" not in offered and "LOGIN" in offered else "plain"
         elif mechanism in ("plain", "login"):
             assert auth.username is not None and auth.password is not None
@@ -439,16 +466,16 @@ class Failover:
         else:
             wire = "external"
         if wire.upper() not in offered:
-            raise self._authFault(protocol, f"AUTH {wire.upper()} not offered")
+            raise self._authFault(protocol, f"{wire.upper()} authentication not offered")
         r = yield protocol.authenticate(wire, credentials)
         if r.code == 235:
             return
         if mechanism == "forward":
             if r.permanent:
                 # The client's own credentials: its verdict (SPEC §4.6).
-                raise DownstreamError(r, f"AUTH {wire.upper()} refused by {protocol.peer}: {r.code}")
-            raise AttemptFailed(f"AUTH {wire.upper()} failed at {protocol.peer}: {r.code} {r.text}")
-        raise self._authFault(protocol, f"AUTH {wire.upper()} refused: {r.code} {r.text}")
+                raise DownstreamError(r, f"{wire.upper()} authentication refused by {protocol.peer}: {r.code}")
+            raise AttemptFailed(f"{wire.upper()} authentication failed at {protocol.peer}: {r.code} {r.text}", stage="auth")
+        raise self._authFault(protocol, f"{wire.upper()} authentication refused: {r.code} {r.text}")
 
     def _authFault(self, protocol: SMTPClientProtocol, reason: str) -> AttemptFailed:
         """
@@ -460,7 +487,11 @@ class Failover:
             "target {target}: cannot authenticate at {peer}: {reason}",
             target=self.target.name, peer=protocol.peer, reason=reason,
         )
-        return AttemptFailed(f"{reason} at {protocol.peer}", auth=True)
+        return AttemptFailed(f"{reason} at {protocol.peer}", stage="auth", auth=True)
+
+
+_STAGES = {b"STARTTLS": "starttls", b"AUTH": "auth"}
+"""The stage of a connection lost in reply to a command (else C{ehlo})."""
 
 
 def _result(failure: AttemptFailed) -> str:

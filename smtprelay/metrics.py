@@ -12,7 +12,7 @@ C{twisted.web} (a few megabytes of memory) only when it is served.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
@@ -249,20 +249,24 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def metricsResource(metrics: Metrics) -> IResource:
+def metricsResource(metrics: Metrics, serving: Callable[[], bool]) -> IResource:
     """
     The web resource to put at the root of a site: serves C{metrics} on
-    C{/metrics} (GET and HEAD), 404 elsewhere.
+    C{/metrics} and the liveness check on C{/healthz} (200 while
+    C{serving()} is true, else 503), both GET and HEAD; 404 elsewhere.
     """
     from ._metricsweb import MetricsResource
 
-    return MetricsResource(metrics)
+    return MetricsResource(metrics, serving)
 
 
-def metricsService(address: Address, metrics: Metrics, reactor: Any) -> IService:
+def metricsService(
+    address: Address, metrics: Metrics, reactor: Any, serving: Callable[[], bool]
+) -> IService:
     """
-    A service that serves C{metrics} over HTTP on C{address} (C{tcp://} or
-    C{unix://}; there is no TLS for metrics, put a proxy in front for that).
+    A service that serves L{metricsResource} over HTTP on C{address}
+    (C{tcp://} or C{unix://}; there is no TLS for metrics, put a proxy in
+    front for that).
 
     @raise ValueError: for a C{tls://} address.
     """
@@ -271,4 +275,4 @@ def metricsService(address: Address, metrics: Metrics, reactor: Any) -> IService
     from ._metricsweb import QuietSite
 
     endpoint = serverEndpoint(reactor, address)
-    return StreamServerEndpointService(endpoint, QuietSite(metricsResource(metrics)))
+    return StreamServerEndpointService(endpoint, QuietSite(metricsResource(metrics, serving)))

@@ -36,6 +36,7 @@ from zope.interface import implementer
 from . import replies
 from .config.model import Destinations, Listener
 from .metrics import IMetrics, NullMetrics
+from .logs import logReject
 from .interfaces import (
     ClientSession,
     Credentials,
@@ -160,19 +161,24 @@ class RelaySession:
                 return error.reply.sanitized()
             return self._local(replies.AUTH_TEMPFAIL)
 
-        return route.open(credentials=credentials).addCallbacks(bound, refused)
+        return route.open(credentials=credentials, sessionId=self.session.id).addCallbacks(
+            bound, refused
+        )
 
     def mail(self, sender: bytes, params: Params) -> Deferred[Reply]:
         """
         Route the transaction by its sender.  Open (or reuse) the
         downstream session and send MAIL, and the client gets the
         downstream's reply; or, when the target depends on the recipients,
-        a local 250.
+        a local 250.  A refusal is logged.
         """
+        return self._mail(sender, params).addCallback(self._logRefusal, "MAIL", sender)
+
+    def _mail(self, sender: bytes, params: Params) -> Deferred[Reply]:
         self._resetTransaction()
         choice = self._router.bySender(sender)
         if isinstance(choice, Reply):
-            return succeed(self._rejected("MAIL FROM", sender, choice))
+            return succeed(choice)
         self._sender = sender
         self._started = self._clock.seconds()
         if self.session.user is None:
@@ -190,11 +196,17 @@ class RelaySession:
         first routed recipient chooses it and opens the downstream session
         (the MAIL reply, if not positive, is this RCPT's and every later
         one's); one routed elsewhere gets C{451 4.5.3}.  Then relay RCPT.
+        A refusal is logged.
         """
+        return self._routeRcpt(recipient, params).addCallback(
+            self._logRefusal, "RCPT", recipient
+        )
+
+    def _routeRcpt(self, recipient: bytes, params: Params) -> Deferred[Reply]:
         if self._destinations is not None:
             choice = self._router.byRecipient(self._destinations, recipient)
             if isinstance(choice, Reply):
-                return succeed(self._rejected("RCPT TO", recipient, choice))
+                return succeed(choice)
             if self._route is None:
                 self._route = choice
                 return self._mailWhenIdle().addCallback(self._rcptAfterMail, recipient, params)
@@ -232,8 +244,11 @@ class RelaySession:
     def data(self, producer: IPushProducer) -> Deferred[Reply]:
         """
         Send DATA downstream; only its 354 opens the body, which starts
-        with our C{Received:} header.
+        with our C{Received:} header.  A refusal is logged.
         """
+        return self._data(producer).addCallback(self._logRefusal, "DATA", None)
+
+    def _data(self, producer: IPushProducer) -> Deferred[Reply]:
         downstream = self._downstream
         if not self._accepted:
             return succeed(self._local(replies.NO_VALID_RECIPIENTS))
@@ -271,9 +286,13 @@ class RelaySession:
 
         def finished(results: Sequence[Reply]) -> Sequence[Reply]:
             self._ending = False
-            final = self._mapFinal([self._relayed(r) for r in results])
+            relayed = [self._relayed(r) for r in results]
+            final = self._mapFinal(relayed)
+            # An LMTP target's one reply per recipient is each one's status.
+            perRecipient = downstream.lmtp and len(relayed) == len(self._accepted)
             self._logTransaction(
-                _status(final), final[0], downstream, self._clock.seconds() - self._dotSent
+                *_outcome(final), downstream, self._clock.seconds() - self._dotSent,
+                list(zip(self._accepted, relayed)) if perRecipient else (),
             )
             if self._closed:
                 self._dropDownstream(abort=False)
@@ -289,7 +308,7 @@ class RelaySession:
             # The recipients the downstream answered keep their verdict;
             # only the missing ones are temporary failures.
             final = self._mapFinal(received + [reply] * (len(self._accepted) - len(received)))
-            self._logTransaction(_status(final), reply, downstream)
+            self._logTransaction(_outcome(final)[0], reply, downstream)
             return final
 
         return downstream.endData().addCallbacks(finished, failed)
@@ -322,7 +341,7 @@ class RelaySession:
         self._closed = True
         if self._inBody:
             self._inBody = False
-            self._logTransaction("aborted", replies.DOWNSTREAM_LOST, self._downstream)
+            self._logTransaction("aborted", CLIENT_GONE, self._downstream)
             self._dropDownstream(abort=True)
         elif not self._ending:
             self._dropDownstream(abort=False)
@@ -391,9 +410,9 @@ class RelaySession:
             assert reply is not None
             return self._relayed(reply)
 
-        return route.open(credentials=self._credentials, mail=(sender, params)).addCallbacks(
-            opened, self._failed
-        )
+        return route.open(
+            credentials=self._credentials, mail=(sender, params), sessionId=self.session.id
+        ).addCallbacks(opened, self._failed)
 
     def _relayed(self, reply: Reply) -> Reply:
         """
@@ -405,18 +424,25 @@ class RelaySession:
     def _local(self, reply: Reply) -> Reply:
         return reply.withSession(self.session.id)
 
-    def _rejected(self, command: str, address: bytes, reply: Reply) -> Reply:
+    def _logRefusal(self, reply: Reply, command: str, address: bytes | None) -> Reply:
         """
-        A C{reject} routing rule's reply, logged as Postfix logs its
-        rejections.
+        Log C{reply} if it refuses the client's C{command} (a routing
+        rule's C{reject}, the downstream's verdict or the relay's own
+        temporary failure), as Postfix logs its rejections.
+
+        @param address: the sender of C{MAIL}, the recipient of C{RCPT}.
         """
-        self._log.info(
-            "{session}: reject: {command}:<{address}>: {reply}",
-            session=self.session.id,
-            command=command,
-            address=address.decode("utf-8", "replace"),
-            reply=reply.summary,
-        )
+        if reply.code >= 400:
+            sender = address if command == "MAIL" else self._sender
+            logReject(
+                self._log,
+                self.session,
+                command,
+                reply,
+                sender,
+                address if command == "RCPT" else None,
+                self._downstream.peer if self._downstream is not None else "none",
+            )
         return reply
 
     def _failed(self, failure: Failure) -> Reply:
@@ -496,14 +522,21 @@ class RelaySession:
     def _logTransaction(
         self,
         status: str,
-        reply: Reply,
+        reply: Reply | str,
         downstream: IDownstream | None = None,
         endOfDataSeconds: float | None = None,
+        recipients: Sequence[tuple[bytes, Reply]] = (),
     ) -> None:
         """
-        The one log event per transaction (SPEC §5), and its metrics.  The
-        event is taken now and emitted on the next reactor turn, after the
-        client's reply has been sent: formatting it is not the client's wait.
+        The one log event per transaction (SPEC §5), then one per recipient
+        in C{recipients}, and the metrics.  The events are taken now and
+        emitted on the next reactor turn, after the client's reply has been
+        sent: formatting them is not the client's wait.
+
+        @param reply: the reply that shows C{status}, or the cause of an
+            abort that no reply tells.
+        @param recipients: each recipient with its own final reply, when
+            the downstream gave one per recipient (LMTP).
         """
         session = self.session
         self._metrics.transaction(
@@ -520,16 +553,33 @@ class RelaySession:
             tls=_trust(downstream),
             delay=self._clock.seconds() - self._started,
             status=status,
-            reply=reply.summary,
+            reply=reply if isinstance(reply, str) else reply.summary,
             transaction=True,
         )
-        self._clock.callLater(0, lambda: self._log.info(_TRANSACTION_FORMAT, **fields))
+        self._clock.callLater(0, self._emitTransaction, fields, recipients)
+
+    def _emitTransaction(self, fields: dict[str, object], recipients: Sequence[tuple[bytes, Reply]]) -> None:
+        self._log.info(_TRANSACTION_FORMAT, **fields)
+        for recipient, reply in recipients:
+            self._log.info(
+                _DELIVERY_FORMAT,
+                delivery=True,
+                session=fields["session"],
+                recipient=recipient.decode("utf-8", "replace"),
+                relay=fields["relay"],
+                status=_outcome([reply])[0],
+                reply=reply.summary,
+            )
 
 
 _TRANSACTION_FORMAT = (
     "{session}: from=<{sender}> to={to} size={size} relay={relay} "
     "tls={tls} delay={delay:.3f} status={status} reply={reply}"
 )
+_DELIVERY_FORMAT = "{session}: to=<{recipient}> relay={relay} status={status} reply={reply}"
+
+CLIENT_GONE = "client connection closed during DATA"
+"""The cause logged for a body the client did not finish."""
 
 
 def _trust(downstream: IDownstream | None) -> str:
@@ -543,12 +593,16 @@ def _trust(downstream: IDownstream | None) -> str:
     return "verified" if downstream.tls.verified else "untrusted"
 
 
-def _status(final: Sequence[Reply]) -> str:
+def _outcome(final: Sequence[Reply]) -> tuple[str, Reply]:
     """
-    Postfix's words for a transaction's outcome.
+    Postfix's word for the outcome of replies to one transaction (deferred
+    if any is temporary, else bounced if any is permanent, else sent) and
+    the first reply that shows it.
     """
-    if all(r.positive for r in final):
-        return "sent"
-    if any(r.transient for r in final):
-        return "deferred"
-    return "bounced"
+    for reply in final:
+        if reply.transient:
+            return "deferred", reply
+    for reply in final:
+        if reply.permanent:
+            return "bounced", reply
+    return "sent", final[0]

@@ -38,6 +38,7 @@ from .addresses import EnvelopeError, parseMail, parseRcpt
 from .body import DataScanner
 from .config.model import Listener
 from .interfaces import ClientSession, IRelayHandler, TLSInfo
+from .logs import logReject
 from .metrics import IMetrics, NullMetrics
 from .replies import Reply, reply
 from .wire import writeNow
@@ -459,6 +460,18 @@ class SMTPServerProtocol(Protocol):
         self.factory.metrics.rejected(reason)
         self._reply(r.withSession(self.session.id))
 
+    def _refuse(
+        self, command: str, r: Reply, reason: str, sender: bytes | None = None,
+        recipient: bytes | None = None,
+    ) -> None:
+        """
+        A policy or syntax refusal of C{MAIL}, C{RCPT} or C{DATA}: logged as
+        the relay logs every refused command (L{logReject}), then answered
+        as L{_error}.
+        """
+        logReject(self._log, self.session, command, r.withSession(self.session.id), sender, recipient)
+        self._error(r, reason)
+
     def _flush(self) -> None:
         if self._out and self.transport is not None and not self._closed:
             data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
@@ -667,19 +680,19 @@ class SMTPServerProtocol(Protocol):
             self._error(_NESTED_MAIL, "bad_sequence")
             return
         if self._listener.requireTLS and not self._tlsActive and not self._unix:
-            self._error(replies.STARTTLS_FIRST, "tls_required")
+            self._refuse("MAIL", replies.STARTTLS_FIRST, "tls_required")
             return
         if self._listener.kind == "submission" and not self._relayAllowed():
-            self._error(replies.AUTH_REQUIRED, "auth_required")
+            self._refuse("MAIL", replies.AUTH_REQUIRED, "auth_required")
             return
         try:
             sender, params = parseMail(argument)
         except EnvelopeError as e:
-            self._error(e.reply, "syntax")
+            self._refuse("MAIL", e.reply, "syntax")
             return
         size = params.get("SIZE")
         if size is not None and int(size) > self._listener.maxMessageSize:
-            self._error(replies.MESSAGE_TOO_BIG, "too_big")
+            self._refuse("MAIL", replies.MESSAGE_TOO_BIG, "too_big", sender)
             return
         smtputf8 = "SMTPUTF8" in params
         if not self._relayAllowed():
@@ -709,14 +722,14 @@ class SMTPServerProtocol(Protocol):
         try:
             recipient, params = parseRcpt(argument, self.session.smtputf8)
         except EnvelopeError as e:
-            self._error(e.reply, "syntax")
+            self._refuse("RCPT", e.reply, "syntax", self._sender)
             return
         self._rcptTried = True
         if not self._relayAllowed():
-            self._error(replies.RELAY_DENIED, "relay_denied")
+            self._refuse("RCPT", replies.RELAY_DENIED, "relay_denied", self._sender, recipient)
             return
         if self._accepted >= self._listener.maxRecipients:
-            self._error(replies.TOO_MANY_RECIPIENTS, "too_many_recipients")
+            self._refuse("RCPT", replies.TOO_MANY_RECIPIENTS, "too_many_recipients", self._sender, recipient)
             return
         assert self.handler is not None
 
@@ -735,8 +748,11 @@ class SMTPServerProtocol(Protocol):
         if self._sender is None:
             self._error(_NEED_MAIL, "bad_sequence")
             return
+        if not self._accepted and self._rcptTried:
+            self._refuse("DATA", replies.NO_VALID_RECIPIENTS, "bad_sequence", self._sender)
+            return
         if not self._accepted:
-            self._error(replies.NO_VALID_RECIPIENTS if self._rcptTried else _NEED_RCPT, "bad_sequence")
+            self._error(_NEED_RCPT, "bad_sequence")
             return
         assert self.handler is not None
         pauser = _Pauser(self, "body")

@@ -96,6 +96,13 @@ class RelayService(MultiService):
             else:
                 _log.info("TLS certificates reloaded")
 
+    def serving(self) -> bool:
+        """
+        Whether the relay serves: started, not stopping, and every listener
+        running (a port that cannot be bound stops the process instead).
+        """
+        return bool(self.running) and all(service.running for service in self._listeners)
+
     def privilegedStartService(self) -> None:
         # Bind the ports now, while twistd may still be root (--uid/--gid).
         super().privilegedStartService()
@@ -162,7 +169,7 @@ def makeService(config: Config, reactor: Any) -> RelayService:
     metrics: IMetrics = NullMetrics()
     if config.metrics is not None:
         metrics = Metrics()
-        root.addListener(None, metricsService(config.metrics, metrics, reactor))
+        root.addListener(None, metricsService(config.metrics, metrics, reactor, root.serving))
     failovers = root.failovers
 
     def routeFor(target: Target) -> Route:

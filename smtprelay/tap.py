@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 from twisted.python import usage
@@ -19,6 +19,7 @@ from twisted.python import usage
 from . import config as configuration
 from .config.model import LOOPBACK, Address, Config, Listener, Target
 from . import service
+from .files import fileErrors
 
 DEFAULT_CONFIG = "/etc/smtprelay/relay.conf"
 QUICK_START_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
@@ -27,7 +28,12 @@ QUICK_START_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 class Options(usage.Options):
     synopsis = "[--config PATH | --listen ADDRESS... --target ADDRESS...] [--lmtp] [--check]"
-    longdesc = """\
+    longdesc = ""
+    """
+    Empty: C{usage.Options} wraps C{longdesc} into one paragraph, which
+    would run the examples together; L{getUsage} appends L{description}.
+    """
+    description = """\
 A transparent, queue-less SMTP & LMTP forwarding relay.  Every transaction is
 forwarded, while the client waits, to the first reachable target; the client
 sees the target's own replies.
@@ -39,9 +45,9 @@ Examples:
   twistd -n smtprelay --listen unix:///run/smtprelay/lmtp.sock \\
          --target unix:///run/dovecot/lmtp --lmtp
 
-Without --config, clients on loopback only may relay through --listen to
-the --target addresses (tried in order), messages up to 64M.  ADDRESS is tcp://HOST:PORT,
-tls://HOST:PORT (implicit TLS) or unix:///PATH.
+Without --config, clients on loopback only may relay through --listen to the
+--target addresses (tried in order), messages up to 64M.  ADDRESS is
+tcp://HOST:PORT, tls://HOST:PORT (implicit TLS) or unix:///PATH.
 """
 
     optFlags = [
@@ -58,6 +64,12 @@ tls://HOST:PORT (implicit TLS) or unix:///PATH.
         super().__init__()
         self["listen"] = []
         self["target"] = []
+
+    def getUsage(self, width: int | None = None) -> str:
+        """
+        The option table, then L{description} line for line.
+        """
+        return f"{super().getUsage(width)}\n{self.description}"
 
     def opt_listen(self, address: str) -> None:
         """
@@ -124,19 +136,27 @@ def configFromOptions(options: Options) -> Config:
     return Config(hostname=hostname, listeners=(listener,), targets=(target,), metrics=options["metrics"])
 
 
+def _fail(errors: list[str]) -> NoReturn:
+    for line in errors:
+        print(line, file=sys.stderr)
+    raise SystemExit(2)
+
+
 def makeService(options: Options, reactor: Any = None) -> service.RelayService:
     """
-    What twistd calls: load, check, build.  Errors end the process with
-    one line per problem and status 2.
+    What twistd (and C{relay.tac}) calls: load, check the configuration and
+    the files it names, build.  Errors end the process with one line per
+    problem and status 2.
     """
     try:
         loaded = configFromOptions(options)
     except configuration.ConfigError as e:
-        for line in e.errors:
-            print(line, file=sys.stderr)
-        raise SystemExit(2)
+        _fail(e.errors)
     for warning in configuration.secretFileWarnings(loaded.source):
         print(warning, file=sys.stderr)
+    errors = fileErrors(loaded)
+    if errors:
+        _fail(errors)
     if options["check"]:
         print(f"{loaded.source}: OK")
         raise SystemExit(0)

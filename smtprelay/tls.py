@@ -40,12 +40,48 @@ _VERSIONS = {
 
 
 def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    """
+    @raise ValueError: C{PATH: cannot read: REASON}.
+    """
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror}") from None
 
 
 def _certificates(path: str) -> list[ssl.Certificate]:
-    return [ssl.Certificate.loadPEM(pem) for pem in _PEM_CERT.findall(_read(path))]
+    """
+    The PEM certificates in C{path}, at least one.
+
+    @raise ValueError: C{PATH: reason}.
+    """
+    pems = _PEM_CERT.findall(_read(path))
+    if not pems:
+        raise ValueError(f"{path}: no PEM certificate found")
+    try:
+        return [ssl.Certificate.loadPEM(pem) for pem in pems]
+    except crypto.Error:
+        raise ValueError(f"{path}: not a valid PEM certificate") from None
+
+
+def _privateCertificate(certPath: str, keyPath: str) -> tuple[list[ssl.Certificate], ssl.KeyPair]:
+    """
+    The certificate chain in C{certPath} and the private key in
+    C{keyPath}, which must belong to its first certificate.
+
+    @raise ValueError: C{PATH: reason}.
+    """
+    chain = _certificates(certPath)
+    try:
+        # An empty passphrase: an encrypted key fails here instead of
+        # prompting on the terminal.
+        key = ssl.KeyPair(crypto.load_privatekey(crypto.FILETYPE_PEM, _read(keyPath), b""))
+    except crypto.Error:
+        raise ValueError(f"{keyPath}: not an unencrypted PEM private key") from None
+    if not key.matches(chain[0].getPublicKey()):
+        raise ValueError(f"{keyPath}: does not match the certificate in {certPath}")
+    return chain, key
 
 
 def _versionOptions(protocols: tuple[str, str | None]) -> dict[str, Any]:
@@ -94,8 +130,8 @@ class ClientOptions:
     hold the OpenSSL context.
 
     @param hostname: the host connected to (a name or IP literal).
-    @raise ValueError: an unknown curve name.
-    @raise OSError: a file cannot be read.
+    @raise ValueError: an unknown curve name; a file that cannot be read
+        or does not hold what it should (C{PATH: reason}).
 
     @ivar serverName: the name verified (DNS-ID or IP-ID, never the CN)
         and sent as SNI (unless an IP literal).
@@ -106,8 +142,8 @@ class ClientOptions:
     def __init__(self, tls: ClientTLS, hostname: str) -> None:
         extra: dict[str, Any] = {**_versionOptions(tls.protocols), **_cipherOptions(tls.ciphers)}
         if tls.cert and tls.key:
-            client = ssl.PrivateCertificate.loadPEM(_read(tls.cert) + b"\n" + _read(tls.key))
-            extra.update(privateKey=client.privateKey.original, certificate=client.original)
+            chain, key = _privateCertificate(tls.cert, tls.key)
+            extra.update(privateKey=key.original, certificate=chain[0].original)
         # VERIFY_NONE: OpenSSL still checks the chain against the roots
         # loaded below and keeps the result for verify(); it just does not
         # abort the handshake over it.
@@ -190,10 +226,7 @@ class ReloadableServerOptions:
 
     def _load(self) -> ssl.CertificateOptions:
         config = self.config
-        chain = _certificates(config.cert)
-        if not chain:
-            raise ValueError(f"{config.cert}: no PEM certificate found")
-        key = ssl.KeyPair.load(_read(config.key), crypto.FILETYPE_PEM)
+        chain, key = _privateCertificate(config.cert, config.key)
         extra: dict[str, Any] = {
             **_versionOptions(config.protocols),
             **_cipherOptions(config.ciphers),
@@ -210,7 +243,7 @@ class ReloadableServerOptions:
             extraCertChain=[c.original for c in chain[1:]],
             **extra,
         )
-        options.getContext()  # a key that does not match fails here, not in a handshake
+        options.getContext()  # the context's errors come now, not in a handshake
         return options
 
     def reload(self) -> None:
@@ -233,8 +266,8 @@ def serverOptions(tls: ServerTLS) -> ReloadableServerOptions:
     """
     Server TLS options for STARTTLS and C{tls://} listeners.
 
-    @raise ValueError: no certificate in the file, or the key does not
-        match.
-    @raise OSError: a file cannot be read.
+    @raise ValueError: a file that cannot be read or does not hold what it
+        should (C{PATH: reason}): no PEM certificate, no unencrypted PEM
+        key, a key that does not match the certificate.
     """
     return ReloadableServerOptions(tls)

@@ -854,11 +854,11 @@ class SecretTests(SynchronousTestCase):
         open(empty, "w").close()
         self.assertEqual(
             _errors(_listen("deliver_to smtp tcp://x:25 {", f"auth plain u file:{missing}", "}")),
-            [f"relay.conf:4: auth: cannot read password file {missing}: No such file or directory"],
+            [f"relay.conf:4: auth: {missing}: cannot read: No such file or directory"],
         )
         self.assertEqual(
             _errors(_listen("deliver_to smtp tcp://x:25 {", f"auth plain u file:{empty}", "}")),
-            [f"relay.conf:4: auth: password file {empty} is empty"],
+            [f"relay.conf:4: auth: {empty}: empty password file"],
         )
 
     def test_masked(self) -> None:
@@ -875,6 +875,59 @@ class SecretTests(SynchronousTestCase):
                 errors = _errors(_listen("deliver_to smtp tcp://x:25 {", bad, "}"))
                 self.assertEqual(len(errors), 1)
                 self.assertNotIn("hunter2", errors[0])
+
+
+class EnvironmentListTests(SynchronousTestCase):
+    """
+    A list in one environment variable, as containers configure: an
+    argument from C{{env:...}} holds items separated by spaces or commas.
+    """
+
+    ENV = {
+        "LISTEN": "tcp://127.0.0.1:25,tcp://[::1]:25",
+        "ALLOW": "10.0.0.0/8, 192.168.0.0/16",
+        "TARGETS": " tcp://a.test:25  tcp://b.test:25 ",
+        "EMPTY": "",
+    }
+
+    def test_lists(self) -> None:
+        text = _listen("allow {env:ALLOW} ::1", "deliver_to smtp {env:TARGETS} tcp://c.test:25",
+                       head="smtp {env:LISTEN}")
+        [listener] = _load(text, self.ENV).listeners
+        self.assertEqual(listener.addresses, (Address("tcp", host="127.0.0.1", port=25),
+                                              Address("tcp", host="::1", port=25)))
+        self.assertEqual(listener.allow, tuple(ipaddress.ip_network(n) for n in
+                                               ("10.0.0.0/8", "192.168.0.0/16", "::1/128")))
+        self.assertEqual(listener.deliverTo.endpoints,  # type: ignore[union-attr]
+                         tuple(Address("tcp", host=h, port=25) for h in ("a.test", "b.test", "c.test")))
+
+    def test_targetsDirective(self) -> None:
+        text = ("hostname relay.test\ntarget.smtp t {\ntargets {env:TARGETS}\n}\n"
+                "smtp tcp://127.0.0.1:2525 {\ndeliver_to &t\n}\n")
+        [target] = _load(text, self.ENV).targets
+        self.assertEqual(target.endpoints, tuple(Address("tcp", host=h, port=25) for h in ("a.test", "b.test")))
+
+    def test_literalsAreNotSplit(self) -> None:
+        """
+        Only values from the environment are split: in the file, items are
+        separate words.
+        """
+        [error] = _errors(_listen('allow "10.0.0.0/8,192.168.0.0/16"'))
+        self.assertTrue(error.startswith('relay.conf:3: allow: "10.0.0.0/8,192.168.0.0/16" is not a network'),
+                        error)
+
+    def test_empty(self) -> None:
+        """
+        An empty or unset variable is an empty list: an error where the
+        directive needs at least one item.
+        """
+        self.assertEqual(
+            _errors(_listen("allow {env:EMPTY}", "deliver_to smtp {env:EMPTY}", head="smtp {env:EMPTY}"),
+                    self.ENV),
+            ["relay.conf:2: smtp: expected ADDRESS... { ... } (or an endpoint directive)",
+             "relay.conf:3: allow: expected one or more networks (CIDR)",
+             "relay.conf:4: deliver_to: no endpoints (add targets ADDRESS...)"],
+        )
 
 
 class AllErrorsTests(SynchronousTestCase):

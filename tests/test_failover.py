@@ -435,7 +435,7 @@ class AuthTests(FailoverTestCase):
         """
         refused = Script(replies={"EHLO": TLS_EHLO}, auth=[b"535 5.7.8 Error: authentication failed\r\n"])
         errors = self.assertSoftBounce(refused, refused)
-        self.assertIn("AUTH PLAIN refused: 535 Error: authentication failed", errors[0])
+        self.assertIn("PLAIN authentication refused: 535 Error: authentication failed", errors[0])
 
     def test_authNotOffered(self) -> None:
         """
@@ -445,7 +445,7 @@ class AuthTests(FailoverTestCase):
         noAuth = Script(replies={"EHLO": TLS_EHLO.replace(b"250-AUTH PLAIN LOGIN\r\n", b"")})
         loginOnly = Script(replies={"EHLO": TLS_EHLO.replace(b"AUTH PLAIN LOGIN", b"AUTH LOGIN")})
         errors = self.assertSoftBounce(noAuth, loginOnly)
-        self.assertIn("AUTH PLAIN not offered", errors[0])
+        self.assertIn("PLAIN authentication not offered", errors[0])
         for server in self.net._servers.values():
             self.assertFalse(any(c.startswith(b"AUTH") for c in server.connections[0].commands))
 
@@ -661,3 +661,107 @@ class ReuseTests(FailoverTestCase):
         failover.release(other)
         self.net.flush()
         self.assertEqual(first.connections[1].commands[-1], b"QUIT")
+
+
+class AttemptLogTests(FailoverTestCase):
+    """
+    SPEC §5: one log line per failed attempt (target, endpoint, stage,
+    reason), even when a later endpoint succeeds, as Postfix logs each MX
+    it could not use.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        from twisted.logger import globalLogPublisher
+
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def attempts(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events if e.get("attempt")]
+
+    def test_connectRefusedThenNext(self) -> None:
+        self.net.add(str(MX2))
+        self.opened(self.failover(makeTarget()), sessionId="S1D")
+        self.assertEqual(
+            self.attempts(),
+            ["S1D: target t: tcp://mx1.example:25 failed at connect: "
+             "connect failed: ConnectionRefusedError: Connection was refused by other side: "
+             "tcp://mx1.example:25."],
+        )
+        [event] = [e for e in self.events if e.get("attempt")]
+        self.assertEqual(
+            {k: event[k] for k in ("session", "target", "endpoint", "stage")},
+            {"session": "S1D", "target": "t", "endpoint": "tcp://mx1.example:25", "stage": "connect"},
+        )
+
+    def test_stages(self) -> None:
+        """
+        Each step names itself: greeting, EHLO, STARTTLS (under
+        C{require_tls}), AUTH, MAIL, and a connection lost in reply to a
+        command is the stage of that command.
+        """
+        cases = [
+            (Script(replies={"greeting": b"554 5.3.2 go away\r\n"}), {},
+             "greeting", "greeting 554 go away"),
+            (Script(replies={"EHLO": b"421 4.3.2 busy\r\n"}), {},
+             "ehlo", "EHLO/HELO refused: 421 busy"),
+            (Script(replies={"EHLO": b"250 fake.example\r\n"}), {"requireTLS": True},
+             "starttls", "no TLS available"),
+            (Script(replies={"EHLO": TLS_EHLO, "STARTTLS": CLOSE}), {"requireTLS": True},
+             "starttls", "connection to mx1.example[192.0.2.25]:25 lost"),
+            (Script(replies={"EHLO": TLS_EHLO}, auth=[b"454 4.7.0 try later\r\n"]),
+             {"auth": DownstreamAuth("plain", "u", Secret("p"))},
+             "auth", "PLAIN authentication refused: 454 try later at mx1.example[192.0.2.25]:25"),
+            (Script(replies={"MAIL": b"451 4.3.0 try later\r\n"}), {},
+             "mail", "451 4.3.0 try later"),
+        ]
+        for script, options, stage, reason in cases:
+            self.events.clear()
+            self.net = MemoryNetwork(self.clock)
+            self.net.add(str(MX1), script)
+            self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
+            session, _ = self.opened(self.failover(makeTarget(**options)), mail=MAIL, sessionId="S2")
+            self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+            self.assertEqual(
+                self.attempts(), [f"S2: target t: tcp://mx1.example:25 failed at {stage}: {reason}"]
+            )
+
+    def test_authFailureReadableAfterRedaction(self) -> None:
+        """
+        The redacting observers mask what follows C{AUTH MECHANISM}: the
+        reasons of AUTH failures do not start that way, so the line stays
+        whole.
+        """
+        from smtprelay.logs import redact
+
+        self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}, auth=[b"454 4.7.0 try later\r\n"]))
+        self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
+        self.net.add(str(MX3))  # no STARTTLS
+        self.opened(self.failover(makeTarget(auth=DownstreamAuth("plain", "u", Secret("p")))))
+        self.failed(self.failover(makeTarget(MX2, auth=DownstreamAuth("forward"))))
+        self.failed(self.failover(makeTarget(MX3, auth=DownstreamAuth("login", "u", Secret("p")))))
+        self.assertEqual(
+            [line.split(" failed at auth: ")[1] for line in self.attempts()],
+            ["PLAIN authentication refused: 454 try later at mx1.example[192.0.2.25]:25",
+             "no client credentials to forward",
+             "login authentication needs TLS, which was not available"],
+        )
+        for line in self.attempts():
+            self.assertEqual(redact(line), line)
+
+    def test_tlsRetryLogged(self) -> None:
+        """
+        A failed handshake is an attempt of its own before the plain-text
+        retry on the same endpoint.
+        """
+        self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}), handshake="fail")
+        self.opened(self.failover(makeTarget(attemptStartTLS=True)), mail=MAIL, sessionId="S3")
+        self.assertEqual(
+            self.attempts(),
+            ["S3: target t: tcp://mx1.example:25 failed at starttls: "
+             "TLS handshake with mx1.example[192.0.2.25]:25 failed"],
+        )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import ssl
-import subprocess
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -19,7 +18,7 @@ from smtprelay import replies
 from smtprelay.config.model import Address, DownstreamAuth, Secret
 from smtprelay.interfaces import Credentials, DownstreamError
 from smtprelay.replies import reply
-from tests.procs import HOST, Processes, freePort, need, sinkMessages, waitForPath
+from tests.procs import HOST, Processes, freePort, sinkMessages
 from tests.test_tls import PKI, Loopback, makeTarget
 
 BODY = b"Subject: test\r\n\r\n.leading dot\r\n..two dots\r\nend\r\n"
@@ -176,17 +175,8 @@ class DovecotLMTPTests(TestCase):
     timeout = 90
 
     def setUp(self) -> None:
-        need("dovecot", "doveadm")
         self.procs = Processes(self)  # type: ignore[arg-type]
-        self.dir = os.path.join(self.procs.dir, "dovecot")
-        recipe = os.path.join(os.path.dirname(__file__), "dovecot-lmtp.sh")
-        if not os.path.exists(recipe):
-            recipe = "/work/shared/recipes/dovecot-lmtp.sh"
-        subprocess.run(["sh", recipe, self.dir], check=True, timeout=60,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(subprocess.run, ["doveadm", "-c", os.path.join(self.dir, "dovecot.conf"), "stop"],
-                        timeout=60, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        waitForPath(os.path.join(self.dir, "lmtp"))
+        self.dir = self.procs.dovecot()
         self.net = Loopback(self)
 
     @inlineCallbacks

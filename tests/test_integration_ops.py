@@ -1,6 +1,7 @@
 """
 Operations against a real C{twistd -n smtprelay}: Prometheus metrics that
-move with real transactions, read with prometheus_client's own parser.
+move with real transactions, read with prometheus_client's own parser, and
+C{/healthz} beside them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ metrics tcp://{HOST}:{metrics}
 """)
         procs.relay("--config", config, port=listen)
         waitForPort(metrics)
+        with urllib.request.urlopen(f"http://{HOST}:{metrics}/healthz", timeout=30) as response:
+            self.assertEqual((response.status, response.read()), (200, b"serving\n"))
         before = scrape(metrics)
         with smtplib.SMTP(HOST, listen, timeout=60) as client:
             client.sendmail("a@example.org", ["r@example.net"], b"Subject: m\r\n\r\nbody\r\n")

@@ -6,7 +6,7 @@ C{/metrics} over loopback HTTP parsed with C{prometheus_client}'s parser.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
@@ -172,7 +172,7 @@ class MetricsTests(SynchronousTestCase):
 
     def test_noTLSListener(self) -> None:
         self.assertRaises(
-            ValueError, metricsService, Address("tls", "127.0.0.1", 9749), Metrics(), reactor
+            ValueError, metricsService, Address("tls", "127.0.0.1", 9749), Metrics(), reactor, lambda: True
         )
 
 
@@ -190,8 +190,8 @@ class ScrapeTests(TestCase):
     C{/metrics} over real loopback HTTP.
     """
 
-    def listen(self, metrics: Metrics) -> str:
-        port = reactor.listenTCP(0, Site(metricsResource(metrics)), interface="127.0.0.1")
+    def listen(self, metrics: Metrics, serving: Callable[[], bool] = lambda: True) -> str:
+        port = reactor.listenTCP(0, Site(metricsResource(metrics, serving)), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return f"http://127.0.0.1:{port.getHost().port}"
 
@@ -270,6 +270,25 @@ class ScrapeTests(TestCase):
         self.assertEqual(response.code, 405)
 
     @inlineCallbacks
+    def test_healthz(self) -> Any:
+        """
+        C{/healthz} answers 200 while the relay serves and 503 once it does
+        not (GET and HEAD); it shows no metrics.
+        """
+        serving = [True]
+        base = self.listen(Metrics(), lambda: serving[0])
+        response, body = yield self.get(base + "/healthz")
+        self.assertEqual((response.code, body), (200, b"serving\n"))
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/plain; charset=utf-8"])
+        response, body = yield self.get(base + "/healthz", b"HEAD")
+        self.assertEqual((response.code, body), (200, b""))
+        serving[0] = False
+        response, body = yield self.get(base + "/healthz")
+        self.assertEqual((response.code, body), (503, b"not serving\n"))
+        response, body = yield self.get(base + "/healthz/")
+        self.assertEqual(response.code, 404)
+
+    @inlineCallbacks
     def test_service(self) -> Any:
         """
         L{metricsService} listens on its address while running.
@@ -277,7 +296,7 @@ class ScrapeTests(TestCase):
         path = self.mktemp()
         metrics = Metrics()
         metrics.failover("mx1")
-        service = metricsService(Address("unix", path=path), metrics, reactor)
+        service = metricsService(Address("unix", path=path), metrics, reactor, lambda: True)
         service.startService()
         agent = Agent.usingEndpointFactory(reactor, _UNIXEndpoints(path))
         try:

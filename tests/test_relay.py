@@ -122,8 +122,10 @@ class Opener:
         self.error = error
         self.calls: list[dict] = []
 
-    def __call__(self, credentials: Credentials | None = None, mail: tuple | None = None) -> Deferred:
+    def __call__(self, credentials: Credentials | None = None, mail: tuple | None = None,
+                 sessionId: str = "-") -> Deferred:
         self.calls.append({"credentials": credentials, "mail": mail})
+        self.sessionId = sessionId
         if self.error is not None:
             return fail(self.error)
         if mail is None:
@@ -585,6 +587,171 @@ class LMTPMappingTests(SynchronousTestCase):
         self.assertEqual(final, [replies.LMTP_MIXED.withSession("L1")])
 
 
+class LogLineTests(SynchronousTestCase):
+    """
+    SPEC §5: the lines a postmaster reads: one per refused command, one per
+    recipient where an LMTP target answers per recipient, and the true
+    cause of an abort.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.session = ClientSession(id="S1D", protocol="smtp", clientHost="192.0.2.7",
+                                     clientPort=40000, heloName="client.test", esmtp=True)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def relay(self, downstream: ScriptedDownstream | None = None, **listenerArgs: object) -> RelaySession:
+        self.opener = Opener(downstream)
+        self.downstream = self.opener.downstream
+        return relaySession(self.session, listener(**listenerArgs), self.opener, self.clock)
+
+    def lines(self, key: str) -> list[str]:
+        self.clock.advance(0)  # transaction and recipient events follow the reply by one turn
+        return [formatEvent(e) for e in self.events if e.get(key)]
+
+    def test_rcptRefusedByDownstream(self) -> None:
+        """
+        A downstream's refusal of RCPT: Postfix's C{NOQUEUE: reject} line,
+        naming the downstream; the accepted recipient gets no line.
+        """
+        relay = self.relay()
+        self.downstream.script["rcpt:nobody@example.org"] = reply(550, "5.1.1", "<nobody@example.org>: unknown")
+        result(relay.mail(b"a@example.net", {}))
+        result(relay.rcpt(b"ok@example.org", {}))
+        result(relay.rcpt(b"nobody@example.org", {}))
+        self.assertEqual(
+            self.lines("reject"),
+            ["S1D: reject: RCPT from unknown[192.0.2.7]: 550 5.1.1 <nobody@example.org>: unknown; "
+             "from=<a@example.net> to=<nobody@example.org> proto=ESMTP helo=<client.test> "
+             "relay=sink.test[127.0.0.1]:2526"],
+        )
+        [event] = [e for e in self.events if e.get("reject")]
+        self.assertEqual(
+            {k: event[k] for k in ("session", "command", "client", "sender", "recipient", "relay")},
+            {"session": "S1D", "command": "RCPT", "client": "unknown[192.0.2.7]",
+             "sender": "a@example.net", "recipient": "nobody@example.org",
+             "relay": "sink.test[127.0.0.1]:2526"},
+        )
+        self.assertEqual(self.opener.sessionId, "S1D")
+
+    def test_mailRefusedByDownstream(self) -> None:
+        relay = self.relay()
+        self.downstream.script["mail"] = reply(553, "5.7.1", "Sender address rejected")
+        result(relay.mail(b"spam@example.net", {}))
+        self.assertEqual(
+            self.lines("reject"),
+            ["S1D: reject: MAIL from unknown[192.0.2.7]: 553 5.7.1 Sender address rejected; "
+             "from=<spam@example.net> proto=ESMTP helo=<client.test> relay=sink.test[127.0.0.1]:2526"],
+        )
+
+    def test_mailWithoutDownstream(self) -> None:
+        """
+        No target reachable: the client's 451 at MAIL is a refusal too, with
+        no relay.
+        """
+        relay = self.relay()
+        self.opener.error = DownstreamError(replies.NO_DOWNSTREAM, "refused")
+        result(relay.mail(b"a@example.net", {}))
+        self.assertEqual(
+            self.lines("reject"),
+            ["S1D: reject: MAIL from unknown[192.0.2.7]: 451 4.4.1 No downstream server available [S1D]; "
+             "from=<a@example.net> proto=ESMTP helo=<client.test> relay=none"],
+        )
+
+    def test_dataRefused(self) -> None:
+        relay = self.relay()
+        self.downstream.script["data"] = reply(554, "5.5.1", "Error: no valid recipients")
+        result(relay.mail(b"a@example.net", {}))
+        result(relay.rcpt(b"b@example.org", {}))
+        result(relay.data(Producer()))
+        self.assertEqual(
+            self.lines("reject"),
+            ["S1D: reject: DATA from unknown[192.0.2.7]: 554 5.5.1 Error: no valid recipients; "
+             "from=<a@example.net> proto=ESMTP helo=<client.test> relay=sink.test[127.0.0.1]:2526"],
+        )
+
+    def test_acceptedLeavesNoRejectLine(self) -> None:
+        relay = self.relay()
+        result(relay.mail(b"a@example.net", {}))
+        result(relay.rcpt(b"b@example.org", {}))
+        self.assertEqual(result(relay.data(Producer())).code, 354)
+        self.assertEqual(self.lines("reject"), [])
+
+    def transaction(self, relay: RelaySession, rcpts: Sequence[bytes], end: object) -> object:
+        self.downstream.script["end"] = end
+        result(relay.mail(b"a@example.net", {}))
+        for r in rcpts:
+            result(relay.rcpt(r, {}))
+        result(relay.data(Producer()))
+        relay.dataChunk(b"x\r\n")
+        return result(relay.endData())
+
+    def test_lmtpPerRecipient(self) -> None:
+        """
+        An LMTP target's mixed verdicts: one line per recipient with its
+        own status and reply; the transaction's status and reply agree
+        (never C{status=bounced reply=250}).
+        """
+        self.session.protocol = "lmtp"
+        relay = self.relay(ScriptedDownstream(lmtp=True), kind="lmtp", deliverTo=target("lmtp"))
+        self.transaction(relay, [b"a@x", b"b@x"], [reply(250, "2.0.0", "<a@x> Saved"),
+                                                   reply(552, "5.2.2", "<b@x> Quota exceeded")])
+        self.assertEqual(
+            self.lines("delivery"),
+            ["S1D: to=<a@x> relay=sink.test[127.0.0.1]:2526 status=sent reply=250 2.0.0 <a@x> Saved",
+             "S1D: to=<b@x> relay=sink.test[127.0.0.1]:2526 status=bounced "
+             "reply=552 5.2.2 <b@x> Quota exceeded"],
+        )
+        [event] = [e for e in self.events if e.get("transaction")]
+        self.assertEqual((event["status"], event["reply"]), ("bounced", "552 5.2.2 <b@x> Quota exceeded"))
+
+    def test_tempfailSplitTellsWhoWasDelivered(self) -> None:
+        """
+        C{lmtp_split tempfail}: the client is told 451 (the transaction is
+        deferred), and the recipient lines say which were delivered.
+        """
+        relay = self.relay(ScriptedDownstream(lmtp=True), deliverTo=target("lmtp", lmtpSplit="tempfail"))
+        final = self.transaction(relay, [b"a@x", b"b@x", b"c@x"], [
+            reply(250, "2.0.0", "<a@x> Saved"), reply(250, "2.0.0", "<b@x> Saved"),
+            reply(452, "4.2.2", "<c@x> Mailbox full")])
+        self.assertEqual(final, [replies.LMTP_MIXED.withSession("S1D")])
+        self.assertEqual(
+            [line.split(" relay=")[0] + " " + line.split(" status=")[1] for line in self.lines("delivery")],
+            ["S1D: to=<a@x> sent reply=250 2.0.0 <a@x> Saved",
+             "S1D: to=<b@x> sent reply=250 2.0.0 <b@x> Saved",
+             "S1D: to=<c@x> deferred reply=452 4.2.2 <c@x> Mailbox full"],
+        )
+        [event] = [e for e in self.events if e.get("transaction")]
+        self.assertEqual(
+            (event["status"], event["reply"]),
+            ("deferred", "451 4.3.0 Recipients had different results, try again later [S1D]"),
+        )
+
+    def test_smtpTargetHasNoRecipientLines(self) -> None:
+        relay = self.relay()
+        self.transaction(relay, [b"a@x", b"b@x"], [reply(250, "2.0.0", "queued")])
+        self.assertEqual(self.lines("delivery"), [])
+        self.assertEqual(len(self.lines("transaction")), 1)
+
+    def test_clientGoneDuringData(self) -> None:
+        """
+        A client that drops during the body: the line says so, not that the
+        downstream was lost.
+        """
+        relay = self.relay()
+        result(relay.mail(b"a@example.net", {}))
+        result(relay.rcpt(b"b@example.org", {}))
+        result(relay.data(Producer()))
+        relay.dataChunk(b"partial")
+        relay.close()
+        [line] = self.lines("transaction")
+        self.assertTrue(
+            line.endswith(" status=aborted reply=client connection closed during DATA"), line
+        )
+
+
 class AuthForwardTests(SynchronousTestCase):
     """
     SPEC §4.6: C{auth forward} checks the client's credentials at AUTH time
@@ -765,7 +932,8 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual(result(self.relay.mail(b"x@spam.test", {})), reply(550, "5.7.1", "go away"))
         self.assertEqual([o.calls for o in self.openers.values()], [[], [], [], []])
         self.assertEqual([formatEvent(e) for e in events],
-                         ["R1: reject: MAIL FROM:<x@spam.test>: 550 5.7.1 go away"])
+                         ["R1: reject: MAIL from unknown[127.0.0.1]: 550 5.7.1 go away; "
+                          "from=<x@spam.test> proto=SMTP helo=<> relay=none"])
         self.assertEqual(result(self.relay.rcpt(b"r@a.test", {})), replies.DOWNSTREAM_LOST.withSession("R1"))
 
     def test_lmtpSplitFollowsTheRoute(self) -> None:

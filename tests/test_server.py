@@ -451,6 +451,30 @@ class RelayAccessTests(SynchronousTestCase):
         )
         self.assertEqual(session.handler.calls, [])
 
+    def test_refusalsLogged(self) -> None:
+        """
+        SPEC §5: each command the relay refuses on its own is logged as
+        Postfix logs C{NOQUEUE: reject: RCPT from ...: 554 5.7.1 ... Relay
+        access denied; from=<...> to=<...>}.
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        session = greeted(peer=STRANGER)
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        session.send(b"RCPT TO:<b@example.net>\r\n")
+        session.send(b"DATA\r\n")
+        host = STRANGER.host
+        self.assertEqual(
+            [formatEvent(e) for e in events if e.get("reject")],
+            [f"S1: reject: RCPT from unknown[{host}]: 554 5.7.1 Relay access denied [S1]; "
+             f"from=<a@example.com> to=<b@example.net> proto=ESMTP helo=<client.example> relay=none",
+             f"S1: reject: DATA from unknown[{host}]: 554 5.5.1 No valid recipients [S1]; "
+             f"from=<a@example.com> proto=ESMTP helo=<client.example> relay=none"],
+        )
+
     def test_allowedNetwork(self) -> None:
         import ipaddress
 

@@ -1,5 +1,6 @@
 """
-Tests for L{smtprelay.service.RelayService}'s graceful stop.
+Tests for L{smtprelay.service.RelayService}: whether it serves, and its
+graceful stop.
 """
 
 from __future__ import annotations
@@ -15,6 +16,31 @@ from smtprelay.config import loadString
 from smtprelay.service import makeService
 
 from .procs import HOST, freePort
+
+
+class ServingTests(TestCase):
+    @inlineCallbacks
+    def test_servingWhileListening(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        The relay serves (what C{/healthz} reports) from its start until
+        its stop begins; a listener stopped alone makes it not serve.
+        """
+        config = loadString(
+            f"smtp tcp://{HOST}:{freePort()} {{\n deliver_to smtp tcp://{HOST}:{freePort()}\n}}\n"
+        )
+        root = makeService(config, reactor)
+        self.assertFalse(root.serving())
+        root.privilegedStartService()
+        root.startService()
+        self.assertTrue(root.serving())
+        [listener] = root._listeners
+        yield listener.stopService()
+        self.assertFalse(root.serving())
+        listener.startService()
+        self.assertTrue(root.serving())
+        stopped = root.stopService()
+        self.assertFalse(root.serving())
+        yield stopped
 
 
 class StopTests(TestCase):

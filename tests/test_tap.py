@@ -10,6 +10,8 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtprelay import tap
+
 _QUICK_START = """
 import sys
 from smtprelay import tap
@@ -18,6 +20,27 @@ options.parseOptions(["--listen", "tcp://127.0.0.1:2525", "--target", "tcp://127
 tap.makeService(options)
 print(" ".join(sorted(set(sys.argv[1:]) & set(sys.modules))))
 """
+
+
+EXAMPLES = """
+Examples:
+  twistd -n smtprelay --config /etc/smtprelay/relay.conf
+  twistd -n smtprelay --check --config relay.conf
+  twistd -n smtprelay --listen tcp://127.0.0.1:2525 --target tcp://mx.example.net:25
+  twistd -n smtprelay --listen unix:///run/smtprelay/lmtp.sock \\
+         --target unix:///run/dovecot/lmtp --lmtp
+
+"""
+"""What C{twistd smtprelay --help} shows in its description, line for line."""
+
+
+class UsageTests(SynchronousTestCase):
+    def test_examplesOneALine(self) -> None:
+        """
+        The usage text keeps the description's lines: C{usage.Options}
+        alone re-wraps a C{longdesc} into one paragraph.
+        """
+        self.assertIn(EXAMPLES, tap.Options().getUsage(width=80))
 
 
 class QuickStartImportTests(SynchronousTestCase):

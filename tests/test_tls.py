@@ -516,7 +516,10 @@ class ClientOptionsTests(SynchronousTestCase):
         self.assertRaises(ValueError, ClientOptions, ClientTLS(curves=("no-such-curve",)), "mx.example")
 
     def test_missingRootFile(self) -> None:
-        self.assertRaises(OSError, ClientOptions, ClientTLS(rootCAs=("/nonexistent/ca.pem",)), "mx.example")
+        e = self.assertRaises(
+            ValueError, ClientOptions, ClientTLS(rootCAs=("/nonexistent/ca.pem",)), "mx.example"
+        )
+        self.assertEqual(str(e), "/nonexistent/ca.pem: cannot read: No such file or directory")
 
 
 del FakeDownstream

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -49,6 +50,8 @@ from .values import (
 
 LISTENER_KINDS = ("smtp", "submission", "lmtp")
 TARGET_KINDS = ("target.smtp", "target.lmtp")
+
+_LIST_SEPARATORS = re.compile(r"[\s,]+")
 
 
 @attrs.define
@@ -132,6 +135,33 @@ def _args(node: Node, usage: str, least: int, most: int | None = None) -> tuple[
     return node.args
 
 
+def _items(args: Sequence[str], rawArgs: Sequence[str]) -> list[str]:
+    """
+    The items of a list written as C{args}: an argument taken from
+    C{{env:...}} (as C{rawArgs} shows) holds any number of items separated
+    by spaces or commas, as a list in one environment variable does
+    (C{SMTPRELAY_TARGETS="tcp://a:25,tcp://b:25"}); other arguments are one
+    item each.
+    """
+    items: list[str] = []
+    for arg, raw in zip(args, rawArgs):
+        items.extend(filter(None, _LIST_SEPARATORS.split(arg)) if "{env:" in raw else [arg])
+    return items
+
+
+def _list(node: Node, usage: str) -> list[str]:
+    """
+    The items of a directive that takes no block and a list of at least
+    one item (see L{_items}).
+    """
+    if node.block:
+        raise ValueError(f"takes no block (expected {usage})")
+    items = _items(node.args, node.rawArgs)
+    if not items:
+        raise ValueError(f"expected {usage}")
+    return items
+
+
 def _one(node: Node, usage: str) -> str:
     return _args(node, usage, 1, 1)[0]
 
@@ -199,11 +229,11 @@ def _choice(*choices: str) -> _Convert:
 
 
 def _addresses(node: Node, ctx: _Context) -> tuple[Address, ...]:
-    return tuple(parseAddress(arg) for arg in _args(node, "one or more ADDRESSes", 1))
+    return tuple(parseAddress(item) for item in _list(node, "one or more ADDRESSes"))
 
 
 def _networks(node: Node, ctx: _Context) -> tuple[Any, ...]:
-    return tuple(parseNetwork(arg) for arg in _args(node, "one or more networks (CIDR)", 1))
+    return tuple(parseNetwork(item) for item in _list(node, "one or more networks (CIDR)"))
 
 
 def _networksOrNone(node: Node, ctx: _Context) -> tuple[Any, ...]:
@@ -257,9 +287,9 @@ def _password(text: str) -> Secret:
                 text = f.readline().rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as e:
             reason = getattr(e, "strerror", None) or "not UTF-8 text"
-            raise ValueError(f"cannot read password file {path}: {reason}") from None
+            raise ValueError(f"{path}: cannot read: {reason}") from None
         if not text:
-            raise ValueError(f"password file {path} is empty")
+            raise ValueError(f"{path}: empty password file")
     elif not text:
         raise ValueError("empty password (is its environment variable set?)")
     return Secret(text)
@@ -271,7 +301,7 @@ def _serverTLS(node: Node, ctx: _Context) -> ServerTLS | None:
     if len(node.args) != 2:
         raise ValueError("expected CERT KEY [{ ... }] or off")
     values, _ = _readBlock(node.children, _SERVER_TLS, ctx)
-    return ServerTLS(cert=node.args[0], key=node.args[1], **values)
+    return ServerTLS(cert=node.args[0], key=node.args[1], origin=node.where(), **values)
 
 
 def _clientTLS(node: Node, ctx: _Context) -> ClientTLS:
@@ -280,7 +310,7 @@ def _clientTLS(node: Node, ctx: _Context) -> ClientTLS:
     values, seen = _readBlock(node.children, _CLIENT_TLS, ctx)
     if ("cert" in values) != ("key" in values):
         ctx.error(seen.get("cert") or seen["key"], "tls_client: cert and key go together")
-    return ClientTLS(**values)
+    return ClientTLS(origin=node.where(), **values)
 
 
 def _listenerAuth(node: Node, ctx: _Context) -> ListenerAuth:
@@ -288,7 +318,7 @@ def _listenerAuth(node: Node, ctx: _Context) -> ListenerAuth:
     if args in (("off",), ("forward",)):
         return ListenerAuth(mode=args[0])  # type: ignore[arg-type]
     if len(args) == 2 and args[0] == "users" and args[1]:
-        return ListenerAuth(mode="users", usersFile=args[1])
+        return ListenerAuth(mode="users", usersFile=args[1], origin=node.where())
     raise ValueError("expected off, forward or users FILE")
 
 
@@ -341,7 +371,8 @@ def _deliverTo(node: Node, ctx: _Context) -> str | _Inline:
         return first[1:]
     if first not in ("smtp", "lmtp"):
         raise ValueError(f'expected {usage}, not "{first}"')
-    return _Inline(first, tuple(parseAddress(arg) for arg in node.args[1:]), node)
+    addresses = _items(node.args[1:], node.rawArgs[1:])
+    return _Inline(first, tuple(parseAddress(item) for item in addresses), node)
 
 
 _SERVER_TLS = {
@@ -653,14 +684,15 @@ def _listener(
     number, as in C{smtp-listener-1}.
     """
     addresses = []
-    for arg in node.args:
+    items = _items(node.args, node.rawArgs)
+    for item in items:
         try:
-            addresses.append(parseAddress(arg))
+            addresses.append(parseAddress(item))
         except ValueError as e:
             ctx.error(node, f"{kind}: {e}")
     values, seen = _readBlock([n for n in node.children if n.name not in ROUTING], _LISTENER, ctx)
     endpoints = tuple(values.pop("endpoints", ()))
-    if not node.args and not endpoints:
+    if not items and not endpoints:
         ctx.error(node, f"{kind}: expected ADDRESS... {{ ... }} (or an endpoint directive)")
     routing = [n for n in node.children if n.name in ROUTING]
     target = _delivery(kind, number, routing, node, ctx, named)
