@@ -67,10 +67,11 @@ class ContainerTests(SynchronousTestCase):
     def start(self, name: str, env: dict[str, str]) -> None:
         """
         Start the image as container C{name} on the host's network with
-        C{env}; it is removed in cleanup.
+        C{env} and a read-only root file system (as the Kubernetes
+        manifest runs it); it is removed in cleanup.
         """
         self.addCleanup(podman, "rm", "--force", "--time", "0", name)
-        argv = ["run", "--detach", "--name", name, "--network", "host"]
+        argv = ["run", "--detach", "--name", name, "--network", "host", "--read-only"]
         for key, value in env.items():
             argv += ["--env", f"{key}={value}"]
         started = podman(*argv, IMAGE)
