@@ -3,7 +3,8 @@ The deployment manifests in C{contrib/} and the README that documents the
 image.  The Kubernetes manifests pass C{kubernetes-validate} (strict,
 offline, against the oldest and the newest Kubernetes it knows) and agree
 with the image (user, ports, health paths, drain time); every
-C{SMTPRELAY_*} variable the manifests set is one the image reads.  The Compose file's HAProxy passes
+C{SMTPRELAY_*} variable the manifests set is one the image reads, and the
+README documents each of those.  The Compose file's HAProxy passes
 C{haproxy -c} and speaks the PROXY protocol to relays that trust it.
 """
 
@@ -137,3 +138,16 @@ class ComposeTests(SynchronousTestCase):
             self.assertEqual(environment["SMTPRELAY_PROXY_PROTOCOL"], subnet["subnet"])
             self.assertEqual(set(environment) - imageVariables(), set())
 
+
+class ReadmeTests(SynchronousTestCase):
+    def test_everyVariableDocumented(self) -> None:
+        """
+        The README's table names every variable the image reads.
+        """
+        with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        section = readme[readme.index("## Container and Kubernetes"):readme.index("## Architecture")]
+        documented = set(re.findall(r"^\| `(SMTPRELAY_\w+)`(?:, `(SMTPRELAY_\w+)`)? \|", section, re.M))
+        names = {name for pair in documented for name in pair if name}
+        self.assertEqual(imageVariables() - names, set())
+        self.assertEqual(names - imageVariables(), set())
