@@ -5,9 +5,9 @@ TWISTD := $(VENV)/bin/twistd
 LISTEN ?= tcp://127.0.0.1:2525
 SINK ?= tcp://127.0.0.1:2526
 MAILDIR ?= $(CURDIR)/run/mail
-APT_TEST_PACKAGES := postfix swaks libnet-ssleay-perl dovecot-lmtpd haproxy
+APT_TEST_PACKAGES := postfix swaks libnet-ssleay-perl dovecot-core dovecot-lmtpd haproxy openssl
 
-.PHONY: run test venv test-deps image bench clean
+.PHONY: run test venv test-deps soak image bench clean
 
 $(PY):
 	python3 -m venv $(VENV) || { [ "$$(id -u)" = 0 ] && apt-get update && \
@@ -37,7 +37,7 @@ run: venv
 ## test-deps: the test extras in the venv and, as root, the real peers and podman from Debian
 test-deps: venv
 	$(PY) -m pip install -q -e '.[test]'
-	@if [ "$$(id -u)" = 0 ] && ! { command -v smtp-sink && command -v swaks && command -v dovecot && command -v haproxy && perl -MNet::SSLeay -e1; } >/dev/null 2>&1; then \
+	@if [ "$$(id -u)" = 0 ] && ! { command -v smtp-sink && command -v swaks && command -v dovecot && command -v haproxy && command -v openssl && perl -MNet::SSLeay -e1; } >/dev/null 2>&1; then \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_TEST_PACKAGES) >/dev/null; \
 	  postfix status >/dev/null 2>&1 && postfix stop || true; \
@@ -47,6 +47,10 @@ test-deps: venv
 ## test: the whole trial suite (unit and integration)
 test: test-deps
 	$(PY) -m twisted.trial $(TRIAL_ARGS) tests
+
+## soak: the load tests ten times longer (150,000 messages; not part of make test)
+soak: test-deps
+	SMTPRELAY_LOAD_SCALE=10 $(PY) -m twisted.trial tests.test_load
 
 ## image: the container image localhost/smtprelay (podman; see contrib/container/build.sh)
 image:

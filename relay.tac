@@ -4,8 +4,9 @@ import os
 from twisted.application.service import Application
 from twisted.internet import reactor
 
-from smtprelay.config import load
-from smtprelay.service import makeService
+from smtprelay.tap import DEFAULT_CONFIG, Options, makeService
 
+options = Options()
+options.parseOptions(["--config", os.environ.get("SMTPRELAY_CONFIG", DEFAULT_CONFIG)])
 application = Application("smtprelay")
-makeService(load(os.environ.get("SMTPRELAY_CONFIG", "/etc/smtprelay/relay.conf")), reactor).setServiceParent(application)
+makeService(options, reactor).setServiceParent(application)

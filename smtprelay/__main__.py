@@ -1,5 +1,5 @@
 """
-C{python -m smtprelay check [--show] [CONFIG]}: the same as C{smtprelay-check}.
+C{python -m smtprelay check [--show] [--no-files] [CONFIG]}: the same as C{smtprelay-check}.
 The relay itself runs under twistd (C{twistd -n smtprelay}).
 """
 
@@ -9,7 +9,7 @@ import sys
 
 from .check import main as check
 
-USAGE = "usage: python -m smtprelay check [--show] [CONFIG]"
+USAGE = "usage: python -m smtprelay check [--show] [--no-files] [CONFIG]"
 
 
 def main(argv: list[str]) -> int:

@@ -112,8 +112,9 @@ UTF8_UNDECLARED = reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode add
 
 _KEYWORD = re.compile(rb"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _VALUE = re.compile(rb"[\x21-\x3c\x3e-\x7e\x80-\xff]+\Z")
-_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+\Z")
-_NOTIFY = re.compile(r"(?:NEVER|(?:SUCCESS|FAILURE|DELAY)(?:,(?:SUCCESS|FAILURE|DELAY))*)\Z")
+_XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+\Z")
+_NOTIFY = re.compile(rb"(?:NEVER|(?:SUCCESS|FAILURE|DELAY)(?:,(?:SUCCESS|FAILURE|DELAY))*)\Z")
+_SIZE = re.compile(rb"[0-9]{1,20}\Z")
 _PATH = re.compile(rb'<((?:"(?:[^"\\\r\n]|\\.)*"|[^<>"\r\n])*)>')
 _SOURCE_ROUTE = re.compile(rb"@[^,:]*(?:,@[^,:]*)*:")
 _ATOM = rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\x80-\xff-]+"
@@ -189,48 +190,56 @@ def _parameters(text: bytes, known: frozenset[str]) -> dict[str, str | None]:
         name = key.decode("ascii").upper()
         if name not in known:
             raise EnvelopeError(
-                reply(555, "5.5.4", "Unsupported option: " + token.decode("ascii", "replace"))
+                reply(555, "5.5.4", "Unsupported option: " + token.decode("ascii", "backslashreplace"))
             )
         if name in params:
             raise EnvelopeError(reply(501, "5.5.4", f"Duplicate {name} parameter"))
-        try:
-            params[name] = value.decode("utf-8") if eq else None
-        except UnicodeDecodeError:
-            raise EnvelopeError(reply(501, "5.5.4", "Bad parameter syntax")) from None
-        _checkParameter(name, params[name])
-        if eq and name in ("BODY", "RET", "NOTIFY"):
-            params[name] = value.decode("ascii").upper()
+        params[name] = _checkParameter(name, value if eq else None)
     return params
 
 
-def _checkParameter(name: str, value: str | None) -> None:
+def _checkParameter(name: str, value: bytes | None) -> str | None:
+    """
+    Check one parameter's value on its bytes (an upper-cased keyword is
+    compared to ASCII only: Unicode case folding, such as C{ı} to C{I},
+    never makes a value valid) and return it as the handler gets it.
+    """
     bad = EnvelopeError(reply(501, "5.5.4", f"Bad {name} parameter syntax"))
     if name in ("SMTPUTF8", "REQUIRETLS"):
         if value is not None:
             raise bad
-        return
+        return None
     if value is None:
         raise bad
     upper = value.upper()
     if name == "SIZE":
-        if not value.isascii() or not value.isdigit() or len(value) > 20:
+        if not _SIZE.match(value):
             raise bad
     elif name == "BODY":
-        if upper not in ("7BIT", "8BITMIME"):
-            raise EnvelopeError(reply(555, "5.5.4", f"Unsupported option: BODY={value}"))
+        if upper not in (b"7BIT", b"8BITMIME"):
+            raise EnvelopeError(reply(
+                555, "5.5.4", "Unsupported option: BODY=" + value.decode("ascii", "backslashreplace")
+            ))
+        value = upper
     elif name == "RET":
-        if upper not in ("FULL", "HDRS"):
+        if upper not in (b"FULL", b"HDRS"):
             raise bad
+        value = upper
     elif name == "NOTIFY":
         if not _NOTIFY.match(upper):
             raise bad
+        value = upper
     elif name == "ORCPT":
-        kind, semi, address = value.partition(";")
+        kind, semi, address = value.partition(b";")
         if not semi or not kind or not address or not kind.isascii():
             raise bad
     elif name in ("ENVID", "AUTH"):
-        if not value.isascii() or not _XTEXT.match(value) and value != "<>":
+        if not _XTEXT.match(value) and value != b"<>":
             raise bad
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad from None
 
 
 def _checkAddress(path: bytes, smtputf8: bool, bad: Reply, allowEmpty: bool) -> None:

@@ -47,7 +47,7 @@ class UsersFile:
             with open(self.path, "rb") as f:
                 lines = f.read().splitlines()
         except OSError as e:
-            raise UsersFileError(f"{self.path}: {e.strerror}") from None
+            raise UsersFileError(f"{self.path}: cannot read: {e.strerror}") from None
         hashes: dict[str, bytes] = {}
         for number, raw in enumerate(lines, 1):
             line = raw.strip()

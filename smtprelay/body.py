@@ -16,7 +16,7 @@ import re
 from typing import Callable
 
 from . import replies
-from .replies import Reply
+from .replies import Refusal
 
 _MARK = b"\r\n.\r\n"
 _PREFIXES = (_MARK[:4], _MARK[:3], _MARK[:2], _MARK[:1])
@@ -131,18 +131,18 @@ class DataScanner:
         self.done = False
 
     @property
-    def verdict(self) -> Reply | None:
+    def verdict(self) -> Refusal | None:
         """
-        L{None}, or the reply that refuses the message: bare CR/LF (when not
+        L{None}, or the refusal of the message: bare CR/LF (when not
         normalizing), too big, too many hops, in that order of precedence so
         that the verdict does not depend on how the body was chunked.
         """
         if self._bare:
-            return replies.BARE_LF
+            return Refusal(replies.BARE_LF, "bare_lf")
         if self.size > self._maxSize:
-            return replies.MESSAGE_TOO_BIG
+            return Refusal(replies.MESSAGE_TOO_BIG, "too_big")
         if self.hops > self._maxHops:
-            return replies.TOO_MANY_HOPS
+            return Refusal(replies.TOO_MANY_HOPS, "too_many_hops")
         return None
 
     def feed(self, data: bytes) -> bytes | None:

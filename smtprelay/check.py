@@ -1,11 +1,13 @@
 """
 smtprelay-check: validate a configuration file (SPEC §3).
 
-C{smtprelay-check [--show] [CONFIG]} prints C{CONFIG: OK} (or, with
-C{--show}, the effective configuration with passwords masked) and exits 0,
-or prints every error as C{FILE:LINE: message} on standard error and exits
-2.  Warnings about secret files readable by others go to standard error in
-both cases.
+C{smtprelay-check [--show] [--no-files] [CONFIG]} prints C{CONFIG: OK}
+(or, with C{--show}, the effective configuration with passwords masked) and
+exits 0, or prints every error as C{FILE:LINE: message} on standard error
+and exits 2.  The certificates, keys, CAs and users files the configuration
+names are loaded as the relay loads them, unless C{--no-files} (to check a
+configuration meant for another machine).  Warnings about secret files
+readable by others go to standard error in both cases.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import sys
 
 from . import config as configuration
+from .files import fileErrors
 
 DEFAULT_CONFIG = "/etc/smtprelay/relay.conf"
 
@@ -26,6 +29,11 @@ def main(argv: list[str] | None = None, prog: str = "smtprelay-check") -> int:
     """
     parser = argparse.ArgumentParser(prog=prog, description="Check an smtprelay configuration.")
     parser.add_argument("--show", action="store_true", help="print the effective configuration")
+    parser.add_argument(
+        "--no-files",
+        action="store_true",
+        help="do not read the certificate, key, CA and users files (file: passwords are read)",
+    )
     parser.add_argument(
         "config", nargs="?", default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}"
     )
@@ -41,6 +49,11 @@ def main(argv: list[str] | None = None, prog: str = "smtprelay-check") -> int:
         return 2
     for warning in configuration.secretFileWarnings(options.config):
         print(warning, file=sys.stderr)
+    errors = [] if options.no_files else fileErrors(loaded)
+    for line in errors:
+        print(line, file=sys.stderr)
+    if errors:
+        return 2
     if options.show:
         sys.stdout.write(configuration.show(loaded))
     else:

@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from OpenSSL import SSL
-from service_identity import VerificationError
 from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -40,6 +39,7 @@ from .body import DotStuffer
 from .config.model import Address, Target
 from .interfaces import Credentials, DownstreamError, IDownstream, Params, TLSInfo
 from .replies import MalformedReply, Reply, reply
+from .tls import ClientOptions, cipherBits
 from .wire import writeNow
 
 MAX_REPLY_BYTES = 64 * 1024
@@ -80,23 +80,33 @@ class AttemptFailed(Exception):
         without C{require_tls} the same target is retried on a new
         connection without STARTTLS.
     @ivar dns: the target's name did not resolve.
+    @ivar auth: the relay could not authenticate there with its own
+        configuration: its credentials were refused, the mechanism is not
+        offered, or no verified TLS carries the password.  A fault of the
+        relay's configuration, never the message's: a temporary failure.
+    @ivar stage: the step that failed, for logs: C{connect}, C{greeting},
+        C{tls} (implicit TLS), C{ehlo}, C{starttls} or C{auth}.
     """
 
     def __init__(
         self,
         reason: str,
         *,
+        stage: str = "",
         backoff: bool = False,
         noTLS: bool = False,
         retryPlain: bool = False,
         dns: bool = False,
+        auth: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.stage = stage
         self.backoff = backoff
         self.noTLS = noTLS
         self.retryPlain = retryPlain
         self.dns = dns
+        self.auth = auth
 
 
 def parseCapabilities(ehlo: Reply) -> dict[str, str]:
@@ -148,10 +158,17 @@ class SMTPClientProtocol(LineReceiver):
     L{authenticate}) and hands it to the relay as an L{IDownstream}.
 
     @ivar greeting: fires with the greeting reply.
+    @ivar tls: the TLS of this connection once its handshake is complete.
+    @ivar tlsOptions: the options of this connection's TLS, which judge
+        the peer after the handshake (set by L{startTLS}, or before
+        connecting for implicit TLS).
+    @ivar untrusted: why the TLS peer is not verified, or None.
     @ivar tlsFailed: the connection was lost to a TLS error.
     @ivar address: the endpoint this connection goes to (set by
         L{smtprelay.failover.Failover}).
     @ivar connectedAt: when the connection was opened (C{clock} seconds).
+    @ivar lastVerb: the verb of the last command sent (for logs), or
+        C{b""}.
     """
 
     delimiter = b"\r\n"
@@ -163,11 +180,14 @@ class SMTPClientProtocol(LineReceiver):
         self.lmtp = target.protocol == "lmtp"
         self.capabilities: dict[str, str] = {}
         self.tls: TLSInfo | None = None
+        self.tlsOptions: ClientOptions | None = None
+        self.untrusted: str | None = None
         self.peer = peer
         self.tlsFailed = False
         self.greeting: Deferred[Reply] = Deferred()
         self.address: Address | None = None
         self.connectedAt = clock.seconds()
+        self.lastVerb = b""
         self._clock = clock
         self._debug = target.debug
         self._waiting: deque[tuple[Deferred[Reply], Check]] = deque()
@@ -204,7 +224,8 @@ class SMTPClientProtocol(LineReceiver):
         self._closed = True
         self._cancelTimer()
         self._cancelStall()
-        if reason is not None and reason.check(SSL.Error, VerificationError):
+        self._releaseProducer()
+        if reason is not None and reason.check(SSL.Error):
             self.tlsFailed = True
         error = self._error or DownstreamError(
             replies.DOWNSTREAM_LOST, f"connection to {self.peer} lost"
@@ -215,6 +236,7 @@ class SMTPClientProtocol(LineReceiver):
             handshake.errback(
                 AttemptFailed(
                     f"TLS handshake with {self.peer} failed",
+                    stage="starttls",
                     noTLS=True,
                     retryPlain=True,
                 )
@@ -252,6 +274,7 @@ class SMTPClientProtocol(LineReceiver):
             self._error = DownstreamError(reply_, reason)
             self._log.info("aborting downstream {peer}: {reason}", peer=self.peer, reason=reason)
             self._cancelTimer()
+            self._releaseProducer()
             if self.transport is not None:
                 self.transport.abortConnection()  # type: ignore[attr-defined]
         return self._error
@@ -340,6 +363,8 @@ class SMTPClientProtocol(LineReceiver):
     def _write(self, line: bytes, d: Deferred[Reply], check: Check, secret: bool) -> None:
         if self._debug:
             self._trace("C", _redactCommand(line) if line[:5].upper() == b"AUTH " else b"****" if secret else line)
+        if not secret or line[:5].upper() == b"AUTH ":  # never a 334 answer
+            self.lastVerb = line.split(b" ", 1)[0].upper()
         if not self._waiting:
             self._armTimer()
         self._waiting.append((d, check))
@@ -378,12 +403,13 @@ class SMTPClientProtocol(LineReceiver):
         self.capabilities = {}
         return self.command(verb + encoded).addCallback(learned)
 
-    def startTLS(self, options: Any) -> Deferred[Reply]:
+    def startTLS(self, options: ClientOptions) -> Deferred[Reply]:
         """
         STARTTLS, then the handshake.  Fires with the STARTTLS reply: C{220}
-        once the handshake and verification succeeded (the capabilities are
-        then forgotten: say EHLO again), anything else when the server
-        refused (the connection stays usable in plain text).
+        once the handshake succeeded, whether the peer could be verified or
+        not (see L{tls}; the capabilities are then forgotten: say EHLO
+        again), anything else when the server refused (the connection stays
+        usable in plain text).
 
         Bytes that arrive after the 220 and before the handshake are an
         injection attempt (or a confused server): abort.
@@ -397,10 +423,13 @@ class SMTPClientProtocol(LineReceiver):
                 return r
             if self._lines or self.clearLineBuffer():
                 self._abortWith(replies.DOWNSTREAM_LOST, f"data injected after STARTTLS by {self.peer}")
-                raise AttemptFailed(f"data injected after STARTTLS by {self.peer}", noTLS=True)
+                raise AttemptFailed(
+                    f"data injected after STARTTLS by {self.peer}", stage="starttls", noTLS=True
+                )
             handshake: Deferred[None] = Deferred()
             self._handshake = handshake
             self.capabilities = {}
+            self.tlsOptions = options
             self._armTimer()
             self.transport.startTLS(options)  # type: ignore[union-attr]
             return handshake.addCallback(lambda _: r)
@@ -409,15 +438,21 @@ class SMTPClientProtocol(LineReceiver):
 
     def handshakeCompleted(self) -> None:
         """
-        The TLS handshake (STARTTLS or implicit TLS) and its verification
-        succeeded.
+        The TLS handshake (STARTTLS or implicit TLS) succeeded: judge the
+        peer (L{tls}, L{untrusted}).
         """
-        # Older Twisted versions verify the name after the handshake and
-        # still report it completed while aborting the connection.
-        tlsLayer = getattr(self.transport, "protocol", None)
-        if getattr(self.transport, "disconnecting", False) or getattr(tlsLayer, "disconnecting", False):
-            return
-        self.tls = tlsInfo(self.transport)
+        connection = _sslConnection(self.transport)
+        if connection is None or self.tlsOptions is None:
+            self.untrusted = "no certificate to check"
+            self.tls = TLSInfo("unknown", "unknown")
+        else:
+            self.untrusted = self.tlsOptions.verify(connection)
+            self.tls = TLSInfo(
+                str(connection.get_protocol_version_name()),
+                str(connection.get_cipher_name()),
+                cipherBits(connection),
+                verified=self.untrusted is None,
+            )
         if self._handshake is not None:
             if not self._waiting:
                 self._cancelTimer()
@@ -546,7 +581,13 @@ class SMTPClientProtocol(LineReceiver):
         count = max(1, self._accepted) if self.lmtp else 1
         if self._debug:
             self._trace("C", b"<end of data>")
-        waits: list[Deferred[Reply]] = [Deferred() for _ in range(count)]
+        received: list[Reply] = []
+
+        def arrived(r: Reply) -> Reply:
+            received.append(r)
+            return r
+
+        waits = [Deferred[Reply]().addCallback(arrived) for _ in range(count)]
         self._armTimer()
         self._waiting.extend((d, _NORMAL) for d in waits)
         writeNow(self.transport, stuffer.end())
@@ -558,6 +599,11 @@ class SMTPClientProtocol(LineReceiver):
 
         def firstError(f: Failure) -> Failure:
             f.trap(FirstError)
+            error = f.value.subFailure.value
+            if received and isinstance(error, DownstreamError):
+                # Replies come in RCPT order: those before the failure are
+                # verdicts the client must get (SPEC §4.7).
+                raise DownstreamError(error.reply, error.reason, received)
             return f.value.subFailure  # type: ignore[no-any-return]
 
         return gatherResults(waits, consumeErrors=True).addCallbacks(collected, firstError)
@@ -589,6 +635,17 @@ class SMTPClientProtocol(LineReceiver):
 
     # -- back-pressure ------------------------------------------------------
 
+    def _releaseProducer(self) -> None:
+        """
+        The body can no longer reach the downstream: stop holding the
+        client's upload (SPEC §4.8), which is then read to its end-of-data
+        and discarded here; the end-of-data gets the failure.
+        """
+        producer, self._producer = self._producer, None
+        self._paused = False
+        if producer is not None:
+            producer.stopProducing()
+
     def _bodyPaused(self) -> None:
         self._paused = True
         if self._producer is not None:
@@ -612,20 +669,17 @@ class SMTPClientProtocol(LineReceiver):
         self._abortWith(replies.DOWNSTREAM_LOST, f"body stalled writing to {self.peer}")
 
 
-def tlsInfo(transport: Any) -> TLSInfo | None:
+def _sslConnection(transport: Any) -> SSL.Connection | None:
     """
-    The version and cipher of a TLS transport (implicit TLS wraps the
+    The OpenSSL connection of a TLS transport (implicit TLS wraps the
     transport; STARTTLS puts the TLS protocol inside it).
     """
     for candidate in (transport, getattr(transport, "protocol", None)):
         getHandle = getattr(candidate, "getHandle", None)
         connection = getHandle() if getHandle is not None else None
         if isinstance(connection, SSL.Connection):
-            return TLSInfo(
-                str(connection.get_protocol_version_name()),
-                str(connection.get_cipher_name()),
-            )
-    return TLSInfo("unknown", "unknown")
+            return connection
+    return None
 
 
 def _redactCommand(line: bytes) -> bytes:

@@ -6,11 +6,16 @@ until one completes the steps before the transaction: connect, greeting
 220, EHLO/LHLO, STARTTLS and verification (when configured), AUTH (when
 configured) and, if asked, MAIL.  A temporary or connection-level failure at
 any step moves on to the next endpoint; a failed TLS handshake is retried on
-a new connection without STARTTLS unless C{require_tls}.  Endpoints that
+a new connection without STARTTLS unless C{require_tls}.  A completed one is
+kept whether the peer could be verified or not; C{require_tls} and a
+password need a verified peer.  Endpoints that
 could not be reached rest for C{backoff} seconds so that a message does not
 wait for a dead first endpoint each time; the configured order returns as
-soon as they recover.  A downstream's permanent verdict (5xx to AUTH or
-MAIL) is final: it is the client's answer, not a fault.
+soon as they recover.  A downstream's permanent verdict (5xx to MAIL, or
+to AUTH with the client's own credentials) is final: it is the client's
+answer, not a fault.  The relay's own credentials refused, or a mechanism
+not offered, is a fault of its configuration: the next endpoint, and a
+temporary failure when none is left.
 
 Between client sessions, a connection the relay is done with waits idle
 for the next transaction (L{Failover.release}), as Postfix's connection
@@ -40,7 +45,7 @@ from .endpoints import clientEndpoint
 from .interfaces import Credentials, DownstreamError, IDownstream, Params
 from .metrics import IMetrics, NullMetrics
 from .replies import Reply
-from .tls import clientOptions
+from .tls import ClientOptions
 
 EndpointFactory = Callable[[Address, float, Any], IStreamClientEndpoint]
 """C{(address, connectTimeout, tlsOptions or None) → endpoint}."""
@@ -89,7 +94,7 @@ class Failover:
             lambda address, timeout, options: clientEndpoint(reactor, address, timeout, options)
         )
         self._restingUntil: dict[Address, float] = {}
-        self._tlsOptions: dict[str, Any] = {}
+        self._tlsOptions: dict[str, ClientOptions] = {}
         self._idle: list[tuple[SMTPClientProtocol, IDelayedCall]] = []
         self._closed = False
 
@@ -103,20 +108,27 @@ class Failover:
         return awake or list(self.target.endpoints)
 
     def open(
-        self, credentials: Credentials | None = None, mail: tuple[bytes, Params] | None = None
+        self,
+        credentials: Credentials | None = None,
+        mail: tuple[bytes, Params] | None = None,
+        sessionId: str = "-",
     ) -> Deferred[tuple[IDownstream, Reply | None]]:
         """
         Fire with C{(session, MAIL reply or None)} from the first endpoint
         that completes the steps; a permanent MAIL reply is returned too.
+        Each failed attempt is logged, even when a later one succeeds.
 
         @param credentials: the client's own, for C{auth forward}.
         @param mail: C{(sender, params)} to send MAIL as the last step.
+        @param sessionId: the client session's id, for the logs.
         @raise DownstreamError: C{451 4.4.1} when every endpoint failed
             (C{4.7.5} when C{require_tls} eliminated them, C{4.4.4} when
-            all were DNS failures); the downstream's own reply to a refused
-            AUTH; C{554 5.4.6} when a target is ourselves.
+            all were DNS failures, C{454 4.7.0} when the relay could
+            authenticate at none of them); the downstream's own reply to
+            the client's credentials refused (C{auth forward});
+            C{554 5.4.6} when a target is ourselves.
         """
-        return self._open(credentials, mail)  # type: ignore[return-value]
+        return self._open(credentials, mail, sessionId)  # type: ignore[return-value]
 
     def release(self, session: IDownstream) -> None:
         """
@@ -195,7 +207,7 @@ class Failover:
 
     @inlineCallbacks
     def _open(
-        self, credentials: Credentials | None, mail: tuple[bytes, Params] | None
+        self, credentials: Credentials | None, mail: tuple[bytes, Params] | None, sessionId: str
     ) -> Generator[Deferred[Any], Any, tuple[IDownstream, Reply | None]]:
         target = self.target
         if mail is not None and credentials is None and self._idle:
@@ -203,7 +215,7 @@ class Failover:
             if reused is not None:
                 return reused
         reasons: list[str] = []
-        allDNS = allNoTLS = True
+        allDNS = allNoTLS = allAuth = True
         for attempt, address in enumerate(self.order()):
             if attempt:
                 self._metrics.failover(target.name)
@@ -221,9 +233,11 @@ class Failover:
                     raise DownstreamError(replies.LOOP, f"{address} greets with our own token")
                 except AttemptFailed as e:
                     self._metrics.attempt(target.name, _result(e))
+                    self._logFailure(sessionId, address, e.stage, e.reason)
                     reasons.append(f"{address}: {e.reason}")
                     allDNS = allDNS and e.dns
                     allNoTLS = allNoTLS and e.noTLS
+                    allAuth = allAuth and e.auth
                     if e.backoff:
                         self._rest(address)
                     if (
@@ -248,13 +262,15 @@ class Failover:
                     reply = yield session.mail(*mail)
                 except DownstreamError as e:
                     self._metrics.attempt(target.name, "mail")
+                    self._logFailure(sessionId, address, "mail", e.reason)
                     reasons.append(f"{address}: MAIL: {e.reason}")
-                    allDNS = allNoTLS = False
+                    allDNS = allNoTLS = allAuth = False
                     break
                 if reply.transient:
                     self._metrics.attempt(target.name, "mail")
+                    self._logFailure(sessionId, address, "mail", reply.summary)
                     reasons.append(f"{address}: MAIL: {reply.code} {reply.text}")
-                    allDNS = allNoTLS = False
+                    allDNS = allNoTLS = allAuth = False
                     session.quit()
                     break
                 return (session, reply)
@@ -266,19 +282,36 @@ class Failover:
             raise DownstreamError(replies.DOWNSTREAM_DNS, reason)
         if reasons and allNoTLS and target.requireTLS:
             raise DownstreamError(replies.DOWNSTREAM_NO_TLS, reason)
+        if reasons and allAuth:
+            raise DownstreamError(replies.DOWNSTREAM_AUTH, reason)
         raise DownstreamError(replies.NO_DOWNSTREAM, reason)
+
+    def _logFailure(self, sessionId: str, address: Address, stage: str, reason: str) -> None:
+        """
+        One line per failed attempt, as Postfix logs each MX it could not
+        use: the target, the endpoint, the step that failed and why.
+        """
+        self._log.info(
+            "{session}: target {target}: {endpoint} failed at {stage}: {reason}",
+            attempt=True,
+            session=sessionId,
+            target=self.target.name,
+            endpoint=str(address),
+            stage=stage,
+            reason=reason,
+        )
 
     def _rest(self, address: Address) -> None:
         if self.target.backoff > 0:
             self._restingUntil[address] = self._clock.seconds() + self.target.backoff
 
-    def _options(self, address: Address) -> Any:
+    def _options(self, address: Address) -> ClientOptions:
         """
         The client TLS options for C{address}, built once per host name.
         """
         options = self._tlsOptions.get(address.host)
         if options is None:
-            options = self._tlsOptions[address.host] = clientOptions(
+            options = self._tlsOptions[address.host] = ClientOptions(
                 self.target.tlsClient, address.host
             )
         return options
@@ -287,15 +320,16 @@ class Failover:
     def _connect(self, address: Address, protocol: SMTPClientProtocol) -> Generator[Deferred[Any], Any, None]:
         target = self.target
         options = self._options(address) if address.scheme == "tls" else None
+        protocol.tlsOptions = options
         endpoint = self._endpointFactory(address, target.connectTimeout, options)
         connecting = endpoint.connect(_OneConnection(protocol))
         timer = self._clock.callLater(target.connectTimeout, connecting.cancel)
         try:
             yield connecting
         except DNSLookupError:
-            raise AttemptFailed(f"cannot resolve {address.host}", backoff=True, dns=True)
+            raise AttemptFailed(f"cannot resolve {address.host}", stage="connect", backoff=True, dns=True)
         except Exception as e:  # noqa: BLE001 - any connect failure means "next target"
-            raise AttemptFailed(f"connect failed: {type(e).__name__}: {e}", backoff=True)
+            raise AttemptFailed(f"connect failed: {type(e).__name__}: {e}", stage="connect", backoff=True)
         finally:
             if timer.active():
                 timer.cancel()
@@ -324,8 +358,11 @@ class Failover:
             greeting = yield protocol.greeting
         except DownstreamError as e:
             failedTLS = protocol.tlsFailed
+            if failedTLS:
+                self._metrics.tlsHandshake("outbound", False)
             raise AttemptFailed(
                 f"no greeting: {'TLS handshake failed' if failedTLS else e.reason}",
+                stage="tls" if failedTLS else "greeting",
                 backoff=not failedTLS,
                 noTLS=failedTLS,
             )
@@ -334,7 +371,7 @@ class Failover:
             raise _Loop()
         if greeting.code != 220:
             protocol.quit()
-            raise AttemptFailed(f"greeting {greeting.code} {greeting.text}", backoff=True)
+            raise AttemptFailed(f"greeting {greeting.code} {greeting.text}", stage="greeting", backoff=True)
         try:
             yield self._hello(protocol)
             needTLS = target.requireTLS or target.auth.mechanism != "off"
@@ -346,32 +383,68 @@ class Failover:
                     yield self._hello(protocol)
                 elif needTLS:
                     raise AttemptFailed(
-                        f"STARTTLS refused: {started.code} {started.text}", noTLS=True
+                        f"STARTTLS refused: {started.code} {started.text}", stage="starttls", noTLS=True
                     )
-            if protocol.tls is None:
-                if target.requireTLS:
-                    raise AttemptFailed("no TLS available", noTLS=True)
-                if target.auth.mechanism != "off":
-                    raise AttemptFailed(
-                        f"AUTH {target.auth.mechanism} needs TLS, which was not available",
-                        noTLS=True,
-                    )
+            self._judgeTLS(protocol)
             yield self._authenticate(protocol, credentials)
         except DownstreamError as e:
             protocol.abort()
             if e.reply.permanent:
-                raise  # the downstream's verdict on our credentials
-            raise AttemptFailed(e.reason)
+                raise  # the downstream's verdict on the client's credentials
+            raise AttemptFailed(e.reason, stage=_STAGES.get(protocol.lastVerb, "ehlo"))
+        except AttemptFailed as e:
+            protocol.abort()
+            if e.retryPlain:
+                self._metrics.tlsHandshake("outbound", False)
+            raise
         except BaseException:
             protocol.abort()
             raise
         return protocol
 
+    def _judgeTLS(self, protocol: SMTPClientProtocol) -> None:
+        """
+        What the connection's TLS, or its absence, allows.  Any TLS is kept,
+        verified or not (Postfix's C{may}); C{require_tls} wants a verified
+        peer, and so does a password (C{plain}, C{login}, C{forward}),
+        unless C{insecure_skip_verify} waives verification.
+
+        @raise AttemptFailed: the target cannot be used so.
+        """
+        target = self.target
+        tls = protocol.tls
+        if tls is not None:
+            self._metrics.tlsHandshake("outbound", True, tls.verified)
+            self._log.info(
+                "{trust} TLS connection established to {peer}: {tls}{why}",
+                trust="Verified" if tls.verified else "Untrusted",
+                peer=protocol.peer, tls=tls.description,
+                why="" if tls.verified else f" ({protocol.untrusted})",
+            )
+        trusted = tls is not None and (tls.verified or target.tlsClient.insecureSkipVerify)
+        if target.requireTLS and not trusted:
+            raise AttemptFailed(
+                "no TLS available" if tls is None else f"TLS peer not verified: {protocol.untrusted}",
+                stage="starttls",
+                noTLS=True,
+            )
+        mechanism = target.auth.mechanism
+        if mechanism == "off":
+            return
+        if tls is None:
+            raise AttemptFailed(f"{mechanism} authentication needs TLS, which was not available", stage="auth", noTLS=True)
+        if mechanism != "external" and not trusted:
+            raise self._authFault(
+                protocol, f"{mechanism} authentication needs a verified TLS peer ({protocol.untrusted})"
+            )
+
     @inlineCallbacks
     def _hello(self, protocol: SMTPClientProtocol) -> Generator[Deferred[Any], Any, None]:
         r = yield protocol.hello(self.target.hostname)
         if r.code != 250:
-            raise AttemptFailed(f"{'LHLO' if protocol.lmtp else 'EHLO/HELO'} refused: {r.code} {r.text}")
+            raise AttemptFailed(
+                f"{'LHLO' if protocol.lmtp else 'EHLO/HELO'} refused: {r.code} {r.text}", stage="ehlo"
+            )
 
     @inlineCallbacks
     def _authenticate(
@@ -384,7 +457,7 @@ class Failover:
         offered = protocol.capabilities.get("AUTH", "").upper().split()
         if mechanism == "forward":
             if credentials is None:
-                raise AttemptFailed("auth forward without client credentials")
+                raise AttemptFailed("no client credentials to forward", stage="auth")
             wire = "login" if "PLAIN" not in offered and "LOGIN" in offered else "plain"
         elif mechanism in ("plain", "login"):
             assert auth.username is not None and auth.password is not None
@@ -392,12 +465,33 @@ class Failover:
             wire = mechanism
         else:
             wire = "external"
+        if wire.upper() not in offered:
+            raise self._authFault(protocol, f"{wire.upper()} authentication not offered")
         r = yield protocol.authenticate(wire, credentials)
         if r.code == 235:
             return
-        if r.permanent:
-            raise DownstreamError(r, f"AUTH {wire.upper()} refused by {protocol.peer}: {r.code}")
-        raise AttemptFailed(f"AUTH {wire.upper()} failed at {protocol.peer}: {r.code} {r.text}")
+        if mechanism == "forward":
+            if r.permanent:
+                # The client's own credentials: its verdict (SPEC §4.6).
+                raise DownstreamError(r, f"{wire.upper()} authentication refused by {protocol.peer}: {r.code}")
+            raise AttemptFailed(f"{wire.upper()} authentication failed at {protocol.peer}: {r.code} {r.text}", stage="auth")
+        raise self._authFault(protocol, f"{wire.upper()} authentication refused: {r.code} {r.text}")
+
+    def _authFault(self, protocol: SMTPClientProtocol, reason: str) -> AttemptFailed:
+        """
+        The relay cannot authenticate at C{protocol}'s endpoint with its
+        configuration: an error for the postmaster, and for the message a
+        temporary failure (Postfix's C{smtp_sasl_auth_soft_bounce}).
+        """
+        self._log.error(
+            "target {target}: cannot authenticate at {peer}: {reason}",
+            target=self.target.name, peer=protocol.peer, reason=reason,
+        )
+        return AttemptFailed(f"{reason} at {protocol.peer}", stage="auth", auth=True)
+
+
+_STAGES = {b"STARTTLS": "starttls", b"AUTH": "auth"}
+"""The stage of a connection lost in reply to a command (else C{ehlo})."""
 
 
 def _result(failure: AttemptFailed) -> str:
@@ -406,6 +500,8 @@ def _result(failure: AttemptFailed) -> str:
     """
     if failure.dns:
         return "dns"
+    if failure.auth:
+        return "auth"
     if failure.noTLS:
         return "tls"
     if failure.backoff:

@@ -26,10 +26,25 @@ Params = Mapping[str, "str | None"]
 class TLSInfo:
     """
     What a TLS connection negotiated, for C{Received:} headers and logs.
+
+    @ivar bits: the cipher's secret and algorithm bits, when known.
+    @ivar verified: the peer's certificate was verified (a downstream's:
+        a chain to a trusted root and the target's name).
     """
 
     version: str
     cipher: str
+    bits: tuple[int, int] | None = None
+    verified: bool = False
+
+    @property
+    def description(self) -> str:
+        """
+        C{TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)}, as
+        Postfix writes it.
+        """
+        bits = f" ({self.bits[0]}/{self.bits[1]} bits)" if self.bits else ""
+        return f"{self.version} with cipher {self.cipher}{bits}"
 
 
 @attrs.define
@@ -163,12 +178,15 @@ class DownstreamError(Exception):
     @ivar reply: what the client should be told (already mapped per SPEC
         §4.5: a downstream's own reply, or one of the relay's 4xx replies).
     @ivar reason: a log-safe description of the cause (no secrets).
+    @ivar received: the LMTP end-of-data replies that arrived before the
+        failure, in RCPT order: those recipients have their verdict.
     """
 
-    def __init__(self, reply: Reply, reason: str = "") -> None:
+    def __init__(self, reply: Reply, reason: str = "", received: Sequence[Reply] = ()) -> None:
         super().__init__(reason or reply.text)
         self.reply = reply
         self.reason = reason or reply.text
+        self.received = tuple(received)
 
 
 class IDownstream(Interface):
@@ -228,7 +246,9 @@ class IDownstream(Interface):
     def endData() -> Deferred[Sequence[Reply]]:
         """
         Send the end-of-data dot; fire with one reply (SMTP) or one per
-        accepted recipient in RCPT order (LMTP).
+        accepted recipient in RCPT order (LMTP).  An LMTP session that
+        fails after some of its replies fails with a L{DownstreamError}
+        whose C{received} holds them.
         """
 
     def rset() -> Deferred[Reply]:

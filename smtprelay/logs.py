@@ -8,6 +8,10 @@ C{time}, C{level}, C{namespace}, C{message} and the event's own structured
 keys (e.g. the per-transaction keys of L{smtprelay.relay}).  Both observers
 sit behind L{RedactingObserver}, a defence in depth that hides C{AUTH}
 initial responses and the client's answers to C{334} challenges.
+
+L{logReject} is the one form of the line for a refused command, Postfix's
+C{NOQUEUE: reject: RCPT from ...}, whoever refused it (the relay or the
+downstream).
 """
 
 from __future__ import annotations
@@ -25,10 +29,14 @@ from twisted.logger import (
     FileLogObserver,
     ILogObserver,
     LogEvent,
+    Logger,
     formatEvent,
     textFileLogObserver,
 )
 from zope.interface import implementer
+
+from .interfaces import ClientSession
+from .replies import Reply
 
 LOG_FILE_VARIABLE = "SMTPRELAY_LOG_FILE"
 """The environment variable naming the file the observers append to."""
@@ -55,6 +63,50 @@ _LINES = re.compile(r"(\r\n|\r|\n)")
 # for in the event's values (they would mangle innocent text), but the
 # message still shows them masked.
 _MIN_SCRUB = 4
+
+
+_REJECT = "{session}: reject: {command} from {client}: {reply};"
+_REJECT_TAIL = " proto={proto} helo=<{helo}> relay={relay}"
+
+
+def logReject(
+    log: Logger,
+    session: ClientSession,
+    command: str,
+    reply: Reply,
+    sender: bytes | None,
+    recipient: bytes | None = None,
+    relay: str = "none",
+) -> None:
+    """
+    Log the refusal of a client's C{MAIL}, C{RCPT} or C{DATA}, as Postfix
+    logs C{NOQUEUE: reject: RCPT from unknown[192.0.2.1]: 550 5.1.1 <x@y>:
+    ...; from=<a@b> to=<x@y> proto=ESMTP helo=<h>}: the reply the client
+    got and the envelope so far.  The event's keys: C{reject} (true),
+    C{session}, C{command}, C{client}, C{reply}, C{sender} and
+    C{recipient} (L{None} when not known: not shown), C{proto}, C{helo}
+    and C{relay}, the downstream session of the transaction (C{none} for
+    the relay's own refusals before one is open).
+    """
+    fromText = None if sender is None else sender.decode("utf-8", "replace")
+    to = None if recipient is None else recipient.decode("utf-8", "replace")
+    log.info(
+        _REJECT
+        + ("" if fromText is None else " from=<{sender}>")
+        + ("" if to is None else " to=<{recipient}>")
+        + _REJECT_TAIL,
+        reject=True,
+        session=session.id,
+        command=command,
+        # No reverse DNS lookups, so the name is Postfix's "unknown".
+        client=f"unknown[{session.clientHost}]" if session.clientHost else "local",
+        reply=reply.summary,
+        sender=fromText,
+        recipient=to,
+        proto=session.withProtocol,
+        helo=session.heloName or "",
+        relay=relay,
+    )
 
 
 def redact(text: str) -> str:

@@ -35,11 +35,14 @@ ATTEMPT_RESULTS = (
 )
 """The usual values of C{result} for L{IMetrics.attempt} (not enforced)."""
 
-REJECTION_REASONS = (
-    "relay_denied", "too_big", "bare_lf", "too_many_hops", "too_many_recipients", "rate",
-    "auth_failed", "sync", "line_too_long", "timeout", "too_many_connections", "too_many_errors",
-)
-"""The usual values of C{reason} for L{IMetrics.rejected} (not enforced)."""
+REJECTION_REASONS = frozenset({
+    "relay_denied", "auth_required", "tls_required", "too_big", "bare_lf", "too_many_hops",
+    "too_many_recipients", "auth_failed", "auth_aborted", "too_many_auth_failures", "sync",
+    "line_too_long", "too_much_input", "unknown_command", "not_implemented", "syntax",
+    "bad_sequence", "timeout", "too_many_connections", "too_many_errors",
+})
+"""Every value of C{reason} for L{IMetrics.rejected}: each local refusal
+names its own where it is made (README, Logs, metrics, shutdown)."""
 
 CONNECT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 END_OF_DATA_BUCKETS = (
@@ -87,10 +90,11 @@ class IMetrics(Interface):
         The relay gave up on C{target} for a transaction and tried the next.
         """
 
-    def tlsHandshake(side: str, ok: bool) -> None:
+    def tlsHandshake(side: str, ok: bool, verified: bool = False) -> None:
         """
         A TLS handshake ended: C{side} is inbound (STARTTLS or implicit TLS
-        from a client) or outbound (to a downstream).
+        from a client) or outbound (to a downstream); C{verified}: the
+        peer's certificate was verified (a downstream's chain and name).
         """
 
     def rejected(reason: str) -> None:
@@ -123,7 +127,7 @@ class NullMetrics:
     def failover(self, target: str) -> None:
         pass
 
-    def tlsHandshake(self, side: str, ok: bool) -> None:
+    def tlsHandshake(self, side: str, ok: bool, verified: bool = False) -> None:
         pass
 
     def rejected(self, reason: str) -> None:
@@ -180,8 +184,8 @@ class Metrics:
             buckets=END_OF_DATA_BUCKETS, registry=registry,
         )
         self._tls = Counter(
-            "smtprelay_tls_handshakes", "TLS handshakes, by side and result.",
-            ["side", "result"], registry=registry,
+            "smtprelay_tls_handshakes", "TLS handshakes, by side, result and peer verification.",
+            ["side", "result", "verified"], registry=registry,
         )
         self._rejections = Counter(
             "smtprelay_rejections", "Local refusals, by reason.", ["reason"], registry=registry
@@ -194,7 +198,8 @@ class Metrics:
             self._transactions.labels(status)
         for side in TLS_SIDES:
             for result in ("ok", "failed"):
-                self._tls.labels(side, result)
+                self._tls.labels(side, result, "no")
+        self._tls.labels("outbound", "ok", "yes")
 
     def sessionOpened(self, kind: str) -> None:
         self._sessionsOpen.labels(kind).inc()
@@ -223,12 +228,14 @@ class Metrics:
     def failover(self, target: str) -> None:
         self._failovers.labels(target).inc()
 
-    def tlsHandshake(self, side: str, ok: bool) -> None:
+    def tlsHandshake(self, side: str, ok: bool, verified: bool = False) -> None:
         if side not in TLS_SIDES:
             raise ValueError(f"unknown TLS side {side!r}")
-        self._tls.labels(side, "ok" if ok else "failed").inc()
+        self._tls.labels(side, "ok" if ok else "failed", "yes" if verified else "no").inc()
 
     def rejected(self, reason: str) -> None:
+        if reason not in REJECTION_REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}")
         self._rejections.labels(reason).inc()
 
     def exposition(self) -> tuple[bytes, str]:

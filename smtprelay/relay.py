@@ -36,6 +36,7 @@ from zope.interface import implementer
 from . import replies
 from .config.model import Destinations, Listener
 from .metrics import IMetrics, NullMetrics
+from .logs import logReject
 from .interfaces import (
     ClientSession,
     Credentials,
@@ -57,6 +58,7 @@ _RELAY_REPLIES = frozenset(
         replies.DOWNSTREAM_DNS,
         replies.DOWNSTREAM_NO_TLS,
         replies.DOWNSTREAM_CONFUSED,
+        replies.DOWNSTREAM_AUTH,
         replies.LOOP,
         replies.CONVERSION_REQUIRED,
         replies.UTF8_SENDER,
@@ -159,19 +161,24 @@ class RelaySession:
                 return error.reply.sanitized()
             return self._local(replies.AUTH_TEMPFAIL)
 
-        return route.open(credentials=credentials).addCallbacks(bound, refused)
+        return route.open(credentials=credentials, sessionId=self.session.id).addCallbacks(
+            bound, refused
+        )
 
     def mail(self, sender: bytes, params: Params) -> Deferred[Reply]:
         """
         Route the transaction by its sender.  Open (or reuse) the
         downstream session and send MAIL, and the client gets the
         downstream's reply; or, when the target depends on the recipients,
-        a local 250.
+        a local 250.  A refusal is logged.
         """
+        return self._mail(sender, params).addCallback(self._logRefusal, "MAIL", sender)
+
+    def _mail(self, sender: bytes, params: Params) -> Deferred[Reply]:
         self._resetTransaction()
         choice = self._router.bySender(sender)
         if isinstance(choice, Reply):
-            return succeed(self._rejected("MAIL FROM", sender, choice))
+            return succeed(choice)
         self._sender = sender
         self._started = self._clock.seconds()
         if self.session.user is None:
@@ -189,11 +196,17 @@ class RelaySession:
         first routed recipient chooses it and opens the downstream session
         (the MAIL reply, if not positive, is this RCPT's and every later
         one's); one routed elsewhere gets C{451 4.5.3}.  Then relay RCPT.
+        A refusal is logged.
         """
+        return self._routeRcpt(recipient, params).addCallback(
+            self._logRefusal, "RCPT", recipient
+        )
+
+    def _routeRcpt(self, recipient: bytes, params: Params) -> Deferred[Reply]:
         if self._destinations is not None:
             choice = self._router.byRecipient(self._destinations, recipient)
             if isinstance(choice, Reply):
-                return succeed(self._rejected("RCPT TO", recipient, choice))
+                return succeed(choice)
             if self._route is None:
                 self._route = choice
                 return self._mailWhenIdle().addCallback(self._rcptAfterMail, recipient, params)
@@ -224,15 +237,18 @@ class RelaySession:
         def accepted(reply: Reply) -> Reply:
             if reply.positive:
                 self._accepted.append(recipient)
-            return self._relayed(reply)
+            return self._relayed(replies.forRcpt(reply))
 
         return downstream.rcpt(recipient, params).addCallbacks(accepted, self._failed)
 
     def data(self, producer: IPushProducer) -> Deferred[Reply]:
         """
         Send DATA downstream; only its 354 opens the body, which starts
-        with our C{Received:} header.
+        with our C{Received:} header.  A refusal is logged.
         """
+        return self._data(producer).addCallback(self._logRefusal, "DATA", None)
+
+    def _data(self, producer: IPushProducer) -> Deferred[Reply]:
         downstream = self._downstream
         if not self._accepted:
             return succeed(self._local(replies.NO_VALID_RECIPIENTS))
@@ -243,7 +259,7 @@ class RelaySession:
             if reply.code == 354:
                 self._inBody = True
                 downstream.registerProducer(producer, True)
-                downstream.write(self._receivedHeader())
+                downstream.write(self._receivedHeader(downstream))
             return self._relayed(reply)
 
         return downstream.data().addCallbacks(started, self._failed)
@@ -270,9 +286,13 @@ class RelaySession:
 
         def finished(results: Sequence[Reply]) -> Sequence[Reply]:
             self._ending = False
-            final = self._mapFinal([self._relayed(r) for r in results])
+            relayed = [self._relayed(r) for r in results]
+            final = self._mapFinal(relayed)
+            # An LMTP target's one reply per recipient is each one's status.
+            perRecipient = downstream.lmtp and len(relayed) == len(self._accepted)
             self._logTransaction(
-                _status(final), final[0], downstream, self._clock.seconds() - self._dotSent
+                *_outcome(final), downstream, self._clock.seconds() - self._dotSent,
+                list(zip(self._accepted, relayed)) if perRecipient else (),
             )
             if self._closed:
                 self._dropDownstream(abort=False)
@@ -281,8 +301,15 @@ class RelaySession:
         def failed(failure: Failure) -> Sequence[Reply]:
             self._ending = False
             reply = self._failed(failure)
-            self._logTransaction("deferred", reply, downstream)
-            return self._perRecipient(reply)
+            received = [self._relayed(r) for r in failure.value.received]
+            if not received:
+                self._logTransaction("deferred", reply, downstream)
+                return self._perRecipient(reply)
+            # The recipients the downstream answered keep their verdict;
+            # only the missing ones are temporary failures.
+            final = self._mapFinal(received + [reply] * (len(self._accepted) - len(received)))
+            self._logTransaction(_outcome(final)[0], reply, downstream)
+            return final
 
         return downstream.endData().addCallbacks(finished, failed)
 
@@ -314,7 +341,7 @@ class RelaySession:
         self._closed = True
         if self._inBody:
             self._inBody = False
-            self._logTransaction("aborted", replies.DOWNSTREAM_LOST, self._downstream)
+            self._logTransaction("aborted", CLIENT_GONE, self._downstream)
             self._dropDownstream(abort=True)
         elif not self._ending:
             self._dropDownstream(abort=False)
@@ -383,9 +410,9 @@ class RelaySession:
             assert reply is not None
             return self._relayed(reply)
 
-        return route.open(credentials=self._credentials, mail=(sender, params)).addCallbacks(
-            opened, self._failed
-        )
+        return route.open(
+            credentials=self._credentials, mail=(sender, params), sessionId=self.session.id
+        ).addCallbacks(opened, self._failed)
 
     def _relayed(self, reply: Reply) -> Reply:
         """
@@ -397,18 +424,25 @@ class RelaySession:
     def _local(self, reply: Reply) -> Reply:
         return reply.withSession(self.session.id)
 
-    def _rejected(self, command: str, address: bytes, reply: Reply) -> Reply:
+    def _logRefusal(self, reply: Reply, command: str, address: bytes | None) -> Reply:
         """
-        A C{reject} routing rule's reply, logged as Postfix logs its
-        rejections.
+        Log C{reply} if it refuses the client's C{command} (a routing
+        rule's C{reject}, the downstream's verdict or the relay's own
+        temporary failure), as Postfix logs its rejections.
+
+        @param address: the sender of C{MAIL}, the recipient of C{RCPT}.
         """
-        self._log.info(
-            "{session}: reject: {command}:<{address}>: {reply}",
-            session=self.session.id,
-            command=command,
-            address=address.decode("utf-8", "replace"),
-            reply=reply.summary,
-        )
+        if reply.code >= 400:
+            sender = address if command == "MAIL" else self._sender
+            logReject(
+                self._log,
+                self.session,
+                command,
+                reply,
+                sender,
+                address if command == "RCPT" else None,
+                self._downstream.peer if self._downstream is not None else "none",
+            )
         return reply
 
     def _failed(self, failure: Failure) -> Reply:
@@ -452,26 +486,30 @@ class RelaySession:
             if len(results) == len(self._accepted):
                 return list(results)
             return self._perRecipient(results[0])
-        if len(results) == 1:
-            return [results[0]]
+        # lmtp_split tempfail: the recipients agree when their outcomes
+        # have one class (texts differ: "<a@x> Saved", "delivered"); the
+        # first recipient's reply then speaks for all.
         first = results[0]
-        if all((r.code, r.enhanced) == (first.code, first.enhanced) for r in results):
+        if all(r.code // 100 == first.code // 100 for r in results):
             return [first]
         return [self._local(replies.LMTP_MIXED)]
 
-    def _receivedHeader(self) -> bytes:
+    def _receivedHeader(self, downstream: IDownstream) -> bytes:
         """
-        The C{Received:} header we prepend (RFC 5321 §4.4), Postfix-like.
+        The C{Received:} header we prepend (RFC 5321 §4.4), Postfix-like,
+        with a comment on the TLS the message leaves by, if any.
         """
         session = self.session
         helo = session.heloName or "unknown"
         address = f"[{session.clientHost}]" if session.clientHost else "unix socket"
         lines = [f"Received: from {helo} ({address})"]
         if session.tls is not None:
-            lines.append(f"\t(using {session.tls.version} with cipher {session.tls.cipher})")
+            lines.append(f"\t(using {session.tls.description})")
         lines.append(
             f"\tby {self._hostname} (smtprelay) with {session.withProtocol} id {session.id}"
         )
+        if downstream.tls is not None:
+            lines.append(f"\t(relayed using {downstream.tls.description}, {_trust(downstream)})")
         date = email.utils.formatdate(self._clock.seconds(), localtime=True)
         if len(self._accepted) == 1:
             forward = self._accepted[0].decode("utf-8", "replace")
@@ -484,14 +522,21 @@ class RelaySession:
     def _logTransaction(
         self,
         status: str,
-        reply: Reply,
+        reply: Reply | str,
         downstream: IDownstream | None = None,
         endOfDataSeconds: float | None = None,
+        recipients: Sequence[tuple[bytes, Reply]] = (),
     ) -> None:
         """
-        The one log event per transaction (SPEC §5), and its metrics.  The
-        event is taken now and emitted on the next reactor turn, after the
-        client's reply has been sent: formatting it is not the client's wait.
+        The one log event per transaction (SPEC §5), then one per recipient
+        in C{recipients}, and the metrics.  The events are taken now and
+        emitted on the next reactor turn, after the client's reply has been
+        sent: formatting them is not the client's wait.
+
+        @param reply: the reply that shows C{status}, or the cause of an
+            abort that no reply tells.
+        @param recipients: each recipient with its own final reply, when
+            the downstream gave one per recipient (LMTP).
         """
         session = self.session
         self._metrics.transaction(
@@ -505,27 +550,59 @@ class RelaySession:
             to=len(self._accepted),
             size=self._size,
             relay=downstream.peer if downstream is not None else "none",
-            tls=bool(downstream is not None and downstream.tls is not None),
+            tls=_trust(downstream),
             delay=self._clock.seconds() - self._started,
             status=status,
-            reply=reply.summary,
+            reply=reply if isinstance(reply, str) else reply.summary,
             transaction=True,
         )
-        self._clock.callLater(0, lambda: self._log.info(_TRANSACTION_FORMAT, **fields))
+        self._clock.callLater(0, self._emitTransaction, fields, recipients)
+
+    def _emitTransaction(self, fields: dict[str, object], recipients: Sequence[tuple[bytes, Reply]]) -> None:
+        self._log.info(_TRANSACTION_FORMAT, **fields)
+        for recipient, reply in recipients:
+            self._log.info(
+                _DELIVERY_FORMAT,
+                delivery=True,
+                session=fields["session"],
+                recipient=recipient.decode("utf-8", "replace"),
+                relay=fields["relay"],
+                status=_outcome([reply])[0],
+                reply=reply.summary,
+            )
 
 
 _TRANSACTION_FORMAT = (
     "{session}: from=<{sender}> to={to} size={size} relay={relay} "
     "tls={tls} delay={delay:.3f} status={status} reply={reply}"
 )
+_DELIVERY_FORMAT = "{session}: to=<{recipient}> relay={relay} status={status} reply={reply}"
+
+CLIENT_GONE = "client connection closed during DATA"
+"""The cause logged for a body the client did not finish."""
 
 
-def _status(final: Sequence[Reply]) -> str:
+def _trust(downstream: IDownstream | None) -> str:
     """
-    Postfix's words for a transaction's outcome.
+    The downstream connection's TLS in one word: C{verified} (a
+    certificate chain to a trusted root, for the target's name),
+    C{untrusted} (encrypted, the peer not verified) or C{no}.
     """
-    if all(r.positive for r in final):
-        return "sent"
-    if any(r.transient for r in final):
-        return "deferred"
-    return "bounced"
+    if downstream is None or downstream.tls is None:
+        return "no"
+    return "verified" if downstream.tls.verified else "untrusted"
+
+
+def _outcome(final: Sequence[Reply]) -> tuple[str, Reply]:
+    """
+    Postfix's word for the outcome of replies to one transaction (deferred
+    if any is temporary, else bounced if any is permanent, else sent) and
+    the first reply that shows it.
+    """
+    for reply in final:
+        if reply.transient:
+            return "deferred", reply
+    for reply in final:
+        if reply.permanent:
+            return "bounced", reply
+    return "sent", final[0]

@@ -15,7 +15,8 @@ from typing import Iterable, Sequence
 import attrs
 
 MAX_REPLY_LINE = 512
-"""Longest text we put on one formatted reply line (RFC 5321 §4.5.3.1.5)."""
+"""Longest reply line a sanitized reply has on the wire, code and CRLF
+included (RFC 5321 §4.5.3.1.5)."""
 
 MAX_REPLY_LINES = 32
 """A formatted reply never has more lines than this."""
@@ -103,16 +104,20 @@ class Reply:
     def sanitized(self, utf8: bool = False) -> Reply:
         """
         Return a copy fit to relay to a client: printable text (ASCII, or
-        UTF-8 when C{utf8}), each line bounded, at most L{MAX_REPLY_LINES}
-        lines, and an enhanced code.
+        UTF-8 when C{utf8}), an enhanced code, every wire line within
+        L{MAX_REPLY_LINE} bytes (a longer text line is wrapped onto
+        continuation lines, at a space where it can be), and at most
+        L{MAX_REPLY_LINES} lines (the rest is cut).
         """
-        pattern = _UNPRINTABLE_UTF8 if utf8 else _UNPRINTABLE
-        lines = [pattern.sub("?", line)[:MAX_REPLY_LINE] for line in self.lines]
-        lines = lines[:MAX_REPLY_LINES] or [""]
         enhanced = self.enhanced
         if enhanced is not None and enhanced[0] != str(self.code)[0]:
             enhanced = None
-        return Reply(self.code, enhanced, tuple(lines)).withEnhanced()
+        bounded = Reply(self.code, enhanced, self.lines).withEnhanced()
+        # "NNN-" and "X.Y.Z " before the text, CRLF after it.
+        budget = MAX_REPLY_LINE - 4 - len(bounded.enhanced or " ") - 1 - 2
+        pattern = _UNPRINTABLE_UTF8 if utf8 else _UNPRINTABLE
+        lines = [piece for line in self.lines for piece in _wrap(pattern.sub("?", line), budget)]
+        return attrs.evolve(bounded, lines=tuple(lines[:MAX_REPLY_LINES]))
 
     def toBytes(self) -> bytes:
         """
@@ -169,6 +174,50 @@ class Reply:
         return cls(int(code), enhanced, tuple(texts))
 
 
+def _wrap(line: str, budget: int) -> list[str]:
+    """
+    C{line} in pieces of at most C{budget} UTF-8 bytes, broken at the last
+    space that fits (which goes), or within a word too long for a line.
+    """
+    pieces = []
+    while len(encoded := line.encode("utf-8")) > budget:
+        head = encoded[:budget].decode("utf-8", "ignore")
+        space = head.rfind(" ")
+        if space > 0:
+            pieces.append(head[:space])
+            line = line[space + 1:]
+        else:
+            pieces.append(head)
+            line = line[len(head):]
+    pieces.append(line)
+    return pieces
+
+
+def forRcpt(reply_: Reply) -> Reply:
+    """
+    A downstream's reply to RCPT as the client gets it: C{552 5.5.3} (too
+    many recipients) becomes C{452 4.5.3} with the same text, as RFC 5321
+    §4.5.3.1.10 asks, so that the client sends the rest in another
+    transaction instead of bouncing them.
+    """
+    if reply_.code == 552 and reply_.enhanced == "5.5.3":
+        return attrs.evolve(reply_, code=452, enhanced="4.5.3")
+    return reply_
+
+
+@attrs.frozen
+class Refusal:
+    """
+    A refusal the relay decides itself: the reply, and why.
+
+    @ivar reason: the C{reason} label of C{smtprelay_rejections_total}
+        (one of L{smtprelay.metrics.REJECTION_REASONS}).
+    """
+
+    reply: Reply
+    reason: str
+
+
 def reply(code: int, enhanced: str | None, *lines: str) -> Reply:
     """
     Build a L{Reply}: C{reply(250, "2.0.0", "OK")}.
@@ -198,6 +247,7 @@ DOWNSTREAM_LOST = reply(451, "4.4.2", "Downstream connection lost, try again lat
 DOWNSTREAM_DNS = reply(451, "4.4.4", "Downstream address lookup failed")
 DOWNSTREAM_NO_TLS = reply(451, "4.7.5", "No downstream server with TLS available")
 DOWNSTREAM_CONFUSED = reply(451, "4.3.0", "Unexpected downstream reply")
+DOWNSTREAM_AUTH = reply(454, "4.7.0", "Relay cannot authenticate downstream, try again later")
 LOOP = reply(554, "5.4.6", "Mail loops back to myself")
 TOO_MANY_HOPS = reply(554, "5.4.6", "Too many hops")
 NO_VALID_RECIPIENTS = reply(554, "5.5.1", "No valid recipients")

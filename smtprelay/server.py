@@ -38,6 +38,7 @@ from .addresses import EnvelopeError, parseMail, parseRcpt
 from .body import DataScanner
 from .config.model import Listener
 from .interfaces import ClientSession, IRelayHandler, TLSInfo
+from .logs import logReject
 from .metrics import IMetrics, NullMetrics
 from .replies import Reply, reply
 from .wire import writeNow
@@ -176,6 +177,8 @@ class SMTPServerProtocol(Protocol):
         self._discarding = False
         self._unix = False
         self._tlsActive = False
+        self._handshaking = False
+        self._greetAfterHandshake = False
         self._errors = 0
         self._authFailures = 0
         self._authState: tuple[str, str | None] | None = None
@@ -215,35 +218,68 @@ class SMTPServerProtocol(Protocol):
         self.factory.metrics.sessionOpened(self._listener.kind)
         self.handler = self.factory.handlerFactory(self.session)
         transport.registerProducer(_Pauser(self, "write"), True)
-        pregreet = not self._tlsActive and _hasPendingInput(transport)
-        if not pregreet:
-            self._out.append(self.factory.greeting)
-            self._flush()
+        if self._tlsActive:
+            # Implicit TLS: the greeting waits for the handshake.  Written
+            # now, the TLS layer would buffer it and pause us as its
+            # producer, and with us the reading of the ClientHello.  The
+            # read timeout bounds the handshake.
+            self._handshaking = self._greetAfterHandshake = True
             self._setReadTimer(True)
+            self._logConnect()
+            return
+        pregreet = _hasPendingInput(transport)
+        if not pregreet:
+            self._sendGreeting()
         # Logged once the greeting is on its way.
+        self._logConnect()
+        if pregreet:
+            # The client talked before it could have seen our greeting.
+            self._log.info("pregreet talk in {session}", session=self.session.id)
+            self._disconnect(_PREGREET, "sync")
+
+    def _sendGreeting(self) -> None:
+        self._out.append(self.factory.greeting)
+        self._flush()
+        self._setReadTimer(True)
+
+    def _logConnect(self) -> None:
         self._log.info(
             "connect {session} from {client}", session=self.session.id,
             client=self.session.clientHost or "unix", port=self.session.clientPort,
         )
-        if pregreet:
-            # The client talked before it could have seen our greeting.
-            self._log.info("pregreet talk in {session}", session=self.session.id)
-            self._disconnect(_PREGREET)
 
     def handshakeCompleted(self) -> None:
         """
         The TLS handshake (STARTTLS or implicit TLS) is done: note what it
-        negotiated for the handler.
+        negotiated for the handler, and greet an implicit-TLS client.
         """
         self._tlsActive = True
+        self._handshaking = False
         self.session.tls = _tlsInfo(self.transport)
         self.factory.metrics.tlsHandshake("inbound", True)
         self._log.info(
             "TLS in {session}: {version} {cipher}", session=self.session.id,
             version=self.session.tls.version, cipher=self.session.tls.cipher,
         )
+        if self._closing:
+            return
+        if self._greetAfterHandshake:
+            self._greetAfterHandshake = False
+            self._sendGreeting()
+        else:
+            # The next command gets a whole read timeout after the handshake.
+            self._setReadTimer(False)
+            self._setReadTimer(True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._handshaking:
+            self._handshaking = False
+            self.factory.metrics.tlsHandshake("inbound", False)
+            self._log.info(
+                "TLS handshake failed in {session} from {client}: {reason}",
+                session=self.session.id, client=self.session.clientHost or "unix",
+                reason=reason.getErrorMessage(),
+            )
         self._closed = self._closing = True
         self._cancelTimers()
         if self._abortTimer is not None and self._abortTimer.active():
@@ -293,7 +329,7 @@ class SMTPServerProtocol(Protocol):
         self._buffer = self._buffer + data if self._buffer else data
         if len(self._buffer) > MAX_INPUT_BUFFER:
             self._log.warn("input overflow in {session}", session=self.session.id)
-            self._disconnect(_TOO_MUCH_INPUT)
+            self._disconnect(_TOO_MUCH_INPUT, "too_much_input")
             return
         self._process()
 
@@ -312,6 +348,10 @@ class SMTPServerProtocol(Protocol):
                     self._feedBody(data)
                 elif not self._nextLine():
                     break
+                # Input was consumed (a whole line, or body bytes): the next
+                # read gets a fresh timeout.  Bytes of an unfinished line do
+                # not extend it (Postfix's smtpd_per_record_deadline).
+                self._setReadTimer(False)
                 if self._outSize >= _OUTPUT_BATCH:
                     self._flush()
         finally:
@@ -345,7 +385,7 @@ class SMTPServerProtocol(Protocol):
                 return False
             self._buffer = buf[end + 2:]
             self._discarding = False
-            self._error(replies.LINE_TOO_LONG)
+            self._error(replies.LINE_TOO_LONG, "line_too_long")
             return True
         if end < 0:
             if len(buf) > limit:
@@ -355,16 +395,16 @@ class SMTPServerProtocol(Protocol):
         line = buf[:end]
         self._buffer = buf[end + 2:]
         if end > limit:
-            self._error(replies.LINE_TOO_LONG)
+            self._error(replies.LINE_TOO_LONG, "line_too_long")
             return True
         if self._authState is not None:
             self._authResponse(line)
             return True
         if self._errors >= self._listener.maxErrors:
-            self._disconnect(replies.TOO_MANY_ERRORS)
+            self._disconnect(replies.TOO_MANY_ERRORS, "too_many_errors")
             return True
         if b"\n" in line or b"\r" in line:
-            self._error(_BARE_IN_COMMAND)
+            self._error(_BARE_IN_COMMAND, "syntax")
             return True
         verb, _, argument = line.partition(b" ")
         verb = verb.upper()
@@ -373,17 +413,23 @@ class SMTPServerProtocol(Protocol):
                 "improper pipelining after {command} in {session}",
                 command=verb.decode("ascii", "replace"), session=self.session.id,
             )
-            self._disconnect(replies.SYNC_ERROR)
+            self._disconnect(replies.SYNC_ERROR, "sync")
             return True
         method = _COMMANDS.get(verb)
         if method is not None:
-            getattr(self, method)(argument.strip(b" "))
+            try:
+                getattr(self, method)(argument.strip(b" "))
+            except Exception:
+                # A defect of ours must still leave one reply per command.
+                self._log.failure("{command} failed in {session}", command=verb.decode(),
+                                  session=self.session.id)
+                self._reply(replies.LOCAL_ERROR.withSession(self.session.id))
         elif verb in _REFUSED:
-            self._error(_NOT_IMPLEMENTED)
+            self._error(_NOT_IMPLEMENTED, "not_implemented")
         elif not verb:
-            self._error(_BAD_SYNTAX)
+            self._error(_BAD_SYNTAX, "syntax")
         else:
-            self._error(_UNKNOWN)
+            self._error(_UNKNOWN, "unknown_command")
         return True
 
     def _lineLimit(self) -> int:
@@ -405,19 +451,26 @@ class SMTPServerProtocol(Protocol):
         self._out.append(data)
         self._outSize += len(data)
 
-    def _error(self, r: Reply) -> None:
+    def _error(self, r: Reply, reason: str) -> None:
         """
-        A locally decided refusal: with the session id, and counted against
-        C{max_errors}.
+        A locally decided refusal: with the session id, counted against
+        C{max_errors} and as a rejection for C{reason}.
         """
         self._errors += 1
-        self._countRejection(r)
+        self.factory.metrics.rejected(reason)
         self._reply(r.withSession(self.session.id))
 
-    def _countRejection(self, r: Reply) -> None:
-        reason = _REJECTION_REASONS.get((r.code, r.enhanced))
-        if reason is not None:
-            self.factory.metrics.rejected(reason)
+    def _refuse(
+        self, command: str, r: Reply, reason: str, sender: bytes | None = None,
+        recipient: bytes | None = None,
+    ) -> None:
+        """
+        A policy or syntax refusal of C{MAIL}, C{RCPT} or C{DATA}: logged as
+        the relay logs every refused command (L{logReject}), then answered
+        as L{_error}.
+        """
+        logReject(self._log, self.session, command, r.withSession(self.session.id), sender, recipient)
+        self._error(r, reason)
 
     def _flush(self) -> None:
         if self._out and self.transport is not None and not self._closed:
@@ -426,21 +479,27 @@ class SMTPServerProtocol(Protocol):
             self._outSize = 0
             writeNow(self.transport, data)
 
-    def _disconnect(self, r: Reply) -> None:
+    def _disconnect(self, r: Reply, reason: str | None = None) -> None:
         """
         Send C{r} (after anything pending) and close the connection; the
-        handler is closed at once.
+        handler is closed at once.  A refusal counts as a rejection for
+        C{reason}.
         """
         if self._closing:
             return
-        self._countRejection(r)
-        self._reply(r.withSession(self.session.id) if r.code >= 400 else r)
-        self._flush()
+        if reason is not None:
+            self.factory.metrics.rejected(reason)
+        if not self._handshaking:
+            # In a TLS handshake no reply can be sent: the TLS layer drops
+            # the connection as soon as nothing of ours is waiting in it.
+            self._reply(r.withSession(self.session.id) if r.code >= 400 else r)
+            self._flush()
         self._closing = True
         self._cancelTimers()
         self._closeHandler()
-        transport = self.transport
-        assert transport is not None
+        transport: Any = self.transport
+        # A TLS layer starts its close only once no producer is registered.
+        transport.unregisterProducer()
         transport.loseConnection()
         if not self._closed:
             # A client that never reads would keep the connection forever.
@@ -519,6 +578,11 @@ class SMTPServerProtocol(Protocol):
             self._process()
 
     def _setReadTimer(self, on: bool) -> None:
+        """
+        Stop the read timeout, or start it unless it runs already: it runs
+        from the moment we wait for a command line until the whole line is
+        in, however its bytes trickle.
+        """
         timer = self._readTimer
         if not on or self._closing:
             if timer is not None:
@@ -527,8 +591,6 @@ class SMTPServerProtocol(Protocol):
                 self._readTimer = None
         elif timer is None or not timer.active():
             self._readTimer = self._clock.callLater(self._listener.readTimeout, self._timedOut)
-        else:
-            timer.reset(self._listener.readTimeout)
 
     def _cancelTimers(self) -> None:
         for timer in (self._readTimer, self._dataTimer):
@@ -539,7 +601,7 @@ class SMTPServerProtocol(Protocol):
     def _timedOut(self) -> None:
         self._cancelTimers()
         self._log.info("timeout in {session}", session=self.session.id)
-        self._disconnect(replies.TIMEOUT)
+        self._disconnect(replies.TIMEOUT, "timeout")
 
     # -- state --------------------------------------------------------------
 
@@ -573,25 +635,25 @@ class SMTPServerProtocol(Protocol):
 
     def do_EHLO(self, argument: bytes) -> None:
         if self._listener.lmtp:
-            self._error(_LMTP_ONLY)
+            self._error(_LMTP_ONLY, "unknown_command")
         else:
             self._greet(argument, b"EHLO", esmtp=True)
 
     def do_HELO(self, argument: bytes) -> None:
         if self._listener.lmtp:
-            self._error(_LMTP_ONLY)
+            self._error(_LMTP_ONLY, "unknown_command")
         else:
             self._greet(argument, b"HELO", esmtp=False)
 
     def do_LHLO(self, argument: bytes) -> None:
         if not self._listener.lmtp:
-            self._error(_UNKNOWN)
+            self._error(_UNKNOWN, "unknown_command")
         else:
             self._greet(argument, b"LHLO", esmtp=True)
 
     def _greet(self, argument: bytes, verb: bytes, esmtp: bool) -> None:
         if not argument:
-            self._error(reply(501, "5.5.4", f"Syntax: {verb.decode()} hostname"))
+            self._error(reply(501, "5.5.4", f"Syntax: {verb.decode()} hostname"), "syntax")
             return
         if self._sender is not None:
             # RFC 5321 §4.1.4: a new greeting ends the transaction.
@@ -612,25 +674,25 @@ class SMTPServerProtocol(Protocol):
 
     def do_MAIL(self, argument: bytes) -> None:
         if self.session.heloName is None:
-            self._error(_GREETING_NOT_YET)
+            self._error(_GREETING_NOT_YET, "bad_sequence")
             return
         if self._sender is not None:
-            self._error(_NESTED_MAIL)
+            self._error(_NESTED_MAIL, "bad_sequence")
             return
         if self._listener.requireTLS and not self._tlsActive and not self._unix:
-            self._error(replies.STARTTLS_FIRST)
+            self._refuse("MAIL", replies.STARTTLS_FIRST, "tls_required")
             return
         if self._listener.kind == "submission" and not self._relayAllowed():
-            self._error(replies.AUTH_REQUIRED)
+            self._refuse("MAIL", replies.AUTH_REQUIRED, "auth_required")
             return
         try:
             sender, params = parseMail(argument)
         except EnvelopeError as e:
-            self._error(e.reply)
+            self._refuse("MAIL", e.reply, "syntax")
             return
         size = params.get("SIZE")
         if size is not None and int(size) > self._listener.maxMessageSize:
-            self._error(replies.MESSAGE_TOO_BIG)
+            self._refuse("MAIL", replies.MESSAGE_TOO_BIG, "too_big", sender)
             return
         smtputf8 = "SMTPUTF8" in params
         if not self._relayAllowed():
@@ -655,19 +717,19 @@ class SMTPServerProtocol(Protocol):
 
     def do_RCPT(self, argument: bytes) -> None:
         if self._sender is None:
-            self._error(_NEED_MAIL)
+            self._error(_NEED_MAIL, "bad_sequence")
             return
         try:
             recipient, params = parseRcpt(argument, self.session.smtputf8)
         except EnvelopeError as e:
-            self._error(e.reply)
+            self._refuse("RCPT", e.reply, "syntax", self._sender)
             return
         self._rcptTried = True
         if not self._relayAllowed():
-            self._error(replies.RELAY_DENIED)
+            self._refuse("RCPT", replies.RELAY_DENIED, "relay_denied", self._sender, recipient)
             return
         if self._accepted >= self._listener.maxRecipients:
-            self._error(replies.TOO_MANY_RECIPIENTS)
+            self._refuse("RCPT", replies.TOO_MANY_RECIPIENTS, "too_many_recipients", self._sender, recipient)
             return
         assert self.handler is not None
 
@@ -681,13 +743,16 @@ class SMTPServerProtocol(Protocol):
 
     def do_DATA(self, argument: bytes) -> None:
         if argument:
-            self._error(reply(501, "5.5.4", "Syntax: DATA"))
+            self._error(reply(501, "5.5.4", "Syntax: DATA"), "syntax")
             return
         if self._sender is None:
-            self._error(_NEED_MAIL)
+            self._error(_NEED_MAIL, "bad_sequence")
+            return
+        if not self._accepted and self._rcptTried:
+            self._refuse("DATA", replies.NO_VALID_RECIPIENTS, "bad_sequence", self._sender)
             return
         if not self._accepted:
-            self._error(replies.NO_VALID_RECIPIENTS if self._rcptTried else _NEED_RCPT)
+            self._error(_NEED_RCPT, "bad_sequence")
             return
         assert self.handler is not None
         pauser = _Pauser(self, "body")
@@ -701,7 +766,7 @@ class SMTPServerProtocol(Protocol):
             if self._buffer:
                 # The body came before our 354 (SPEC §4.1).
                 pauser.detach()
-                self._disconnect(replies.SYNC_ERROR)
+                self._disconnect(replies.SYNC_ERROR, "sync")
                 return
             self._bodyPauser = pauser
             self._scanner = DataScanner(
@@ -739,9 +804,11 @@ class SMTPServerProtocol(Protocol):
         verdict = scanner.verdict
         if verdict is not None:
             self._log.info(
-                "body refused in {session}: {reply}", session=self.session.id, reply=verdict.text
+                "body refused in {session}: {reply}", session=self.session.id,
+                reply=verdict.reply.text,
             )
-            local = verdict.withSession(self.session.id)
+            self.factory.metrics.rejected(verdict.reason)
+            local = verdict.reply.withSession(self.session.id)
             handler.abortData(local)
             for _ in range(count):
                 self._reply(local)
@@ -787,16 +854,16 @@ class SMTPServerProtocol(Protocol):
     def do_STARTTLS(self, argument: bytes) -> None:
         options = self.factory.tlsOptions
         if options is None:
-            self._error(_TLS_UNAVAILABLE)
+            self._error(_TLS_UNAVAILABLE, "not_implemented")
             return
         if self._tlsActive:
-            self._error(_TLS_ACTIVE)
+            self._error(_TLS_ACTIVE, "bad_sequence")
             return
         if argument:
-            self._error(reply(501, "5.5.4", "Syntax: STARTTLS"))
+            self._error(reply(501, "5.5.4", "Syntax: STARTTLS"), "syntax")
             return
         if self._sender is not None:
-            self._error(_IN_TRANSACTION)
+            self._error(_IN_TRANSACTION, "bad_sequence")
             return
         self._reply(_TLS_READY)
         self._flush()
@@ -806,31 +873,31 @@ class SMTPServerProtocol(Protocol):
         self.session.heloName = None
         self.session.esmtp = False
         self.session.user = None
-        self._tlsActive = True
+        self._tlsActive = self._handshaking = True
         transport: Any = self.transport
         transport.startTLS(options)
 
     def do_AUTH(self, argument: bytes) -> None:
         if self._listener.auth.mode == "off":
-            self._error(_AUTH_DISABLED)
+            self._error(_AUTH_DISABLED, "not_implemented")
             return
         if not self.session.esmtp:
-            self._error(_NEED_EHLO)
+            self._error(_NEED_EHLO, "bad_sequence")
             return
         if not (self._tlsActive or self._unix):
-            self._error(_AUTH_NEEDS_TLS)
+            self._error(_AUTH_NEEDS_TLS, "tls_required")
             return
         if self.session.user is not None:
-            self._error(_AUTH_TWICE)
+            self._error(_AUTH_TWICE, "bad_sequence")
             return
         if self._sender is not None:
-            self._error(_IN_TRANSACTION)
+            self._error(_IN_TRANSACTION, "bad_sequence")
             return
         mechanism, _, initial = argument.partition(b" ")
         mechanism = mechanism.upper()
         initial = initial.strip(b" ")
         if not mechanism:
-            self._error(reply(501, "5.5.4", "Syntax: AUTH mechanism"))
+            self._error(reply(501, "5.5.4", "Syntax: AUTH mechanism"), "syntax")
             return
         if mechanism == b"PLAIN":
             if initial:
@@ -849,14 +916,14 @@ class SMTPServerProtocol(Protocol):
                 self._authState = ("LOGIN", None)
                 self._out.append(_LOGIN_USER)
         else:
-            self._error(_AUTH_MECHANISM)
+            self._error(_AUTH_MECHANISM, "not_implemented")
 
     def _authResponse(self, line: bytes) -> None:
         state = self._authState
         assert state is not None
         self._authState = None
         if line == b"*":
-            self._error(_AUTH_ABORTED)
+            self._error(_AUTH_ABORTED, "auth_aborted")
             return
         mechanism, username = state
         if mechanism == "PLAIN":
@@ -877,7 +944,7 @@ class SMTPServerProtocol(Protocol):
             return
         parts = decoded.split("\0")
         if len(parts) != 3 or not parts[1]:
-            self._error(_AUTH_BASE64)
+            self._error(_AUTH_BASE64, "syntax")
             return
         authzid, username, password = parts
         if authzid and authzid != username:
@@ -894,7 +961,7 @@ class SMTPServerProtocol(Protocol):
         try:
             return base64.b64decode(data, validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError, ValueError):
-            self._error(_AUTH_BASE64)
+            self._error(_AUTH_BASE64, "syntax")
             return None
 
     def _authenticate(self, mechanism: str, username: str, password: str) -> None:
@@ -915,13 +982,14 @@ class SMTPServerProtocol(Protocol):
 
     def _authFailed(self, r: Reply) -> None:
         self._authFailures += 1
+        self.factory.metrics.rejected("auth_failed")
         self._log.info(
             "authentication failed in {session} from {client}",
             session=self.session.id, client=self.session.clientHost or "unix",
         )
         self._reply(r)
         if self._authFailures >= self._listener.maxAuthFailures:
-            self._disconnect(_AUTH_TOO_MANY)
+            self._disconnect(_AUTH_TOO_MANY, "too_many_auth_failures")
 
 
 class SMTPServerFactory(ServerFactory):
@@ -969,9 +1037,6 @@ class SMTPServerFactory(ServerFactory):
         kind = "LMTP" if listener.lmtp else "ESMTP"
         text = f"{hostname} {kind} smtprelay {greetingToken}".rstrip()
         self.greeting = reply(220, None, text).toBytes()
-        self._allow = [
-            (network.version, network) for network in listener.allow
-        ]
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
         return SMTPServerProtocol(self)
@@ -980,17 +1045,14 @@ class SMTPServerFactory(ServerFactory):
         """
         Whether C{host} (an IP address) is in the listener's C{allow} list.
         """
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(address.version == v and address in net for v, net in self._allow)
+        return _inNetworks(host, self.listener.allow)
 
     def _register(self, protocol: SMTPServerProtocol) -> bool:
         host = protocol.session.clientHost
         if len(self.sessions) >= self.listener.maxConnections:
             return False
-        if host and self._perHost.get(host, 0) >= self.listener.maxConnectionsPerIP:
+        if (host and self._perHost.get(host, 0) >= self.listener.maxConnectionsPerIP
+                and not _inNetworks(host, self.listener.limitExceptions)):
             return False
         self.sessions.add(protocol)
         if host:
@@ -1006,6 +1068,17 @@ class SMTPServerFactory(ServerFactory):
                 del self._perHost[host]
 
 
+def _inNetworks(host: str, networks: Sequence[Any]) -> bool:
+    """
+    Whether C{host} (an IP address) is in one of C{networks}.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address.version == net.version and address in net for net in networks)
+
+
 def _normalizeHost(host: str) -> str:
     """
     An IPv4-mapped IPv6 address is its IPv4 address (for C{allow} and limits).
@@ -1018,22 +1091,6 @@ def _normalizeHost(host: str) -> str:
         if mapped is not None:
             return str(mapped)
     return host
-
-
-_REJECTION_REASONS: dict[tuple[int, str | None], str] = {
-    (554, "5.7.1"): "relay_denied",
-    (530, "5.7.0"): "auth_required",
-    (552, "5.3.4"): "too_big",
-    (550, "5.5.2"): "bare_lf",
-    (554, "5.4.6"): "too_many_hops",
-    (452, "4.5.3"): "too_many_recipients",
-    (535, "5.7.8"): "auth_failed",
-    (554, "5.5.0"): "sync",
-    (500, "5.5.2"): "line_too_long",
-    (421, "4.4.2"): "timeout",
-    (421, "4.7.0"): "too_many_errors",
-}
-"""Local refusals → the C{reason} label of C{smtprelay_rejections_total}."""
 
 
 def _hasPendingInput(transport: Any) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 from twisted.python import usage
@@ -19,6 +19,7 @@ from twisted.python import usage
 from . import config as configuration
 from .config.model import LOOPBACK, Address, Config, Listener, Target
 from . import service
+from .files import fileErrors
 
 DEFAULT_CONFIG = "/etc/smtprelay/relay.conf"
 QUICK_START_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
@@ -135,19 +136,27 @@ def configFromOptions(options: Options) -> Config:
     return Config(hostname=hostname, listeners=(listener,), targets=(target,), metrics=options["metrics"])
 
 
+def _fail(errors: list[str]) -> NoReturn:
+    for line in errors:
+        print(line, file=sys.stderr)
+    raise SystemExit(2)
+
+
 def makeService(options: Options, reactor: Any = None) -> service.RelayService:
     """
-    What twistd calls: load, check, build.  Errors end the process with
-    one line per problem and status 2.
+    What twistd (and C{relay.tac}) calls: load, check the configuration and
+    the files it names, build.  Errors end the process with one line per
+    problem and status 2.
     """
     try:
         loaded = configFromOptions(options)
     except configuration.ConfigError as e:
-        for line in e.errors:
-            print(line, file=sys.stderr)
-        raise SystemExit(2)
+        _fail(e.errors)
     for warning in configuration.secretFileWarnings(loaded.source):
         print(warning, file=sys.stderr)
+    errors = fileErrors(loaded)
+    if errors:
+        _fail(errors)
     if options["check"]:
         print(f"{loaded.source}: OK")
         raise SystemExit(0)

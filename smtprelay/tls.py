@@ -1,9 +1,10 @@
 """
 TLS options from configuration (SPEC §2.4, §2.5).
 
-Client options verify the target's name (or C{server_name}) with
-service_identity through C{optionsForClientTLS}: DNS-ID or IP-ID, never a
-CN fallback.  Server options load a certificate chain and key from PEM
+Client options encrypt whatever the target's certificate, and judge it
+after the handshake: a chain to a trusted root and the target's name (or
+C{server_name}) checked with service_identity, DNS-ID or IP-ID, never a CN
+fallback.  Server options load a certificate chain and key from PEM
 files and can be reloaded in place (SIGHUP) without touching sessions.
 """
 
@@ -14,7 +15,9 @@ import re
 from typing import Any
 
 from OpenSSL import SSL, crypto
-from OpenSSL._util import lib as _lib
+from OpenSSL._util import ffi as _ffi, lib as _lib
+from service_identity import CertificateError, VerificationError
+from service_identity.pyopenssl import verify_hostname, verify_ip_address
 from twisted.internet import ssl
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
@@ -37,12 +40,48 @@ _VERSIONS = {
 
 
 def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    """
+    @raise ValueError: C{PATH: cannot read: REASON}.
+    """
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror}") from None
 
 
 def _certificates(path: str) -> list[ssl.Certificate]:
-    return [ssl.Certificate.loadPEM(pem) for pem in _PEM_CERT.findall(_read(path))]
+    """
+    The PEM certificates in C{path}, at least one.
+
+    @raise ValueError: C{PATH: reason}.
+    """
+    pems = _PEM_CERT.findall(_read(path))
+    if not pems:
+        raise ValueError(f"{path}: no PEM certificate found")
+    try:
+        return [ssl.Certificate.loadPEM(pem) for pem in pems]
+    except crypto.Error:
+        raise ValueError(f"{path}: not a valid PEM certificate") from None
+
+
+def _privateCertificate(certPath: str, keyPath: str) -> tuple[list[ssl.Certificate], ssl.KeyPair]:
+    """
+    The certificate chain in C{certPath} and the private key in
+    C{keyPath}, which must belong to its first certificate.
+
+    @raise ValueError: C{PATH: reason}.
+    """
+    chain = _certificates(certPath)
+    try:
+        # An empty passphrase: an encrypted key fails here instead of
+        # prompting on the terminal.
+        key = ssl.KeyPair(crypto.load_privatekey(crypto.FILETYPE_PEM, _read(keyPath), b""))
+    except crypto.Error:
+        raise ValueError(f"{keyPath}: not an unencrypted PEM private key") from None
+    if not key.matches(chain[0].getPublicKey()):
+        raise ValueError(f"{keyPath}: does not match the certificate in {certPath}")
+    return chain, key
 
 
 def _versionOptions(protocols: tuple[str, str | None]) -> dict[str, Any]:
@@ -81,84 +120,95 @@ def _setCurves(connection: SSL.Connection, curves: bytes) -> None:
 
 
 @implementer(IOpenSSLClientConnectionCreator)
-class _WithCurves:
+class ClientOptions:
     """
-    Restrict the key-exchange groups of every connection made by C{inner}.
+    TLS client options for one downstream host.  They never fail a
+    handshake over the peer's certificate: L{verify} judges it after the
+    handshake.  So opportunistic TLS stays encrypted with a peer it cannot
+    verify (Postfix's C{may} level), while C{require_tls} and credentials
+    ask for a verified one.  Build them once per host and reuse them: they
+    hold the OpenSSL context.
+
+    @param hostname: the host connected to (a name or IP literal).
+    @raise ValueError: an unknown curve name; a file that cannot be read
+        or does not hold what it should (C{PATH: reason}).
+
+    @ivar serverName: the name verified (DNS-ID or IP-ID, never the CN)
+        and sent as SNI (unless an IP literal).
+    @ivar skipVerify: C{insecure_skip_verify}: the peer is never verified,
+        and need not be.
     """
 
-    def __init__(self, inner: IOpenSSLClientConnectionCreator, curves: bytes) -> None:
-        self._inner = inner
-        self._curves = curves
+    def __init__(self, tls: ClientTLS, hostname: str) -> None:
+        extra: dict[str, Any] = {**_versionOptions(tls.protocols), **_cipherOptions(tls.ciphers)}
+        if tls.cert and tls.key:
+            chain, key = _privateCertificate(tls.cert, tls.key)
+            extra.update(privateKey=key.original, certificate=chain[0].original)
+        # VERIFY_NONE: OpenSSL still checks the chain against the roots
+        # loaded below and keeps the result for verify(); it just does not
+        # abort the handshake over it.
+        self._context = ssl.CertificateOptions(verify=False, **extra).getContext()
+        self.skipVerify = tls.insecureSkipVerify
+        if not self.skipVerify:
+            trustRoot: Any = ssl.platformTrust()
+            if tls.rootCAs:
+                trustRoot = ssl.trustRootFromCertificates(
+                    [cert for path in tls.rootCAs for cert in _certificates(path)]
+                )
+            trustRoot._addCACertsToContext(self._context)
+        self.serverName = tls.serverName or hostname
+        self._isIP = _isIP(self.serverName)
+        self._sni = None if self._isIP else self.serverName.encode("idna")
+        self._curves = ":".join(tls.curves).encode("ascii") if tls.curves else None
+        if self._curves is not None:
+            _setCurves(SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None), self._curves)
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        connection = self._inner.clientConnectionForTLS(tlsProtocol)
-        _setCurves(connection, self._curves)
-        return connection
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _Unverified:
-    """
-    Encrypt without verifying the peer (C{insecure_skip_verify}), still
-    sending SNI for a host name.
-    """
-
-    def __init__(self, options: ssl.CertificateOptions, serverName: str) -> None:
-        self._options = options
-        self._serverName = None if _isIP(serverName) else serverName.encode("idna")
-
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        connection = SSL.Connection(self._options.getContext(), None)
+        connection = SSL.Connection(self._context, None)
         connection.set_app_data(tlsProtocol)
-        if self._serverName:
-            connection.set_tlsext_host_name(self._serverName)
+        if self._sni is not None:
+            connection.set_tlsext_host_name(self._sni)
+        if self._curves is not None:
+            _setCurves(connection, self._curves)
         connection.set_connect_state()
         return connection
 
+    def verify(self, connection: SSL.Connection) -> str | None:
+        """
+        Judge the peer of C{connection} once its handshake is complete.
 
-def clientOptions(tls: ClientTLS, hostname: str) -> IOpenSSLClientConnectionCreator:
-    """
-    Options for connecting to C{hostname} (a name or IP literal) as a TLS
-    client.  The peer's name (C{server_name}, else C{hostname}) is verified
-    with service_identity (DNS-ID or IP-ID) and sent as SNI; C{root_ca}
-    replaces the system roots; C{cert}+C{key} give a client certificate;
-    C{insecure_skip_verify} encrypts without verifying.  Build it once per
-    host and reuse it: it holds the OpenSSL context.
+        @return: None when the peer is verified (its chain leads to a
+            trusted root and its certificate names L{serverName}), else a
+            log-safe reason why not.
+        """
+        if self.skipVerify:
+            return "insecure_skip_verify"
+        if connection.get_peer_certificate() is None:
+            return "no peer certificate"
+        result = _lib.SSL_get_verify_result(connection._ssl)  # type: ignore[attr-defined]
+        if result != 0:  # X509_V_OK
+            return _ffi.string(_lib.X509_verify_cert_error_string(result)).decode("ascii", "replace")
+        try:
+            if self._isIP:
+                verify_ip_address(connection, self.serverName)
+            else:
+                verify_hostname(connection, self.serverName)
+        except (VerificationError, CertificateError):
+            return f"certificate does not name {self.serverName}"
+        return None
 
-    @raise ValueError: an unknown curve name.
-    @raise OSError: a file cannot be read.
+
+def cipherBits(connection: SSL.Connection) -> tuple[int, int]:
     """
-    extra: dict[str, Any] = {**_versionOptions(tls.protocols), **_cipherOptions(tls.ciphers)}
-    name = tls.serverName or hostname
-    clientCertificate = None
-    if tls.cert and tls.key:
-        clientCertificate = ssl.PrivateCertificate.loadPEM(_read(tls.cert) + b"\n" + _read(tls.key))
-    creator: IOpenSSLClientConnectionCreator
-    if tls.insecureSkipVerify:
-        if clientCertificate is not None:
-            extra.update(
-                privateKey=clientCertificate.privateKey.original,
-                certificate=clientCertificate.original,
-            )
-        creator = _Unverified(ssl.CertificateOptions(verify=False, **extra), name)
-    else:
-        trustRoot: Any = ssl.platformTrust()
-        if tls.rootCAs:
-            trustRoot = ssl.trustRootFromCertificates(
-                [cert for path in tls.rootCAs for cert in _certificates(path)]
-            )
-        creator = ssl.optionsForClientTLS(
-            name,
-            trustRoot=trustRoot,
-            clientCertificate=clientCertificate,
-            extraCertificateOptions=extra,
-        )
-    if tls.curves:
-        curves = ":".join(tls.curves).encode("ascii")
-        probe = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
-        _setCurves(probe, curves)
-        creator = _WithCurves(creator, curves)
-    return creator
+    The secret bits and the algorithm bits of C{connection}'s cipher, as
+    Postfix logs them (C{256/256 bits}).
+    """
+    cipher = _lib.SSL_get_current_cipher(connection._ssl)  # type: ignore[attr-defined]
+    if cipher == _ffi.NULL:
+        return (0, 0)
+    algorithm = _ffi.new("int *")
+    used = _lib.SSL_CIPHER_get_bits(cipher, algorithm)
+    return (int(used), int(algorithm[0]))
 
 
 @implementer(IOpenSSLContextFactory, IOpenSSLServerConnectionCreator)
@@ -176,10 +226,7 @@ class ReloadableServerOptions:
 
     def _load(self) -> ssl.CertificateOptions:
         config = self.config
-        chain = _certificates(config.cert)
-        if not chain:
-            raise ValueError(f"{config.cert}: no PEM certificate found")
-        key = ssl.KeyPair.load(_read(config.key), crypto.FILETYPE_PEM)
+        chain, key = _privateCertificate(config.cert, config.key)
         extra: dict[str, Any] = {
             **_versionOptions(config.protocols),
             **_cipherOptions(config.ciphers),
@@ -196,7 +243,7 @@ class ReloadableServerOptions:
             extraCertChain=[c.original for c in chain[1:]],
             **extra,
         )
-        options.getContext()  # a key that does not match fails here, not in a handshake
+        options.getContext()  # the context's errors come now, not in a handshake
         return options
 
     def reload(self) -> None:
@@ -219,8 +266,8 @@ def serverOptions(tls: ServerTLS) -> ReloadableServerOptions:
     """
     Server TLS options for STARTTLS and C{tls://} listeners.
 
-    @raise ValueError: no certificate in the file, or the key does not
-        match.
-    @raise OSError: a file cannot be read.
+    @raise ValueError: a file that cannot be read or does not hold what it
+        should (C{PATH: reason}): no PEM certificate, no unencrypted PEM
+        key, a key that does not match the certificate.
     """
     return ReloadableServerOptions(tls)

@@ -51,6 +51,12 @@ class ParseMailTests(SynchronousTestCase):
         (b"FROM:<a\x01@b.c>", 501, "5.1.7"),
         (b"FROM:<\xc3\xa9@b.c>", 553, "5.6.7"),
         (b"FROM:<\xff@b.c> SMTPUTF8", 501, "5.1.7"),
+        # Unicode upper case of these is ASCII ("\u0131" -> "I", "\u017f" -> "S").
+        (b"FROM:<a@b.c> BODY=8b\xc4\xb1tmime", 555, "5.5.4"),
+        (b"FROM:<a@b.c> RET=HDR\xc5\xbf", 501, "5.5.4"),
+        (b"FROM:<a@b.c> SIZE=\xd9\xa1", 501, "5.5.4"),
+        (b"FROM:<a@b.c> ENVID=\xc3\xa9", 501, "5.5.4"),
+        (b"FROM:<a@b.c> AUTH=\xff", 501, "5.5.4"),
     ]
 
     def test_bad(self) -> None:
@@ -74,6 +80,8 @@ class ParseRcptTests(SynchronousTestCase):
             (b"TO:<b@example.net> ORCPT=rfc822", 501, "5.5.4"),
             (b"TO:<b@example.net> SIZE=1", 555, "5.5.4"),
             (b"TO:<\xc3\xa9@example.net>", 553, "5.6.7"),
+            (b"TO:<r@d.e> NOTIFY=\xc5\xbfUCCESS", 501, "5.5.4"),
+            (b"TO:<r@d.e> ORCPT=rfc822;\xff", 501, "5.5.4"),
         ]:
             e = self.assertRaises(EnvelopeError, parseRcpt, argument, False)
             self.assertEqual((e.reply.code, e.reply.enhanced), (code, enhanced), argument)

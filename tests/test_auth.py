@@ -40,7 +40,9 @@ class UsersFileTests(SynchronousTestCase):
         self.assertEqual(str(e), f"{path}:2: expected user:$2b$... (a bcrypt hash)")
 
     def test_missing(self) -> None:
-        self.assertRaises(UsersFileError, UsersFile, self.mktemp())
+        path = self.mktemp()
+        e = self.assertRaises(UsersFileError, UsersFile, path)
+        self.assertEqual(str(e), f"{path}: cannot read: No such file or directory")
 
     def test_reload(self) -> None:
         path = self.write(f"alice:{hashed('one')}\n")

@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay import replies
 from smtprelay.body import DataScanner, DotStuffer
+from smtprelay.replies import Refusal
 
 
 def scan(
@@ -172,7 +173,7 @@ class DataScannerTests(SynchronousTestCase):
             rest = scanner.feed(b"\r\n.\r\n")
             self.assertEqual(rest, b"")
             if b"\x00" not in variant:
-                self.assertEqual(scanner.verdict, replies.BARE_LF, variant)
+                self.assertEqual(scanner.verdict, Refusal(replies.BARE_LF, "bare_lf"), variant)
 
     def test_bareLFNotEmitted(self) -> None:
         """
@@ -181,7 +182,7 @@ class DataScannerTests(SynchronousTestCase):
         """
         got, rest, scanner = scan([b"a\r\n", b"b\n.\nc\r\n", b"d\r\n.\r\n"])
         self.assertEqual(got, b"a")
-        self.assertEqual(scanner.verdict, replies.BARE_LF)
+        self.assertEqual(scanner.verdict, Refusal(replies.BARE_LF, "bare_lf"))
 
     def test_normalize(self) -> None:
         got, rest, scanner = scan([b"a\nb\rc\r\r\n\n.\n.x\r\n.\r\n"], normalize=True)
@@ -191,7 +192,7 @@ class DataScannerTests(SynchronousTestCase):
 
     def test_tooBig(self) -> None:
         got, rest, scanner = scan([b"0123456789\r\n", b"x" * 100 + b"\r\n.\r\n"], maxSize=20)
-        self.assertEqual(scanner.verdict, replies.MESSAGE_TOO_BIG)
+        self.assertEqual(scanner.verdict, Refusal(replies.MESSAGE_TOO_BIG, "too_big"))
         self.assertEqual(rest, b"")
         self.assertEqual(got, b"0123456789")
 
@@ -205,7 +206,7 @@ class DataScannerTests(SynchronousTestCase):
         self.assertEqual(scanner.hops, 3)
         self.assertIsNone(scanner.verdict)
         _, _, scanner = scan([headers], maxHops=2)
-        self.assertEqual(scanner.verdict, replies.TOO_MANY_HOPS)
+        self.assertEqual(scanner.verdict, Refusal(replies.TOO_MANY_HOPS, "too_many_hops"))
 
     def test_hopsSplit(self) -> None:
         """

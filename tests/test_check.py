@@ -111,6 +111,22 @@ class CheckTests(SynchronousTestCase):
         )
         self.assertEqual(self.stdout.getvalue(), f"{path}: OK\n")
 
+    def test_files(self) -> None:
+        """
+        The files the configuration names are loaded: a missing one is an
+        error line and status 2, unless C{--no-files}.
+        """
+        users = os.path.join(self.dir, "users")
+        path = self.write(VALID.replace("    deliver_to", f"    auth users {users}\n    deliver_to", 1))
+        self.assertEqual(check.main([path]), 2)
+        self.assertEqual(self.stdout.getvalue(), "")
+        self.assertEqual(
+            self.stderr.getvalue(),
+            f"{path}:3: auth: {users}: cannot read: No such file or directory\n",
+        )
+        self.assertEqual(check.main(["--no-files", path]), 0)
+        self.assertEqual(self.stdout.getvalue(), f"{path}: OK\n")
+
     def test_usage(self) -> None:
         self.assertEqual(check.main(["--bogus"]), 2)
         self.assertIn("usage: smtprelay-check", self.stderr.getvalue())

@@ -363,6 +363,20 @@ class BodyTests(SynchronousTestCase):
         final = result(self, d)
         self.assertEqual([(r.code, r.text) for r in final], [(250, "a ok"), (452, "c full")])
 
+    def test_lmtpLostAfterSomeReplies(self) -> None:
+        """
+        LMTP: the connection is lost after the first recipient's reply; the
+        failure carries that reply (issue 14 C).
+        """
+        script = Script(lmtp={b"a@example.net": b"250 2.0.0 a ok\r\n", b"b@example.net": CLOSE})
+        h = Harness(script, lmtp=True)
+        self.transaction(h, (b"a@example.net", b"b@example.net"))
+        d = h.client.endData()
+        h.flush()
+        error = self.failureResultOf(d, DownstreamError).value
+        self.assertEqual(error.reply, replies.DOWNSTREAM_LOST)
+        self.assertEqual(error.received, (reply(250, "2.0.0", "a ok"),))
+
     def test_abortNeverSendsDot(self) -> None:
         h = Harness()
         self.transaction(h)
@@ -390,6 +404,26 @@ class BodyTests(SynchronousTestCase):
         h.client.unregisterProducer()
         h.client.endData()
         self.assertIsNone(h.pump.clientIO.producer)
+
+    def test_lostInBodyReleasesTheProducer(self) -> None:
+        """
+        The downstream going away in the body stops the paused client's
+        producer at once (its body is then read and discarded), and the
+        end-of-data fails without a dot: issue 14 A.
+        """
+        h = Harness()
+        self.transaction(h)
+        producer = RecordingProducer()
+        h.client.registerProducer(producer, True)
+        h.pump.clientIO.producer.pauseProducing()
+        h.server.transport.loseConnection()
+        h.flush()
+        self.assertEqual(producer.events, ["pause", "stop"])
+        h.client.write(b"more\r\n")
+        h.client.unregisterProducer()
+        failure = self.failureResultOf(h.client.endData(), DownstreamError)
+        self.assertEqual(failure.value.reply, replies.DOWNSTREAM_LOST)
+        self.assertNotIn(b"more", bytes(h.server.received))
 
     def test_registerWhilePaused(self) -> None:
         h = Harness()

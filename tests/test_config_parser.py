@@ -345,6 +345,7 @@ class ListenerTests(SynchronousTestCase):
             ),
         )
         self.assertEqual(listener.allow, LOOPBACK)
+        self.assertEqual(listener.limitExceptions, LOOPBACK)
 
     def test_kinds(self) -> None:
         for kind in ("smtp", "lmtp"):
@@ -387,6 +388,9 @@ class ListenerTests(SynchronousTestCase):
         ("max_command_length 4096", "maxCommandLength", 4096),
         ("max_connections 10", "maxConnections", 10),
         ("max_connections_per_ip 2", "maxConnectionsPerIP", 2),
+        ("limit_exceptions 192.0.2.0/24", "limitExceptions", (ipaddress.ip_network("192.0.2.0/24"),)),
+        ("limit_exceptions none", "limitExceptions", ()),
+        ("allow 10.0.0.0/8", "limitExceptions", (ipaddress.ip_network("10.0.0.0/8"),)),
         ("max_errors 5", "maxErrors", 5),
         ("max_auth_failures 1", "maxAuthFailures", 1),
         ("read_timeout 1m", "readTimeout", 60.0),
@@ -850,11 +854,11 @@ class SecretTests(SynchronousTestCase):
         open(empty, "w").close()
         self.assertEqual(
             _errors(_listen("deliver_to smtp tcp://x:25 {", f"auth plain u file:{missing}", "}")),
-            [f"relay.conf:4: auth: cannot read password file {missing}: No such file or directory"],
+            [f"relay.conf:4: auth: {missing}: cannot read: No such file or directory"],
         )
         self.assertEqual(
             _errors(_listen("deliver_to smtp tcp://x:25 {", f"auth plain u file:{empty}", "}")),
-            [f"relay.conf:4: auth: password file {empty} is empty"],
+            [f"relay.conf:4: auth: {empty}: empty password file"],
         )
 
     def test_masked(self) -> None:

@@ -220,6 +220,34 @@ class SecretFileWarningTests(SynchronousTestCase):
         """
         self.assertEqual(secretFileWarnings(self.config("auth plain u {env:PW}", 0o644)), [])
 
+    def test_eachFileOnce(self) -> None:
+        """
+        A secret file is named once however many listeners, targets or
+        spellings refer to it; a configuration with inline passwords in
+        several targets once.
+        """
+        key = self.write("key.pem", "k", 0o644)
+        spelled = os.path.join(self.dir, ".", "key.pem")
+        path = self.write("relay.conf", f"""
+tls c.pem {key}
+smtp tcp://127.0.0.1:25 {{
+    tls c.pem {spelled}
+    deliver_to smtp tcp://x:25 {{
+        auth plain u hunter2
+    }}
+}}
+smtp tcp://127.0.0.1:26 {{
+    deliver_to smtp tcp://y:25 {{
+        auth plain v hunter3
+    }}
+}}
+""", 0o644)
+        self.assertEqual(
+            secretFileWarnings(path),
+            [f"warning: {key} holds secrets and is world-readable (0644); chmod 600 it",
+             f"warning: {path} holds secrets and is world-readable (0644); chmod 600 it"],
+        )
+
     def test_passwordFile(self) -> None:
         secret = self.write("pw", "hunter2\n", 0o604)
         path = self.config(f"auth plain u file:{secret}", 0o644)

@@ -12,12 +12,12 @@ import re
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay.config.model import Address, Listener, Target
+from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener, Secret, Target
 from smtprelay.failover import Failover
 from smtprelay.relay import RelaySession
 from smtprelay.routing import Route, Router
 from smtprelay.server import SMTPServerFactory
-from smtprelay.testing.downstream import CLOSE, MemoryNetwork, Script
+from smtprelay.testing.downstream import CLOSE, STALL, MemoryNetwork, Script
 
 from .server_helpers import LOOPBACK, FakeTransport
 
@@ -34,13 +34,18 @@ class Stack:
     """
 
     def __init__(self, case: SynchronousTestCase, scripts: dict[Address, Script | None],
-                 endpoints: tuple[Address, ...] = (FIRST,)) -> None:
+                 endpoints: tuple[Address, ...] = (FIRST,), kind: str = "smtp", lmtp: bool = False,
+                 **targetKw: object) -> None:
         self.clock = Clock()
         self.network = MemoryNetwork(self.clock)
-        self.servers = {a: self.network.add(str(a), s) for a, s in scripts.items() if s is not None}
-        target = Target(name="t", protocol="smtp", endpoints=endpoints, hostname="relay.test",
-                        attemptStartTLS=False)
-        listener = Listener(kind="smtp", addresses=(Address("tcp", "127.0.0.1", 2525),), deliverTo=target)
+        self.servers = {a: self.network.add(str(a), s, lmtp=lmtp)
+                        for a, s in scripts.items() if s is not None}
+        self.target = target = Target(
+            name="t", protocol="lmtp" if lmtp else "smtp", endpoints=endpoints, hostname="relay.test",
+            attemptStartTLS=False, **targetKw,  # type: ignore[arg-type]
+        )
+        listener = Listener(kind=kind, addresses=(Address("tcp", "127.0.0.1", 2525),),  # type: ignore[arg-type]
+                            deliverTo=target)
         failover = Failover(target, self.clock, endpointFactory=self.network)
         routes = Router.single(Route(target, failover.open, lambda downstream: downstream.quit()))
         factory = SMTPServerFactory(
@@ -53,7 +58,8 @@ class Stack:
         self.transport = FakeTransport(LOOPBACK)
         self.transport.protocol = self.protocol
         self.protocol.makeConnection(self.transport)
-        case.assertRegex(self.send(HELLO), GREETING_AND_EHLO)
+        case.assertRegex(self.send(b"LHLO client.test\r\n" if kind == "lmtp" else HELLO),
+                         GREETING_AND_EHLO)
 
     def send(self, data: bytes) -> bytes:
         """
@@ -61,6 +67,13 @@ class Stack:
         what the client received.
         """
         self.protocol.dataReceived(data)
+        return self.received()
+
+    def received(self) -> bytes:
+        """
+        Every connection moves until quiet; return what the client received
+        since the last call.
+        """
         for _ in range(20):
             self.network.flush()
         out = self.transport.value()
@@ -170,3 +183,199 @@ class EndToEndTests(SynchronousTestCase):
         self.assertEqual(out, b"")
         self.assertEqual([c for c in stack.downstream().commands if c.startswith(b"MAIL")],
                          [b"MAIL FROM:<s@example.org>"])
+
+
+BODY_READ = b"".join(b"%05d" % i + b"x" * 993 + b"\r\n" for i in range(66))
+"""The first 66 kB of the body: what the downstream reads before the fault."""
+
+BODY_REST = b"y" * 998 + b"\r\n"
+
+
+class MidBodyFaultTests(SynchronousTestCase):
+    """
+    Issue 14 A, SPEC §4.8: the downstream goes away in the middle of a
+    300 kB body while back-pressure holds the client's upload paused.  The
+    client is let go at once: the rest of its body is read and discarded,
+    its end-of-data gets C{451 4.4.2}, and the downstream never sees a dot.
+    """
+
+    def pausedInBody(self) -> Stack:
+        """
+        A transaction in its body: the downstream has read 66 kB and then
+        stopped reading, its socket buffer is full and the client's upload
+        is paused; the client has sent the rest of its 300 kB and the dot.
+        """
+        stack = Stack(self, {FIRST: Script()}, dataTimeout=30.0)
+        stack.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\n")
+        self.assertEqual(stack.send(b"DATA\r\n"), b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        self.assertEqual(stack.send(BODY_READ), b"")
+        # What a TCP transport does when its peer stops reading.
+        stack.network.pumps[-1].clientIO.producer.pauseProducing()
+        self.assertEqual(stack.transport.producerState, "paused")
+        self.assertEqual(stack.send(BODY_REST * 235 + b".\r\n"), b"")
+        self.assertEqual(stack.transport.producerState, "paused")
+        return stack
+
+    def assertLetGo(self, stack: Stack) -> None:
+        """
+        The client got its 451 at its end-of-data, its upload was resumed,
+        and the downstream got no dot.
+        """
+        self.assertEqual(stack.received(),
+                         b"451 4.4.2 Downstream connection lost, try again later [SID]\r\n")
+        self.assertEqual(stack.transport.producerState, "producing")
+        fake = stack.downstream()
+        self.assertTrue(fake.lost)
+        self.assertEqual(fake.messages, [])
+        self.assertNotIn(b"\r\n.\r\n", bytes(fake.received).split(b"DATA\r\n", 1)[1])
+        self.assertEqual(stack.send(b"NOOP\r\n"), b"250 2.0.0 OK\r\n")
+
+    def test_downstreamCloses(self) -> None:
+        stack = self.pausedInBody()
+        stack.downstream().transport.loseConnection()
+        self.assertLetGo(stack)
+
+    def test_downstreamResets(self) -> None:
+        stack = self.pausedInBody()
+        stack.downstream().transport.abortConnection()
+        self.assertLetGo(stack)
+
+    def test_unrequestedReply(self) -> None:
+        stack = self.pausedInBody()
+        stack.downstream().transport.write(b"421 4.3.2 Shutting down\r\n")
+        self.assertLetGo(stack)
+
+    def test_stallPastTheTargetsDataTimeout(self) -> None:
+        """
+        The target's C{data_timeout}, not the listener's, decides how long
+        a stalled downstream holds the client.
+        """
+        stack = self.pausedInBody()
+        stack.clock.advance(29)
+        self.assertEqual(stack.received(), b"")
+        self.assertFalse(stack.downstream().lost)
+        stack.clock.advance(1)
+        self.assertLetGo(stack)
+
+    def test_clientStillSending(self) -> None:
+        """
+        The downstream goes while the client's body is still coming: the
+        client is not answered before its end-of-data, the rest of the body
+        is read and discarded, and the end-of-data gets 451.
+        """
+        stack = Stack(self, {FIRST: Script()}, dataTimeout=30.0)
+        stack.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\n")
+        stack.send(b"DATA\r\n")
+        stack.send(BODY_READ)
+        stack.network.pumps[-1].clientIO.producer.pauseProducing()
+        stack.send(BODY_REST * 10)
+        stack.downstream().transport.loseConnection()
+        self.assertEqual(stack.received(), b"")
+        self.assertEqual(stack.transport.producerState, "producing")
+        self.assertEqual(stack.send(BODY_REST * 225), b"")
+        self.assertEqual(stack.send(b".\r\n"),
+                         b"451 4.4.2 Downstream connection lost, try again later [SID]\r\n")
+        self.assertEqual(stack.downstream().messages, [])
+
+
+class LMTPPartialTests(SynchronousTestCase):
+    """
+    Issue 14 C, SPEC §4.7: LMTP → LMTP, the downstream answers the first of
+    three recipients after the dot and then closes or stalls.  The reply
+    that arrived is relayed as it is; only the missing ones become
+    C{451 4.4.2}, so that the client does not deliver recipient 1 twice.
+    """
+
+    def run_(self, then: bytes) -> bytes:
+        script = Script(lmtp={b"a@example.net": b"250 2.0.0 <a@example.net> Saved\r\n",
+                              b"b@example.net": then, b"c@example.net": then})
+        stack = Stack(self, {FIRST: script}, kind="lmtp", lmtp=True)
+        stack.send(b"MAIL FROM:<s@example.org>\r\n")
+        for rcpt in (b"a", b"b", b"c"):
+            self.assertEqual(stack.send(b"RCPT TO:<" + rcpt + b"@example.net>\r\n"), b"250 2.1.5 Ok\r\n")
+        stack.send(b"DATA\r\n")
+        self.stack = stack
+        return stack.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+
+    def test_closedAfterTheFirst(self) -> None:
+        out = self.run_(CLOSE)
+        self.assertEqual(out, b"250 2.0.0 <a@example.net> Saved\r\n"
+                              b"451 4.4.2 Downstream connection lost, try again later [SID]\r\n"
+                              b"451 4.4.2 Downstream connection lost, try again later [SID]\r\n")
+
+    def test_stalledAfterTheFirst(self) -> None:
+        """
+        The replies go to the client together, when the target's
+        C{submission_timeout} gives up on the missing ones.
+        """
+        self.assertEqual(self.run_(STALL), b"")
+        self.stack.clock.advance(self.stack.target.submissionTimeout)
+        self.assertEqual(self.stack.received(),
+                         b"250 2.0.0 <a@example.net> Saved\r\n"
+                         b"451 4.4.2 Downstream connection lost, try again later [SID]\r\n"
+                         b"451 4.4.2 Downstream connection lost, try again later [SID]\r\n")
+
+
+class LMTPTempfailTests(SynchronousTestCase):
+    def test_agreementByClass(self) -> None:
+        """
+        Issue 14 D: an SMTP client, an LMTP target under C{lmtp_split
+        tempfail}: C{250 2.0.0 ok} and C{250 2.1.5 delivered} are both
+        deliveries, so the client gets the first one's 250, once.
+        """
+        script = Script(lmtp={b"a@example.net": b"250 2.0.0 ok\r\n",
+                              b"b@example.net": b"250 2.1.5 delivered\r\n"})
+        stack = Stack(self, {FIRST: script}, lmtp=True, lmtpSplit="tempfail")
+        stack.send(b"MAIL FROM:<s@example.org>\r\n")
+        stack.send(b"RCPT TO:<a@example.net>\r\n")
+        self.assertEqual(stack.send(b"RCPT TO:<b@example.net>\r\n"), b"250 2.1.5 Ok\r\n")
+        stack.send(b"DATA\r\n")
+        self.assertEqual(stack.send(b"Subject: x\r\n\r\nhi\r\n.\r\n"), b"250 2.0.0 ok\r\n")
+        self.assertEqual(len(stack.downstream().messages), 1)
+
+
+class RcptReplyTests(SynchronousTestCase):
+    def test_tooManyRecipientsIsTemporary(self) -> None:
+        """
+        RFC 5321 §4.5.3.1.10: the downstream's C{552 5.5.3} to RCPT reaches
+        the client as C{452 4.5.3}, text kept; the transaction goes on.
+        """
+        script = Script(rcpt={b"b@example.net": b"552 5.5.3 Error: too many recipients\r\n"})
+        stack = Stack(self, {FIRST: script})
+        stack.send(b"MAIL FROM:<s@example.org>\r\n")
+        self.assertEqual(stack.send(b"RCPT TO:<a@example.net>\r\n"), b"250 2.1.5 Ok\r\n")
+        self.assertEqual(stack.send(b"RCPT TO:<b@example.net>\r\n"),
+                         b"452 4.5.3 Error: too many recipients\r\n")
+        self.assertEqual(stack.send(b"DATA\r\n"), b"354 End data with <CR><LF>.<CR><LF>\r\n")
+
+    def test_longReplyWrapped(self) -> None:
+        """
+        A downstream reply line longer than 512 bytes reaches the client
+        wrapped onto continuation lines of at most 512 bytes each.
+        """
+        text = b"<r@example.net>: " + b"no such user here " * 40
+        stack = Stack(self, {FIRST: Script(rcpt={b"r@example.net": b"550 5.1.1 " + text + b"\r\n"})})
+        stack.send(b"MAIL FROM:<s@example.org>\r\n")
+        out = stack.send(b"RCPT TO:<r@example.net>\r\n")
+        lines = out.split(b"\r\n")[:-1]
+        self.assertEqual([len(line) + 2 for line in lines], [509, 250])
+        self.assertEqual(lines[0][:10], b"550-5.1.1 ")
+        self.assertEqual(lines[1][:10], b"550 5.1.1 ")
+        self.assertEqual(b" ".join(line[10:] for line in lines), text.rstrip())
+
+
+class OwnCredentialsTests(SynchronousTestCase):
+    def test_refusedEverywhereIsASoftBounce(self) -> None:
+        """
+        Issue 13 item 3: the relay's own password refused (535) by every
+        target: the client's MAIL gets 454 4.7.0, which it retries, not the
+        downstream's 535, which would bounce the message.
+        """
+        ehlo = b"250-fake.example\r\n250-STARTTLS\r\n250 AUTH PLAIN\r\n"
+        refused = Script(replies={"EHLO": ehlo}, auth=[b"535 5.7.8 Error: authentication failed\r\n"])
+        stack = Stack(self, {FIRST: refused, SECOND: refused}, endpoints=(FIRST, SECOND),
+                      auth=DownstreamAuth("plain", "relayuser", Secret("wrongpass")),
+                      tlsClient=ClientTLS(insecureSkipVerify=True))
+        self.assertEqual(stack.send(b"MAIL FROM:<s@example.org>\r\n"),
+                         b"454 4.7.0 Relay cannot authenticate downstream, try again later [SID]\r\n")
+        self.assertEqual(stack.network.attempts, [str(FIRST), str(SECOND)])

@@ -8,10 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay import replies
-from smtprelay.config.model import Address, DownstreamAuth, Secret, Target
+from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Secret, Target
 from smtprelay.failover import Failover
 from smtprelay.interfaces import Credentials, DownstreamError, IDownstream
 from smtprelay.replies import Reply, reply
@@ -27,6 +28,9 @@ MAIL: tuple[bytes, dict[str, str | None]] = (b"a@example.org", {})
 def makeTarget(*endpoints: Address, **kw: Any) -> Target:
     kw.setdefault("protocol", "smtp")
     kw.setdefault("attemptStartTLS", False)
+    # In memory TLS is pretended: there is no certificate to verify (the
+    # verification rules are tested over real TLS in test_tls).
+    kw.setdefault("tlsClient", ClientTLS(insecureSkipVerify=True))
     return Target(name="t", endpoints=endpoints or (MX1, MX2), hostname="relay.example", **kw)
 
 
@@ -364,7 +368,8 @@ class AuthTests(FailoverTestCase):
         self.assertEqual(first.connections[0].commands[-1], b"AUTH PLAIN AGFsaWNlAHdvbmRlcg==")
 
     def test_external(self) -> None:
-        first = self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}))
+        ehlo = TLS_EHLO.replace(b"AUTH PLAIN LOGIN", b"AUTH EXTERNAL")
+        first = self.net.add(str(MX1), Script(replies={"EHLO": ehlo}))
         self.opened(self.failover(makeTarget(auth=self.auth("external"))))
         self.assertEqual(first.connections[0].commands[-1], b"AUTH EXTERNAL =")
 
@@ -385,19 +390,71 @@ class AuthTests(FailoverTestCase):
         # No plain-text retry after the failed handshake: it could not AUTH.
         self.assertEqual(len(second.connections), 3)
 
-    def test_refusedPassedWhole(self) -> None:
+    def test_clientsCredentialsRefusedPassedWhole(self) -> None:
         """
-        A 5xx to AUTH is the downstream's verdict: returned whole, no next
-        target.
+        C{auth forward}: a 5xx to AUTH is the downstream's verdict on the
+        client's own credentials: returned whole, no next target.
         """
         script = Script(replies={"EHLO": TLS_EHLO}, auth=[b"535-5.7.8 Bad credentials\r\n535 5.7.8 see docs\r\n"])
         self.net.add(str(MX1), script)
         self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
-        error = self.failed(self.failover(makeTarget(auth=self.auth("plain"))))
+        error = self.failed(self.failover(makeTarget(auth=self.auth("forward"))),
+                            credentials=Credentials("alice", "wonder"))
         self.assertEqual(error.reply, reply(535, "5.7.8", "Bad credentials", "see docs"))
         self.assertEqual(self.net.attempts, [str(MX1)])
-        self.assertNotIn("pa55word", error.reason)
+        self.assertNotIn("wonder", error.reason)
+        self.assertNotIn("wonder", str(error))
+
+    def assertSoftBounce(self, *scripts: Script, mechanism: str = "plain") -> list[Any]:
+        """
+        The relay's own credentials cannot be used at any endpoint: each is
+        tried once, the failure is C{454 4.7.0} (never the downstream's
+        5xx), and an error names the target and the endpoint.
+        """
+        for address, script in zip((MX1, MX2), scripts):
+            self.net.add(str(address), script)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        error = self.failed(self.failover(makeTarget(auth=self.auth(mechanism))))
+        self.assertEqual(error.reply, replies.DOWNSTREAM_AUTH)
+        self.assertEqual(replies.DOWNSTREAM_AUTH.toBytes(),
+                         b"454 4.7.0 Relay cannot authenticate downstream, try again later\r\n")
+        self.assertEqual(self.net.attempts, [str(MX1), str(MX2)])
         self.assertNotIn("pa55word", str(error))
+        errors = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.error]
+        self.assertEqual(len(errors), 2, errors)
+        self.assertIn("target t: cannot authenticate at mx1.example[192.0.2.25]:25", errors[0])
+        self.assertIn("target t: cannot authenticate at mx2.example[192.0.2.25]:25", errors[1])
+        return errors
+
+    def test_ownCredentialsRefused(self) -> None:
+        """
+        Issue 13 item 3: C{auth plain relayuser wrongpass}, the downstream
+        answers 535: a configuration fault, soft-bounced.
+        """
+        refused = Script(replies={"EHLO": TLS_EHLO}, auth=[b"535 5.7.8 Error: authentication failed\r\n"])
+        errors = self.assertSoftBounce(refused, refused)
+        self.assertIn("PLAIN authentication refused: 535 Error: authentication failed", errors[0])
+
+    def test_authNotOffered(self) -> None:
+        """
+        A target that offers no AUTH, or not the configured mechanism, is
+        never sent our credentials.
+        """
+        noAuth = Script(replies={"EHLO": TLS_EHLO.replace(b"250-AUTH PLAIN LOGIN\r\n", b"")})
+        loginOnly = Script(replies={"EHLO": TLS_EHLO.replace(b"AUTH PLAIN LOGIN", b"AUTH LOGIN")})
+        errors = self.assertSoftBounce(noAuth, loginOnly)
+        self.assertIn("PLAIN authentication not offered", errors[0])
+        for server in self.net._servers.values():
+            self.assertFalse(any(c.startswith(b"AUTH") for c in server.connections[0].commands))
+
+    def test_ownCredentialsRefusedThenNext(self) -> None:
+        self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}, auth=[b"535 5.7.8 no\r\n"]))
+        self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
+        session, mailReply = self.opened(self.failover(makeTarget(auth=self.auth("plain"))), mail=MAIL)
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+        self.assertEqual(mailReply.code, 250)
 
     def test_temporaryThenNext(self) -> None:
         self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}, auth=[b"454 4.7.0 try later\r\n"]))
@@ -604,3 +661,107 @@ class ReuseTests(FailoverTestCase):
         failover.release(other)
         self.net.flush()
         self.assertEqual(first.connections[1].commands[-1], b"QUIT")
+
+
+class AttemptLogTests(FailoverTestCase):
+    """
+    SPEC §5: one log line per failed attempt (target, endpoint, stage,
+    reason), even when a later endpoint succeeds, as Postfix logs each MX
+    it could not use.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        from twisted.logger import globalLogPublisher
+
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def attempts(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events if e.get("attempt")]
+
+    def test_connectRefusedThenNext(self) -> None:
+        self.net.add(str(MX2))
+        self.opened(self.failover(makeTarget()), sessionId="S1D")
+        self.assertEqual(
+            self.attempts(),
+            ["S1D: target t: tcp://mx1.example:25 failed at connect: "
+             "connect failed: ConnectionRefusedError: Connection was refused by other side: "
+             "tcp://mx1.example:25."],
+        )
+        [event] = [e for e in self.events if e.get("attempt")]
+        self.assertEqual(
+            {k: event[k] for k in ("session", "target", "endpoint", "stage")},
+            {"session": "S1D", "target": "t", "endpoint": "tcp://mx1.example:25", "stage": "connect"},
+        )
+
+    def test_stages(self) -> None:
+        """
+        Each step names itself: greeting, EHLO, STARTTLS (under
+        C{require_tls}), AUTH, MAIL, and a connection lost in reply to a
+        command is the stage of that command.
+        """
+        cases = [
+            (Script(replies={"greeting": b"554 5.3.2 go away\r\n"}), {},
+             "greeting", "greeting 554 go away"),
+            (Script(replies={"EHLO": b"421 4.3.2 busy\r\n"}), {},
+             "ehlo", "EHLO/HELO refused: 421 busy"),
+            (Script(replies={"EHLO": b"250 fake.example\r\n"}), {"requireTLS": True},
+             "starttls", "no TLS available"),
+            (Script(replies={"EHLO": TLS_EHLO, "STARTTLS": CLOSE}), {"requireTLS": True},
+             "starttls", "connection to mx1.example[192.0.2.25]:25 lost"),
+            (Script(replies={"EHLO": TLS_EHLO}, auth=[b"454 4.7.0 try later\r\n"]),
+             {"auth": DownstreamAuth("plain", "u", Secret("p"))},
+             "auth", "PLAIN authentication refused: 454 try later at mx1.example[192.0.2.25]:25"),
+            (Script(replies={"MAIL": b"451 4.3.0 try later\r\n"}), {},
+             "mail", "451 4.3.0 try later"),
+        ]
+        for script, options, stage, reason in cases:
+            self.events.clear()
+            self.net = MemoryNetwork(self.clock)
+            self.net.add(str(MX1), script)
+            self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
+            session, _ = self.opened(self.failover(makeTarget(**options)), mail=MAIL, sessionId="S2")
+            self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+            self.assertEqual(
+                self.attempts(), [f"S2: target t: tcp://mx1.example:25 failed at {stage}: {reason}"]
+            )
+
+    def test_authFailureReadableAfterRedaction(self) -> None:
+        """
+        The redacting observers mask what follows C{AUTH MECHANISM}: the
+        reasons of AUTH failures do not start that way, so the line stays
+        whole.
+        """
+        from smtprelay.logs import redact
+
+        self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}, auth=[b"454 4.7.0 try later\r\n"]))
+        self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
+        self.net.add(str(MX3))  # no STARTTLS
+        self.opened(self.failover(makeTarget(auth=DownstreamAuth("plain", "u", Secret("p")))))
+        self.failed(self.failover(makeTarget(MX2, auth=DownstreamAuth("forward"))))
+        self.failed(self.failover(makeTarget(MX3, auth=DownstreamAuth("login", "u", Secret("p")))))
+        self.assertEqual(
+            [line.split(" failed at auth: ")[1] for line in self.attempts()],
+            ["PLAIN authentication refused: 454 try later at mx1.example[192.0.2.25]:25",
+             "no client credentials to forward",
+             "login authentication needs TLS, which was not available"],
+        )
+        for line in self.attempts():
+            self.assertEqual(redact(line), line)
+
+    def test_tlsRetryLogged(self) -> None:
+        """
+        A failed handshake is an attempt of its own before the plain-text
+        retry on the same endpoint.
+        """
+        self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}), handshake="fail")
+        self.opened(self.failover(makeTarget(attemptStartTLS=True)), mail=MAIL, sessionId="S3")
+        self.assertEqual(
+            self.attempts(),
+            ["S3: target t: tcp://mx1.example:25 failed at starttls: "
+             "TLS handshake with mx1.example[192.0.2.25]:25 failed"],
+        )

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import os
 import ssl
-import subprocess
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SkipTest, TestCase
 
+from smtprelay import replies
 from smtprelay.config.model import Address, DownstreamAuth, Secret
 from smtprelay.interfaces import Credentials, DownstreamError
 from smtprelay.replies import reply
-from tests.procs import HOST, Processes, freePort, need, sinkMessages, waitForPath
+from tests.procs import HOST, Processes, freePort, sinkMessages
 from tests.test_tls import PKI, Loopback, makeTarget
 
 BODY = b"Subject: test\r\n\r\n.leading dot\r\n..two dots\r\nend\r\n"
@@ -139,10 +139,21 @@ class AiosmtpdTests(TestCase):
     @inlineCallbacks
     def test_badPassword(self) -> Any:
         """
-        aiosmtpd's 535 comes back whole, as the error's reply.
+        aiosmtpd's 535 to the relay's own password is a configuration
+        fault: a soft bounce (454 4.7.0).  To a client's own credentials
+        (C{auth forward}) it comes back whole, as the error's reply.
         """
         error = yield self.assertFailure(
             self.net.failover(self.target("plain", "wrong")).open(), DownstreamError
+        )
+        self.assertEqual(error.reply, replies.DOWNSTREAM_AUTH)
+        self.assertNotIn("wrong", error.reason)
+        forward = makeTarget(
+            Address("tcp", HOST, self.port), auth=DownstreamAuth("forward"),
+            tlsClient=self.pki.clientTLS(serverName="mx.example"),
+        )
+        error = yield self.assertFailure(
+            self.net.failover(forward).open(credentials=Credentials("relay", "wrong")), DownstreamError
         )
         self.assertEqual(error.reply.code, 535)
         self.assertEqual(error.reply.enhanced, "5.7.8")
@@ -164,17 +175,8 @@ class DovecotLMTPTests(TestCase):
     timeout = 90
 
     def setUp(self) -> None:
-        need("dovecot", "doveadm")
         self.procs = Processes(self)  # type: ignore[arg-type]
-        self.dir = os.path.join(self.procs.dir, "dovecot")
-        recipe = os.path.join(os.path.dirname(__file__), "dovecot-lmtp.sh")
-        if not os.path.exists(recipe):
-            recipe = "/work/shared/recipes/dovecot-lmtp.sh"
-        subprocess.run(["sh", recipe, self.dir], check=True, timeout=60,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(subprocess.run, ["doveadm", "-c", os.path.join(self.dir, "dovecot.conf"), "stop"],
-                        timeout=60, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        waitForPath(os.path.join(self.dir, "lmtp"))
+        self.dir = self.procs.dovecot()
         self.net = Loopback(self)
 
     @inlineCallbacks

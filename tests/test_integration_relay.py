@@ -5,6 +5,7 @@ C{twistd -n smtprelay} → Postfix C{smtp-sink} (SMTP and LMTP) or Dovecot LMTP.
 
 from __future__ import annotations
 
+import json
 import os
 import smtplib
 import socket
@@ -13,7 +14,17 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .procs import HOST, Processes, freePort, need, sinkAborted, sinkMessages, waitForPath
+from .procs import (
+    HOST,
+    TWISTD,
+    Processes,
+    freePort,
+    need,
+    sinkAborted,
+    sinkMessages,
+    waitForPath,
+    waitForPort,
+)
 
 MESSAGE = (
     b"From: Sender <sender@example.org>\r\n"
@@ -239,16 +250,8 @@ class DovecotLMTPTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        need("dovecot", "doveadm")
         self.procs = Processes(self)
-        self.dovecot = os.path.join(self.procs.dir, "dovecot")
-        recipe = os.path.join(os.path.dirname(__file__), "dovecot-lmtp.sh")
-        # Dovecot daemonizes and keeps its inherited stdout: no pipes here.
-        subprocess.run(["sh", recipe, self.dovecot], check=True, timeout=60,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(subprocess.run, ["doveadm", "-c", os.path.join(self.dovecot, "dovecot.conf"), "stop"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        waitForPath(os.path.join(self.dovecot, "lmtp"))
+        self.dovecot = self.procs.dovecot()
         self.socket = os.path.join(self.dovecot, "lmtp")
 
     def delivered(self, user: str) -> list[bytes]:
@@ -396,3 +399,54 @@ class SwaksTLSTests(SynchronousTestCase):
         received = splitSinkDump(dump)[1]
         self.assertIn(b"with ESMTPSA id", received)
         self.assertIn(b"(using TLSv1.3 with cipher ", received)
+
+
+class LogFileTests(SynchronousTestCase):
+    """
+    The lines a postmaster reads, written by a real relay (NDJSON observer)
+    in front of a real smtp-sink that refuses every RCPT.
+    """
+
+    def test_refusedRecipientAndFailedAttempt(self) -> None:
+        procs = Processes(self)
+        sinkPort, dumps = procs.smtpSink(extra=["-f", "RCPT", "-B", "550 5.1.1 <x>: mailbox unavailable here"])
+        dead, listen = freePort(), freePort()
+        logFile = os.path.join(procs.dir, "events.ndjson")
+        relay = procs.start("relay", [TWISTD, "-n", "--pidfile=", "--logger", "smtprelay.logs.jsonObserver",
+                                      "smtprelay", "--listen", f"tcp://{HOST}:{listen}",
+                                      "--target", f"tcp://{HOST}:{dead}", "--target", f"tcp://{HOST}:{sinkPort}"],
+                            env={"SMTPRELAY_LOG_FILE": logFile})
+        waitForPort(listen, relay)
+        with smtplib.SMTP(HOST, listen, timeout=60) as client:
+            client.ehlo("client.test")
+            client.mail("sender@example.org")
+            code, _ = client.rcpt("rcpt@example.net")
+            self.assertEqual(code, 550)
+
+        def events() -> list[dict]:
+            with open(logFile, encoding="utf-8") as f:
+                return [json.loads(line) for line in f]
+
+        deadline = time.monotonic() + 30
+        while not [e for e in events() if e.get("reject")] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [attempt] = [e for e in events() if e.get("attempt")]
+        [reject] = [e for e in events() if e.get("reject")]
+        sessionId = reject["session"]
+        self.assertEqual(
+            (attempt["session"], attempt["endpoint"], attempt["stage"]),
+            (sessionId, f"tcp://{HOST}:{dead}", "connect"),
+        )
+        self.assertTrue(
+            attempt["message"].startswith(
+                f"{sessionId}: target command-line: tcp://{HOST}:{dead} failed at connect: connect failed: "
+            ),
+            attempt["message"],
+        )
+        self.assertEqual(
+            reject["message"],
+            f"{sessionId}: reject: RCPT from unknown[{HOST}]: 550 5.1.1 <x>: mailbox unavailable here; "
+            f"from=<sender@example.org> to=<rcpt@example.net> proto=ESMTP helo=<client.test> "
+            f"relay={HOST}[{HOST}]:{sinkPort}",
+        )
+        sinkAborted(dumps)

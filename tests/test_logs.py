@@ -19,12 +19,15 @@ from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from smtprelay.interfaces import ClientSession
+from smtprelay.replies import reply
 from smtprelay.logs import (
     LOG_FILE_VARIABLE,
     RedactingObserver,
     eventAsJSONLine,
     jsonFileObserver,
     jsonObserver,
+    logReject,
     redact,
     textObserver,
 )
@@ -260,6 +263,52 @@ class JSONTests(SynchronousTestCase):
         self.assertTrue(ILogObserver.providedBy(observer))
         observer(TRANSACTION)
         self.assertEqual(json.loads(out.getvalue())["status"], "sent")
+
+
+class RejectLineTests(SynchronousTestCase):
+    """
+    L{logReject}: Postfix's C{NOQUEUE: reject} line with the relay's
+    session id, as text and as JSON keys.
+    """
+
+    def capture(self) -> list[LogEvent]:
+        events: list[LogEvent] = []
+        self.log = Logger(namespace="test", observer=_Observer(events.append))
+        return events
+
+    def test_rcpt(self) -> None:
+        events = self.capture()
+        session = ClientSession(id="S1", protocol="smtp", clientHost="192.0.2.7",
+                                heloName="client.example", esmtp=True)
+        logReject(self.log, session, "RCPT", reply(550, "5.1.1", "<b@x>: unknown"), b"a@x", b"b@x",
+                  "mx.example.net[198.51.100.1]:25")
+        [event] = events
+        self.assertEqual(
+            formatEvent(event),
+            "S1: reject: RCPT from unknown[192.0.2.7]: 550 5.1.1 <b@x>: unknown; from=<a@x> to=<b@x> "
+            "proto=ESMTP helo=<client.example> relay=mx.example.net[198.51.100.1]:25",
+        )
+        record = json.loads(eventAsJSONLine(event))
+        self.assertEqual(
+            {k: v for k, v in record.items() if k not in ("time", "level", "namespace", "message")},
+            {"reject": True, "session": "S1", "command": "RCPT", "client": "unknown[192.0.2.7]",
+             "reply": "550 5.1.1 <b@x>: unknown", "sender": "a@x", "recipient": "b@x",
+             "proto": "ESMTP", "helo": "client.example", "relay": "mx.example.net[198.51.100.1]:25"},
+        )
+
+    def test_unknownSenderOnUnixSocket(self) -> None:
+        """
+        Before a sender is known (a refused MAIL's unparsable argument) no
+        C{from=} is shown; a unix socket client is C{local}.
+        """
+        events = self.capture()
+        session = ClientSession(id="L1", protocol="lmtp", clientHost="")
+        logReject(self.log, session, "MAIL", reply(501, "5.1.7", "Bad sender address syntax"), None)
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ["L1: reject: MAIL from local: 501 5.1.7 Bad sender address syntax; "
+             "proto=LMTP helo=<> relay=none"],
+        )
 
 
 class RedactTests(SynchronousTestCase):

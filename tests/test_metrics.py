@@ -54,6 +54,7 @@ def exercise(metrics: Any) -> None:
     metrics.attempt("smarthost", "ok", 0.004)
     metrics.failover("smarthost")
     metrics.tlsHandshake("outbound", True)
+    metrics.tlsHandshake("outbound", True, verified=True)
     metrics.tlsHandshake("inbound", False)
     metrics.rejected("relay_denied")
     metrics.rejected("relay_denied")
@@ -110,9 +111,10 @@ class MetricsTests(SynchronousTestCase):
                 "smtprelay_end_of_data_seconds_bucket",
                 (("target", "smarthost"), ("le", "2.5")),
             ): 1.0,
-            ("smtprelay_tls_handshakes_total", (("side", "outbound"), ("result", "ok"))): 1.0,
-            ("smtprelay_tls_handshakes_total", (("side", "inbound"), ("result", "failed"))): 1.0,
-            ("smtprelay_tls_handshakes_total", (("side", "inbound"), ("result", "ok"))): 0.0,
+            ("smtprelay_tls_handshakes_total", (("side", "outbound"), ("result", "ok"), ("verified", "no"))): 1.0,
+            ("smtprelay_tls_handshakes_total", (("side", "outbound"), ("result", "ok"), ("verified", "yes"))): 1.0,
+            ("smtprelay_tls_handshakes_total", (("side", "inbound"), ("result", "failed"), ("verified", "no"))): 1.0,
+            ("smtprelay_tls_handshakes_total", (("side", "inbound"), ("result", "ok"), ("verified", "no"))): 0.0,
             ("smtprelay_rejections_total", (("reason", "relay_denied"),)): 2.0,
         }
         actual = {key: value(metrics, key[0], **dict(key[1])) for key in expected}

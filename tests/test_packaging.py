@@ -129,6 +129,87 @@ def wheel() -> str:
     return os.path.join(out, name)
 
 
+class FileErrorTests(SynchronousTestCase):
+    """
+    A certificate, key or users file the relay cannot use stops
+    C{twistd smtprelay}, C{twistd -ny relay.tac} and C{smtprelay-check}
+    with one line naming it and status 2, never a traceback.
+    """
+
+    def setUp(self) -> None:
+        import trustme
+
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        ca = trustme.CA()
+        self.cert = os.path.join(self.dir, "cert.pem")
+        self.key = os.path.join(self.dir, "key.pem")
+        ca.issue_cert("relay.test").private_key_and_cert_chain_pem.write_to_path(self.cert)
+        ca.issue_cert("other.test").private_key_pem.write_to_path(self.key)
+        # Secret files readable by others add a warning line.
+        os.chmod(self.dir, 0o700)
+        os.chmod(self.key, 0o600)
+
+    def config(self, top: str, inner: str = "") -> str:
+        path = os.path.join(self.dir, "relay.conf")
+        with open(path, "w") as f:
+            f.write(f"hostname relay.test\n{top}smtp tcp://{HOST}:{freePort()} {{\n{inner}"
+                    f"    deliver_to smtp tcp://{HOST}:{freePort()}\n}}\n")
+        return path
+
+    def assertOneLine(self, done: subprocess.CompletedProcess, line: str) -> None:
+        output = (done.stdout + done.stderr).decode()
+        self.assertEqual((done.returncode, output.splitlines()), (2, [line]))
+
+    def test_missingCertificate(self) -> None:
+        missing = os.path.join(self.dir, "missing.pem")
+        config = self.config(f"tls {missing} {self.key}\n")
+        line = f"{config}:2: tls: {missing}: cannot read: No such file or directory"
+        self.assertOneLine(twistd("-n", "--pidfile=", "smtprelay", "--config", config), line)
+        self.assertOneLine(
+            twistd("-ny", os.path.join(ROOT, "relay.tac"), "--pidfile=",
+                   env={**os.environ, "SMTPRELAY_CONFIG": config}),
+            line,
+        )
+        check = os.path.join(os.path.dirname(TWISTD), "smtprelay-check")
+        self.assertOneLine(subprocess.run([check, config], capture_output=True, timeout=120), line)
+        skipped = subprocess.run([check, "--no-files", config], capture_output=True, timeout=120)
+        self.assertEqual((skipped.returncode, skipped.stdout), (0, f"{config}: OK\n".encode()))
+
+    def test_keyMismatch(self) -> None:
+        """
+        A key that is not the certificate's (here: another certificate's).
+        """
+        config = self.config(f"tls {self.cert} {self.key}\n")
+        self.assertOneLine(
+            twistd("-n", "--pidfile=", "smtprelay", "--config", config),
+            f"{config}:2: tls: {self.key}: does not match the certificate in {self.cert}",
+        )
+
+    def test_passwordFile(self) -> None:
+        """
+        A C{file:} password is read with the configuration: the same form
+        of line.
+        """
+        missing = os.path.join(self.dir, "password")
+        path = os.path.join(self.dir, "relay.conf")
+        with open(path, "w") as f:
+            f.write(f"hostname relay.test\nsmtp tcp://{HOST}:{freePort()} {{\n"
+                    f"    deliver_to smtp tcp://{HOST}:{freePort()} {{\n"
+                    f"        auth plain relay file:{missing}\n    }}\n}}\n")
+        self.assertOneLine(
+            twistd("-n", "--pidfile=", "smtprelay", "--config", path),
+            f"{path}:4: auth: {missing}: cannot read: No such file or directory",
+        )
+
+    def test_usersFile(self) -> None:
+        config = self.config("", inner=f"    auth users {self.dir}\n")
+        self.assertOneLine(
+            twistd("-n", "--pidfile=", "smtprelay", "--config", config),
+            f"{config}:3: auth: {self.dir}: cannot read: Is a directory",
+        )
+
+
 class WheelTests(SynchronousTestCase):
     def test_wheelHasPluginButNoTwistedInit(self) -> None:
         names = zipfile.ZipFile(wheel()).namelist()

@@ -122,8 +122,10 @@ class Opener:
         self.error = error
         self.calls: list[dict] = []
 
-    def __call__(self, credentials: Credentials | None = None, mail: tuple | None = None) -> Deferred:
+    def __call__(self, credentials: Credentials | None = None, mail: tuple | None = None,
+                 sessionId: str = "-") -> Deferred:
         self.calls.append({"credentials": credentials, "mail": mail})
+        self.sessionId = sessionId
         if self.error is not None:
             return fail(self.error)
         if mail is None:
@@ -269,6 +271,33 @@ class RelaySessionTests(SynchronousTestCase):
             b"\tby relay.test (smtprelay) with ESMTPSA id S1D;\r\n\t"
             + self.downstreamDate() + b"\r\n",
         )
+
+    def test_receivedHeaderAndLogNameTheDownstreamTLS(self) -> None:
+        """
+        Issue 13 item 2: the TLS the message leaves by is a comment of the
+        C{Received:} header, Postfix-like, with whether the downstream's
+        certificate was verified; the transaction log says the same in one
+        word.
+        """
+        for verified, word in ((False, "untrusted"), (True, "verified")):
+            self.events.clear()
+            self.downstream.body = b""
+            self.downstream.tls = TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", (256, 256), verified)
+            relay = self.relay()
+            self.transaction(relay)
+            header = self.downstream.body.split(b"Subject:")[0]
+            self.assertEqual(
+                header,
+                b"Received: from client.test ([127.0.0.1])\r\n"
+                b"\tby relay.test (smtprelay) with ESMTP id S1D\r\n"
+                b"\t(relayed using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits), "
+                + word.encode() + b")\r\n"
+                b"\tfor <rcpt@example.org>; " + self.downstreamDate() + b"\r\n",
+            )
+            self.clock.advance(0)
+            [event] = [e for e in self.events if e.get("transaction")]
+            self.assertEqual(event["tls"], word)
+            self.assertIn(f" tls={word} ", formatEvent(event))
 
     def test_dataWithoutAcceptedRecipientsNeverReachesDownstream(self) -> None:
         """
@@ -465,7 +494,7 @@ class RelaySessionTests(SynchronousTestCase):
             {k: event[k] for k in ("session", "client", "helo", "sender", "to", "relay", "status", "reply", "tls")},
             {"session": "S1D", "client": "127.0.0.1", "helo": "client.test", "sender": "sender@example.org",
              "to": 2, "relay": "sink.test[127.0.0.1]:2526", "status": "sent",
-             "reply": "250 2.0.0 Ok: queued as ABC", "tls": False},
+             "reply": "250 2.0.0 Ok: queued as ABC", "tls": "no"},
         )
         self.assertEqual(event["size"], len(b"Subject: hi\r\n\r\nbody\r\n"))
 
@@ -528,6 +557,199 @@ class LMTPMappingTests(SynchronousTestCase):
         ok2 = reply(250, "2.0.0", "<b@x> Saved")
         _, final = self.run_("smtp", target("lmtp", lmtpSplit="tempfail"), [b"a@x", b"b@x"], [ok1, ok2])
         self.assertEqual(final, [ok1])
+
+    def test_smtpToLmtpTempfailAgreeingByClass(self) -> None:
+        """
+        Issue 14 D: agreement is by outcome class, not by identical text:
+        C{250 2.0.0 ok} and C{250 2.1.5 delivered} are one success, answered
+        with the first recipient's reply; likewise for failures of one
+        class.
+        """
+        tempfail = target("lmtp", lmtpSplit="tempfail")
+        ok = reply(250, "2.0.0", "ok")
+        delivered = reply(250, "2.1.5", "delivered")
+        _, final = self.run_("smtp", tempfail, [b"a@x", b"b@x"], [ok, delivered])
+        self.assertEqual(final, [ok])
+        full = reply(452, "4.2.2", "<a@x> Mailbox full")
+        busy = reply(451, "4.3.0", "<b@x> Try later")
+        _, final = self.run_("smtp", tempfail, [b"a@x", b"b@x"], [full, busy])
+        self.assertEqual(final, [full])
+
+    def test_smtpToLmtpTempfailLostAfterFirst(self) -> None:
+        """
+        The LMTP downstream is lost after the first recipient's 250: the
+        SMTP client gets a 451 (the first recipient may be delivered twice,
+        the second is never lost).
+        """
+        ok = reply(250, "2.0.0", "<a@x> Saved")
+        lost = DownstreamError(replies.DOWNSTREAM_LOST, "connection lost", received=[ok])
+        _, final = self.run_("smtp", target("lmtp", lmtpSplit="tempfail"), [b"a@x", b"b@x"], lost)
+        self.assertEqual(final, [replies.LMTP_MIXED.withSession("L1")])
+
+
+class LogLineTests(SynchronousTestCase):
+    """
+    SPEC §5: the lines a postmaster reads: one per refused command, one per
+    recipient where an LMTP target answers per recipient, and the true
+    cause of an abort.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.session = ClientSession(id="S1D", protocol="smtp", clientHost="192.0.2.7",
+                                     clientPort=40000, heloName="client.test", esmtp=True)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def relay(self, downstream: ScriptedDownstream | None = None, **listenerArgs: object) -> RelaySession:
+        self.opener = Opener(downstream)
+        self.downstream = self.opener.downstream
+        return relaySession(self.session, listener(**listenerArgs), self.opener, self.clock)
+
+    def lines(self, key: str) -> list[str]:
+        self.clock.advance(0)  # transaction and recipient events follow the reply by one turn
+        return [formatEvent(e) for e in self.events if e.get(key)]
+
+    def test_rcptRefusedByDownstream(self) -> None:
+        """
+        A downstream's refusal of RCPT: Postfix's C{NOQUEUE: reject} line,
+        naming the downstream; the accepted recipient gets no line.
+        """
+        relay = self.relay()
+        self.downstream.script["rcpt:nobody@example.org"] = reply(550, "5.1.1", "<nobody@example.org>: unknown")
+        result(relay.mail(b"a@example.net", {}))
+        result(relay.rcpt(b"ok@example.org", {}))
+        result(relay.rcpt(b"nobody@example.org", {}))
+        self.assertEqual(
+            self.lines("reject"),
+            ["S1D: reject: RCPT from unknown[192.0.2.7]: 550 5.1.1 <nobody@example.org>: unknown; "
+             "from=<a@example.net> to=<nobody@example.org> proto=ESMTP helo=<client.test> "
+             "relay=sink.test[127.0.0.1]:2526"],
+        )
+        [event] = [e for e in self.events if e.get("reject")]
+        self.assertEqual(
+            {k: event[k] for k in ("session", "command", "client", "sender", "recipient", "relay")},
+            {"session": "S1D", "command": "RCPT", "client": "unknown[192.0.2.7]",
+             "sender": "a@example.net", "recipient": "nobody@example.org",
+             "relay": "sink.test[127.0.0.1]:2526"},
+        )
+        self.assertEqual(self.opener.sessionId, "S1D")
+
+    def test_mailRefusedByDownstream(self) -> None:
+        relay = self.relay()
+        self.downstream.script["mail"] = reply(553, "5.7.1", "Sender address rejected")
+        result(relay.mail(b"spam@example.net", {}))
+        self.assertEqual(
+            self.lines("reject"),
+            ["S1D: reject: MAIL from unknown[192.0.2.7]: 553 5.7.1 Sender address rejected; "
+             "from=<spam@example.net> proto=ESMTP helo=<client.test> relay=sink.test[127.0.0.1]:2526"],
+        )
+
+    def test_mailWithoutDownstream(self) -> None:
+        """
+        No target reachable: the client's 451 at MAIL is a refusal too, with
+        no relay.
+        """
+        relay = self.relay()
+        self.opener.error = DownstreamError(replies.NO_DOWNSTREAM, "refused")
+        result(relay.mail(b"a@example.net", {}))
+        self.assertEqual(
+            self.lines("reject"),
+            ["S1D: reject: MAIL from unknown[192.0.2.7]: 451 4.4.1 No downstream server available [S1D]; "
+             "from=<a@example.net> proto=ESMTP helo=<client.test> relay=none"],
+        )
+
+    def test_dataRefused(self) -> None:
+        relay = self.relay()
+        self.downstream.script["data"] = reply(554, "5.5.1", "Error: no valid recipients")
+        result(relay.mail(b"a@example.net", {}))
+        result(relay.rcpt(b"b@example.org", {}))
+        result(relay.data(Producer()))
+        self.assertEqual(
+            self.lines("reject"),
+            ["S1D: reject: DATA from unknown[192.0.2.7]: 554 5.5.1 Error: no valid recipients; "
+             "from=<a@example.net> proto=ESMTP helo=<client.test> relay=sink.test[127.0.0.1]:2526"],
+        )
+
+    def test_acceptedLeavesNoRejectLine(self) -> None:
+        relay = self.relay()
+        result(relay.mail(b"a@example.net", {}))
+        result(relay.rcpt(b"b@example.org", {}))
+        self.assertEqual(result(relay.data(Producer())).code, 354)
+        self.assertEqual(self.lines("reject"), [])
+
+    def transaction(self, relay: RelaySession, rcpts: Sequence[bytes], end: object) -> object:
+        self.downstream.script["end"] = end
+        result(relay.mail(b"a@example.net", {}))
+        for r in rcpts:
+            result(relay.rcpt(r, {}))
+        result(relay.data(Producer()))
+        relay.dataChunk(b"x\r\n")
+        return result(relay.endData())
+
+    def test_lmtpPerRecipient(self) -> None:
+        """
+        An LMTP target's mixed verdicts: one line per recipient with its
+        own status and reply; the transaction's status and reply agree
+        (never C{status=bounced reply=250}).
+        """
+        self.session.protocol = "lmtp"
+        relay = self.relay(ScriptedDownstream(lmtp=True), kind="lmtp", deliverTo=target("lmtp"))
+        self.transaction(relay, [b"a@x", b"b@x"], [reply(250, "2.0.0", "<a@x> Saved"),
+                                                   reply(552, "5.2.2", "<b@x> Quota exceeded")])
+        self.assertEqual(
+            self.lines("delivery"),
+            ["S1D: to=<a@x> relay=sink.test[127.0.0.1]:2526 status=sent reply=250 2.0.0 <a@x> Saved",
+             "S1D: to=<b@x> relay=sink.test[127.0.0.1]:2526 status=bounced "
+             "reply=552 5.2.2 <b@x> Quota exceeded"],
+        )
+        [event] = [e for e in self.events if e.get("transaction")]
+        self.assertEqual((event["status"], event["reply"]), ("bounced", "552 5.2.2 <b@x> Quota exceeded"))
+
+    def test_tempfailSplitTellsWhoWasDelivered(self) -> None:
+        """
+        C{lmtp_split tempfail}: the client is told 451 (the transaction is
+        deferred), and the recipient lines say which were delivered.
+        """
+        relay = self.relay(ScriptedDownstream(lmtp=True), deliverTo=target("lmtp", lmtpSplit="tempfail"))
+        final = self.transaction(relay, [b"a@x", b"b@x", b"c@x"], [
+            reply(250, "2.0.0", "<a@x> Saved"), reply(250, "2.0.0", "<b@x> Saved"),
+            reply(452, "4.2.2", "<c@x> Mailbox full")])
+        self.assertEqual(final, [replies.LMTP_MIXED.withSession("S1D")])
+        self.assertEqual(
+            [line.split(" relay=")[0] + " " + line.split(" status=")[1] for line in self.lines("delivery")],
+            ["S1D: to=<a@x> sent reply=250 2.0.0 <a@x> Saved",
+             "S1D: to=<b@x> sent reply=250 2.0.0 <b@x> Saved",
+             "S1D: to=<c@x> deferred reply=452 4.2.2 <c@x> Mailbox full"],
+        )
+        [event] = [e for e in self.events if e.get("transaction")]
+        self.assertEqual(
+            (event["status"], event["reply"]),
+            ("deferred", "451 4.3.0 Recipients had different results, try again later [S1D]"),
+        )
+
+    def test_smtpTargetHasNoRecipientLines(self) -> None:
+        relay = self.relay()
+        self.transaction(relay, [b"a@x", b"b@x"], [reply(250, "2.0.0", "queued")])
+        self.assertEqual(self.lines("delivery"), [])
+        self.assertEqual(len(self.lines("transaction")), 1)
+
+    def test_clientGoneDuringData(self) -> None:
+        """
+        A client that drops during the body: the line says so, not that the
+        downstream was lost.
+        """
+        relay = self.relay()
+        result(relay.mail(b"a@example.net", {}))
+        result(relay.rcpt(b"b@example.org", {}))
+        result(relay.data(Producer()))
+        relay.dataChunk(b"partial")
+        relay.close()
+        [line] = self.lines("transaction")
+        self.assertTrue(
+            line.endswith(" status=aborted reply=client connection closed during DATA"), line
+        )
 
 
 class AuthForwardTests(SynchronousTestCase):
@@ -710,7 +932,8 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual(result(self.relay.mail(b"x@spam.test", {})), reply(550, "5.7.1", "go away"))
         self.assertEqual([o.calls for o in self.openers.values()], [[], [], [], []])
         self.assertEqual([formatEvent(e) for e in events],
-                         ["R1: reject: MAIL FROM:<x@spam.test>: 550 5.7.1 go away"])
+                         ["R1: reject: MAIL from unknown[127.0.0.1]: 550 5.7.1 go away; "
+                          "from=<x@spam.test> proto=SMTP helo=<> relay=none"])
         self.assertEqual(result(self.relay.rcpt(b"r@a.test", {})), replies.DOWNSTREAM_LOST.withSession("R1"))
 
     def test_lmtpSplitFollowsTheRoute(self) -> None:

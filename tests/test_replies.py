@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay.replies import MAX_REPLY_LINES, MalformedReply, Reply, reply
+from smtprelay.replies import MAX_REPLY_LINES, MalformedReply, Reply, forRcpt, reply
 
 texts = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=40)
 
@@ -48,10 +48,46 @@ class FormatTests(SynchronousTestCase):
         Control characters and non-ASCII become C{?} (UTF-8 kept under
         SMTPUTF8), lines are bounded, and the enhanced code is filled in.
         """
-        r = Reply(550, None, ("bad\r\n250 ok", "x" * 1000, "Grüße"))
-        self.assertEqual(r.sanitized(), Reply(550, "5.0.0", ("bad??250 ok", "x" * 512, "Gr??e")))
-        self.assertEqual(r.sanitized(utf8=True).lines[2], "Grüße")
+        r = Reply(550, None, ("bad\r\n250 ok", "Grüße"))
+        self.assertEqual(r.sanitized(), Reply(550, "5.0.0", ("bad??250 ok", "Gr??e")))
+        self.assertEqual(r.sanitized(utf8=True).lines[1], "Grüße")
         self.assertEqual(len(Reply(250, None, ("x",) * 100).sanitized().lines), MAX_REPLY_LINES)
+
+    def test_sanitizedLinesWithin512Bytes(self) -> None:
+        """
+        RFC 5321 §4.5.3.1.5: a relayed reply line is at most 512 bytes, code
+        and CRLF included.  A longer downstream text is wrapped at a space
+        onto continuation lines (a word longer than a line is cut), every
+        line with the code and enhanced code.
+        """
+        words = " ".join(f"word{i:03d}" for i in range(100))
+        r = Reply(550, "5.1.1", ("x" * 1000, words)).sanitized()
+        self.assertEqual(
+            r.toBytes(),
+            b"550-5.1.1 " + b"x" * 500 + b"\r\n"
+            b"550-5.1.1 " + b"x" * 500 + b"\r\n"
+            b"550-5.1.1 " + " ".join(f"word{i:03d}" for i in range(62)).encode() + b"\r\n"
+            b"550 5.1.1 " + " ".join(f"word{i:03d}" for i in range(62, 100)).encode() + b"\r\n",
+        )
+
+    @given(st.text(max_size=3000), st.booleans(), st.sampled_from([None, "5.1.1", "5.100.100"]))
+    def test_anyTextWithin512Bytes(self, text: str, utf8: bool, enhanced: str | None) -> None:
+        raw = Reply(550, enhanced, (text,)).sanitized(utf8).toBytes()
+        lines = raw.split(b"\r\n")[:-1]
+        self.assertTrue(all(len(line) + 2 <= 512 for line in lines), lines)
+        self.assertTrue(all(line[:4] == b"550-" for line in lines[:-1]))
+        self.assertEqual(lines[-1][:4].rstrip(), b"550")
+        Reply.fromLines(lines)
+
+    def test_tooManyRecipientsAtRcpt(self) -> None:
+        """
+        RFC 5321 §4.5.3.1.10: 552 5.5.3 to RCPT is a temporary condition;
+        other 552s are left alone.
+        """
+        self.assertEqual(forRcpt(reply(552, "5.5.3", "Too many recipients")),
+                         reply(452, "4.5.3", "Too many recipients"))
+        full = reply(552, "5.2.2", "Mailbox full")
+        self.assertEqual(forRcpt(full), full)
 
     def test_withSessionOnce(self) -> None:
         r = reply(451, "4.4.1", "No downstream").withSession("S1").withSession("S1")

@@ -7,15 +7,25 @@ clock.
 from __future__ import annotations
 
 import base64
+import os
+import re
 import socket
+from ipaddress import ip_network
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typing import Any, Sequence
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import fail
+from twisted.internet.task import Clock
 from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import directlyProvides
 
 from smtprelay import replies
+from smtprelay.metrics import REJECTION_REASONS, NullMetrics
 from smtprelay.config.model import ListenerAuth
 from smtprelay.replies import reply
 from smtprelay.server import MAX_INPUT_BUFFER, SMTPServerFactory, randomSessionId
@@ -48,6 +58,20 @@ def greeted(**kwargs: object) -> Session:
     session.read()
     session.send(b"EHLO client.example\r\n")
     return session
+
+
+# Unicode characters whose upper case is an ASCII letter.
+_TRICKS = {"I": "\u0131", "S": "\u017f", "K": "\u212a"}
+
+
+def _trickValue(value: str) -> st.SearchStrategy[bytes]:
+    variants = [st.sampled_from([c, c.lower(), _TRICKS.get(c, c)]) for c in value]
+    return st.tuples(*variants).map(lambda chars: "".join(chars).encode("utf-8"))
+
+
+_caseTricks = st.sampled_from(["7BIT", "8BITMIME", "FULL", "HDRS", "NEVER", "SUCCESS,DELAY",
+                               "FAILURE"]).flatmap(_trickValue)
+"""Valid keyword values with letters swapped for their Unicode case tricks."""
 
 
 def b64(text: str) -> bytes:
@@ -139,7 +163,9 @@ class HelloTests(SynchronousTestCase):
         directlyProvides(transport, ISSLTransport)
         session = Session(makeListener(auth=ListenerAuth("forward")), tlsOptions=object(),
                           transport=transport)
-        session.read()
+        self.assertEqual(session.read(), b"", "the greeting waits for the handshake")
+        session.protocol.handshakeCompleted()
+        self.assertEqual(session.read(), GREETING)
         self.assertEqual(
             session.send(b"EHLO c\r\n"),
             EHLO_REPLY.replace(b"250-ENHANCED", b"250-AUTH PLAIN LOGIN\r\n250-ENHANCED"),
@@ -311,6 +337,45 @@ class EnvelopeTests(SynchronousTestCase):
             self.assertEqual(session.send(command + b"\r\n"), expected, command)
             self.assertEqual(session.handler.methods, ["mail"], command)
 
+    def test_unicodeCaseInParameters(self) -> None:
+        """
+        Values whose Unicode upper case is ASCII (dotless i, long s) are
+        refused like any other bad value, also pipelined behind MAIL: one
+        reply per command, in order, and the session goes on.
+        """
+        session = greeted()
+        self.assertEqual(session.send(b"MAIL FROM:<a@b.c> BODY=8b\xc4\xb1tmime\r\n"),
+                         b"555 5.5.4 Unsupported option: BODY=8b\\xc4\\xb1tmime [S1]\r\n")
+        out = session.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<r@d.e> NOTIFY=\xc5\xbfUCCESS\r\n"
+                           b"RCPT TO:<r@d.e> NOTIFY=SUCCESS\r\nMAIL FROM:<a@b.c> RET=HDR\xc5\xbf\r\n"
+                           b"NOOP\r\n")
+        self.assertEqual(
+            out,
+            MAIL_OK + b"501 5.5.4 Bad NOTIFY parameter syntax [S1]\r\n" + RCPT_OK
+            + b"503 5.5.1 Error: nested MAIL command [S1]\r\n" + b"250 2.0.0 OK\r\n",
+        )
+        self.assertEqual(session.handler.methods, ["mail", "rcpt"])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.one_of(_caseTricks, st.binary(min_size=1, max_size=30).map(
+        lambda b: b.replace(b"\r", b"").replace(b"\n", b"") or b"x")), min_size=1, max_size=3))
+    def test_anyParameterBytes(self, values: list[bytes]) -> None:
+        """
+        Any bytes as ESMTP parameters of MAIL and RCPT, pipelined: no
+        exception escapes and every command gets exactly one reply.
+        """
+        session = greeted(listener=makeListener(maxErrors=1000))
+        commands = []
+        for value in values:
+            for keyword in (b"BODY", b"RET", b"NOTIFY", b"ENVID", b"ORCPT", b"SIZE", b"AUTH", b""):
+                parameter = keyword + b"=" + value if keyword else value
+                commands += [b"MAIL FROM:<a@example.com> " + parameter,
+                             b"RCPT TO:<b@example.net> " + parameter, b"RSET"]
+        out = session.send(b"".join(c + b"\r\n" for c in commands))
+        finals = [line for line in out.split(b"\r\n")[:-1] if line[3:4] != b"-"]
+        self.assertEqual(len(finals), len(commands), out)
+        self.assertFalse(session.closed)
+
     def test_postmaster(self) -> None:
         session = greeted()
         session.send(b"MAIL FROM:<a@example.com>\r\n")
@@ -385,6 +450,30 @@ class RelayAccessTests(SynchronousTestCase):
             b"554 5.5.1 No valid recipients [S1]\r\n250 2.0.0 OK\r\n",
         )
         self.assertEqual(session.handler.calls, [])
+
+    def test_refusalsLogged(self) -> None:
+        """
+        SPEC §5: each command the relay refuses on its own is logged as
+        Postfix logs C{NOQUEUE: reject: RCPT from ...: 554 5.7.1 ... Relay
+        access denied; from=<...> to=<...>}.
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        session = greeted(peer=STRANGER)
+        session.send(b"MAIL FROM:<a@example.com>\r\n")
+        session.send(b"RCPT TO:<b@example.net>\r\n")
+        session.send(b"DATA\r\n")
+        host = STRANGER.host
+        self.assertEqual(
+            [formatEvent(e) for e in events if e.get("reject")],
+            [f"S1: reject: RCPT from unknown[{host}]: 554 5.7.1 Relay access denied [S1]; "
+             f"from=<a@example.com> to=<b@example.net> proto=ESMTP helo=<client.example> relay=none",
+             f"S1: reject: DATA from unknown[{host}]: 554 5.5.1 No valid recipients [S1]; "
+             f"from=<a@example.com> proto=ESMTP helo=<client.example> relay=none"],
+        )
 
     def test_allowedNetwork(self) -> None:
         import ipaddress
@@ -882,12 +971,41 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(third.read(), GREETING)
 
     def test_perHostLimit(self) -> None:
-        first = Session(makeListener(maxConnectionsPerIP=1))
+        first = Session(makeListener(maxConnectionsPerIP=1, limitExceptions=()))
         other = Session(factory=first.factory, clock=first.clock, peer=STRANGER)
         self.assertEqual(other.read(), GREETING)
         second = Session(factory=first.factory, clock=first.clock)
         self.assertEqual(second.read(), b"421 4.7.0 Too many connections [S3]\r\n")
         self.assertEqual(len(first.factory.sessions), 2)
+
+    def test_allowedClientsExempt(self) -> None:
+        """
+        Clients in C{allow} (the default C{limit_exceptions}) are exempt
+        from C{max_connections_per_ip}, as Postfix exempts C{$mynetworks}:
+        120 concurrent sessions from 127.0.0.1 are all served; a client
+        outside the exceptions is still limited.
+        """
+        first = Session(makeListener(maxConnectionsPerIP=2))
+        sessions = [first] + [Session(factory=first.factory, clock=first.clock) for _ in range(119)]
+        for session in sessions:
+            self.assertEqual(session.read(), GREETING)
+        self.assertEqual(len(first.factory.sessions), 120)
+        strangers = [Session(factory=first.factory, clock=first.clock, peer=STRANGER)
+                     for _ in range(3)]
+        self.assertEqual([s.read()[:3] for s in strangers], [b"220", b"220", b"421"])
+
+    def test_limitExceptionsConfigured(self) -> None:
+        """
+        C{limit_exceptions} replaces the default: an allowed client outside
+        it is limited, a client in it is not (allowed to relay or not).
+        """
+        listener = makeListener(maxConnectionsPerIP=1, limitExceptions=(ip_network("192.0.2.0/24"),))
+        first = Session(listener)
+        second = Session(factory=first.factory, clock=first.clock)
+        self.assertEqual(second.read(), b"421 4.7.0 Too many connections [S2]\r\n")
+        strangers = [Session(factory=first.factory, clock=first.clock, peer=STRANGER)
+                     for _ in range(3)]
+        self.assertEqual([s.read() for s in strangers], [GREETING] * 3)
 
     def test_readTimeout(self) -> None:
         session = greeted(listener=makeListener(readTimeout=60))
@@ -899,6 +1017,65 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(session.read(), b"421 4.4.2 Timeout exceeded [S1]\r\n")
         self.assertTrue(session.closed)
         self.assertEqual(session.handler.closed, 1)
+
+    def test_tricklePerCommandDeadline(self) -> None:
+        """
+        A command trickled one byte every 3 s does not restart the read
+        timeout: the line must be complete within it (Postfix's
+        smtpd_per_record_deadline), or the client gets C{421 4.4.2}.
+        """
+        session = greeted(listener=makeListener(readTimeout=10), clock=MemoryReactorClock())
+        command = b"MAIL FROM:<a@example.com>\r\n"
+        for byte in command[:3]:
+            session.clock.advance(3)
+            self.assertEqual(session.send(bytes([byte])), b"")
+        session.clock.advance(1)
+        self.assertEqual(session.read(), b"421 4.4.2 Timeout exceeded [S1]\r\n")
+        self.assertTrue(session.closed)
+        self.assertEqual(session.handler.methods, ["close"])
+        self.assertEqual(session.clock.getDelayedCalls(), [])
+
+    def test_trickleInTime(self) -> None:
+        """
+        A line completed within the timeout is served, and the next one has
+        a whole timeout of its own.
+        """
+        session = greeted(listener=makeListener(readTimeout=10))
+        out = b""
+        for byte in b"NOOP\r\n":
+            session.clock.advance(1)
+            out += session.send(bytes([byte]))
+        self.assertEqual(out, b"250 2.0.0 OK\r\n")
+        session.clock.advance(9.9)
+        self.assertFalse(session.closed)
+        session.clock.advance(0.1)
+        self.assertTrue(session.closed)
+
+    def test_slowClientsBeforeData(self) -> None:
+        """
+        200 clients each sending one byte every 3 s before DATA, with
+        C{read_timeout 10s}, are all cut off 10 s after their last reply
+        (they held their sessions for as long as they trickled).
+        """
+        clock = MemoryReactorClock()
+        first = greeted(listener=makeListener(readTimeout=10, maxConnectionsPerIP=500), clock=clock)
+        sessions = [first] + [Session(factory=first.factory, clock=clock) for _ in range(199)]
+        for session in sessions[1:]:
+            session.read()
+            session.send(b"EHLO client.example\r\n")
+        script = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+        for session in sessions:
+            session.send(script[:30])  # MAIL served, RCPT begun
+        for tick in range(1, 4):
+            clock.advance(3)
+            for session in sessions:
+                session.send(script[29 + tick:30 + tick])
+        clock.advance(1)
+        for session in sessions:
+            self.assertEqual(session.read(), b"421 4.4.2 Timeout exceeded [S%d]\r\n" % (
+                sessions.index(session) + 1))
+            self.assertTrue(session.closed)
+        self.assertEqual(first.factory.sessions, set())
 
     def test_noTimeoutWhileHandlerBusy(self) -> None:
         session = greeted(listener=makeListener(readTimeout=60), manual=("mail",))
@@ -964,3 +1141,112 @@ class ShutdownTests(SynchronousTestCase):
                          QUEUED + b"421 4.3.2 Service shutting down [S1]\r\n")
         self.assertTrue(session.closed)
         self.assertEqual(session.handler.methods[-2:], ["endData", "close"])
+
+
+class _RecordingMetrics(NullMetrics):
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def rejected(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+
+def _rejections(listener: Any = None, peer: Any = LOOPBACK, steps: Sequence[bytes | float] = (),
+                script: Any = None, tlsOptions: Any = None, sessions: int = 1) -> list[str]:
+    """
+    The rejection reasons counted while C{sessions} clients connect and the
+    last one sends C{steps} (bytes, or seconds to let pass).
+    """
+    metrics = _RecordingMetrics()
+    clock = Clock()
+    factory = SMTPServerFactory(listener or makeListener(), RecordingHandlerFactory(), HOST, clock,
+                                tlsOptions=tlsOptions, metrics=metrics)
+    for _ in range(sessions):
+        session = Session(factory=factory, clock=clock, peer=peer, script=script)
+    for step in steps:
+        if isinstance(step, bytes):
+            session.send(step)
+        else:
+            clock.advance(step)
+    return metrics.reasons
+
+
+_BODY = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+_USERS = ListenerAuth("users", "/dev/null")
+
+
+class RejectionReasonTests(SynchronousTestCase):
+    """
+    Each local refusal is counted under the reason it was made for (not
+    guessed from its reply code), and the documented reasons are exactly
+    those.
+    """
+
+    CASES: list[tuple[str, dict[str, Any], list[str]]] = [
+        ("relay denied", dict(peer=STRANGER, steps=[b"EHLO c\r\n", b"MAIL FROM:<a@x.example>\r\n",
+                                                     b"RCPT TO:<b@y.example>\r\n"]), ["relay_denied"]),
+        ("submission without AUTH", dict(listener=makeListener(kind="submission", auth=_USERS),
+                                         peer=STRANGER, steps=[b"EHLO c\r\n", b"MAIL FROM:<a@x.example>\r\n"]),
+         ["auth_required"]),
+        ("MAIL before STARTTLS", dict(listener=makeListener(requireTLS=True), tlsOptions=object(),
+                                      steps=[b"EHLO c\r\n", b"MAIL FROM:<a@x.example>\r\n"]), ["tls_required"]),
+        ("AUTH without TLS", dict(listener=makeListener(auth=_USERS), tlsOptions=object(),
+                                  steps=[b"EHLO c\r\n", b"AUTH PLAIN AHUAcA==\r\n"]), ["tls_required"]),
+        ("SIZE too big", dict(steps=[b"EHLO c\r\n", b"MAIL FROM:<a@x.example> SIZE=99999999999\r\n"]),
+         ["too_big"]),
+        ("body too big", dict(listener=makeListener(maxMessageSize=10),
+                              steps=[b"EHLO c\r\n", _BODY, b"0123456789abc\r\n.\r\n"]), ["too_big"]),
+        ("bare LF in body", dict(steps=[b"EHLO c\r\n", _BODY, b"a\nb\r\n.\r\n"]), ["bare_lf"]),
+        ("too many hops", dict(listener=makeListener(maxHops=1),
+                               steps=[b"EHLO c\r\n", _BODY, b"Received: a\r\nReceived: b\r\n\r\n.\r\n"]),
+         ["too_many_hops"]),
+        ("too many recipients", dict(listener=makeListener(maxRecipients=1), steps=[
+            b"EHLO c\r\n", b"MAIL FROM:<a@x.example>\r\n", b"RCPT TO:<b@x.example>\r\n",
+            b"RCPT TO:<c@x.example>\r\n"]), ["too_many_recipients"]),
+        ("AUTH failures", dict(listener=makeListener(auth=_USERS, maxAuthFailures=2), peer=UNIX,
+                               script={"authenticate": replies.AUTH_FAILED},
+                               steps=[b"EHLO c\r\n", b"AUTH PLAIN AHUAcA==\r\n", b"AUTH PLAIN AHUAcA==\r\n"]),
+         ["auth_failed", "auth_failed", "too_many_auth_failures"]),
+        ("AUTH cancelled", dict(listener=makeListener(auth=_USERS), peer=UNIX,
+                                steps=[b"EHLO c\r\n", b"AUTH PLAIN\r\n", b"*\r\n"]), ["auth_aborted"]),
+        ("pipelining without EHLO", dict(steps=[b"HELO c\r\n", b"NOOP\r\nNOOP\r\n"]), ["sync"]),
+        ("command line too long", dict(listener=makeListener(maxCommandLength=100),
+                                       steps=[b"NOOP " + b"x" * 200 + b"\r\n"]), ["line_too_long"]),
+        ("input overflow", dict(script=None, steps=[b"EHLO c\r\n", b"MAIL FROM:<a@x.example>\r\n" * 50000]),
+         ["too_much_input"]),
+        ("unknown command", dict(steps=[b"FOO\r\n"]), ["unknown_command"]),
+        ("EXPN", dict(steps=[b"EXPN list\r\n"]), ["not_implemented"]),
+        ("bare CR in a command", dict(steps=[b"NO\rOP\r\n"]), ["syntax"]),
+        ("bad address", dict(steps=[b"EHLO c\r\n", b"MAIL FROM:<a b@x.example>\r\n"]), ["syntax"]),
+        ("RCPT before MAIL", dict(steps=[b"EHLO c\r\n", b"RCPT TO:<b@x.example>\r\n"]), ["bad_sequence"]),
+        ("read timeout", dict(listener=makeListener(readTimeout=5), steps=[5.0]), ["timeout"]),
+        ("connection limit", dict(listener=makeListener(maxConnections=1), sessions=2),
+         ["too_many_connections"]),
+        ("error limit", dict(listener=makeListener(maxErrors=1), steps=[b"FOO\r\n", b"FOO\r\n"]),
+         ["unknown_command", "too_many_errors"]),
+    ]
+
+    def test_eachRefusalItsReason(self) -> None:
+        for name, kwargs, expected in self.CASES:
+            with self.subTest(name):
+                self.assertEqual(_rejections(**kwargs), expected)
+
+    def test_everyReasonEmitted(self) -> None:
+        """
+        Every reason in L{REJECTION_REASONS} has a refusal that emits it.
+        """
+        self.assertEqual({r for _, _, reasons in self.CASES for r in reasons}, set(REJECTION_REASONS))
+
+    def test_documented(self) -> None:
+        """
+        The README documents exactly the reasons the code emits.
+        """
+        path = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+        with open(path, encoding="utf-8") as f:
+            readme = f.read()
+        start = readme.index("- Rejection reasons:")
+        paragraph = readme[start:readme.index("\n- ", start + 1)]
+        # Explanations in parentheses may quote directives; the reasons are
+        # the quoted words outside them.
+        documented = set(re.findall(r"`([a-z_]+)`", re.sub(r"\([^()]*\)", "", paragraph)))
+        self.assertEqual(documented, set(REJECTION_REASONS))

@@ -6,21 +6,31 @@ learns what TLS negotiated.
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
+from typing import Any, Mapping
 
 import trustme
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.ssl import PrivateCertificate
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from smtprelay.config.model import ListenerAuth
-from smtprelay.server import SMTPServerFactory
-from smtprelay.testing.handler import RecordingHandlerFactory
+from smtprelay.config.model import Listener, ListenerAuth
+from smtprelay.metrics import Metrics
+from smtprelay.server import SMTPServerFactory, SMTPServerProtocol
+from smtprelay import replies
+from smtprelay.testing.handler import RecordingHandlerFactory, ScriptEntry
 
-from .server_helpers import makeListener
+from .server_helpers import GREETING, HOST, LOOPBACK, TOKEN, makeListener
 
 
 def readReply(stream: socket.socket) -> bytes:
@@ -85,3 +95,195 @@ class StartTLSLoopbackTests(TestCase):
         assert tls is not None
         self.assertTrue(tls.version.startswith("TLSv1."), tls.version)
         self.assertTrue(tls.cipher)
+
+
+class _Wire(StringTransport):
+    """
+    One direction of an in-memory TCP connection that honours
+    C{pauseProducing} as a socket does: a paused side reads nothing.
+    """
+
+    def __init__(self, peer: IPv4Address) -> None:
+        super().__init__(peerAddress=peer)
+
+    def abortConnection(self) -> None:
+        self.loseConnection()
+
+
+class _TLSPair:
+    """
+    A real TLS server (the SMTP factory under C{TLSMemoryBIOFactory}, as a
+    C{tls://} listener builds it) and a real TLS client, connected by two
+    L{_Wire}s and moved by L{pump} on a fake clock.
+    """
+
+    def __init__(self, listener: Listener | None = None, clientTLS: bool = True,
+                 script: Mapping[str, ScriptEntry] | None = None) -> None:
+        ca = trustme.CA()
+        pem = ca.issue_cert(HOST).private_key_and_cert_chain_pem.bytes()
+        self.clock = MemoryReactorClock()
+        self.handlers = RecordingHandlerFactory(script)
+        self.metrics = Metrics()
+        self.factory = SMTPServerFactory(
+            listener or makeListener(), self.handlers, HOST, self.clock,
+            tlsOptions=PrivateCertificate.loadPEM(pem).options(), greetingToken=TOKEN,
+            metrics=self.metrics,
+        )
+        self.factory.newSessionId = lambda: "S1"
+        serverTLS = TLSMemoryBIOFactory(self.factory.tlsOptions, False, self.factory, clock=self.clock)
+        self.server = serverTLS.buildProtocol(LOOPBACK)
+        self.serverWire = _Wire(LOOPBACK)
+        self.received = b""
+        received = self
+
+        class Client(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.received += data
+
+        self.clientWire = _Wire(LOOPBACK)
+        if clientTLS:
+            trust = Certificate.loadPEM(ca.cert_pem.bytes())
+            clientFactory = TLSMemoryBIOFactory(
+                optionsForClientTLS(HOST, trustRoot=trust), True,
+                ClientFactory.forProtocol(Client), clock=self.clock,
+            )
+            self.client: Any = clientFactory.buildProtocol(LOOPBACK)
+        else:
+            self.client = Client()
+        self.server.makeConnection(self.serverWire)
+        self.client.makeConnection(self.clientWire)
+        self.pump()
+
+    @property
+    def smtp(self) -> SMTPServerProtocol:
+        return self.server.wrappedProtocol
+
+    def pump(self) -> None:
+        """
+        Move bytes both ways until nothing moves; a side whose socket is
+        paused reads nothing, as the kernel would.
+        """
+        for _ in range(100):
+            self.clock.advance(0)
+            moved = False
+            for source, sink, wire in (
+                (self.clientWire, self.server, self.serverWire),
+                (self.serverWire, self.client, self.clientWire),
+            ):
+                data = source.value()
+                if data and wire.producerState != "paused" and not wire.disconnecting:
+                    source.clear()
+                    sink.dataReceived(data)
+                    moved = True
+            if not moved:
+                break
+        for wire, side in ((self.serverWire, self.server), (self.clientWire, self.client)):
+            if wire.disconnecting and wire.connected:
+                wire.connected = False
+                side.connectionLost(Failure(ConnectionDone()))
+
+    def send(self, data: bytes) -> bytes:
+        """
+        The client sends C{data}; return what it received meanwhile.
+        """
+        self.received = b""
+        # A TLS client writes through its TLS layer, a plain one directly.
+        (self.client if isinstance(self.client, TLSMemoryBIOProtocol) else self.clientWire).write(data)
+        self.pump()
+        return self.received
+
+
+class ImplicitTLSTests(SynchronousTestCase):
+    """
+    A C{tls://} listener: TLS handshake first, greeting after it; a client
+    that does not complete the handshake is closed, and its place freed.
+    """
+
+    def test_greetingAfterHandshake(self) -> None:
+        """
+        The ClientHello is read (the greeting written too early used to
+        pause the socket for good), the greeting comes inside TLS, and the
+        session goes on.
+        """
+        pair = _TLSPair()
+        self.assertEqual(pair.received, GREETING)
+        tls = pair.smtp.session.tls
+        assert tls is not None
+        self.assertTrue(tls.version.startswith("TLSv1."), tls.version)
+        self.assertEqual(pair.send(b"NOOP\r\n"), b"250 2.0.0 OK\r\n")
+        self.assertEqual(pair.send(b"QUIT\r\n"), b"221 2.0.0 Bye\r\n")
+        self.assertFalse(pair.serverWire.connected)
+        self.assertEqual(pair.factory.sessions, set())
+
+    def test_plaintextClosed(self) -> None:
+        """
+        An SMTP client speaking plain text to the TLS port is closed at once,
+        without a reply, and no longer counts as a session.
+        """
+        pair = _TLSPair(makeListener(maxConnections=1), clientTLS=False)
+        self.assertEqual(pair.send(b"EHLO client.example\r\n"), b"")
+        self.assertFalse(pair.serverWire.connected)
+        self.assertEqual(pair.factory.sessions, set())
+        self.assertEqual(pair.handlers.last.closed, 1)
+        self.assertEqual(_sample(pair.metrics, "smtprelay_tls_handshakes_total",
+                                 side="inbound", result="failed", verified="no"), 1.0)
+
+    def test_garbageClosed(self) -> None:
+        pair = _TLSPair(clientTLS=False)
+        pair.send(b"\x16\x03\x01\x00\x05\xff\xff\xff\xff\xff")
+        self.assertFalse(pair.serverWire.connected)
+        self.assertEqual(pair.factory.sessions, set())
+
+    def test_handshakeDeadline(self) -> None:
+        """
+        A client that never finishes its handshake is dropped when the
+        listener's read timeout expires, without any plaintext reply.
+        """
+        pair = _TLSPair(makeListener(readTimeout=30), clientTLS=False)
+        pair.send(b"\x16\x03")
+        pair.clock.advance(29)
+        pair.pump()
+        self.assertTrue(pair.serverWire.connected)
+        pair.clock.advance(1)
+        pair.pump()
+        self.assertFalse(pair.serverWire.connected)
+        self.assertEqual(pair.received, b"")
+        self.assertEqual(pair.factory.sessions, set())
+        self.assertEqual(pair.clock.getDelayedCalls(), [])
+
+    def test_shutdownDuringHandshake(self) -> None:
+        """
+        A graceful stop closes a session still in its handshake at once.
+        """
+        pair = _TLSPair(clientTLS=False)
+        pair.smtp.shutdown()
+        pair.pump()
+        self.assertFalse(pair.serverWire.connected)
+        self.assertEqual(pair.received, b"")
+
+
+class AuthOverTLSTests(SynchronousTestCase):
+    def test_tooManyFailuresClose(self) -> None:
+        """
+        After C{max_auth_failures} failed AUTH attempts over TLS, the
+        C{421} is followed by the close of the connection (the TLS layer
+        used to wait for our producer, keeping it open until the abort).
+        """
+        pair = _TLSPair(makeListener(auth=ListenerAuth("users", "/dev/null"), maxAuthFailures=2),
+                        script={"authenticate": replies.AUTH_FAILED})
+        pair.send(b"EHLO client.example\r\n")
+        bad = b"AUTH PLAIN " + base64.b64encode(b"\0user\0wrong") + b"\r\n"
+        self.assertEqual(pair.send(bad), b"535 5.7.8 Authentication credentials invalid\r\n")
+        self.assertTrue(pair.serverWire.connected)
+        self.assertEqual(
+            pair.send(bad),
+            b"535 5.7.8 Authentication credentials invalid\r\n"
+            b"421 4.7.0 Too many authentication failures [S1]\r\n",
+        )
+        self.assertFalse(pair.serverWire.connected)
+        self.assertEqual(pair.factory.sessions, set())
+        self.assertEqual(pair.clock.getDelayedCalls(), [])
+
+
+def _sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)  # type: ignore[no-any-return]

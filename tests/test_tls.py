@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import subprocess
 from typing import Any
 
 import trustme
@@ -22,16 +23,17 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smtprelay import replies
 from smtprelay.client import SMTPClientProtocol
-from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, ServerTLS, Target
+from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Secret, ServerTLS, Target
 from smtprelay.endpoints import clientEndpoint
 from smtprelay.failover import Failover
-from smtprelay.interfaces import DownstreamError
+from smtprelay.interfaces import Credentials, DownstreamError
+from smtprelay.metrics import Metrics
 from smtprelay.testing.downstream import DownstreamFactory, FakeDownstream, Script
-from smtprelay.tls import clientOptions, serverOptions
+from smtprelay.tls import ClientOptions, serverOptions
 
 reactor: Any = _reactor
 
-STARTTLS_EHLO = b"250-fake.example\r\n250-PIPELINING\r\n250-STARTTLS\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n"
+STARTTLS_EHLO = b"250-fake.example\r\n250-PIPELINING\r\n250-STARTTLS\r\n250-AUTH PLAIN EXTERNAL\r\n250 8BITMIME\r\n"
 
 
 def write(directory: str, name: str, data: bytes) -> str:
@@ -60,6 +62,19 @@ class PKI:
 
     def clientTLS(self, **kw: Any) -> ClientTLS:
         return ClientTLS(rootCAs=(self.caFile,), **kw)
+
+
+def selfSigned(directory: str, name: str) -> ServerTLS:
+    """
+    A self-signed certificate for C{name} and its key, made by openssl.
+    """
+    cert, key = os.path.join(directory, "self.pem"), os.path.join(directory, "self.key")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name}", "-keyout", key, "-out", cert],
+        check=True, capture_output=True,
+    )
+    return ServerTLS(cert=cert, key=key)
 
 
 def freeTCPPort() -> int:
@@ -159,10 +174,16 @@ class StartTLSTests(TestCase):
         address, factory = self.starttlsServer(self.pki.server("mx.example"))
         target = makeTarget(address, requireTLS=True,
                             tlsClient=self.pki.clientTLS(serverName="mx.example"))
-        session, _ = yield self.net.failover(target).open(mail=(b"a@example.org", {}))
+        metrics = Metrics()
+        session, _ = yield self.net.failover(target, metrics=metrics).open(mail=(b"a@example.org", {}))
+        self.assertIn(b'smtprelay_tls_handshakes_total{result="ok",side="outbound",verified="yes"} 1.0',
+                      metrics.exposition()[0])
         self.assertIsNotNone(session.tls)
         self.assertIn(session.tls.version, ("TLSv1.2", "TLSv1.3"))
         self.assertTrue(session.tls.cipher)
+        self.assertTrue(session.tls.verified)
+        self.assertIsNone(session.untrusted)
+        self.assertIn(session.tls.bits, ((256, 256), (128, 128)))
         server = factory.connections[0]
         self.assertTrue(server.tls)
         self.assertEqual(
@@ -182,54 +203,110 @@ class StartTLSTests(TestCase):
         self.assertIsNotNone(session.tls)
 
     @inlineCallbacks
-    def assertNoTLS(self, tls: ServerTLS, clientTLS: ClientTLS) -> Any:
+    def assertUntrusted(self, tls: ServerTLS, clientTLS: ClientTLS, reason: str) -> Any:
         """
-        Under require_tls the target is skipped (451 4.7.5); with only
-        attempt_starttls it is retried on a new connection in plain text.
+        A peer whose certificate cannot be verified (issue 13 item 2).
+        Under C{require_tls} the target is skipped after its handshake
+        (C{451 4.7.5}), never retried in plain text.  With only
+        C{attempt_starttls} the encrypted connection is kept, marked
+        untrusted (Postfix's C{may}), and the message goes over it.  The
+        relay's password, or a client's (C{auth forward}), is never sent
+        over it: a configuration fault, C{454 4.7.0}.
         """
         address, factory = self.starttlsServer(tls)
+        metrics = Metrics()
         error = yield self.assertFailure(
-            self.net.failover(makeTarget(address, requireTLS=True, tlsClient=clientTLS)).open(),
+            self.net.failover(makeTarget(address, requireTLS=True, tlsClient=clientTLS),
+                              metrics=metrics).open(),
             DownstreamError,
         )
         self.assertEqual(error.reply, replies.DOWNSTREAM_NO_TLS)
+        self.assertIn(f"TLS peer not verified: {reason}", error.reason)
         self.assertEqual(len(factory.connections), 1)
         session, _ = yield self.net.failover(
-            makeTarget(address, attemptStartTLS=True, tlsClient=clientTLS)
+            makeTarget(address, attemptStartTLS=True, tlsClient=clientTLS), metrics=metrics,
         ).open(mail=(b"a@example.org", {}))
-        self.assertIsNone(session.tls)
-        self.assertEqual(len(factory.connections), 3)
+        self.assertIn(b'smtprelay_tls_handshakes_total{result="ok",side="outbound",verified="no"} 2.0',
+                      metrics.exposition()[0])
+        self.assertIsNotNone(session.tls)
+        self.assertFalse(session.tls.verified)
+        self.assertEqual(session.untrusted, reason)
+        self.assertEqual(len(factory.connections), 2)
+        self.assertTrue(factory.connections[1].tls)
         self.assertEqual(
-            factory.connections[2].commands, [b"EHLO relay.example", b"MAIL FROM:<a@example.org>"]
+            factory.connections[1].commands,
+            [b"EHLO relay.example", b"STARTTLS", b"EHLO relay.example", b"MAIL FROM:<a@example.org>"],
         )
+        error = yield self.assertFailure(
+            self.net.failover(makeTarget(
+                address, auth=DownstreamAuth("plain", "relay", Secret("s3cret")), tlsClient=clientTLS,
+            )).open(),
+            DownstreamError,
+        )
+        self.assertEqual(error.reply, replies.DOWNSTREAM_AUTH)
+        error = yield self.assertFailure(
+            self.net.failover(makeTarget(address, auth=DownstreamAuth("forward"), tlsClient=clientTLS))
+            .open(credentials=Credentials("alice", "wonder")),
+            DownstreamError,
+        )
+        self.assertEqual(error.reply, replies.DOWNSTREAM_AUTH)
+        self.assertEqual(len(factory.connections), 4)
+        for connection in factory.connections[2:]:
+            self.assertFalse(any(c.startswith(b"AUTH") for c in connection.commands))
+            self.assertTrue(connection.tls)
 
     def test_wrongName(self) -> Any:
-        return self.assertNoTLS(self.pki.server("other.example"), self.pki.clientTLS(serverName="mx.example"))
+        return self.assertUntrusted(self.pki.server("other.example"),
+                                    self.pki.clientTLS(serverName="mx.example"),
+                                    "certificate does not name mx.example")
 
     def test_expired(self) -> Any:
         past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
         tls = self.pki.server("mx.example", not_before=past - datetime.timedelta(days=10), not_after=past)
-        return self.assertNoTLS(tls, self.pki.clientTLS(serverName="mx.example"))
+        return self.assertUntrusted(tls, self.pki.clientTLS(serverName="mx.example"), "certificate has expired")
 
     def test_untrustedRoot(self) -> Any:
         other = PKI(self.mktemp())
-        return self.assertNoTLS(other.server("mx.example"), self.pki.clientTLS(serverName="mx.example"))
+        return self.assertUntrusted(other.server("mx.example"), self.pki.clientTLS(serverName="mx.example"),
+                                    "unable to get local issuer certificate")
+
+    def test_selfSigned(self) -> Any:
+        """
+        A self-signed certificate (no CA), as a fresh Postfix has.
+        """
+        return self.assertUntrusted(selfSigned(self.pki.dir, "mx.example"),
+                                    self.pki.clientTLS(serverName="mx.example"),
+                                    "self-signed certificate")
+
+    @inlineCallbacks
+    def test_passwordOverVerifiedTLS(self) -> Any:
+        address, factory = self.starttlsServer(self.pki.server("mx.example"))
+        session, _ = yield self.net.failover(makeTarget(
+            address, auth=DownstreamAuth("plain", "relay", Secret("s3cret")),
+            tlsClient=self.pki.clientTLS(serverName="mx.example"),
+        )).open()
+        self.assertTrue(session.tls.verified)
+        self.assertEqual(factory.connections[0].commands[-1], b"AUTH PLAIN AHJlbGF5AHMzY3JldA==")
 
     @inlineCallbacks
     def test_insecureSkipVerify(self) -> Any:
         """
-        insecure_skip_verify encrypts without verification, and still
-        counts as TLS for require_tls and AUTH.
+        insecure_skip_verify encrypts without verification (the peer is
+        untrusted), and still counts as TLS for require_tls and AUTH, a
+        password included.
         """
         other = PKI(self.mktemp())
         address, factory = self.starttlsServer(other.server("other.example"))
-        target = makeTarget(
-            address, requireTLS=True, auth=DownstreamAuth("external"),
-            tlsClient=ClientTLS(insecureSkipVerify=True),
-        )
-        session, _ = yield self.net.failover(target).open()
-        self.assertIsNotNone(session.tls)
-        self.assertEqual(factory.connections[0].commands[-1], b"AUTH EXTERNAL =")
+        for auth, command in ((DownstreamAuth("external"), b"AUTH EXTERNAL ="),
+                              (DownstreamAuth("plain", "relay", Secret("s3cret")),
+                               b"AUTH PLAIN AHJlbGF5AHMzY3JldA==")):
+            target = makeTarget(
+                address, requireTLS=True, auth=auth, tlsClient=ClientTLS(insecureSkipVerify=True),
+            )
+            session, _ = yield self.net.failover(target).open()
+            self.assertFalse(session.tls.verified)
+            self.assertEqual(session.untrusted, "insecure_skip_verify")
+            self.assertEqual(factory.connections[-1].commands[-1], command)
 
     @inlineCallbacks
     def test_clientCertificate(self) -> Any:
@@ -338,6 +415,22 @@ class ImplicitTLSTests(TestCase):
         self.assertEqual(factory.connections[0].commands, [b"EHLO relay.example"])
 
     @inlineCallbacks
+    def test_implicitUntrusted(self) -> Any:
+        """
+        Implicit TLS to a peer that cannot be verified, without
+        C{require_tls}: the connection is kept, untrusted.
+        """
+        address, factory = self.net.listen(
+            implicitTLS=serverOptions(self.pki.server("other.example"))
+        )
+        session, _ = yield self.net.failover(makeTarget(
+            address, tlsClient=self.pki.clientTLS(serverName="mx.example"),
+        )).open()
+        self.assertFalse(session.tls.verified)
+        self.assertEqual(session.untrusted, "certificate does not name mx.example")
+        self.assertEqual(factory.connections[0].commands, [b"EHLO relay.example"])
+
+    @inlineCallbacks
     def test_implicitBadCertificate(self) -> Any:
         address, _factory = self.net.listen(
             implicitTLS=serverOptions(self.pki.server("other.example"))
@@ -375,7 +468,7 @@ class ServerOptionsTests(TestCase):
         protocol = Protocol()
         done: Deferred[None] = Deferred()
         protocol.connectionLost = lambda reason: done.callback(None)  # type: ignore[method-assign, assignment, misc]
-        endpoint = clientEndpoint(reactor, address, 10, clientOptions(clientTLS, "127.0.0.1"))
+        endpoint = clientEndpoint(reactor, address, 10, ClientOptions(clientTLS, "127.0.0.1"))
         yield connectProtocol(endpoint, protocol)
         received: Deferred[None] = Deferred()
         protocol.dataReceived = lambda data: received.callback(None) if not received.called else None  # type: ignore[method-assign]
@@ -420,10 +513,13 @@ class ServerOptionsTests(TestCase):
 
 class ClientOptionsTests(SynchronousTestCase):
     def test_unknownCurve(self) -> None:
-        self.assertRaises(ValueError, clientOptions, ClientTLS(curves=("no-such-curve",)), "mx.example")
+        self.assertRaises(ValueError, ClientOptions, ClientTLS(curves=("no-such-curve",)), "mx.example")
 
     def test_missingRootFile(self) -> None:
-        self.assertRaises(OSError, clientOptions, ClientTLS(rootCAs=("/nonexistent/ca.pem",)), "mx.example")
+        e = self.assertRaises(
+            ValueError, ClientOptions, ClientTLS(rootCAs=("/nonexistent/ca.pem",)), "mx.example"
+        )
+        self.assertEqual(str(e), "/nonexistent/ca.pem: cannot read: No such file or directory")
 
 
 del FakeDownstream

@@ -66,6 +66,9 @@ class Address:
 class ServerTLS:
     """
     Server TLS (the C{tls} directive): certificate chain and key, and options.
+
+    @ivar origin: C{FILE:LINE} of the directive, for messages about its
+        files (not part of equality).
     """
 
     cert: str
@@ -73,12 +76,16 @@ class ServerTLS:
     protocols: tuple[str, str | None] = ("tls1.2", None)
     ciphers: str | None = None
     clientCA: str | None = None
+    origin: str = attrs.field(default="", eq=False)
 
 
 @attrs.frozen
 class ClientTLS:
     """
     Client TLS (the C{tls_client} block, SPEC §2.5).
+
+    @ivar origin: C{FILE:LINE} of the block, for messages about its files
+        (not part of equality).
     """
 
     rootCAs: tuple[str, ...] = ()
@@ -89,6 +96,7 @@ class ClientTLS:
     curves: tuple[str, ...] = ()
     serverName: str | None = None
     insecureSkipVerify: bool = False
+    origin: str = attrs.field(default="", eq=False)
 
 
 @attrs.frozen
@@ -199,10 +207,14 @@ class Routing:
 class ListenerAuth:
     """
     Inbound AUTH of a listener: C{off}, C{forward} or C{users FILE}.
+
+    @ivar origin: C{FILE:LINE} of the directive, for messages about the
+        users file (not part of equality).
     """
 
     mode: Literal["off", "forward", "users"] = "off"
     usersFile: str | None = None
+    origin: str = attrs.field(default="", eq=False)
 
 
 @attrs.frozen
@@ -217,6 +229,9 @@ class Listener:
     @ivar tls: server TLS for this listener (the global C{tls} unless
         overridden or C{tls off}), or L{None}.
     @ivar endpoints: extra Twisted server endpoint strings (C{systemd:...}).
+    @ivar limitExceptions: clients exempt from C{max_connections_per_ip}
+        (the C{allow} networks unless configured, as Postfix's
+        C{smtpd_client_event_limit_exceptions} defaults to C{$mynetworks}).
     """
 
     kind: Literal["smtp", "submission", "lmtp"]
@@ -242,6 +257,9 @@ class Listener:
     proxyProtocol: tuple[IPNetwork, ...] = ()
     bareLF: Literal["reject", "normalize"] = "reject"
     reusePort: bool = False
+    limitExceptions: tuple[IPNetwork, ...] = attrs.field(
+        default=attrs.Factory(lambda self: self.allow, takes_self=True)
+    )
 
     @property
     def lmtp(self) -> bool:

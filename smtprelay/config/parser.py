@@ -236,6 +236,12 @@ def _networks(node: Node, ctx: _Context) -> tuple[Any, ...]:
     return tuple(parseNetwork(item) for item in _list(node, "one or more networks (CIDR)"))
 
 
+def _networksOrNone(node: Node, ctx: _Context) -> tuple[Any, ...]:
+    if node.args == ("none",):
+        return ()
+    return _networks(node, ctx)
+
+
 def _protocols(node: Node, ctx: _Context) -> tuple[str, str | None]:
     if node.block:
         raise ValueError("takes no block")
@@ -281,9 +287,9 @@ def _password(text: str) -> Secret:
                 text = f.readline().rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as e:
             reason = getattr(e, "strerror", None) or "not UTF-8 text"
-            raise ValueError(f"cannot read password file {path}: {reason}") from None
+            raise ValueError(f"{path}: cannot read: {reason}") from None
         if not text:
-            raise ValueError(f"password file {path} is empty")
+            raise ValueError(f"{path}: empty password file")
     elif not text:
         raise ValueError("empty password (is its environment variable set?)")
     return Secret(text)
@@ -295,7 +301,7 @@ def _serverTLS(node: Node, ctx: _Context) -> ServerTLS | None:
     if len(node.args) != 2:
         raise ValueError("expected CERT KEY [{ ... }] or off")
     values, _ = _readBlock(node.children, _SERVER_TLS, ctx)
-    return ServerTLS(cert=node.args[0], key=node.args[1], **values)
+    return ServerTLS(cert=node.args[0], key=node.args[1], origin=node.where(), **values)
 
 
 def _clientTLS(node: Node, ctx: _Context) -> ClientTLS:
@@ -304,7 +310,7 @@ def _clientTLS(node: Node, ctx: _Context) -> ClientTLS:
     values, seen = _readBlock(node.children, _CLIENT_TLS, ctx)
     if ("cert" in values) != ("key" in values):
         ctx.error(seen.get("cert") or seen["key"], "tls_client: cert and key go together")
-    return ClientTLS(**values)
+    return ClientTLS(origin=node.where(), **values)
 
 
 def _listenerAuth(node: Node, ctx: _Context) -> ListenerAuth:
@@ -312,7 +318,7 @@ def _listenerAuth(node: Node, ctx: _Context) -> ListenerAuth:
     if args in (("off",), ("forward",)):
         return ListenerAuth(mode=args[0])  # type: ignore[arg-type]
     if len(args) == 2 and args[0] == "users" and args[1]:
-        return ListenerAuth(mode="users", usersFile=args[1])
+        return ListenerAuth(mode="users", usersFile=args[1], origin=node.where())
     raise ValueError("expected off, forward or users FILE")
 
 
@@ -416,6 +422,7 @@ _LISTENER = {
     "max_command_length": _Directive("maxCommandLength", _count(512, "RFC 5321")),
     "max_connections": _Directive("maxConnections", _count(1)),
     "max_connections_per_ip": _Directive("maxConnectionsPerIP", _count(1)),
+    "limit_exceptions": _Directive("limitExceptions", _networksOrNone),
     "max_errors": _Directive("maxErrors", _count(1)),
     "max_auth_failures": _Directive("maxAuthFailures", _count(1)),
     "read_timeout": _Directive("readTimeout", _timeout),

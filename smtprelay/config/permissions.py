@@ -44,7 +44,13 @@ def secretFileWarnings(configPath: str) -> list[str]:
     except ConfigError:
         return []
     warnings = []
-    for path in dict.fromkeys(_secretFiles(nodes)):
+    seen: set[str] = set()
+    for path in _secretFiles(nodes):
+        # Once per file, however many directives name it and however spelled.
+        real = os.path.realpath(path)
+        if real in seen:
+            continue
+        seen.add(real)
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)
         except OSError:

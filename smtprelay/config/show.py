@@ -191,6 +191,7 @@ def _listener(config: Config, listener: Listener) -> list[str]:
         _line(1, "max_command_length", listener.maxCommandLength),
         _line(1, "max_connections", listener.maxConnections),
         _line(1, "max_connections_per_ip", listener.maxConnectionsPerIP),
+        _line(1, "limit_exceptions", *(listener.limitExceptions or ["none"])),
         _line(1, "max_errors", listener.maxErrors),
         _line(1, "max_auth_failures", listener.maxAuthFailures),
         _line(1, "read_timeout", formatDuration(listener.readTimeout)),

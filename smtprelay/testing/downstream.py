@@ -6,13 +6,19 @@ A L{Script} says what the server answers at every step: greeting, EHLO/LHLO
 capabilities, MAIL, RCPT (per address), DATA, end-of-data (per recipient
 for LMTP), STARTTLS (with real TLS when given server options), AUTH
 exchanges.  Any step may instead L{STALL} (never answer), L{CLOSE} (drop
-the connection) or answer with arbitrary bytes (garbage, injected extra
-lines).  L{FakeDownstream} records exactly what it received.
+the connection), L{RESET} (abort it) or answer with arbitrary bytes
+(garbage, injected extra lines).  In the body, after a given number of
+bytes, it may do the same instead of reading on (L{Script.bodyFault}), and
+it may read the body slowly (L{Script.readRate}).  L{FakeDownstream}
+records exactly what it received.
 
 L{MemoryNetwork} is an endpoint factory for L{smtprelay.failover.Failover}
 that connects clients to fakes in memory (L{twisted.test.iosim}), refuses
-connections or never completes them; L{connectInMemory} wires one client
-protocol to one fake.
+connections, never completes them or fails to resolve them;
+L{connectInMemory} wires one client protocol to one fake.  The client's
+transport has a bounded write buffer, as a socket has: when the fake does
+not read, the client's producer is paused, and when the connection is
+lost, the producer is stopped, as Twisted's own transports do.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import attrs
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
@@ -43,6 +49,10 @@ STALL = b"<stall>"
 CLOSE = b"<close>"
 """A reply that is a dropped connection; at the end of a reply, drop the
 connection after sending the rest."""
+
+RESET = b"<reset>"
+"""Like L{CLOSE}, but the connection is aborted (a TCP reset): what was
+not yet delivered is lost."""
 
 DEFAULT_EHLO = (
     b"250-fake.example\r\n"
@@ -73,6 +83,12 @@ class Script:
         connection only pretends: see L{connectInMemory}.
     @ivar onStep: called with C{(protocol, step)} before a step is
         answered (to count, stall the clock, ...).
+    @ivar bodyFault: what happens once L{bodyAfter} bytes of a body were
+        read: L{CLOSE}, L{RESET}, L{STALL} (stop reading), or bytes sent
+        unrequested (and then stop reading).  L{None}: read on.
+    @ivar bodyAfter: see L{bodyFault}.
+    @ivar readRate: read a body at most this many bytes per second of the
+        connection's clock (L{None}: as fast as it comes).
     """
 
     replies: dict[str, bytes] = attrs.field(factory=dict)
@@ -81,6 +97,9 @@ class Script:
     auth: list[bytes] = attrs.field(factory=list)
     tlsOptions: Any = None
     onStep: Callable[[FakeDownstream, str], None] | None = None
+    bodyFault: bytes | None = None
+    bodyAfter: int = 0
+    readRate: int | None = None
 
     _DEFAULTS: ClassVar[dict[str, bytes]] = {
         "greeting": b"220 fake.example ESMTP ready\r\n",
@@ -121,9 +140,10 @@ class FakeDownstream(Protocol):
     @ivar lost: the connection is gone.
     """
 
-    def __init__(self, script: Script, lmtp: bool = False) -> None:
+    def __init__(self, script: Script, lmtp: bool = False, clock: IReactorTime | None = None) -> None:
         self.script = script
         self.lmtp = lmtp
+        self.clock = clock or Clock()
         self.received = bytearray()
         self.commands: list[bytes] = []
         self.messages: list[bytes] = []
@@ -134,6 +154,9 @@ class FakeDownstream(Protocol):
         self._body: bytearray | None = None
         self._auth: list[bytes] | None = None
         self._lostWaiters: list[Deferred[None]] = []
+        self._bodyStart = 0
+        self._bodyStartedAt = 0.0
+        self._stopped = False
 
     def connectionMade(self) -> None:
         self._answer("greeting")
@@ -154,9 +177,35 @@ class FakeDownstream(Protocol):
         self._lostWaiters.append(d)
         return d
 
+    def readable(self) -> int | None:
+        """
+        How many more bytes this server reads now; L{None}: any number.
+        """
+        if self.lost or self.transport.disconnecting or self._stopped:  # type: ignore[union-attr]
+            return 0
+        if self._body is None:
+            return None
+        script = self.script
+        limits = []
+        if script.bodyFault is not None:
+            limits.append(self._bodyStart + script.bodyAfter - len(self.received))
+        if script.readRate is not None:
+            elapsed = self.clock.seconds() - self._bodyStartedAt
+            limits.append(self._bodyStart + int(script.readRate * elapsed) - len(self.received))
+        return max(0, min(limits)) if limits else None
+
     def dataReceived(self, data: bytes) -> None:
         self.received += data
         self._buffer += data
+        script = self.script
+        if (
+            self._body is not None
+            and script.bodyFault is not None
+            and len(self.received) - self._bodyStart >= script.bodyAfter
+        ):
+            self._stopped = True
+            self._send(script.bodyFault, "BODY")
+            return
         while self._buffer and not self.lost and not self.transport.disconnecting:  # type: ignore[union-attr]
             if self._body is not None:
                 if not self._bodyReceived():
@@ -182,7 +231,10 @@ class FakeDownstream(Protocol):
         self._body = None
         if self.lmtp:
             for rcpt in self.recipients:
-                self._send(self.script.lmtp.get(rcpt, self.script.reply("END")), "END")
+                answer = self.script.lmtp.get(rcpt, self.script.reply("END"))
+                self._send(answer, "END")
+                if answer in (STALL, CLOSE, RESET) or answer.endswith((CLOSE, RESET)):
+                    break
         else:
             self._answer("END")
         return True
@@ -208,6 +260,8 @@ class FakeDownstream(Protocol):
             answer = self.script.reply("DATA")
             if answer[:3] == b"354":
                 self._body = bytearray()
+                self._bodyStart = len(self.received)
+                self._bodyStartedAt = self.clock.seconds()
             self._send(answer, "DATA")
         elif step == "AUTH":
             self._auth = list(self.script.auth)
@@ -246,6 +300,10 @@ class FakeDownstream(Protocol):
             self.transport.write(answer[: -len(CLOSE)])  # type: ignore[union-attr]
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
+        if answer.endswith(RESET):
+            self.transport.write(answer[: -len(RESET)])  # type: ignore[union-attr]
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         self.transport.write(answer)  # type: ignore[union-attr]
 
 
@@ -255,18 +313,46 @@ class DownstreamFactory(Factory):
     L{connections}.
 
     @param lmtp: answer end-of-data once per accepted recipient.
+    @param clock: the time source of L{Script.readRate}.
+    @param faulty: how many connections follow C{script}; later ones follow
+        a well-behaved L{Script} (so that a fault hits one session only).
     """
 
-    def __init__(self, script: Script | None = None, lmtp: bool = False) -> None:
+    def __init__(
+        self,
+        script: Script | None = None,
+        lmtp: bool = False,
+        clock: IReactorTime | None = None,
+        faulty: int | None = None,
+    ) -> None:
         self.script = script or Script()
         self.lmtp = lmtp
+        self.clock = clock
+        self.faulty = faulty
         self.connections: list[FakeDownstream] = []
 
     def buildProtocol(self, addr: Any) -> FakeDownstream:
-        p = FakeDownstream(self.script, self.lmtp)
+        script = self.script
+        if self.faulty is not None and len(self.connections) >= self.faulty:
+            script = Script()
+        p = FakeDownstream(script, self.lmtp, self.clock)
         p.factory = self
         self.connections.append(p)
         return p
+
+
+class _ServerTransport(iosim.FakeTransport):
+    """
+    The fake's side: an abort loses what was not yet delivered and is a
+    reset for the peer.
+    """
+
+    reset = False
+
+    def abortConnection(self) -> None:
+        self.stream = []
+        self.reset = True
+        self.disconnecting = True
 
 
 class PretendTLSTransport(iosim.FakeTransport):
@@ -275,13 +361,58 @@ class PretendTLSTransport(iosim.FakeTransport):
     at once (C{handshakeCompleted}) or fails with an OpenSSL error, as
     C{handshake} says (C{"ok"} or C{"fail"}).
 
+    Its write buffer is bounded like a socket's: a streaming producer is
+    paused while more than L{highWater} bytes wait for the peer and resumed
+    once they are read; the peer reads only as much as its C{readable()}
+    says (a L{FakeDownstream} reading slowly or not at all).  When the
+    connection is lost, the producer is stopped before the protocol hears
+    of it, as L{twisted.internet.abstract.FileDescriptor} does.
+
     @ivar tlsStarted: the options passed to each C{startTLS}.
     """
+
+    highWater = 64 * 1024
 
     def __init__(self, protocol: IProtocol, handshake: str = "ok", **kw: Any) -> None:
         super().__init__(protocol, isServer=False, **kw)
         self.handshake = handshake
         self.tlsStarted: list[Any] = []
+        self.peerProtocol: Any = None
+        self.peerTransport: Any = None
+        self._producerPaused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if (
+            self.producer is not None
+            and self.streamingProducer
+            and not self._producerPaused
+            and sum(map(len, self.stream)) > self.highWater
+        ):
+            self._producerPaused = True
+            self.producer.pauseProducing()
+
+    def getOutBuffer(self) -> Any:
+        readable = getattr(self.peerProtocol, "readable", lambda: None)()
+        if readable is None or not self.stream:
+            data = super().getOutBuffer()
+        else:
+            waiting = b"".join(self.stream)
+            data, rest = waiting[:readable], waiting[readable:]
+            self.stream = [rest] if rest else []
+        if self._producerPaused and sum(map(len, self.stream)) <= self.highWater // 2:
+            self._producerPaused = False
+            if self.producer is not None:
+                self.producer.resumeProducing()
+        return data or None
+
+    def reportDisconnect(self) -> None:
+        if getattr(self.peerTransport, "reset", False):
+            self.disconnectReason = ConnectionLost("reset by peer")  # type: ignore[assignment]
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            producer.stopProducing()
+        super().reportDisconnect()
 
     def startTLS(self, contextFactory: Any, beNormal: bool = True) -> None:
         self.tlsStarted.append(contextFactory)
@@ -305,10 +436,12 @@ def connectInMemory(
     the (not yet pumped) L{iosim.IOPump}.  The client's transport is a
     L{PretendTLSTransport} (C{handshake}: C{"ok"} or C{"fail"}).
     """
-    serverTransport = iosim.FakeTransport(server, isServer=True)
+    serverTransport = _ServerTransport(server, isServer=True)
     clientTransport = PretendTLSTransport(
         client, handshake, peerAddress=IPv4Address("TCP", *peer)
     )
+    clientTransport.peerProtocol = server
+    clientTransport.peerTransport = serverTransport
     return iosim.connect(
         server, serverTransport, client, clientTransport, greet=False, clock=clock or Clock()
     )
@@ -346,14 +479,21 @@ class MemoryNetwork:
         self.pumps: list[iosim.IOPump] = []
 
     def add(
-        self, key: str, script: Script | None = None, lmtp: bool = False, handshake: str = "ok"
+        self,
+        key: str,
+        script: Script | None = None,
+        lmtp: bool = False,
+        handshake: str = "ok",
+        faulty: int | None = None,
     ) -> DownstreamFactory:
         """
         A fake server at C{key}; returns its factory (see C{connections}).
 
         @param handshake: how a STARTTLS handshake ends (C{"ok"}/C{"fail"}).
+        @param faulty: only this many connections follow C{script} (see
+            L{DownstreamFactory}).
         """
-        factory = self._servers[key] = DownstreamFactory(script, lmtp)
+        factory = self._servers[key] = DownstreamFactory(script, lmtp, self.clock, faulty)
         self._handshakes[key] = handshake
         return factory
 
@@ -362,6 +502,15 @@ class MemoryNetwork:
         Connections to C{key} never complete (until cancelled).
         """
         self._hang.add(key)
+
+    def recover(self, key: str, script: Script | None = None, lmtp: bool = False) -> DownstreamFactory:
+        """
+        C{key} works again (connects, resolves), with a fake following
+        C{script}; returns its factory.
+        """
+        self._hang.discard(key)
+        self._dns.discard(key)
+        return self.add(key, script, lmtp)
 
     def unresolvable(self, key: str) -> None:
         """
