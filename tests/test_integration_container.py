@@ -14,6 +14,7 @@ root.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import smtplib
 import subprocess
@@ -27,7 +28,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from .procs import HOST, STARTUP, Processes, freePort, sinkMessages, waitForPort
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGE = "localhost/smtprelay:test"
+IMAGE = "localhost/smtprelay:test-" + hashlib.sha256(ROOT.encode()).hexdigest()[:8]
+"""The image of this checkout: test runs of other checkouts on the machine build their own."""
 UID = "10025"
 """The image's user (a number, so that Kubernetes can check runAsNonRoot)."""
 
