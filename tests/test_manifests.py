@@ -118,16 +118,19 @@ class ComposeTests(SynchronousTestCase):
 
     def test_relaysBehindHAProxy(self) -> None:
         """
-        HAProxy sends PROXY v2 to every relay service, and the relays trust
-        PROXY headers from the compose network only; they set only
-        variables the image reads.
+        HAProxy sends PROXY v2 to every relay service and checks its
+        C{/healthz} on the image's metrics port; the relays trust PROXY
+        headers from the compose network only and set only variables the
+        image reads.
         """
         compose = yaml.safe_load(read("compose.yaml"))
         services = compose["services"]
         relays = sorted(name for name in services if name != "haproxy")
         self.assertEqual(relays, ["relay1", "relay2"])
         haproxy = read("haproxy-compose.cfg")
-        self.assertIn("default-server check send-proxy-v2 ", haproxy)
+        [metrics] = re.findall(r"SMTPRELAY_METRICS=tcp://0\.0\.0\.0:(\d+) ", read("container", "Containerfile"))
+        self.assertIn(f"default-server check port {metrics} send-proxy-v2 ", haproxy)
+        self.assertIn("option httpchk GET /healthz\n", haproxy)
         self.assertEqual(re.findall(r"^\s*server (\S+) (\S+)$", haproxy, re.M),
                          [(name, f"{name}:2525") for name in relays])
         self.assertIn("./haproxy-compose.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro",
