@@ -13,6 +13,7 @@ import os
 import re
 import smtplib
 import subprocess
+import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
@@ -66,6 +67,14 @@ def dashboardExpressions() -> list[str]:
         re.fullmatch(r"label_values\((.*), *\w+\)", v["definition"]).group(1)  # type: ignore[union-attr]
         for v in dashboard["templating"]["list"] if "definition" in v
     ]
+
+
+def ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status == 200
+    except urllib.error.HTTPError:
+        return False
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -197,6 +206,8 @@ smtp tcp://{HOST}:{listen} {{
             f"--web.listen-address={HOST}:{prometheus}",
         ])
         waitForPort(prometheus)
+        # It listens before its storage is open, answering 503 until then.
+        waitFor("Prometheus to be ready", lambda: ready(f"http://{HOST}:{prometheus}/-/ready"))
 
         def api(path: str, **params: str) -> Any:
             url = f"http://{HOST}:{prometheus}/api/v1/{path}?{urllib.parse.urlencode(params)}"
