@@ -378,6 +378,22 @@ class EnvelopeTests(SynchronousTestCase):
         self.assertEqual(len(finals), len(commands), out)
         self.assertFalse(session.closed)
 
+    def test_commandDefect(self) -> None:
+        """
+        A command whose code raises still gets exactly one reply, in order,
+        and the session goes on.
+        """
+        session = greeted()
+
+        def broken(argument: bytes) -> None:
+            raise RuntimeError("defect")
+
+        session.protocol.do_VRFY = broken  # type: ignore[method-assign]
+        self.assertEqual(session.send(b"NOOP\r\nVRFY x\r\nNOOP\r\n"),
+                         b"250 2.0.0 OK\r\n451 4.3.0 Local error in processing [S1]\r\n"
+                         b"250 2.0.0 OK\r\n")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_postmaster(self) -> None:
         session = greeted()
         session.send(b"MAIL FROM:<a@example.com>\r\n")
