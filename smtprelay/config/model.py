@@ -282,6 +282,8 @@ class Config:
     """
     The whole effective configuration.
 
+    @ivar probeInterval: seconds between readiness probes of the targets
+        (served as C{/readyz} on the C{metrics} listener).
     @ivar source: the file it was read from (or C{"<command line>"}).
     """
 
@@ -293,4 +295,5 @@ class Config:
     tlsClient: ClientTLS = ClientTLS()
     metrics: Address | None = None
     shutdownTimeout: float = 30.0
+    probeInterval: float = 30.0
     source: str = "<command line>"

@@ -442,6 +442,7 @@ _TOP = {
     "tls_client": _Directive("tlsClient", _clientTLS),
     "metrics": _Directive("metrics", _metrics),
     "shutdown_timeout": _Directive("shutdownTimeout", _duration),
+    "probe_interval": _Directive("probeInterval", _timeout),
     **{kind: _Directive(kind, _keep, repeatable=True) for kind in LISTENER_KINDS + TARGET_KINDS},
 }
 
