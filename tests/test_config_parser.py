@@ -819,6 +819,20 @@ class TargetTests(SynchronousTestCase):
             ['relay.conf:4: lmtp_split: expected one_rcpt or tempfail, not "all"'],
         )
 
+    def test_forwardClientInfo(self) -> None:
+        """
+        C{forward_client_info}: off by default; xforward or xclient.
+        """
+        self.assertEqual(_target().forwardClientInfo, "off")
+        self.assertEqual(_target("forward_client_info xforward").forwardClientInfo, "xforward")
+        self.assertEqual(_target("forward_client_info xclient", kind="lmtp").forwardClientInfo, "xclient")
+        with self.assertRaises(ConfigError) as e:
+            _target("forward_client_info yes")
+        self.assertEqual(
+            e.exception.errors,
+            ['relay.conf:4: forward_client_info: expected off or xforward or xclient, not "yes"'],
+        )
+
 
 class SecretTests(SynchronousTestCase):
     """

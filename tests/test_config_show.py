@@ -65,6 +65,7 @@ target.smtp smarthost {
     }
     attempt_starttls no
     backoff 0
+    forward_client_info xforward
 }
 target.lmtp dovecot {
     targets unix:/run/dovecot/lmtp
@@ -133,6 +134,7 @@ class ShowTests(SynchronousTestCase):
             "        submission_timeout 12m",
             "        lmtp_split one_rcpt",
             "        backoff 30s",
+            "        forward_client_info off",
         ]:
             self.assertIn(line + "\n", shown)
         self.assertEqual(loadString(shown, "relay.conf", {}), config)

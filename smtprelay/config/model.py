@@ -137,6 +137,7 @@ class Target:
     reuseConnections: bool = True
     reuseIdleTime: float = 2.0
     reuseTimeLimit: float = 300.0
+    forwardClientInfo: Literal["off", "xforward", "xclient"] = "off"
 
 
 @attrs.frozen

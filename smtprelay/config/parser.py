@@ -409,6 +409,7 @@ _TARGET = {
     "reuse_connections": _Directive("reuseConnections", _flag),
     "reuse_idle_time": _Directive("reuseIdleTime", _timeout),
     "reuse_time_limit": _Directive("reuseTimeLimit", _timeout),
+    "forward_client_info": _Directive("forwardClientInfo", _choice("off", "xforward", "xclient")),
 }
 
 _LISTENER = {

@@ -112,6 +112,7 @@ def _targetBody(depth: int, target: Target) -> list[str]:
     if target.reuseConnections:
         lines.append(_line(depth, "reuse_idle_time", formatDuration(target.reuseIdleTime)))
         lines.append(_line(depth, "reuse_time_limit", formatDuration(target.reuseTimeLimit)))
+    lines.append(_line(depth, "forward_client_info", target.forwardClientInfo))
     return lines
 
 
