@@ -1,8 +1,9 @@
 """
 The HTTP side of L{smtprelay.metrics}: the C{/metrics} and C{/healthz}
-resource and a quiet site to serve it.  Kept apart because C{twisted.web.server} costs a few
-megabytes of memory that a relay without a C{metrics} listener never needs;
-L{smtprelay.metrics} imports this module only when metrics are served.
+resource and a quiet site to serve it.  Kept apart because
+C{twisted.web.server} costs a few megabytes of memory that a relay without
+a C{metrics} listener never needs; L{smtprelay.metrics} imports this module
+only when metrics are served.
 """
 
 from __future__ import annotations

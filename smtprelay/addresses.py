@@ -189,13 +189,16 @@ def _parameters(text: bytes, known: frozenset[str]) -> dict[str, str | None]:
             raise EnvelopeError(reply(501, "5.5.4", "Bad parameter syntax"))
         name = key.decode("ascii").upper()
         if name not in known:
-            raise EnvelopeError(
-                reply(555, "5.5.4", "Unsupported option: " + token.decode("ascii", "backslashreplace"))
-            )
+            raise EnvelopeError(_unsupported(token))
         if name in params:
             raise EnvelopeError(reply(501, "5.5.4", f"Duplicate {name} parameter"))
         params[name] = _checkParameter(name, value if eq else None)
     return params
+
+
+def _unsupported(token: bytes) -> Reply:
+    # Quoted in ASCII: a reply carries no raw 8-bit bytes.
+    return reply(555, "5.5.4", "Unsupported option: " + token.decode("ascii", "backslashreplace"))
 
 
 def _checkParameter(name: str, value: bytes | None) -> str | None:
@@ -217,9 +220,7 @@ def _checkParameter(name: str, value: bytes | None) -> str | None:
             raise bad
     elif name == "BODY":
         if upper not in (b"7BIT", b"8BITMIME"):
-            raise EnvelopeError(reply(
-                555, "5.5.4", "Unsupported option: BODY=" + value.decode("ascii", "backslashreplace")
-            ))
+            raise EnvelopeError(_unsupported(b"BODY=" + value))
         value = upper
     elif name == "RET":
         if upper not in (b"FULL", b"HDRS"):

@@ -96,7 +96,7 @@ class DataScanner:
     __slots__ = (
         "_emit", "_maxSize", "_maxHops", "_normalize", "_held", "_virtual",
         "_lineStart", "_inHeaders", "_headerCarry", "_bare", "_refused", "size",
-        "hops", "done",
+        "hops", "done", "_maxText", "_longRun", "_partial", "_longLine",
     )
 
     def __init__(
@@ -105,6 +105,7 @@ class DataScanner:
         maxSize: int,
         maxHops: int,
         normalize: bool = False,
+        maxLineLength: int | None = None,
     ) -> None:
         """
         @param emit: called with each piece of the unstuffed message.
@@ -112,11 +113,21 @@ class DataScanner:
         @param maxHops: the most C{Received:} headers accepted.
         @param normalize: turn bare CR and bare LF into CRLF instead of
             refusing the message.
+        @param maxLineLength: the longest line accepted, CRLF included and
+            a stuffed dot not (RFC 5321 §4.5.3.1.6), or L{None} for lines
+            of any length.
         """
         self._emit = emit
         self._maxSize = maxSize
         self._maxHops = maxHops
         self._normalize = normalize
+        self._maxText = None if maxLineLength is None else maxLineLength - 2
+        self._longRun = (
+            None if self._maxText is None else re.compile(rb"[^\r\n]{%d}" % (self._maxText + 1))
+        )
+        # Bytes of the line that the last segment left unfinished.
+        self._partial = 0
+        self._longLine = False
         # A virtual CRLF before the body makes the first line an ordinary
         # line start: ".CRLF" at once is the end, a leading dot is stuffed.
         self._held = b"\r\n"
@@ -143,6 +154,8 @@ class DataScanner:
             return Refusal(replies.MESSAGE_TOO_BIG, "too_big")
         if self.hops > self._maxHops:
             return Refusal(replies.TOO_MANY_HOPS, "too_many_hops")
+        if self._longLine:
+            return Refusal(replies.LINE_TOO_LONG_IN_BODY, "line_too_long")
         return None
 
     def feed(self, data: bytes) -> bytes | None:
@@ -192,8 +205,25 @@ class DataScanner:
         self.size += len(out)
         if self.size > self._maxSize:
             self._refused = True
+        if self._longRun is not None and not self._longLine:
+            self._lines(out)
         if out and not self._refused:
             self._emit(out)
+
+    def _lines(self, out: bytes) -> None:
+        """
+        Notice a line longer than the limit, across chunk boundaries.
+        """
+        assert self._longRun is not None and self._maxText is not None
+        first = out.find(b"\r\n")
+        if first < 0:
+            self._partial += len(out)
+            long = self._partial > self._maxText
+        else:
+            long = self._partial + first > self._maxText or bool(self._longRun.search(out, first))
+            self._partial = len(out) - out.rfind(b"\r\n") - 2
+        if long:
+            self._longLine = self._refused = True
 
     def _headers(self, out: bytes) -> None:
         """

@@ -259,6 +259,7 @@ AUTH_FAILED = reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_OK = reply(235, "2.7.0", "Authentication successful")
 BARE_LF = reply(550, "5.5.2", "Bare LF/CR not allowed")
 MESSAGE_TOO_BIG = reply(552, "5.3.4", "Message size exceeds fixed limit")
+LINE_TOO_LONG_IN_BODY = reply(552, "5.3.4", "Message has a line longer than allowed")
 TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Too many recipients")
 LMTP_SPLIT = reply(
     452, "4.5.3", "Too many recipients, send the rest in a new transaction"

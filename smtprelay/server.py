@@ -774,6 +774,7 @@ class SMTPServerProtocol(Protocol):
                 self._listener.maxMessageSize,
                 self._listener.maxHops,
                 normalize=self._listener.bareLF == "normalize",
+                maxLineLength=self._listener.maxLineLength,
             )
             self._dataTimer = self._clock.callLater(self._listener.dataTimeout, self._timedOut)
             self._reply(r)

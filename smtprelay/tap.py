@@ -9,7 +9,6 @@ status 2 (not twistd's whole usage text).
 
 from __future__ import annotations
 
-import socket
 import sys
 from typing import Any, NoReturn
 
@@ -117,7 +116,7 @@ def configFromOptions(options: Options) -> Config:
         if options["metrics"]:
             loaded = attrs.evolve(loaded, metrics=options["metrics"])
         return loaded
-    hostname = options["hostname"] or socket.getfqdn()
+    hostname = options["hostname"] or configuration.defaultHostname()
     lmtp = bool(options["lmtp"])
     target = Target(
         name="command-line",

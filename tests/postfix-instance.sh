@@ -119,6 +119,7 @@ store     unix  -       n       n       -       -       pipe
 CONF
 [ -z "${POSTFIX_MASTER:-}" ] || printf '%s\n' "$POSTFIX_MASTER" >> "$dir/master.cf"
 postfix -c "$dir" check || { echo "postfix check failed for $dir/main.cf" >&2; exit 1; }
+touch "$dir/queue/quick-start"    # postfix-script: start without checking again what check just did
 postfix -c "$dir" start >/dev/null 2>&1 || { tail -5 "$dir/maillog" >&2; exit 1; }
 i=0
 until python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1)" "$port" 2>/dev/null; do

@@ -166,11 +166,11 @@ class Processes:
         postfix = Postfix(os.path.join(self.dir, f"postfix-{role}-{port}"), port)
         self.case.addCleanup(subprocess.run, ["postfix", "-c", postfix.dir, "stop"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        argv = ["sh", os.path.join(TESTS, "postfix-instance.sh"), postfix.dir, role, str(port), *args]
         with open(os.path.join(self.dir, f"postfix-{role}-{port}.log"), "wb") as out:
             # Postfix daemonizes and keeps its inherited descriptors: a file, not a pipe.
-            started = subprocess.run(["sh", os.path.join(TESTS, "postfix-instance.sh"), postfix.dir, role, str(port), *args],
-                                     env={**os.environ, "POSTFIX_MAIN": main, "POSTFIX_MASTER": master}, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, timeout=120)
+            started = subprocess.run(argv, env={**os.environ, "POSTFIX_MAIN": main, "POSTFIX_MASTER": master},
+                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120)
         if started.returncode:
             with open(out.name, encoding="utf-8", errors="replace") as f:
                 raise RuntimeError(f"postfix-instance.sh {role} failed: {f.read()}")
@@ -327,6 +327,9 @@ class Postfix:
         return [json.loads(line) for line in out.splitlines()]
 
     def log(self) -> str:
+        """
+        Postfix's log so far (C{maillog_file}).
+        """
         with open(os.path.join(self.dir, "maillog"), encoding="utf-8", errors="replace") as f:
             return f.read()
 
@@ -345,14 +348,9 @@ class Postfix:
         The messages a C{downstream} instance stored, oldest first, once
         there are C{count}.
         """
-        mail = os.path.join(self.dir, "mail")
-
-        def complete() -> list[str] | None:
-            names = sorted(os.listdir(mail))
-            return names if len(names) >= count else None
-        waitFor(f"{count} messages stored in {mail}", complete)
-        # The pipe writes the file before Postfix logs the delivery: wait for the log too.
+        # Postfix logs the delivery once the pipe to the store script has ended.
         self.waitForLog(r"status=sent \(delivered via store service", count)
+        mail = os.path.join(self.dir, "mail")
         out = []
         for name in sorted(os.listdir(mail)):
             with open(os.path.join(mail, name), "rb") as f:

@@ -14,14 +14,15 @@ from smtprelay.replies import Refusal
 
 
 def scan(
-    chunks: list[bytes], maxSize: int = 10**9, maxHops: int = 50, normalize: bool = False
+    chunks: list[bytes], maxSize: int = 10**9, maxHops: int = 50, normalize: bool = False,
+    maxLineLength: int | None = None,
 ) -> tuple[bytes, bytes | None, DataScanner]:
     """
     Feed C{chunks} to a fresh scanner; return (emitted message, bytes after
     the end or None, scanner).
     """
     out: list[bytes] = []
-    scanner = DataScanner(out.append, maxSize, maxHops, normalize)
+    scanner = DataScanner(out.append, maxSize, maxHops, normalize, maxLineLength)
     rest: bytes | None = None
     for chunk in chunks:
         if rest is not None:
@@ -199,6 +200,36 @@ class DataScannerTests(SynchronousTestCase):
     def test_exactlyMaxSize(self) -> None:
         _, _, scanner = scan([b"0123456789\r\n.\r\n"], maxSize=12)
         self.assertIsNone(scanner.verdict)
+
+    def test_longLineUnlimited(self) -> None:
+        """
+        Without C{max_line_length} a line of any length is forwarded intact.
+        """
+        line = b"x" * 100_000 + b"\r\n"
+        got, _, scanner = scan([line[:70_000], line[70_000:] + b".\r\n"])
+        self.assertEqual(got, line)
+        self.assertIsNone(scanner.verdict)
+
+    def test_lineLength(self) -> None:
+        """
+        A line of C{maxLineLength} bytes with its CRLF passes, one byte more
+        is refused wherever the chunks are cut; a stuffed dot does not
+        count (RFC 5321 §4.5.3.1.6).
+        """
+        refused = Refusal(replies.LINE_TOO_LONG_IN_BODY, "line_too_long")
+        for wire, verdict in [
+            (b"a\r\n12345678\r\nb\r\n.\r\n", None),
+            (b"..2345678\r\n12345678\r\n.\r\n", None),
+            (b"12345678", None),  # an unfinished line within the limit
+            (b"a\r\n123456789\r\nb\r\n.\r\n", refused),
+            (b"123456789\r\n.\r\n", refused),
+            (b"a\r\nb\r\n123456789\r\n.\r\n", refused),
+            (b"a\r\n" + b"x" * 50 + b"\r\n.\r\n", refused),
+        ]:
+            for cut in range(len(wire) + 1):
+                chunks = [wire[:cut], wire[cut:]]
+                _, _, scanner = scan(chunks, maxLineLength=10)
+                self.assertEqual(scanner.verdict, verdict, (wire, cut))
 
     def test_hops(self) -> None:
         headers = b"Received: a\r\nreceived: b\r\nX: y\r\nRECEIVED: c\r\n\r\nReceived: body\r\n.\r\n"

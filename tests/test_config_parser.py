@@ -6,6 +6,7 @@ errors, and the configuration as a whole.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -215,10 +216,29 @@ class TopLevelTests(SynchronousTestCase):
         self.assertEqual(config.source, "relay.conf")
 
     def test_hostnameDefault(self) -> None:
-        self.patch(parser.socket, "getfqdn", lambda: "host.example.com")
+        self.patch(parser, "defaultHostname", lambda: "host.example.com")
         config = _load("smtp tcp://127.0.0.1:25 {\ndeliver_to smtp tcp://127.0.0.1:26\n}\n")
         self.assertEqual(config.hostname, "host.example.com")
         self.assertEqual(config.listeners[0].deliverTo.hostname, "host.example.com")
+
+    def test_hostnameNeverLocalhost(self) -> None:
+        """
+        The default name is the host's FQDN as C{hostname -f} gives it: the
+        canonical name of the host name, else C{getfqdn()}, else the host
+        name, never C{localhost} (what C{getfqdn} says when the host name
+        is an alias of 127.0.0.1 in /etc/hosts).
+        """
+        for hostname, canonical, fqdn, expected in [
+            ("mx", "mx.example.org", "localhost", "mx.example.org"),
+            ("mx", "mx", "mx.example.org", "mx.example.org"),
+            ("vm", "vm", "localhost", "vm"),
+            ("vm", None, "localhost", "vm"),
+            ("vm", "localhost.localdomain", "localhost", "vm"),
+            ("b\u00fccher", "b\u00fccher.example", "localhost", "xn--bcher-kva.example"),
+            ("localhost", "localhost", "localhost", "localhost"),
+        ]:
+            resolver = _Resolver(hostname, canonical, fqdn)
+            self.assertEqual(parser.defaultHostname(resolver), expected, hostname)
 
     def test_hostnameIDNA(self) -> None:
         config = _load(_listen().replace("relay.test", "bücher.example"))
@@ -329,6 +349,26 @@ class TopLevelTests(SynchronousTestCase):
         )
 
 
+class _Resolver:
+    """
+    The three calls of C{socket} that L{parser.defaultHostname} makes.
+    """
+
+    def __init__(self, hostname: str, canonical: str | None, fqdn: str) -> None:
+        self._hostname, self._canonical, self._fqdn = hostname, canonical, fqdn
+
+    def gethostname(self) -> str:
+        return self._hostname
+
+    def getfqdn(self, name: str) -> str:
+        return self._fqdn
+
+    def getaddrinfo(self, host: str, port: Any, flags: int = 0) -> list[tuple[Any, ...]]:
+        if self._canonical is None:
+            raise OSError("no address")
+        return [(2, 1, 6, self._canonical if flags & socket.AI_CANONNAME else "", ("127.0.0.1", 0))]
+
+
 class ListenerTests(SynchronousTestCase):
     """
     Listener directives.
@@ -388,7 +428,8 @@ class ListenerTests(SynchronousTestCase):
         ("max_command_length 4096", "maxCommandLength", 4096),
         ("max_connections 10", "maxConnections", 10),
         ("max_connections_per_ip 2", "maxConnectionsPerIP", 2),
-        ("limit_exceptions 192.0.2.0/24", "limitExceptions", (ipaddress.ip_network("192.0.2.0/24"),)),
+        ("limit_exceptions 192.0.2.0/24", "limitExceptions",
+         (ipaddress.ip_network("192.0.2.0/24"),)),
         ("limit_exceptions none", "limitExceptions", ()),
         ("allow 10.0.0.0/8", "limitExceptions", (ipaddress.ip_network("10.0.0.0/8"),)),
         ("max_errors 5", "maxErrors", 5),

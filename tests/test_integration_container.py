@@ -14,6 +14,7 @@ root.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import smtplib
 import subprocess
@@ -27,7 +28,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from .procs import HOST, STARTUP, Processes, freePort, sinkMessages, waitForPort
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGE = "localhost/smtprelay:test"
+IMAGE = "localhost/smtprelay:test-" + hashlib.sha256(ROOT.encode()).hexdigest()[:8]
+"""The image of this checkout: test runs of other checkouts on the machine build their own."""
 UID = "10025"
 """The image's user (a number, so that Kubernetes can check runAsNonRoot)."""
 
@@ -67,10 +69,11 @@ class ContainerTests(SynchronousTestCase):
     def start(self, name: str, env: dict[str, str]) -> None:
         """
         Start the image as container C{name} on the host's network with
-        C{env}; it is removed in cleanup.
+        C{env} and a read-only root file system (as the Kubernetes
+        manifest runs it); it is removed in cleanup.
         """
         self.addCleanup(podman, "rm", "--force", "--time", "0", name)
-        argv = ["run", "--detach", "--name", name, "--network", "host"]
+        argv = ["run", "--detach", "--name", name, "--network", "host", "--read-only"]
         for key, value in env.items():
             argv += ["--env", f"{key}={value}"]
         started = podman(*argv, IMAGE)

@@ -62,8 +62,12 @@ class TempfailPolicyTests(DovecotTestCase):
     transaction; Dovecot's per-recipient verdicts become one reply.
     """
 
+    def setUp(self) -> None:
+        super().setUp()
+        self.relay = self.relayTo("tempfail")
+
     def send(self, recipients: list[str]) -> dict:
-        with smtplib.SMTP(HOST, self.relayTo("tempfail"), local_hostname="client.test", timeout=STARTUP) as client:
+        with smtplib.SMTP(HOST, self.relay, local_hostname="client.test", timeout=STARTUP) as client:
             return client.sendmail("s@example.org", recipients, MESSAGE)
 
     def test_allDelivered(self) -> None:
@@ -93,13 +97,17 @@ class TempfailPolicyTests(DovecotTestCase):
         """
         alice delivered, full over quota: no single reply is true for both,
         so the client gets a C{451} and will retry both (alice may get a
-        duplicate; nobody loses mail).
+        duplicate; nobody loses mail).  The relay logs what happened to
+        each recipient, as Dovecot said it.
         """
         with self.assertRaises(smtplib.SMTPDataError) as refused:
             self.send(["alice", "full"])
         self.assertEqual(refused.exception.smtp_code, 451)
         self.assertTrue(refused.exception.smtp_error.startswith(b"4."), refused.exception.smtp_error)
         self.waitForCopies(alice=1)
+        for line in (r": to=<alice> relay=\S+ status=sent reply=250 2\.0\.0 ",
+                     r": to=<full> relay=\S+ status=bounced reply=552 5\.2\.2 "):
+            waitFor(f"the relay's log line {line!r}", lambda: re.search(line, self.procs.log(f"relay-{self.relay}")))
 
 
 class LMTPListenerTests(DovecotTestCase):
@@ -178,10 +186,13 @@ class PostfixClientTests(DovecotTestCase):
         the queue delivers one more, and every user gets exactly one copy.
         """
         client = self.postfix("one_rcpt")
-        for delivered in range(1, len(USERS) + 1):
-            client.waitForLog(r"status=sent \(250 2\.0\.0 ", delivered)
+        deferrals = 0
+        for run in range(1, len(USERS) + 1):
+            # Run N delivers the Nth recipient and defers the others.
+            deferrals += len(USERS) - run
+            client.waitForLog(r"status=sent \(250 2\.0\.0 ", run)
             client.waitForLog(r"status=deferred \(host 127\.0\.0\.1\[127\.0\.0\.1\] said: 452 4\.5\.3 Too many "
-                              r"recipients, send the rest in a new transaction", sum(len(USERS) - run for run in range(1, delivered + 1)))
+                              r"recipients, send the rest in a new transaction", deferrals)
             client.flush()
         self.waitForCopies(**{u: 1 for u in USERS})
         waitFor("an empty queue", lambda: not client.queue())

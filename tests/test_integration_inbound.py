@@ -6,7 +6,8 @@ C{tls://} listener (handshake first, greeting after it) and C{openssl
 s_client -starttls smtp} on a C{tcp://} one; clients that never complete a
 handshake are closed and leave no socket behind, nor a place in
 C{max_connections}.  Connection limits: many concurrent sessions from an
-allowed network are all served.
+allowed network are all served.  Clients trickling a command are cut off at
+the read timeout; the default hostname is the host's FQDN.
 """
 
 from __future__ import annotations
@@ -229,3 +230,84 @@ smtp tcp://{HOST}:{limited} {{
             finally:
                 for sock in sockets:
                     sock.close()
+
+
+class DefaultHostnameTests(SynchronousTestCase):
+    def test_hostnameFQDN(self) -> None:
+        """
+        Without C{hostname}, the relay names itself as C{hostname -f} does
+        (never C{localhost} because /etc/hosts aliases the host name to
+        127.0.0.1): in its EHLO reply and its C{Received:} header.
+        """
+        need("hostname")
+        fqdn = subprocess.run(["hostname", "-f"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        procs = Processes(self)
+        sinkPort, dumps = procs.smtpSink()
+        port = procs.relay("--target", f"tcp://{HOST}:{sinkPort}")
+        with smtplib.SMTP(HOST, port, timeout=CLIENT_TIMEOUT) as client:
+            code, banner = client.ehlo("client.test")
+            self.assertEqual(banner.split(b"\n")[0], fqdn.encode())
+            client.sendmail("a@example.org", ["r@example.net"], b"Subject: h\r\n\r\nbody\r\n")
+        [message] = sinkMessages(dumps)
+        self.assertIn(f"by {fqdn} (smtprelay)".encode(), message)
+
+
+class SlowClientTests(SynchronousTestCase):
+    def test_tricklingClientsCutOff(self) -> None:
+        """
+        Clients that trickle a command one byte every half second are cut
+        off by C{read_timeout 2s} with C{421 4.4.2} long before their line
+        is complete (the timer used to restart on every byte).
+        """
+        procs = Processes(self)
+        sinkPort, _ = procs.smtpSink()
+        port = freePort()
+        config = os.path.join(procs.dir, "relay.conf")
+        with open(config, "w") as f:
+            f.write(f"""
+hostname relay.test
+smtp tcp://{HOST}:{port} {{
+    read_timeout 2s
+    deliver_to smtp tcp://{HOST}:{sinkPort}
+}}
+""")
+        procs.relay("--config", config, port=port)
+        command = b"MAIL FROM:<a@example.org>\r\n"
+        clients = []
+        for _ in range(20):
+            sock = socket.create_connection((HOST, port), timeout=CLIENT_TIMEOUT)
+            self.addCleanup(sock.close)
+            self.assertTrue(sock.recv(4096).startswith(b"220 "))
+            sock.sendall(b"EHLO client.test\r\n")
+            self.assertTrue(sock.recv(4096).startswith(b"250-relay.test"))
+            sock.setblocking(False)
+            clients.append(sock)
+        received = {sock: b"" for sock in clients}
+        closed: set[socket.socket] = set()
+        for byte in command[:-2]:
+            for sock in clients:
+                if sock in closed:
+                    continue
+                try:
+                    chunk = sock.recv(4096)
+                except BlockingIOError:
+                    chunk = None
+                except ConnectionResetError:
+                    chunk = b""
+                if chunk == b"":
+                    closed.add(sock)
+                    continue
+                if chunk:
+                    received[sock] += chunk  # the relay's reply: stop talking
+                    continue
+                try:
+                    sock.send(bytes([byte]))
+                except (BrokenPipeError, ConnectionResetError):
+                    closed.add(sock)
+            if len(closed) == len(clients):
+                break
+            time.sleep(0.5)
+        self.assertEqual(len(closed), len(clients), "a trickling client outlived its deadline")
+        for sock in clients:
+            self.assertTrue(received[sock].startswith(b"421 4.4.2 Timeout exceeded"), received[sock])

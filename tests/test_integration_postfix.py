@@ -59,46 +59,61 @@ class PostfixClientTests(SynchronousTestCase):
     def clientFor(self, relay: int, main: str = "") -> Postfix:
         return self.procs.postfix("client", str(relay), main=main)
 
+    def assertRelayLogged(self, pattern: str) -> None:
+        """
+        The relay's log has a line matching C{pattern}, as a postmaster
+        would look for it.
+        """
+        waitFor(f"the relay's log line {pattern!r}", lambda: re.search(pattern, self.procs.log("relay")))
+
     def test_deliveredThroughTheRelay(self) -> None:
         """
-        A message injected with C{sendmail -C DIR} arrives at the sink
-        with Postfix's envelope and our C{Received:} line, and Postfix logs
-        it sent with the sink's C{250} as relayed by us.
+        A message to two recipients injected with C{sendmail -C DIR}
+        arrives at the sink once, in one transaction with Postfix's
+        envelope and our C{Received:} line, and Postfix logs it sent with
+        the sink's C{250} as relayed by us.
         """
         sinkPort, dumps = self.procs.smtpSink()
         relay = self.procs.relay("--target", f"tcp://{HOST}:{sinkPort}", "--hostname", "relay.test")
         client = self.clientFor(relay)
-        client.sendmail("sender@example.org", ["rcpt@example.net"], MESSAGE)
+        client.sendmail("sender@example.org", ["rcpt@example.net", "other@example.net"], MESSAGE)
         [dump] = sinkMessages(dumps)
         envelope, received, body = splitSinkDump(dump)
         self.assertRegex(envelope["X-Mail-Args"][0], rb"^<sender@example\.org>( |$)")
-        self.assertRegex(envelope["X-Rcpt-Args"][0], rb"^<rcpt@example\.net>")
+        self.assertEqual(sorted(r.split(b" ")[0] for r in envelope["X-Rcpt-Args"]),
+                         [b"<other@example.net>", b"<rcpt@example.net>"])
         self.assertTrue(received.startswith(f"Received: from client-{client.port}.test ([127.0.0.1])".encode()),
                         received)
         self.assertIn(b"\n" + MESSAGE.split(b"\n\n", 1)[1], body)
-        client.waitForLog(rf"to=<rcpt@example\.net>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{relay}, .*"
-                          rf"status=sent \(250 2\.0\.0 ")
+        client.waitForLog(rf"to=<(rcpt|other)@example\.net>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{relay}, .*"
+                          rf"status=sent \(250 2\.0\.0 ", 2)
         self.assertEqual(client.queue(), [])
 
     def test_downstreamTemporaryFailureDefersThenDelivers(self) -> None:
         """
         The sink answers RCPT with a 4xx: Postfix keeps the message queued
-        with the sink's own text as the reason; once the sink is back to
-        normal, a queue flush delivers it.
+        with the sink's own text as the reason, and the relay logs the
+        rejection as Postfix would; once the sink is back to normal, a queue
+        flush delivers it.
         """
         sinkPort, dumps = self.procs.smtpSink(extra=["-r", "RCPT", "-b", "452 4.2.2 rcpt@example.net: mailbox busy"])
         relay = self.procs.relay("--target", f"tcp://{HOST}:{sinkPort}", "--hostname", "relay.test")
         client = self.clientFor(relay)
         client.sendmail("sender@example.org", ["rcpt@example.net"], MESSAGE)
-        [deferred] = client.waitForLog(r"to=<rcpt@example\.net>, .*status=deferred \((.*)\)$")
+        # Postfix retries every few seconds meanwhile: the first deferral is the one to read.
+        deferred = client.waitForLog(r"to=<rcpt@example\.net>, .*status=deferred \((.*)\)$")[0]
         self.assertEqual(deferred.group(1), f"host 127.0.0.1[127.0.0.1] said: 452 4.2.2 rcpt@example.net: "
                                             f"mailbox busy (in reply to RCPT TO command)")
-        [queued] = client.queue()
+        [queued] = waitFor("the message in the deferred queue",
+                           lambda: [m for m in client.queue() if m["queue_name"] == "deferred"])
         [recipient] = queued["recipients"]
         self.assertEqual(recipient["address"], "rcpt@example.net")
         self.assertIn("452 4.2.2 rcpt@example.net: mailbox busy", recipient["delay_reason"])
         sinkAborted(dumps)
         self.assertNotIn("status=bounced", client.log())
+        self.assertRelayLogged(rf": reject: RCPT from unknown\[127\.0\.0\.1\]: 452 4\.2\.2 rcpt@example\.net: "
+                               rf"mailbox busy; from=<sender@example\.org> to=<rcpt@example\.net> proto=ESMTP "
+                               rf"helo=<client-{client.port}\.test> ")
 
         self.procs.stop(f"smtp-sink-{sinkPort}")
         _, dumps = self.procs.smtpSink(port=sinkPort)
@@ -112,9 +127,10 @@ class PostfixClientTests(SynchronousTestCase):
         """
         The sink answers RCPT with a 5xx: Postfix bounces the message at
         once with the sink's own text, and sends the sender a
-        non-delivery notification.
+        non-delivery notification; the relay logs the rejection.
         """
-        sinkPort, dumps = self.procs.smtpSink(extra=["-f", "RCPT", "-B", "550 5.1.1 rcpt@example.net: no such user here"])
+        sinkPort, dumps = self.procs.smtpSink(
+            extra=["-f", "RCPT", "-B", "550 5.1.1 rcpt@example.net: no such user here"])
         relay = self.procs.relay("--target", f"tcp://{HOST}:{sinkPort}", "--hostname", "relay.test")
         client = self.clientFor(relay)
         client.sendmail("sender@example.org", ["rcpt@example.net"], MESSAGE)
@@ -122,8 +138,10 @@ class PostfixClientTests(SynchronousTestCase):
         self.assertEqual(bounced.group(1), "host 127.0.0.1[127.0.0.1] said: 550 5.1.1 rcpt@example.net: "
                                            "no such user here (in reply to RCPT TO command)")
         client.waitForLog(r": sender non-delivery notification: ")
-        self.assertNotIn("to=<rcpt@example.net>, relay=127.0.0.1[127.0.0.1]:%d, " % relay + "status=deferred",
-                         client.log())
+        self.assertRelayLogged(r": reject: RCPT from unknown\[127\.0\.0\.1\]: 550 5\.1\.1 rcpt@example\.net: "
+                               r"no such user here; from=<sender@example\.org> to=<rcpt@example\.net> ")
+        self.assertNotIn("status=deferred", client.log())
+        sinkAborted(dumps)
 
     def test_starttlsFromPostfixToTheRelay(self) -> None:
         """
@@ -268,14 +286,20 @@ class PostfixDownstreamSASLTests(SynchronousTestCase):
         """
         The relay's own password is wrong (Postfix answers C{535}): a fault
         of the relay's configuration, not of the message, so the client
-        gets a 4xx at MAIL, never the 535.
+        gets a 4xx at MAIL, never the 535; the relay logs an error naming
+        the target, the downstream and its reply.
         """
-        with smtplib.SMTP(HOST, self.relayWithPassword("wrong"), timeout=60) as client:
+        relay = self.relayWithPassword("wrong")
+        with smtplib.SMTP(HOST, relay, timeout=60) as client:
             with self.assertRaises(smtplib.SMTPSenderRefused) as refused:
                 client.sendmail("sender@example.org", ["rcpt@example.net"], SMTP_MESSAGE)
         self.assertEqual(refused.exception.smtp_code // 100, 4, refused.exception.smtp_error)
         self.downstream.waitForLog(r"SASL PLAIN authentication failed")
         self.assertNothingStored()
+        waitFor("the relay's error naming the target", lambda: re.search(
+            rf"#error\] target \S+: cannot authenticate at 127\.0\.0\.1\[127\.0\.0\.1\]:{self.downstream.port}: "
+            rf"PLAIN authentication refused: 535 ",
+            self.procs.log(f"relay-{relay}")))
 
     def test_relayCredentialsNeverOverUnverifiedTLS(self) -> None:
         """
@@ -317,8 +341,9 @@ class PostfixDownstreamSASLTests(SynchronousTestCase):
         """
         client = self.procs.postfix("client", str(self.relayWithPassword("wrong")))
         client.sendmail("sender@example.org", ["rcpt@example.net"], MESSAGE)
-        [deferred] = client.waitForLog(r"to=<rcpt@example\.net>, .*status=(deferred|bounced) \((.*)\)$")
+        deferred = client.waitForLog(r"to=<rcpt@example\.net>, .*status=(deferred|bounced) \((.*)\)$")[0]
         self.assertEqual(deferred.group(1), "deferred", deferred.group(2))
+        self.assertRegex(deferred.group(2), r"^host 127\.0\.0\.1\[127\.0\.0\.1\] said: 454 4\.7\.0 ")
         self.assertEqual([m["recipients"][0]["address"] for m in client.queue()], ["rcpt@example.net"])
         self.assertNothingStored()
 

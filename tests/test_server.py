@@ -346,8 +346,10 @@ class EnvelopeTests(SynchronousTestCase):
         session = greeted()
         self.assertEqual(session.send(b"MAIL FROM:<a@b.c> BODY=8b\xc4\xb1tmime\r\n"),
                          b"555 5.5.4 Unsupported option: BODY=8b\\xc4\\xb1tmime [S1]\r\n")
-        out = session.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<r@d.e> NOTIFY=\xc5\xbfUCCESS\r\n"
-                           b"RCPT TO:<r@d.e> NOTIFY=SUCCESS\r\nMAIL FROM:<a@b.c> RET=HDR\xc5\xbf\r\n"
+        out = session.send(b"MAIL FROM:<a@example.com>\r\n"
+                           b"RCPT TO:<r@d.e> NOTIFY=\xc5\xbfUCCESS\r\n"
+                           b"RCPT TO:<r@d.e> NOTIFY=SUCCESS\r\n"
+                           b"MAIL FROM:<a@b.c> RET=HDR\xc5\xbf\r\n"
                            b"NOOP\r\n")
         self.assertEqual(
             out,
@@ -574,6 +576,26 @@ class DataTests(SynchronousTestCase):
         self.assertEqual(out, b"552 5.3.4 Message size exceeds fixed limit [S1]\r\n")
         self.assertEqual(session.handler.aborted, replies.MESSAGE_TOO_BIG.withSession("S1"))
         self.assertNotIn("endData", session.handler.methods)
+
+    def test_lineTooLong(self) -> None:
+        """
+        With C{max_line_length}, a longer body line refuses the message
+        after its end-of-data with C{552 5.3.4}; the handler never gets
+        the end-of-data.
+        """
+        session = greeted(listener=makeListener(maxLineLength=1000))
+        out = self.transaction(session, b"a\r\n" + b"x" * 999 + b"\r\nb\r\n.\r\n")
+        self.assertEqual(out, b"552 5.3.4 Message has a line longer than allowed [S1]\r\n")
+        self.assertEqual(session.handler.aborted,
+                         replies.LINE_TOO_LONG_IN_BODY.withSession("S1"))
+        self.assertNotIn("endData", session.handler.methods)
+        self.assertEqual(session.send(b"NOOP\r\n"), b"250 2.0.0 OK\r\n")
+
+    def test_longLineForwardedByDefault(self) -> None:
+        session = greeted()
+        line = b"x" * 5000 + b"\r\n"
+        self.assertEqual(self.transaction(session, line + b".\r\n"), QUEUED)
+        self.assertEqual(session.handler.body, line)
 
     def test_tooManyHops(self) -> None:
         session = greeted(listener=makeListener(maxHops=2))
@@ -999,7 +1021,8 @@ class LimitTests(SynchronousTestCase):
         C{limit_exceptions} replaces the default: an allowed client outside
         it is limited, a client in it is not (allowed to relay or not).
         """
-        listener = makeListener(maxConnectionsPerIP=1, limitExceptions=(ip_network("192.0.2.0/24"),))
+        listener = makeListener(maxConnectionsPerIP=1,
+                                limitExceptions=(ip_network("192.0.2.0/24"),))
         first = Session(listener)
         second = Session(factory=first.factory, clock=first.clock)
         self.assertEqual(second.read(), b"421 4.7.0 Too many connections [S2]\r\n")
@@ -1171,6 +1194,9 @@ def _rejections(listener: Any = None, peer: Any = LOOPBACK, steps: Sequence[byte
     return metrics.reasons
 
 
+_EHLO = b"EHLO c\r\n"
+_MAIL = b"MAIL FROM:<a@x.example>\r\n"
+_AUTH = b"AUTH PLAIN AHUAcA==\r\n"
 _BODY = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
 _USERS = ListenerAuth("users", "/dev/null")
 
@@ -1183,42 +1209,55 @@ class RejectionReasonTests(SynchronousTestCase):
     """
 
     CASES: list[tuple[str, dict[str, Any], list[str]]] = [
-        ("relay denied", dict(peer=STRANGER, steps=[b"EHLO c\r\n", b"MAIL FROM:<a@x.example>\r\n",
-                                                     b"RCPT TO:<b@y.example>\r\n"]), ["relay_denied"]),
-        ("submission without AUTH", dict(listener=makeListener(kind="submission", auth=_USERS),
-                                         peer=STRANGER, steps=[b"EHLO c\r\n", b"MAIL FROM:<a@x.example>\r\n"]),
+        ("relay denied", dict(peer=STRANGER, steps=[_EHLO, _MAIL, b"RCPT TO:<b@y.example>\r\n"]),
+         ["relay_denied"]),
+        ("submission without AUTH",
+         dict(listener=makeListener(kind="submission", auth=_USERS), peer=STRANGER,
+              steps=[_EHLO, _MAIL]),
          ["auth_required"]),
-        ("MAIL before STARTTLS", dict(listener=makeListener(requireTLS=True), tlsOptions=object(),
-                                      steps=[b"EHLO c\r\n", b"MAIL FROM:<a@x.example>\r\n"]), ["tls_required"]),
-        ("AUTH without TLS", dict(listener=makeListener(auth=_USERS), tlsOptions=object(),
-                                  steps=[b"EHLO c\r\n", b"AUTH PLAIN AHUAcA==\r\n"]), ["tls_required"]),
-        ("SIZE too big", dict(steps=[b"EHLO c\r\n", b"MAIL FROM:<a@x.example> SIZE=99999999999\r\n"]),
+        ("MAIL before STARTTLS",
+         dict(listener=makeListener(requireTLS=True), tlsOptions=object(), steps=[_EHLO, _MAIL]),
+         ["tls_required"]),
+        ("AUTH without TLS",
+         dict(listener=makeListener(auth=_USERS), tlsOptions=object(), steps=[_EHLO, _AUTH]),
+         ["tls_required"]),
+        ("SIZE too big", dict(steps=[_EHLO, b"MAIL FROM:<a@x.example> SIZE=99999999999\r\n"]),
          ["too_big"]),
-        ("body too big", dict(listener=makeListener(maxMessageSize=10),
-                              steps=[b"EHLO c\r\n", _BODY, b"0123456789abc\r\n.\r\n"]), ["too_big"]),
-        ("bare LF in body", dict(steps=[b"EHLO c\r\n", _BODY, b"a\nb\r\n.\r\n"]), ["bare_lf"]),
-        ("too many hops", dict(listener=makeListener(maxHops=1),
-                               steps=[b"EHLO c\r\n", _BODY, b"Received: a\r\nReceived: b\r\n\r\n.\r\n"]),
+        ("body too big",
+         dict(listener=makeListener(maxMessageSize=10),
+              steps=[_EHLO, _BODY, b"0123456789ab\r\n.\r\n"]),
+         ["too_big"]),
+        ("bare LF in body", dict(steps=[_EHLO, _BODY, b"a\nb\r\n.\r\n"]), ["bare_lf"]),
+        ("too many hops",
+         dict(listener=makeListener(maxHops=1),
+              steps=[_EHLO, _BODY, b"Received: a\r\nReceived: b\r\n\r\n.\r\n"]),
          ["too_many_hops"]),
-        ("too many recipients", dict(listener=makeListener(maxRecipients=1), steps=[
-            b"EHLO c\r\n", b"MAIL FROM:<a@x.example>\r\n", b"RCPT TO:<b@x.example>\r\n",
-            b"RCPT TO:<c@x.example>\r\n"]), ["too_many_recipients"]),
-        ("AUTH failures", dict(listener=makeListener(auth=_USERS, maxAuthFailures=2), peer=UNIX,
-                               script={"authenticate": replies.AUTH_FAILED},
-                               steps=[b"EHLO c\r\n", b"AUTH PLAIN AHUAcA==\r\n", b"AUTH PLAIN AHUAcA==\r\n"]),
+        ("too many recipients",
+         dict(listener=makeListener(maxRecipients=1),
+              steps=[_EHLO, _MAIL, b"RCPT TO:<b@x.example>\r\n", b"RCPT TO:<c@x.example>\r\n"]),
+         ["too_many_recipients"]),
+        ("AUTH failures",
+         dict(listener=makeListener(auth=_USERS, maxAuthFailures=2), peer=UNIX,
+              script={"authenticate": replies.AUTH_FAILED}, steps=[_EHLO, _AUTH, _AUTH]),
          ["auth_failed", "auth_failed", "too_many_auth_failures"]),
-        ("AUTH cancelled", dict(listener=makeListener(auth=_USERS), peer=UNIX,
-                                steps=[b"EHLO c\r\n", b"AUTH PLAIN\r\n", b"*\r\n"]), ["auth_aborted"]),
+        ("AUTH cancelled",
+         dict(listener=makeListener(auth=_USERS), peer=UNIX,
+              steps=[_EHLO, b"AUTH PLAIN\r\n", b"*\r\n"]),
+         ["auth_aborted"]),
         ("pipelining without EHLO", dict(steps=[b"HELO c\r\n", b"NOOP\r\nNOOP\r\n"]), ["sync"]),
-        ("command line too long", dict(listener=makeListener(maxCommandLength=100),
-                                       steps=[b"NOOP " + b"x" * 200 + b"\r\n"]), ["line_too_long"]),
-        ("input overflow", dict(script=None, steps=[b"EHLO c\r\n", b"MAIL FROM:<a@x.example>\r\n" * 50000]),
-         ["too_much_input"]),
+        ("body line too long",
+         dict(listener=makeListener(maxLineLength=1000),
+              steps=[_EHLO, _BODY, b"x" * 1000 + b"\r\n.\r\n"]),
+         ["line_too_long"]),
+        ("command line too long",
+         dict(listener=makeListener(maxCommandLength=100), steps=[b"NOOP " + b"x" * 200 + b"\r\n"]),
+         ["line_too_long"]),
+        ("input overflow", dict(steps=[_EHLO, _MAIL * 50000]), ["too_much_input"]),
         ("unknown command", dict(steps=[b"FOO\r\n"]), ["unknown_command"]),
         ("EXPN", dict(steps=[b"EXPN list\r\n"]), ["not_implemented"]),
         ("bare CR in a command", dict(steps=[b"NO\rOP\r\n"]), ["syntax"]),
-        ("bad address", dict(steps=[b"EHLO c\r\n", b"MAIL FROM:<a b@x.example>\r\n"]), ["syntax"]),
-        ("RCPT before MAIL", dict(steps=[b"EHLO c\r\n", b"RCPT TO:<b@x.example>\r\n"]), ["bad_sequence"]),
+        ("bad address", dict(steps=[_EHLO, b"MAIL FROM:<a b@x.example>\r\n"]), ["syntax"]),
+        ("RCPT before MAIL", dict(steps=[_EHLO, b"RCPT TO:<b@x.example>\r\n"]), ["bad_sequence"]),
         ("read timeout", dict(listener=makeListener(readTimeout=5), steps=[5.0]), ["timeout"]),
         ("connection limit", dict(listener=makeListener(maxConnections=1), sessions=2),
          ["too_many_connections"]),
@@ -1235,7 +1274,8 @@ class RejectionReasonTests(SynchronousTestCase):
         """
         Every reason in L{REJECTION_REASONS} has a refusal that emits it.
         """
-        self.assertEqual({r for _, _, reasons in self.CASES for r in reasons}, set(REJECTION_REASONS))
+        emitted = {reason for _, _, reasons in self.CASES for reason in reasons}
+        self.assertEqual(emitted, set(REJECTION_REASONS))
 
     def test_documented(self) -> None:
         """

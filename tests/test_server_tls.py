@@ -130,7 +130,8 @@ class _TLSPair:
             metrics=self.metrics,
         )
         self.factory.newSessionId = lambda: "S1"
-        serverTLS = TLSMemoryBIOFactory(self.factory.tlsOptions, False, self.factory, clock=self.clock)
+        serverTLS = TLSMemoryBIOFactory(self.factory.tlsOptions, False, self.factory,
+                                        clock=self.clock)
         self.server = serverTLS.buildProtocol(LOOPBACK)
         self.serverWire = _Wire(LOOPBACK)
         self.received = b""
@@ -188,7 +189,8 @@ class _TLSPair:
         """
         self.received = b""
         # A TLS client writes through its TLS layer, a plain one directly.
-        (self.client if isinstance(self.client, TLSMemoryBIOProtocol) else self.clientWire).write(data)
+        tls = isinstance(self.client, TLSMemoryBIOProtocol)
+        (self.client if tls else self.clientWire).write(data)
         self.pump()
         return self.received
 

@@ -4,9 +4,12 @@ L{smtprelay.config.model}.
 """
 
 from .lexer import ConfigError
-from .parser import load, loadString
+from .parser import defaultHostname, load, loadString
 from .permissions import secretFileWarnings
 from .show import show
 from .values import parseAddress
 
-__all__ = ["ConfigError", "load", "loadString", "parseAddress", "secretFileWarnings", "show"]
+__all__ = [
+    "ConfigError", "defaultHostname", "load", "loadString", "parseAddress", "secretFileWarnings",
+    "show",
+]

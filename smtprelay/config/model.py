@@ -230,6 +230,8 @@ class Listener:
     @ivar tls: server TLS for this listener (the global C{tls} unless
         overridden or C{tls off}), or L{None}.
     @ivar endpoints: extra Twisted server endpoint strings (C{systemd:...}).
+    @ivar maxLineLength: the longest body line accepted, CRLF included,
+        or L{None} to forward lines of any length intact.
     @ivar limitExceptions: clients exempt from C{max_connections_per_ip}
         (the C{allow} networks unless configured, as Postfix's
         C{smtpd_client_event_limit_exceptions} defaults to C{$mynetworks}).
@@ -245,7 +247,7 @@ class Listener:
     tls: ServerTLS | None = None
     maxMessageSize: int = 32 * 1024 * 1024
     maxRecipients: int = 1000
-    maxLineLength: int = 1000
+    maxLineLength: int | None = None
     maxCommandLength: int = 2048
     maxConnections: int = 500
     maxConnectionsPerIP: int = 50

@@ -737,12 +737,30 @@ def _listener(
     )
 
 
-def _defaultHostname() -> str:
-    name = socket.getfqdn()
+def defaultHostname(resolver: Any = socket) -> str:
+    """
+    This host's name as C{hostname -f} gives it: the canonical name of
+    C{gethostname()}, else C{getfqdn()}, else C{gethostname()} itself,
+    the first that is not C{localhost} (C{getfqdn} gives C{localhost}
+    when the host name is an alias of 127.0.0.1), preferring a dotted
+    name; IDNA A-labels.
+
+    @param resolver: provides C{gethostname}, C{getfqdn} and
+        C{getaddrinfo} (the C{socket} module).
+    """
+    name = resolver.gethostname()
     try:
-        return toALabel(name)
+        canonical = resolver.getaddrinfo(name, None, flags=socket.AI_CANONNAME)[0][3]
+    except (OSError, IndexError):
+        canonical = ""
+    candidates = [c for c in (canonical, resolver.getfqdn(name), name)
+                  if c and not c.lower().startswith("localhost")]
+    dotted = [c for c in candidates if "." in c.strip(".")]
+    chosen = (dotted or candidates or [name])[0]
+    try:
+        return toALabel(chosen)
     except ValueError:
-        return name
+        return chosen
 
 
 def _fileOrder(nodes: Iterable[Node], order: dict[str, int]) -> dict[str, int]:
@@ -763,7 +781,7 @@ def build(nodes: Sequence[Node], source: str) -> Config:
     values, _ = _readBlock(nodes, _TOP, ctx)
     for kind in LISTENER_KINDS + TARGET_KINDS:
         values.pop(kind, None)
-    ctx.hostname = values.setdefault("hostname", _defaultHostname())
+    ctx.hostname = values.setdefault("hostname", defaultHostname())
     ctx.debug = values.get("debug", False)
     ctx.tls = values.get("tls")
     ctx.tlsClient = values.get("tlsClient", ClientTLS())

@@ -188,7 +188,6 @@ def _listener(config: Config, listener: Listener) -> list[str]:
         *_serverTLS(1, listener.tls),
         _line(1, "max_message_size", formatSize(listener.maxMessageSize)),
         _line(1, "max_recipients", listener.maxRecipients),
-        _line(1, "max_line_length", listener.maxLineLength),
         _line(1, "max_command_length", listener.maxCommandLength),
         _line(1, "max_connections", listener.maxConnections),
         _line(1, "max_connections_per_ip", listener.maxConnectionsPerIP),
@@ -200,6 +199,8 @@ def _listener(config: Config, listener: Listener) -> list[str]:
         _line(1, "proxy_timeout", formatDuration(listener.proxyTimeout)),
         _line(1, "max_hops", listener.maxHops),
     ]
+    if listener.maxLineLength is not None:
+        body.append(_line(1, "max_line_length", listener.maxLineLength))
     if listener.proxyProtocol:
         body.append(_line(1, "proxy_protocol", *listener.proxyProtocol))
     body += [
