@@ -386,6 +386,11 @@ class ListenerTests(SynchronousTestCase):
         )
         self.assertEqual(listener.allow, LOOPBACK)
         self.assertEqual(listener.limitExceptions, LOOPBACK)
+        self.assertEqual(
+            (listener.rateLimitWindow, listener.maxConnectionRate, listener.maxMessageRate,
+             listener.maxRecipientRate),
+            (60.0, 0, 0, 0),
+        )
 
     def test_kinds(self) -> None:
         for kind in ("smtp", "lmtp"):
@@ -453,6 +458,10 @@ class ListenerTests(SynchronousTestCase):
         ),
         ("reuse_port yes", "reusePort", True),
         ("tls c.pem k.pem", "tls", ServerTLS("c.pem", "k.pem")),
+        ("rate_limit_window 10m", "rateLimitWindow", 600.0),
+        ("max_connection_rate 30", "maxConnectionRate", 30),
+        ("max_message_rate 100", "maxMessageRate", 100),
+        ("max_recipient_rate 0", "maxRecipientRate", 0),
     ]
 
     def test_values(self) -> None:

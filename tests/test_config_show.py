@@ -33,6 +33,8 @@ smtp tcp://0.0.0.0:25 tcp://[::]:25 {
     allow 10.0.0.0/8 ::1
     max_message_size 10M
     max_recipients 200
+    max_message_rate 100
+    rate_limit_window 5m
     read_timeout 250ms
     proxy_protocol 10.9.0.0/16
     bare_lf normalize
@@ -128,6 +130,8 @@ class ShowTests(SynchronousTestCase):
             "    read_timeout 5m",
             "    data_timeout 10m",
             "    bare_lf reject",
+            "    rate_limit_window 1m",
+            "    max_connection_rate 0",
             "    deliver_to lmtp {",
             "        targets unix:///x",
             "        attempt_starttls no",
