@@ -41,6 +41,7 @@ REJECTION_REASONS = frozenset({
     "too_many_recipients", "auth_failed", "auth_aborted", "too_many_auth_failures", "sync",
     "line_too_long", "too_much_input", "unknown_command", "not_implemented", "syntax",
     "bad_sequence", "timeout", "too_many_connections", "too_many_errors",
+    "rate_connections", "rate_messages", "rate_recipients",
 })
 """Every value of C{reason} for L{IMetrics.rejected}: each local refusal
 names its own where it is made (README, Logs, metrics, shutdown)."""

@@ -391,6 +391,11 @@ class ListenerTests(SynchronousTestCase):
         )
         self.assertEqual(listener.allow, LOOPBACK)
         self.assertEqual(listener.limitExceptions, LOOPBACK)
+        self.assertEqual(
+            (listener.rateLimitWindow, listener.maxConnectionRate, listener.maxMessageRate,
+             listener.maxRecipientRate),
+            (60.0, 0, 0, 0),
+        )
 
     def test_kinds(self) -> None:
         for kind in ("smtp", "lmtp"):
@@ -458,6 +463,10 @@ class ListenerTests(SynchronousTestCase):
         ),
         ("reuse_port yes", "reusePort", True),
         ("tls c.pem k.pem", "tls", ServerTLS("c.pem", "k.pem")),
+        ("rate_limit_window 10m", "rateLimitWindow", 600.0),
+        ("max_connection_rate 30", "maxConnectionRate", 30),
+        ("max_message_rate 100", "maxMessageRate", 100),
+        ("max_recipient_rate 0", "maxRecipientRate", 0),
     ]
 
     def test_values(self) -> None:
@@ -863,6 +872,20 @@ class TargetTests(SynchronousTestCase):
         self.assertEqual(
             e.exception.errors,
             ['relay.conf:4: lmtp_split: expected one_rcpt or tempfail, not "all"'],
+        )
+
+    def test_forwardClientInfo(self) -> None:
+        """
+        C{forward_client_info}: off by default; xforward or xclient.
+        """
+        self.assertEqual(_target().forwardClientInfo, "off")
+        self.assertEqual(_target("forward_client_info xforward").forwardClientInfo, "xforward")
+        self.assertEqual(_target("forward_client_info xclient", kind="lmtp").forwardClientInfo, "xclient")
+        with self.assertRaises(ConfigError) as e:
+            _target("forward_client_info yes")
+        self.assertEqual(
+            e.exception.errors,
+            ['relay.conf:4: forward_client_info: expected off or xforward or xclient, not "yes"'],
         )
 
 
