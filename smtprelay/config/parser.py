@@ -1,5 +1,5 @@
 """
-The directives of SPEC §2: a node tree from L{smtprelay.config.lexer} checked
+The directives of docs/configuration.md: a node tree from L{smtprelay.config.lexer} checked
 and turned into the frozen L{Config} of L{smtprelay.config.model}.
 
 Each block kind (top level, listener, target, C{tls}, C{tls_client}) is a
@@ -638,7 +638,7 @@ def _delivery(
     named: Mapping[str, Target | None],
 ) -> Target | Routing | None:
     """
-    A listener's C{deliver_to}, or its routing blocks (SPEC §4.9): C{source}
+    A listener's C{deliver_to}, or its routing blocks: C{source}
     blocks, and C{default_source} or the listener's own directives for
     every other sender.  Inline targets are named after the listener, as
     in C{smtp-listener-1} (C{smtp-listener-1-route-2} in routing blocks).
