@@ -336,8 +336,9 @@ del _case
 
 
 _DESYNC = (
-    "the outbound engine takes a reply that arrived before a command was "
-    "written as that command's reply (see the reliability report)"
+    "known defect: an unrequested reply in the same segment as the greeting, EHLO/LHLO or AUTH "
+    "reply is taken as the reply to the command the relay writes next (the client's MAIL then gets "
+    "the EHLO reply's last line); it should abandon the connection (SPEC 4.5)"
 )
 for _case in CASES:
     if _case.fault == "unrequested" and _case.step in ("greeting", "hello", "auth"):
