@@ -1,5 +1,5 @@
 """
-Choosing a target (SPEC §4.4): ordered failover with back-off.
+Choosing a target: ordered failover with back-off.
 
 L{Failover.open} tries the endpoints of one target in their configured order
 until one completes the steps before the transaction: connect, greeting
@@ -67,7 +67,7 @@ class Failover:
     The endpoints of one target, tried in order.  One instance per target is
     shared by all sessions, so that back-off and TLS contexts are shared too.
 
-    @param loopToken: our greeting's token (SPEC §4.4); a target that
+    @param loopToken: our greeting's loop token; a target that
         greets with it is ourselves.
     @param clock: timeouts and back-off (default: C{reactor}).
     @param endpointFactory: makes the client endpoint of an address
@@ -561,7 +561,7 @@ class Failover:
             return
         if mechanism == "forward":
             if r.permanent:
-                # The client's own credentials: its verdict (SPEC §4.6).
+                # The client's own credentials: its verdict is the client's answer.
                 raise DownstreamError(r, f"{wire.upper()} authentication refused by {protocol.peer}: {r.code}")
             raise AttemptFailed(f"{wire.upper()} authentication failed at {protocol.peer}: {r.code} {r.text}", stage="auth")
         raise self._authFault(protocol, f"{wire.upper()} authentication refused: {r.code} {r.text}")

@@ -1,5 +1,5 @@
 """
-Prometheus metrics (SPEC §5) and the HTTP listener that serves them.
+Prometheus metrics (docs/operations.md) and the HTTP listener that serves them.
 
 The engines report through L{IMetrics}: L{Metrics} counts into its own
 C{CollectorRegistry} (no global state), L{NullMetrics} ignores everything

@@ -31,7 +31,7 @@ from smtprelay.config.model import (
     Target,
 )
 
-SPEC_EXAMPLE = """\
+EXAMPLE = """\
 hostname relay.example.org
 tls /etc/smtprelay/fullchain.pem /etc/smtprelay/privkey.pem
 
@@ -120,11 +120,11 @@ def _target(*children: str, kind: str = "smtp", top: str = "") -> Target:
 
 class ExampleTests(SynchronousTestCase):
     """
-    The example of SPEC §2.
+    The complete example of docs/configuration.md.
     """
 
     def test_example(self) -> None:
-        config = loadString(SPEC_EXAMPLE, "relay.conf", {"SMARTHOST_PASSWORD": "s3cret"})
+        config = loadString(EXAMPLE, "relay.conf", {"SMARTHOST_PASSWORD": "s3cret"})
         tls = ServerTLS(cert="/etc/smtprelay/fullchain.pem", key="/etc/smtprelay/privkey.pem")
         smarthost = Target(
             name="smarthost",
@@ -1128,12 +1128,12 @@ def _routing(*children: str) -> list[str]:
 
 class RoutingTests(SynchronousTestCase):
     """
-    SPEC §4.9: C{source}, C{destination} and their defaults in a listener.
+    Routing blocks: C{source}, C{destination} and their defaults in a listener.
     """
 
     def test_specExample(self) -> None:
         """
-        The SPEC's shape: C{source} blocks beside the listener's own
+        Beyond maddy: C{source} blocks beside the listener's own
         C{destination} blocks, which route every other sender; rules are
         normalized (lower case, A-labels) and one block's rules share one
         decision.

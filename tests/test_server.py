@@ -452,7 +452,7 @@ class EnvelopeTests(SynchronousTestCase):
 
 class RelayAccessTests(SynchronousTestCase):
     """
-    SPEC §4.1: clients outside C{allow} are refused before the handler is
+    Clients outside C{allow} are refused before the handler is
     asked anything.
     """
 
@@ -471,7 +471,7 @@ class RelayAccessTests(SynchronousTestCase):
 
     def test_refusalsLogged(self) -> None:
         """
-        SPEC §5: each command the relay refuses on its own is logged as
+        Each command the relay refuses on its own is logged as
         Postfix logs C{NOQUEUE: reject: RCPT from ...: 554 5.7.1 ... Relay
         access denied; from=<...> to=<...>}.
         """
