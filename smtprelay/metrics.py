@@ -1,5 +1,5 @@
 """
-Prometheus metrics (SPEC §5) and the HTTP listener that serves them.
+Prometheus metrics (docs/operations.md) and the HTTP listener that serves them.
 
 The engines report through L{IMetrics}: L{Metrics} counts into its own
 C{CollectorRegistry} (no global state), L{NullMetrics} ignores everything
@@ -41,6 +41,7 @@ REJECTION_REASONS = frozenset({
     "too_many_recipients", "auth_failed", "auth_aborted", "too_many_auth_failures", "sync",
     "line_too_long", "too_much_input", "unknown_command", "not_implemented", "syntax",
     "bad_sequence", "timeout", "too_many_connections", "too_many_errors",
+    "rate_connections", "rate_messages", "rate_recipients",
 })
 """Every value of C{reason} for L{IMetrics.rejected}: each local refusal
 names its own where it is made (README, Logs, metrics, shutdown)."""

@@ -3,7 +3,7 @@ The service tree: configuration in, listening relay out.
 
 L{makeService} is the one function that turns a L{Config} into Twisted
 services; the twistd plugin and C{relay.tac} both call it.  Shutdown is
-graceful (SPEC §3): stop accepting, tell idle sessions C{421 4.3.2}, let
+graceful: stop accepting, tell idle sessions C{421 4.3.2}, let
 transactions in flight finish until C{shutdown_timeout}, then abort them
 (a body cut short never gets its end-of-data downstream).
 """
@@ -42,8 +42,8 @@ _log = Logger()
 
 def loopToken(config: Config) -> str:
     """
-    A short token for our greeting that identifies this deployment (SPEC
-    §4.4): the same in every process with the same hostname and listeners,
+    A short token for our greeting that identifies this deployment (to
+    detect loops): the same in every process with the same hostname and listeners,
     so that a target that greets with it is ourselves.
     """
     seed = config.hostname + "\0" + "\0".join(

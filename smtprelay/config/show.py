@@ -112,6 +112,7 @@ def _targetBody(depth: int, target: Target) -> list[str]:
     if target.reuseConnections:
         lines.append(_line(depth, "reuse_idle_time", formatDuration(target.reuseIdleTime)))
         lines.append(_line(depth, "reuse_time_limit", formatDuration(target.reuseTimeLimit)))
+    lines.append(_line(depth, "forward_client_info", target.forwardClientInfo))
     return lines
 
 
@@ -191,6 +192,10 @@ def _listener(config: Config, listener: Listener) -> list[str]:
         _line(1, "max_connections", listener.maxConnections),
         _line(1, "max_connections_per_ip", listener.maxConnectionsPerIP),
         _line(1, "limit_exceptions", *(listener.limitExceptions or ["none"])),
+        _line(1, "rate_limit_window", formatDuration(listener.rateLimitWindow)),
+        _line(1, "max_connection_rate", listener.maxConnectionRate),
+        _line(1, "max_message_rate", listener.maxMessageRate),
+        _line(1, "max_recipient_rate", listener.maxRecipientRate),
         _line(1, "max_errors", listener.maxErrors),
         _line(1, "max_auth_failures", listener.maxAuthFailures),
         _line(1, "read_timeout", formatDuration(listener.readTimeout)),
