@@ -1,6 +1,5 @@
 """
-Readiness (SPEC §5): whether the relay can deliver, from probes of its
-targets.
+Readiness: whether the relay can deliver, from probes of its targets.
 
 L{Prober} probes every endpoint of every target a listener may deliver to
 (all the targets its routing names), at start and every C{probe_interval}:
