@@ -244,6 +244,10 @@ class Metrics:
             self._connectionLimit.labels(kind)
         for status in STATUSES:
             self._transactions.labels(status)
+        # A reason's first refusals would be invisible to rate() if its
+        # series appeared with them.
+        for reason in REJECTION_REASONS:
+            self._rejections.labels(reason)
         for side in TLS_SIDES:
             for result in ("ok", "failed"):
                 self._tls.labels(side, result, "no")

@@ -175,7 +175,7 @@ class PrometheusTests(SynchronousTestCase):
         need("prometheus", "promtool")
         procs = Processes(self)
         sinkPort, dumps = procs.smtpSink()
-        listen, metrics, prometheus = freePort(), freePort(), freePort()
+        listen, limited, metrics, prometheus = freePort(), freePort(), freePort(), freePort()
         config = os.path.join(procs.dir, "relay.conf")
         with open(config, "w") as f:
             f.write(f"""
@@ -186,6 +186,11 @@ smtp tcp://{HOST}:{listen} {{
     deliver_to smtp tcp://{HOST}:{freePort()} tcp://{HOST}:{sinkPort} {{
         backoff 0
     }}
+}}
+smtp tcp://{HOST}:{limited} {{
+    limit_exceptions none
+    max_connection_rate 1
+    deliver_to smtp tcp://{HOST}:{sinkPort}
 }}
 """)
         procs.relay("--config", config, port=listen)
@@ -229,6 +234,9 @@ smtp tcp://{HOST}:{listen} {{
                 client.sendmail("a@example.org", ["r@example.net"], b"Subject: m\r\n\r\nbody\r\n")
                 self.assertEqual(client.docmd("MAIL", "FROM:<bad")[0], 501)
         self.assertEqual(len(sinkMessages(dumps, messages)), messages)
+        for expected in (220, 421):  # the second connection is over max_connection_rate
+            with smtplib.SMTP(timeout=60) as client:
+                self.assertEqual(client.connect(HOST, limited)[0], expected)
 
         waitFor(
             "Prometheus to scrape every message",
@@ -241,6 +249,13 @@ smtp tcp://{HOST}:{listen} {{
         waitFor(
             "the recording rules to see the traffic",
             lambda: (r := query('instance_status:smtprelay_transactions:rate5m{status="sent"}')) and list(r.values())[0] > 0,
+        )
+        # The rate-limit alert's selector matches the relay's real reason.
+        waitFor(
+            "the rate limit's refusal in the recorded rejections",
+            lambda: [json.loads(k)["reason"] for k, v in query(
+                'instance_reason:smtprelay_rejections:rate5m{reason=~"rate_.*|too_many_connections"}').items() if v > 0]
+            == ["rate_connections"],
         )
 
         def evaluated() -> list[dict[str, Any]] | None:

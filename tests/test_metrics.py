@@ -27,6 +27,7 @@ from smtprelay.metrics import (
     IMetrics,
     Metrics,
     NullMetrics,
+    REJECTION_REASONS,
     metricsResource,
     metricsService,
 )
@@ -141,6 +142,8 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(value(metrics, "smtprelay_transactions_total", status="sent"), 0.0)
         self.assertEqual(value(metrics, "smtprelay_bytes_relayed_total"), 0.0)
         self.assertIsNone(value(metrics, "smtprelay_failovers_total", target="smarthost"))
+        for reason in REJECTION_REASONS:
+            self.assertEqual(value(metrics, "smtprelay_rejections_total", reason=reason), 0.0)
 
     def test_independent(self) -> None:
         """
@@ -150,7 +153,7 @@ class MetricsTests(SynchronousTestCase):
         one.rejected("too_big")
         one.sessionOpened("smtp")
         self.assertEqual(value(one, "smtprelay_rejections_total", reason="too_big"), 1.0)
-        self.assertIsNone(value(two, "smtprelay_rejections_total", reason="too_big"))
+        self.assertEqual(value(two, "smtprelay_rejections_total", reason="too_big"), 0.0)
         self.assertEqual(value(two, "smtprelay_sessions_open", listener="smtp"), 0.0)
         self.assertIsNot(one.registry, two.registry)
 
