@@ -15,6 +15,7 @@ answers.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -136,7 +137,7 @@ class Prober(Service):
         target = self._failovers[key[0]].target
         previous = self._results.get(key)
         self._results[key] = result
-        self._metrics.probed(target.name, "ok" if result.ok else result.stage or "")
+        self._metrics.probed(target.name, result.stage or "ok")
         if previous != result:
             if result.ok:
                 self._log.info(
@@ -173,7 +174,7 @@ class Prober(Service):
             f"{_name(listener)} has no target that answered its latest probe"
             f" ({', '.join(target.name for target in targets)})"
             for listener, targets in self._listeners
-            if not any(self._targetReady(target) for target in targets)
+            if targets and not any(self._targetReady(target) for target in targets)
         ]
 
     def ready(self) -> bool:

@@ -13,7 +13,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.config.model import (
-    Address, ClientTLS, Destinations, DownstreamAuth, Listener, Routing, Secret, Target,
+    Address, ClientTLS, Destinations, DownstreamAuth, Listener, Reject, Routing, Secret, Target,
 )
 from smtprelay.failover import Failover
 from smtprelay.metrics import Metrics
@@ -358,6 +358,18 @@ class ReadinessTests(ProberTestCase):
         self.assertEqual(value(self.metrics, "smtprelay_target_ready", target="corp"), 0.0)
         self.assertEqual(value(self.metrics, "smtprelay_target_ready", target="other"), 1.0)
         self.assertEqual(self.net.attempts, [str(MX1), str(MX2)], "each target probed once")
+
+    def test_rejectOnly(self) -> None:
+        """
+        A listener that only rejects has nothing to deliver to: it does not
+        hold the relay back.
+        """
+        self.net.add(str(MX1))
+        prober = self.prober(
+            listenerFor(makeTarget()),
+            listenerFor(Routing((), Reject()), address=Address("tcp", "127.0.0.1", 2526)),
+        )
+        self.assertEqual(prober.report(), (True, "ready\ntarget smarthost: tcp://mx1.example:25 ok\n"))
 
     def test_everyListener(self) -> None:
         """
