@@ -2,7 +2,7 @@
 Client faults through the whole relay in memory: a client that goes away
 (FIN or reset) in the middle of a command, of the body, or right after its
 dot; a client that sends slowly before and during DATA.  The promises
-(SPEC §4.8, §4.10): the downstream never sees a dot the client did not
+kept: the downstream never sees a dot the client did not
 send, a transaction whose dot was sent is finished anyway, a command line
 and the DATA phase each have a deadline that trickling bytes do not
 restart, and nothing is leaked.
@@ -88,7 +88,7 @@ class ClientGoneTests(SynchronousTestCase):
 
     def midBody(self, ending: str, body: bytes) -> None:
         """
-        SPEC §4.8: gone before the real end-of-data: the downstream
+        Gone before the real end-of-data: the downstream
         connection is closed without the dot (a dot-line-like text inside
         the body is no end).
         """
@@ -121,7 +121,7 @@ class ClientGoneTests(SynchronousTestCase):
 
     def rightAfterDot(self, ending: str) -> None:
         """
-        SPEC §4.8: gone right after its dot: the downstream transaction is
+        Gone right after its dot: the downstream transaction is
         finished anyway (exactly one message), then closed.
         """
         stack = RelayStack(self, {FIRST: Script()})
@@ -157,7 +157,7 @@ class SlowSenderTests(SynchronousTestCase):
     """
     Clients that trickle bytes: a command line has a deadline of
     C{read_timeout} from its first byte, and the DATA phase one of
-    C{data_timeout}; neither restarts per byte (SPEC §4.10).
+    C{data_timeout}; neither restarts per byte.
     """
 
     def trickle(self, stack: RelayStack, clients: list[Client], data: bytes, every: float) -> float:

@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.relay}: the transparency rules of SPEC §4.3–§4.8,
+Tests for L{smtprelay.relay}: the transparency rules,
 with a scripted in-memory downstream standing in for the outbound engine.
 """
 
@@ -72,8 +72,9 @@ class ScriptedDownstream:
             return fail(answer)
         return succeed(answer)
 
-    def mail(self, sender: bytes, params: object) -> Deferred[Reply]:
+    def mail(self, sender: bytes, params: object, client: ClientSession | None = None) -> Deferred[Reply]:
         self.calls.append(("mail", sender, dict(params)))  # type: ignore[call-overload]
+        self.client = client
         return self._answer("mail", reply(250, "2.1.0", "Sender ok"))
 
     def rcpt(self, recipient: bytes, params: object) -> Deferred[Reply]:
@@ -123,14 +124,14 @@ class Opener:
         self.calls: list[dict] = []
 
     def __call__(self, credentials: Credentials | None = None, mail: tuple | None = None,
-                 sessionId: str = "-") -> Deferred:
-        self.calls.append({"credentials": credentials, "mail": mail})
+                 sessionId: str = "-", client: ClientSession | None = None) -> Deferred:
+        self.calls.append({"credentials": credentials, "mail": mail, "client": client})
         self.sessionId = sessionId
         if self.error is not None:
             return fail(self.error)
         if mail is None:
             return succeed((self.downstream, None))
-        return self.downstream.mail(*mail).addCallback(lambda r: (self.downstream, r))
+        return self.downstream.mail(*mail, client).addCallback(lambda r: (self.downstream, r))
 
 
 def router(listener_: Listener, opener: Opener, release: object = None) -> Router:
@@ -203,11 +204,12 @@ class RelaySessionTests(SynchronousTestCase):
         got = result(self.relay().mail(b"s@example.org", {"SIZE": "100", "BODY": "8BITMIME"}))
         self.assertEqual(got, reply(250, "2.1.0", "Sender <s> looks fine"))
         self.assertEqual(self.opener.calls, [
-            {"credentials": None, "mail": (b"s@example.org", {"SIZE": "100", "BODY": "8BITMIME"})}])
+            {"credentials": None, "mail": (b"s@example.org", {"SIZE": "100", "BODY": "8BITMIME"}),
+             "client": self.session}])
 
     def test_authParameterOnlyFromAuthenticatedClients(self) -> None:
         """
-        SPEC §4.3: C{AUTH=} is forwarded only for authenticated clients.
+        C{AUTH=} is forwarded only for authenticated clients.
         """
         relay = self.relay()
         result(relay.mail(b"s@example.org", {"AUTH": "<>", "SIZE": "5"}))
@@ -301,7 +303,7 @@ class RelaySessionTests(SynchronousTestCase):
 
     def test_dataWithoutAcceptedRecipientsNeverReachesDownstream(self) -> None:
         """
-        SPEC §4.3: never DATA downstream without an accepted recipient.
+        Never DATA downstream without an accepted recipient.
         """
         self.downstream.script["rcpt:a@x"] = reply(550, "5.1.1", "unknown")
         relay = self.relay()
@@ -346,7 +348,7 @@ class RelaySessionTests(SynchronousTestCase):
 
     def test_lostAfterDotIsTemporaryNever250(self) -> None:
         """
-        SPEC §4.5: the connection lost after the dot → 451 4.4.2, with the
+        The connection lost after the dot → 451 4.4.2, with the
         session id.
         """
         self.downstream.script["end"] = DownstreamError(replies.DOWNSTREAM_LOST, "connection lost")
@@ -377,7 +379,7 @@ class RelaySessionTests(SynchronousTestCase):
 
     def test_abortDataNeverSendsTheDot(self) -> None:
         """
-        SPEC §4.8: a body refused locally (bare LF, too many hops) closes the
+        A body refused locally (bare LF, too many hops) closes the
         downstream without the end-of-data.
         """
         relay = self.relay()
@@ -404,7 +406,7 @@ class RelaySessionTests(SynchronousTestCase):
 
     def test_clientGoneAfterDotFinishesAndLogs(self) -> None:
         """
-        SPEC §4.8: a client that leaves after its dot does not abort the
+        A client that leaves after its dot does not abort the
         downstream transaction; its outcome is logged, then QUIT.
         """
         pending: Deferred = Deferred()
@@ -515,7 +517,7 @@ class RelaySessionTests(SynchronousTestCase):
 
     def test_transactionLogEvent(self) -> None:
         """
-        SPEC §5: one event per transaction with stable keys.  It is emitted
+        One event per transaction with stable keys.  It is emitted
         one reactor turn after the final reply (formatting it is not the
         client's wait) with the values of that transaction, even when the
         client's next MAIL has started another.
@@ -537,7 +539,7 @@ class RelaySessionTests(SynchronousTestCase):
 
 class LMTPMappingTests(SynchronousTestCase):
     """
-    SPEC §4.7.
+    LMTP replies: one per recipient, or one for all (C{lmtp_split}).
     """
 
     def setUp(self) -> None:
@@ -625,7 +627,7 @@ class LMTPMappingTests(SynchronousTestCase):
 
 class LogLineTests(SynchronousTestCase):
     """
-    SPEC §5: the lines a postmaster reads: one per refused command, one per
+    The lines a postmaster reads: one per refused command, one per
     recipient where an LMTP target answers per recipient, and the true
     cause of an abort.
     """
@@ -790,7 +792,7 @@ class LogLineTests(SynchronousTestCase):
 
 class AuthForwardTests(SynchronousTestCase):
     """
-    SPEC §4.6: C{auth forward} checks the client's credentials at AUTH time
+    C{auth forward} checks the client's credentials at AUTH time
     against the downstream and binds that session to this client.
     """
 
@@ -805,7 +807,7 @@ class AuthForwardTests(SynchronousTestCase):
     def test_acceptedCredentialsBindTheDownstream(self) -> None:
         relay = self.relay()
         self.assertEqual(result(relay.authenticate("PLAIN", "alice", "s3cret")), replies.AUTH_OK)
-        self.assertEqual(self.opener.calls, [{"credentials": Credentials("alice", "s3cret"), "mail": None}])
+        self.assertEqual(self.opener.calls, [{"credentials": Credentials("alice", "s3cret"), "mail": None, "client": self.session}])
         self.session.user = "alice"
         result(relay.mail(b"alice@x", {}))
         self.assertEqual(len(self.opener.calls), 1, "MAIL must reuse the authenticated session")
@@ -855,7 +857,7 @@ class AuthForwardTests(SynchronousTestCase):
 
 class RoutingTests(SynchronousTestCase):
     """
-    SPEC §4.9 and §4.3: one target per transaction, chosen by the sender at
+    Routing: one target per transaction, chosen by the sender at
     MAIL or by the first routed recipient at RCPT.
     """
 
@@ -895,7 +897,7 @@ class RoutingTests(SynchronousTestCase):
                          reply(250, "2.1.0", "OK"))
         self.assertEqual([o.calls for o in self.openers.values()], [[], [], [], []])
         self.assertEqual(result(self.relay.rcpt(b"r1@A.test", {})), reply(250, "2.1.5", "Recipient ok"))
-        self.assertEqual(self.openers["a"].calls, [{"credentials": None, "mail": (b"s@x.test", {"SIZE": "10"})}])
+        self.assertEqual(self.openers["a"].calls, [{"credentials": None, "mail": (b"s@x.test", {"SIZE": "10"}), "client": self.session}])
         self.assertEqual(result(self.relay.rcpt(b"r2@a.test", {})).code, 250)
         self.assertEqual(result(self.relay.data(Producer())).code, 354)
         self.relay.dataChunk(b"x\r\n")

@@ -1,5 +1,5 @@
 """
-The directives of SPEC §2: a node tree from L{smtprelay.config.lexer} checked
+The directives of docs/configuration.md: a node tree from L{smtprelay.config.lexer} checked
 and turned into the frozen L{Config} of L{smtprelay.config.model}.
 
 Each block kind (top level, listener, target, C{tls}, C{tls_client}) is a
@@ -15,7 +15,7 @@ import difflib
 import os
 import re
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -409,6 +409,7 @@ _TARGET = {
     "reuse_connections": _Directive("reuseConnections", _flag),
     "reuse_idle_time": _Directive("reuseIdleTime", _timeout),
     "reuse_time_limit": _Directive("reuseTimeLimit", _timeout),
+    "forward_client_info": _Directive("forwardClientInfo", _choice("off", "xforward", "xclient")),
 }
 
 _LISTENER = {
@@ -423,6 +424,10 @@ _LISTENER = {
     "max_connections": _Directive("maxConnections", _count(1)),
     "max_connections_per_ip": _Directive("maxConnectionsPerIP", _count(1)),
     "limit_exceptions": _Directive("limitExceptions", _networksOrNone),
+    "rate_limit_window": _Directive("rateLimitWindow", _timeout),
+    "max_connection_rate": _Directive("maxConnectionRate", _count(0)),
+    "max_message_rate": _Directive("maxMessageRate", _count(0)),
+    "max_recipient_rate": _Directive("maxRecipientRate", _count(0)),
     "max_errors": _Directive("maxErrors", _count(1)),
     "max_auth_failures": _Directive("maxAuthFailures", _count(1)),
     "read_timeout": _Directive("readTimeout", _timeout),
@@ -442,6 +447,7 @@ _TOP = {
     "tls_client": _Directive("tlsClient", _clientTLS),
     "metrics": _Directive("metrics", _metrics),
     "shutdown_timeout": _Directive("shutdownTimeout", _duration),
+    "probe_interval": _Directive("probeInterval", _timeout),
     **{kind: _Directive(kind, _keep, repeatable=True) for kind in LISTENER_KINDS + TARGET_KINDS},
 }
 
@@ -494,7 +500,19 @@ def _namedTarget(node: Node, ctx: _Context, named: dict[str, Target | None]) -> 
 
 
 ROUTING = ("deliver_to", "reject", "destination", "default_destination", "source", "default_source")
-"""The listener directives that say where mail goes (SPEC §2.2, §4.9)."""
+"""The listener directives that say where mail goes (docs/configuration.md, "Routing directives")."""
+
+DIRECTIVES: Mapping[str, Collection[str]] = {
+    "top level": _TOP.keys(),
+    "listener": _LISTENER.keys(),
+    "routing": ROUTING,
+    "target": _TARGET.keys(),
+    "tls": _SERVER_TLS.keys(),
+    "tls_client": _CLIENT_TLS.keys(),
+}
+"""The directives the parser knows, by the kind of block they go in: the
+very tables it dispatches on (the reference in docs/configuration.md is
+checked against them)."""
 
 _Resolve = Callable[[Node], "Target | None"]
 """A C{deliver_to} node → its target (L{None} after reporting an error)."""
@@ -626,7 +644,7 @@ def _delivery(
     named: Mapping[str, Target | None],
 ) -> Target | Routing | None:
     """
-    A listener's C{deliver_to}, or its routing blocks (SPEC §4.9): C{source}
+    A listener's C{deliver_to}, or its routing blocks: C{source}
     blocks, and C{default_source} or the listener's own directives for
     every other sender.  Inline targets are named after the listener, as
     in C{smtp-listener-1} (C{smtp-listener-1-route-2} in routing blocks).
