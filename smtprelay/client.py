@@ -5,8 +5,9 @@ Every command returns a Deferred that fires with the downstream's L{Reply};
 replies are matched to commands first in, first out.  Commands are written
 at once when the server offers PIPELINING and one at a time otherwise.
 Replies are parsed strictly: garbage, mixed codes, a reply over 64 KiB,
-endless continuation lines, a reply nobody asked for or a reply of the wrong
-class abort the connection, and every outstanding Deferred fails with
+endless continuation lines, a reply nobody asked for (one more than the
+commands written before its bytes arrived) or a reply of the wrong class
+abort the connection, and every outstanding Deferred fails with
 L{DownstreamError}.  The body is dot-stuffed by L{DotStuffer} at every
 position, whatever the chunking; an aborted body never gets its
 end-of-data.  Secrets never reach a log line: the protocol trace (C{debug})
@@ -192,6 +193,7 @@ class SMTPClientProtocol(LineReceiver):
         self._clock = clock
         self._debug = target.debug
         self._waiting: deque[tuple[Deferred[Reply], Check]] = deque()
+        self._answerable = 0
         self._queued: deque[tuple[bytes, Deferred[Reply], Check, bool]] = deque()
         self._lines: list[bytes] = []
         self._replyBytes = 0
@@ -299,13 +301,21 @@ class SMTPClientProtocol(LineReceiver):
 
     # -- replies ----------------------------------------------------------
 
+    def dataReceived(self, data: bytes) -> None:
+        # These bytes left the downstream before any command that a reply
+        # among them makes us write (the next step, a queued command), so
+        # they can answer only the commands already waiting: one more reply
+        # is unrequested, however well it would fit the next command.
+        self._answerable = len(self._waiting)
+        super().dataReceived(data)
+
     def lineReceived(self, line: bytes) -> None:
         if self._error is not None:
             return
         if self._debug:
             self._trace("S", b"334 ****" if line[:3] == b"334" else line)
-        if not self._waiting:
-            self._abortWith(replies.DOWNSTREAM_LOST, f"unsolicited data from {self.peer}")
+        if not self._lines and not self._answerable:
+            self._abortWith(replies.DOWNSTREAM_LOST, f"unrequested reply from {self.peer}")
             return
         if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
             self._abortWith(replies.DOWNSTREAM_LOST, f"malformed reply from {self.peer}")
@@ -323,14 +333,18 @@ class SMTPClientProtocol(LineReceiver):
         except MalformedReply as e:
             self._abortWith(replies.DOWNSTREAM_LOST, f"malformed reply from {self.peer}: {e}")
             return
-        d, check = self._waiting.popleft()
+        d, check = self._waiting[0]
         if not check(parsed):
-            d.errback(
+            # Fail it with everything behind it, in order, whether the
+            # transport reports the loss now or later.
+            self._failAll(
                 self._abortWith(
                     replies.DOWNSTREAM_CONFUSED, f"unexpected reply {parsed.code} from {self.peer}"
                 )
             )
             return
+        self._waiting.popleft()
+        self._answerable -= 1
         if self._waiting:
             self._armTimer()
         else:

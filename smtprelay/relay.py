@@ -145,8 +145,8 @@ class RelaySession:
         self._dropDownstream(abort=True)
 
         def bound(result: tuple[IDownstream, Reply | None]) -> Reply:
-            self._downstream, self._downstreamRoute = result[0], route
-            self._credentials = credentials
+            if self._adopt(result[0], route):
+                self._credentials = credentials
             return replies.AUTH_OK
 
         def refused(failure: Failure) -> Reply:
@@ -401,12 +401,19 @@ class RelaySession:
         return downstream.mail(sender, params, self.session).addCallbacks(self._relayed, broken)
 
     def _openWithMail(self, sender: bytes, params: Params) -> Deferred[Reply]:
+        """
+        MAIL on a new session from the route's targets; none for a client
+        that left before (while an RSET or a stale session's MAIL was in
+        flight).
+        """
+        if self._closed:
+            return succeed(self._local(replies.DOWNSTREAM_LOST))
         route = self._route
         assert route is not None
 
         def opened(result: tuple[IDownstream, Reply | None]) -> Reply:
-            self._downstream, reply = result
-            self._downstreamRoute = route
+            downstream, reply = result
+            self._adopt(downstream, route)
             assert reply is not None
             return self._relayed(reply)
 
@@ -416,6 +423,20 @@ class RelaySession:
             sessionId=self.session.id,
             client=self.session,
         ).addCallbacks(opened, self._failed)
+
+    def _adopt(self, downstream: IDownstream, route: Route) -> bool:
+        """
+        Hold C{downstream}, which C{route} just opened for this session.  A
+        client that left while it was being opened cannot use it, and no
+        timer would ever close it: it goes back to the route at once, under
+        the usual rules (a MAIL on it makes it QUIT, not kept).
+
+        @return: whether the session holds it.
+        """
+        self._downstream, self._downstreamRoute = downstream, route
+        if self._closed:
+            self._dropDownstream(abort=False)
+        return not self._closed
 
     def _relayed(self, reply: Reply) -> Reply:
         """

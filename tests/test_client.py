@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -23,6 +24,7 @@ from smtprelay.interfaces import Credentials, DownstreamError, IDownstream, TLSI
 from smtprelay.replies import Reply, reply
 from smtprelay.testing.downstream import (
     CLOSE,
+    DEFAULT_EHLO,
     STALL,
     FakeDownstream,
     Script,
@@ -604,6 +606,88 @@ class MalformedTests(SynchronousTestCase):
         h.flush()
         for d in (d1, d2):
             self.assertEqual(self.failureResultOf(d, DownstreamError).value.reply, replies.DOWNSTREAM_LOST)
+
+
+class UnrequestedReplyTests(SynchronousTestCase):
+    """
+    Bytes that arrive together left the downstream before any command that
+    a reply among them makes the client write: they answer only the
+    commands already waiting, and one reply more is unrequested.  (Issue
+    14: such a reply after the greeting or EHLO was taken as the next
+    command's, and every later reply answered the command before it.)
+    """
+
+    def assertLostAfter(self, h: Harness, d: Any, received: bytes) -> None:
+        h.flush()
+        self.assertEqual(self.failureResultOf(d, DownstreamError).value.reply, replies.DOWNSTREAM_LOST)
+        self.assertEqual(bytes(h.server.received), received)
+        self.assertTrue(h.server.lost)
+
+    def test_afterGreeting(self) -> None:
+        """
+        A greeting and a reply nobody asked for in one segment: EHLO,
+        written when the greeting is parsed, does not take that reply.
+        """
+        h = Harness(Script(replies={"greeting": b"220 fake.example ESMTP\r\n250 2.0.0 Nobody asked\r\n"}))
+        hello = h.client.greeting.addCallback(lambda _: h.client.hello("relay.example"))
+        self.assertLostAfter(h, hello, b"EHLO relay.example\r\n")
+        self.assertEqual(h.client.capabilities, {})
+
+    def test_afterHello(self) -> None:
+        """
+        One more line after the EHLO reply: MAIL, written from the EHLO
+        reply's callback as the failover does, does not take it.
+        """
+        h = Harness(Script(replies={"EHLO": DEFAULT_EHLO + b"250 2.0.0 Nobody asked\r\n"}))
+        h.flush()
+        mail = h.client.hello("relay.example").addCallback(lambda _: h.client.mail(b"a@example.org", {}))
+        self.assertLostAfter(h, mail, b"EHLO relay.example\r\nMAIL FROM:<a@example.org>\r\n")
+
+    def test_pipelinedGroupInOneSegment(self) -> None:
+        """
+        The replies to a pipelined group arrive in one segment, and the
+        first one's callback writes another command: the rest of the
+        segment answers the group, the new command waits for its own.
+        """
+        h = Harness(Script(replies={"EHLO": EHLO_ALL}))
+        h.ready()
+        segments: list[bytes] = []
+        receive = h.client.dataReceived
+        h.client.dataReceived = lambda data: (segments.append(data), receive(data))[1]  # type: ignore[method-assign]
+        got: list[Reply] = []
+
+        def mailed(r: Reply) -> None:
+            got.append(r)
+            h.client.command(b"NOOP").addCallback(got.append)
+
+        h.client.mail(b"a@example.org", {}).addCallback(mailed)
+        h.client.rcpt(b"b@example.net", {}).addCallback(got.append)
+        h.client.rcpt(b"c@example.net", {}).addCallback(got.append)
+        h.flush()
+        self.assertEqual(segments, [b"250 2.1.0 Ok\r\n" + b"250 2.1.5 Ok\r\n" * 2, b"250 2.0.0 Ok\r\n"])
+        self.assertEqual([r.code for r in got], [250, 250, 250, 250])
+        self.assertEqual(got[-1].text, "Ok")
+        self.assertEqual(
+            h.server.commands[-4:],
+            [b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.net>", b"RCPT TO:<c@example.net>", b"NOOP"],
+        )
+        self.assertFalse(h.server.lost)
+
+    def test_wrongClassFailsInOrder(self) -> None:
+        """
+        A reply of the wrong class fails its command before those queued
+        behind it, even when the transport reports the loss at once.
+        """
+        transport = StringTransportWithDisconnection()
+        client = SMTPClientProtocol(makeTarget(), Clock(), peer="mx.example")
+        transport.protocol = client
+        client.makeConnection(transport)
+        order: list[str] = []
+        client.greeting.addErrback(lambda f: order.append("greeting"))
+        client.command(b"NOOP").addErrback(lambda f: order.append("NOOP"))
+        client.dataReceived(b"334 what\r\n")
+        self.assertEqual(order, ["greeting", "NOOP"])
+        self.assertEqual(transport.value(), b"")
 
 
 class TimeoutTests(SynchronousTestCase):

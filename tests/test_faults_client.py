@@ -28,11 +28,6 @@ from .relay_stack import FIRST, Client, RelayStack
 
 ENVELOPE = b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\n"
 BODY = b"Subject: client faults\r\n\r\n" + b"body line\r\n" * 20
-_LEAK = (
-    "known defect: a client that leaves while its MAIL opens the downstream session leaves that "
-    "downstream connection open (no timer runs on it) until the downstream closes it; it should be "
-    "QUIT or kept in the pool"
-)
 ENDINGS = {"FIN": ConnectionDone("client closed"), "RST": ConnectionLost("client reset")}
 
 
@@ -72,24 +67,24 @@ class ClientGoneTests(SynchronousTestCase):
     def whileMailInFlight(self, ending: str) -> None:
         """
         The client leaves while its MAIL is at the downstream: the
-        downstream session is closed when its reply comes, not leaked.
+        downstream session is closed when its reply comes (QUIT: a MAIL
+        is open on it), not leaked.
         """
         stack = RelayStack(self, {FIRST: Script()})
         client = stack.connect()
         client.protocol.dataReceived(b"MAIL FROM:<s@example.org>\r\n")
         client.disconnect(Failure(ENDINGS[ending]))
         self.assertEqual(stack.network.attempts, [str(FIRST)])
+        [downstream] = stack.allDownstreams()
+        self.assertEqual(downstream.commands, [b"EHLO relay.test", b"MAIL FROM:<s@example.org>", b"QUIT"])
+        self.assertTrue(downstream.lost)
         stack.assertQuiet()
 
     def test_finWhileMailInFlight(self) -> None:
         self.whileMailInFlight("FIN")
 
-    test_finWhileMailInFlight.todo = _LEAK  # type: ignore[attr-defined]
-
     def test_rstWhileMailInFlight(self) -> None:
         self.whileMailInFlight("RST")
-
-    test_rstWhileMailInFlight.todo = _LEAK  # type: ignore[attr-defined]
 
     def midBody(self, ending: str, body: bytes) -> None:
         """

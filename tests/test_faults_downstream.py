@@ -335,16 +335,6 @@ for _case in CASES:
 del _case
 
 
-_DESYNC = (
-    "known defect: an unrequested reply in the same segment as the greeting, EHLO/LHLO or AUTH "
-    "reply is taken as the reply to the command the relay writes next (the client's MAIL then gets "
-    "the EHLO reply's last line); it should abandon the connection (SPEC 4.5)"
-)
-for _case in CASES:
-    if _case.fault == "unrequested" and _case.step in ("greeting", "hello", "auth"):
-        getattr(DownstreamFaultMatrixTests, _case.name).todo = _DESYNC  # type: ignore[attr-defined]
-del _case
-
 RECIPIENTS = (b"r1@example.net", b"r2@example.net", b"r3@example.net")
 
 

@@ -122,7 +122,16 @@ class OutboundMachine(RuleBasedStateMachine):
     def nextSlot(self) -> Slot | None:
         return self.slots[self.replied] if self.replied < len(self.slots) else None
 
-    @precondition(lambda self: self.poisonAt is None and self.nextSlot() is not None)
+    def answerable(self) -> bool:
+        """
+        The next slot's command is on the wire (the greeting needs none): a
+        downstream answers only what it received, and without PIPELINING a
+        command waits in the engine until the previous reply came.
+        """
+        slot = self.nextSlot()
+        return slot is not None and slot.index <= self.transport.value().count(b"\r\n")
+
+    @precondition(lambda self: self.poisonAt is None and self.answerable())
     @rule(code=st.integers(200, 599), lines=st.lists(TEXT, min_size=1, max_size=4))
     def goodReply(self, code: int, lines: list[str]) -> None:
         """
@@ -139,7 +148,7 @@ class OutboundMachine(RuleBasedStateMachine):
         ).encode("ascii")
         self.replied += 1
 
-    @precondition(lambda self: self.poisonAt is None and self.nextSlot() is not None)
+    @precondition(lambda self: self.poisonAt is None and self.answerable())
     @rule(kind=st.sampled_from(["garbage", "wrong-class", "too-many-lines", "too-long"]), garbage=GARBAGE,
           code=st.sampled_from([100, 199, 220, 250, 334, 354, 421, 550, 600, 999]))
     def badReply(self, kind: str, garbage: bytes, code: int) -> None:

@@ -479,6 +479,42 @@ class RelaySessionTests(SynchronousTestCase):
         self.assertEqual(released, [self.downstream])
         self.assertEqual(self.downstream.calls[-1], ("abort",))
 
+    def test_clientGoneWhileOpeningReleasesTheDownstream(self) -> None:
+        """
+        Issue 14: a client that leaves while its MAIL opens the downstream
+        session: once open, the session goes to the releaser (which QUITs a
+        session with a MAIL on it), not into the closed relay session, where
+        no timer would ever close it.
+        """
+        pending: Deferred = Deferred()
+        self.downstream.script["mail"] = pending
+        released: list[object] = []
+        relay = relaySession(self.session, listener(), self.opener, self.clock, released.append)
+        mail = relay.mail(b"s@x", {})
+        relay.close()
+        self.assertEqual(released, [])
+        pending.callback(reply(250, "2.1.0", "Sender ok"))
+        self.assertEqual(result(mail), reply(250, "2.1.0", "Sender ok"))
+        self.assertEqual(released, [self.downstream])
+        self.assertEqual(self.downstream.calls, [("mail", b"s@x", {})])
+
+    def test_clientGoneWhileResettingOpensNothing(self) -> None:
+        """
+        A client that sends RSET and MAIL and leaves before the RSET's
+        reply: its MAIL opens no downstream session for nobody.
+        """
+        pending: Deferred = Deferred()
+        self.downstream.script["rset"] = pending
+        relay = self.relay()
+        result(relay.mail(b"s@x", {}))
+        relay.reset()
+        mail = relay.mail(b"t@x", {})
+        relay.close()
+        pending.callback(reply(250, "2.0.0", "Ok"))
+        self.assertEqual(result(mail), replies.DOWNSTREAM_LOST.withSession("S1D"))
+        self.assertEqual(len(self.opener.calls), 1)
+        self.assertEqual([c[0] for c in self.downstream.calls], ["mail", "rset", "quit"])
+
     def test_transactionLogEvent(self) -> None:
         """
         One event per transaction with stable keys.  It is emitted
@@ -798,6 +834,23 @@ class AuthForwardTests(SynchronousTestCase):
         self.assertEqual(result(relay.mail(b"alice@x", {})).code, 250)
         self.assertEqual([c["credentials"] for c in self.opener.calls[1:]], [Credentials("alice", "pw")])
 
+    def test_clientGoneWhileAuthenticatingReleasesTheDownstream(self) -> None:
+        """
+        A client that leaves while its AUTH opens the downstream session:
+        once open, the session is released (never kept: it carries the
+        client's identity) and the credentials are not kept either.
+        """
+        opening: Deferred = Deferred()
+        released: list[object] = []
+        relay = relaySession(self.session, listener("submission", auth=ListenerAuth("forward")),
+                             lambda **kw: opening, Clock(), released.append)  # type: ignore[arg-type]
+        auth = relay.authenticate("PLAIN", "alice", "s3cret")
+        relay.close()
+        opening.callback((self.opener.downstream, None))
+        self.assertEqual(result(auth), replies.AUTH_OK)
+        self.assertEqual(released, [self.opener.downstream])
+        self.assertIsNone(relay._credentials)
+
     def test_credentialsNotInRepr(self) -> None:
         self.assertNotIn("s3cret", repr(Credentials("alice", "s3cret")))
 
@@ -902,6 +955,24 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual(result(self.relay.rcpt(b"r2@a.test", {})), reply(550, "5.1.8", "Sender rejected"))
         self.assertEqual(self.calls("a"), ["mail"])
         self.assertEqual(result(self.relay.data(Producer())).code, 554)
+
+    def test_clientGoneWhileFirstRecipientOpens(self) -> None:
+        """
+        A client that leaves while its first routed RCPT opens the target:
+        once open, the session is released to that target, and no RCPT is
+        sent on it.
+        """
+        pending: Deferred = Deferred()
+        downstream = self.openers["a"].downstream
+        downstream.script["mail"] = pending
+        result(self.relay.mail(b"s@x.test", {}))
+        rcpt = self.relay.rcpt(b"r@a.test", {})
+        self.relay.close()
+        self.assertEqual(self.released, [])
+        pending.callback(reply(250, "2.1.0", "Sender ok"))
+        self.assertEqual(result(rcpt), replies.DOWNSTREAM_LOST.withSession("R1"))
+        self.assertEqual(self.released, [("a", downstream)])
+        self.assertEqual(self.calls("a"), ["mail"])
 
     def test_noTargetReachable(self) -> None:
         """
