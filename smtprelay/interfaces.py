@@ -227,7 +227,8 @@ class IDownstream(Interface):
 
     def data() -> Deferred[Reply]:
         """
-        DATA; fires with the downstream's 354 (or its refusal).
+        DATA; fires with the downstream's 354 (or its refusal), or at once
+        with a local 354 when the body goes as BDAT chunks.
         """
 
     def write(data: bytes) -> None:
@@ -247,8 +248,8 @@ class IDownstream(Interface):
 
     def endData() -> Deferred[Sequence[Reply]]:
         """
-        Send the end-of-data dot; fire with one reply (SMTP) or one per
-        accepted recipient in RCPT order (LMTP).  An LMTP session that
+        Send the end-of-data dot (or the C{LAST} chunk); fire with one reply
+        (SMTP) or one per accepted recipient in RCPT order (LMTP).  An LMTP session that
         fails after some of its replies fails with a L{DownstreamError}
         whose C{received} holds them.
         """

@@ -467,3 +467,41 @@ class PostfixDownstreamClientInfoTests(SynchronousTestCase):
         self.assertEqual(replies[2], b"554 5.7.1 <rcpt@example.net>: Recipient address rejected: Access denied")
         downstream.waitForLog(r"NOQUEUE: reject: RCPT from unknown\[198\.51\.100\.7\]: 554 5\.7\.1 "
                               r"<rcpt@example\.net>: Recipient address rejected: Access denied; .* helo=<proxied\.test>")
+
+
+class PostfixDownstreamChunkingTests(SynchronousTestCase):
+    """
+    Postfix's C{smtpd} (CHUNKING since 3.4) as the downstream: the relay
+    sends a client's DATA body as BDAT chunks, or as DATA with C{chunking
+    no}; the message arrives intact either way.
+    """
+
+    def setUp(self) -> None:
+        self.procs = Processes(self)
+
+    def deliver(self, lines: str) -> tuple[Postfix, bytes]:
+        downstream = self.procs.postfix("downstream")
+        relay = relayThrough(self.procs, f"tcp://{HOST}:{downstream.port}\n{lines}")
+        body = SMTP_MESSAGE + b"x" * 200_000 + b"\r\n.a line that starts with a dot\r\n"
+        with smtplib.SMTP(HOST, relay, local_hostname="client.test", timeout=60) as client:
+            self.assertEqual(client.sendmail("sender@example.org", ["rcpt@example.net"], body), {})
+        [stored] = downstream.stored()
+        self.assertTrue(stored.endswith(b"x" * 200_000 + b"\n.a line that starts with a dot\n"), stored[-100:])
+        self.assertIn(b"\nSubject: real peers\n", stored)
+        return downstream, stored
+
+    def test_bdat(self) -> None:
+        """
+        Postfix's session summary counts BDAT commands (the body over 64 KiB
+        goes in several chunks) and no DATA.
+        """
+        downstream, _ = self.deliver("")
+        [summary] = downstream.waitForLog(r"disconnect from localhost\[127\.0\.0\.1\] (ehlo=.*)$")
+        chunks = re.fullmatch(r"ehlo=1 mail=1 rcpt=1 bdat=(\d+) quit=1 commands=\d+", summary.group(1))
+        assert chunks is not None, summary.group(1)
+        self.assertGreaterEqual(int(chunks.group(1)), 2)
+
+    def test_chunkingOff(self) -> None:
+        downstream, _ = self.deliver("chunking no")
+        [summary] = downstream.waitForLog(r"disconnect from localhost\[127\.0\.0\.1\] (ehlo=.*)$")
+        self.assertEqual(summary.group(1), "ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5")
