@@ -12,7 +12,7 @@ Workloads: i (2000 x 1 KB, 10 sessions), ii (200 x 1 MB, 5 sessions),
           per-message latency p50/p95), ivp (20 parallel sessions x 1 x 1 KB),
           v (500 concurrent idle sessions: RSS, and does it still serve).
 
-The relay row is checked against the targets of SPEC section 6 (PASS/FAIL).
+The relay row is checked against the performance targets (PASS/FAIL).
 Exit status: 0 all ok; 1 a run failed (e.g. a message did not reach the
 sink); 3 every run ok but a target was missed.
 
@@ -78,7 +78,7 @@ DEFAULT_WORKLOADS = ['i', 'ii', 'iii', 'iv', 'ivp', 'v']
 SYSTEMS = ['direct', 'postfix', 'haraka', 'aiosmtpd', 'relay']
 DEFAULT_SYSTEMS = ['direct', 'postfix', 'aiosmtpd']   # haraka: opt-in (npm)
 
-# SPEC section 6: targets for one relay process (the "relay" system's rows)
+# The performance targets for one relay process (the "relay" system's rows)
 TARGETS = {
     'i':   'msg/s >= 1.5x postfix and >= 1.3x aiosmtpd',
     'ii':  'msg/s >= 1.0x postfix',
@@ -1172,7 +1172,7 @@ def derive(rows):
 
 def check_target(w, rs, ok):
     """(PASS | FAIL | n/a, detail) for the relay rows rs of workload w
-    against SPEC section 6; the peers' figures are the means of their ok
+    against the performance targets; the peers' figures are the means of their ok
     runs of the same workload in the same results."""
     if not rs:
         return 'n/a', 'not run'
@@ -1309,7 +1309,7 @@ def summary(rows):
 
 
 def targets(rows):
-    """The relay's verdicts against SPEC section 6, from all its runs."""
+    """The relay's verdicts against the performance targets, from all its runs."""
     ok = _ok_groups(rows)
     relays = []
     for r in rows:
@@ -1317,7 +1317,7 @@ def targets(rows):
             relays.append(r['system'])
     lines, verdicts = [], []
     for name in relays:
-        lines.append(f'targets (SPEC section 6) for {name}, one process:')
+        lines.append(f'performance targets for {name}, one process:')
         out = []
         for w in WORKLOADS:
             rs = [r for r in rows if r['system'] == name and r['workload'] == w]
@@ -1543,8 +1543,8 @@ def main():
     print('mem: VmHWM of a one-process relay; peak of the sum of PSS for a '
           'process tree (postfix); v: the same at the plateau with 500 idle '
           'sessions (VmRSS / sum of PSS).')
-    print('x pf: ratio to postfix in this run (msgs/s; mem). target: SPEC '
-          'section 6, relay rows only. cpu%: of one core, over the wall '
+    print('x pf: ratio to postfix in this run (msgs/s; mem). target: the '
+          'performance targets, relay rows only. cpu%: of one core, over the wall '
           'time; other: the rest of the box.')
     print(f'box busy before start: {idle_busy:.0f}% of {os.cpu_count()} cores')
     print('versions: ' + ', '.join(f'{k} {v}' for k, v in meta['versions'].items()))
@@ -1566,7 +1566,7 @@ def main():
         return 1
     if 'FAIL' in verdicts:
         print()
-        print(f'FAIL: {verdicts.count("FAIL")} target(s) of SPEC section 6 '
+        print(f'FAIL: {verdicts.count("FAIL")} performance target(s) '
               'missed: exit status 3')
         return 3
     return 0

@@ -8,7 +8,7 @@
 #
 # smtp-source -> X -> smtp-sink on 127.0.0.1 for X = direct (no relay),
 # postfix, aiosmtpd and smtprelay in the same run; prints one table with the
-# ratios to Postfix and the SPEC section 6 verdicts of the smtprelay rows.
+# ratios to Postfix and the verdicts against the performance targets of the smtprelay rows.
 # It installs what is missing first (setup.sh: apt packages and the aiosmtpd
 # venv; `make venv`: the project in .venv). Exit status: 0 ok, 1 a run failed
 # (a message did not reach the sink, a relay did not start, ...), 3 a target

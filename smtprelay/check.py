@@ -1,5 +1,5 @@
 """
-smtprelay-check: validate a configuration file (SPEC §3).
+smtprelay-check: validate a configuration file (docs/configuration.md).
 
 C{smtprelay-check [--show] [--no-files] [CONFIG]} prints C{CONFIG: OK}
 (or, with C{--show}, the effective configuration with passwords masked) and

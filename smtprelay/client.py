@@ -738,7 +738,7 @@ class SMTPClientProtocol(LineReceiver):
             error = f.value.subFailure.value
             if received and isinstance(error, DownstreamError):
                 # Replies come in RCPT order: those before the failure are
-                # verdicts the client must get (SPEC §4.7).
+                # verdicts the client must get (not to be delivered twice).
                 raise DownstreamError(error.reply, error.reason, received)
             return f.value.subFailure  # type: ignore[no-any-return]
 
@@ -774,7 +774,7 @@ class SMTPClientProtocol(LineReceiver):
     def _releaseProducer(self) -> None:
         """
         The body can no longer reach the downstream: stop holding the
-        client's upload (SPEC §4.8), which is then read to its end-of-data
+        client's upload (a dead downstream must not hold it), which is then read to its end-of-data
         and discarded here; the end-of-data gets the failure.
         """
         producer, self._producer = self._producer, None

@@ -1,5 +1,5 @@
 """
-Choosing a target (SPEC §4.4): ordered failover with back-off.
+Choosing a target: ordered failover with back-off.
 
 L{Failover.open} tries the endpoints of one target in their configured order
 until one completes the steps before the transaction: connect, greeting
@@ -67,7 +67,7 @@ class Failover:
     The endpoints of one target, tried in order.  One instance per target is
     shared by all sessions, so that back-off and TLS contexts are shared too.
 
-    @param loopToken: our greeting's token (SPEC §4.4); a target that
+    @param loopToken: our greeting's loop token; a target that
         greets with it is ourselves.
     @param clock: timeouts and back-off (default: C{reactor}).
     @param endpointFactory: makes the client endpoint of an address
@@ -250,13 +250,7 @@ class Failover:
                     allAuth = allAuth and e.auth
                     if e.backoff:
                         self._rest(address)
-                    if (
-                        e.retryPlain
-                        and starttls
-                        and not target.requireTLS
-                        and target.auth.mechanism == "off"
-                        and address.scheme == "tcp"
-                    ):
+                    if starttls and self._retryPlain(address, e):
                         self._log.info(
                             "target {target}: TLS with {address} failed, retrying without STARTTLS",
                             target=target.name, address=str(address),
@@ -295,6 +289,50 @@ class Failover:
         if reasons and allAuth:
             raise DownstreamError(replies.DOWNSTREAM_AUTH, reason)
         raise DownstreamError(replies.NO_DOWNSTREAM, reason)
+
+    def probe(self, address: Address) -> Deferred[None]:
+        """
+        Check that C{address} would take a transaction now: the steps a
+        transaction takes before MAIL (connect, greeting, EHLO/LHLO,
+        STARTTLS and the judgement of the peer, AUTH), with the same retry
+        without STARTTLS, then QUIT.  Nothing is counted as a downstream
+        attempt and no back-off changes.  With C{auth forward} there are no
+        credentials to try: the probe stops after TLS, once PLAIN or LOGIN
+        is offered.
+
+        @raise AttemptFailed: the step that failed (a target that greets
+            with our own loop token fails at C{greeting}).
+        """
+        return self._probe(address)  # type: ignore[return-value]
+
+    @inlineCallbacks
+    def _probe(self, address: Address) -> Generator[Deferred[Any], Any, None]:
+        starttls = True
+        while True:
+            try:
+                protocol = yield self._attempt(address, starttls, None, None, probe=True)
+            except _Loop:
+                raise AttemptFailed("greets with our own loop token", stage="greeting")
+            except AttemptFailed as e:
+                if starttls and self._retryPlain(address, e):
+                    starttls = False
+                    continue
+                raise
+            protocol.quit()
+            return
+
+    def _retryPlain(self, address: Address, failure: AttemptFailed) -> bool:
+        """
+        Whether a connection that failed so is tried again without STARTTLS
+        (the seed's rule: a failed handshake, when neither C{require_tls}
+        nor a password needs TLS).
+        """
+        return (
+            failure.retryPlain
+            and not self.target.requireTLS
+            and self.target.auth.mechanism == "off"
+            and address.scheme == "tcp"
+        )
 
     def _logFailure(self, sessionId: str, address: Address, stage: str, reason: str) -> None:
         """
@@ -357,6 +395,7 @@ class Failover:
         starttls: bool,
         credentials: Credentials | None,
         client: ClientSession | None,
+        probe: bool = False,
     ) -> Generator[Deferred[Any], Any, SMTPClientProtocol]:
         """
         One connection to C{address}, up to (not including) MAIL.
@@ -365,6 +404,7 @@ class Failover:
             retry after a failed handshake).
         @param client: whose identity XCLIENT gives, under
             C{forward_client_info xclient}.
+        @param probe: a readiness probe (L{probe}), not a transaction.
         """
         target = self.target
         protocol = SMTPClientProtocol(target, self._clock, peer=str(address))
@@ -382,6 +422,9 @@ class Failover:
                 backoff=not failedTLS,
                 noTLS=failedTLS,
             )
+        except BaseException:
+            protocol.abort()  # cancelled (a probe's deadline): leave no connection behind
+            raise
         if self._loopToken and self._loopToken in greeting.text.split():
             protocol.abort()
             raise _Loop()
@@ -401,10 +444,10 @@ class Failover:
                     raise AttemptFailed(
                         f"STARTTLS refused: {started.code} {started.text}", stage="starttls", noTLS=True
                     )
-            self._judgeTLS(protocol)
+            self._judgeTLS(protocol, probe)
             if client is not None and target.forwardClientInfo == "xclient":
                 yield self._xclient(protocol, client)
-            yield self._authenticate(protocol, credentials)
+            yield self._authenticate(protocol, credentials, probe)
         except DownstreamError as e:
             protocol.abort()
             if e.reply.permanent:
@@ -420,20 +463,22 @@ class Failover:
             raise
         return protocol
 
-    def _judgeTLS(self, protocol: SMTPClientProtocol) -> None:
+    def _judgeTLS(self, protocol: SMTPClientProtocol, probe: bool) -> None:
         """
         What the connection's TLS, or its absence, allows.  Any TLS is kept,
         verified or not (Postfix's C{may}); C{require_tls} wants a verified
         peer, and so does a password (C{plain}, C{login}, C{forward}),
         unless C{insecure_skip_verify} waives verification.
 
+        @param probe: a readiness probe's connection, whose TLS line is
+            debug (a probe every few seconds would drown the log).
         @raise AttemptFailed: the target cannot be used so.
         """
         target = self.target
         tls = protocol.tls
         if tls is not None:
             self._metrics.tlsHandshake("outbound", True, tls.verified)
-            self._log.info(
+            (self._log.debug if probe else self._log.info)(
                 "{trust} TLS connection established to {peer}: {tls}{why}",
                 trust="Verified" if tls.verified else "Untrusted",
                 peer=protocol.peer, tls=tls.description,
@@ -488,7 +533,7 @@ class Failover:
 
     @inlineCallbacks
     def _authenticate(
-        self, protocol: SMTPClientProtocol, credentials: Credentials | None
+        self, protocol: SMTPClientProtocol, credentials: Credentials | None, probe: bool
     ) -> Generator[Deferred[Any], Any, None]:
         auth = self.target.auth
         mechanism = auth.mechanism
@@ -496,23 +541,27 @@ class Failover:
             return
         offered = protocol.capabilities.get("AUTH", "").upper().split()
         if mechanism == "forward":
-            if credentials is None:
-                raise AttemptFailed("no client credentials to forward", stage="auth")
             wire = "login" if "PLAIN" not in offered and "LOGIN" in offered else "plain"
         elif mechanism in ("plain", "login"):
-            assert auth.username is not None and auth.password is not None
-            credentials = Credentials(auth.username, auth.password.reveal())
             wire = mechanism
         else:
             wire = "external"
         if wire.upper() not in offered:
             raise self._authFault(protocol, f"{wire.upper()} authentication not offered")
+        if mechanism == "forward":
+            if probe:
+                return  # the client's own credentials are not there to try
+            if credentials is None:
+                raise AttemptFailed("no client credentials to forward", stage="auth")
+        elif mechanism in ("plain", "login"):
+            assert auth.username is not None and auth.password is not None
+            credentials = Credentials(auth.username, auth.password.reveal())
         r = yield protocol.authenticate(wire, credentials)
         if r.code == 235:
             return
         if mechanism == "forward":
             if r.permanent:
-                # The client's own credentials: its verdict (SPEC §4.6).
+                # The client's own credentials: its verdict is the client's answer.
                 raise DownstreamError(r, f"{wire.upper()} authentication refused by {protocol.peer}: {r.code}")
             raise AttemptFailed(f"{wire.upper()} authentication failed at {protocol.peer}: {r.code} {r.text}", stage="auth")
         raise self._authFault(protocol, f"{wire.upper()} authentication refused: {r.code} {r.text}")

@@ -175,8 +175,8 @@ class DownstreamError(Exception):
     """
     A downstream attempt or session failed.
 
-    @ivar reply: what the client should be told (already mapped per SPEC
-        §4.5: a downstream's own reply, or one of the relay's 4xx replies).
+    @ivar reply: what the client should be told (already mapped for
+        it: a downstream's own reply, or one of the relay's 4xx replies).
     @ivar reason: a log-safe description of the cause (no secrets).
     @ivar received: the LMTP end-of-data replies that arrived before the
         failure, in RCPT order: those recipients have their verdict.
@@ -197,7 +197,7 @@ class IDownstream(Interface):
     Methods that return Deferreds must be called one at a time in protocol
     order.  They fire with the downstream's reply (sanitizing is the
     caller's job) or, when a reply is locally decided (a parameter the
-    downstream cannot take, SPEC §4.3), with that reply and nothing sent.
+    downstream cannot take, such as C{BODY=8BITMIME}), with that reply and nothing sent.
     They fail with L{DownstreamError} when the connection breaks, times out
     or the peer misbehaves; the connection is then closed.
 
@@ -215,14 +215,14 @@ class IDownstream(Interface):
 
     def mail(sender: bytes, params: Params, client: ClientSession | None = None) -> Deferred[Reply]:
         """
-        MAIL FROM with the client's parameters, filtered per SPEC §4.3;
+        MAIL FROM with the client's parameters the downstream advertises;
         before it, the identity of C{client} when the target forwards it
         per transaction (C{forward_client_info xforward}).
         """
 
     def rcpt(recipient: bytes, params: Params) -> Deferred[Reply]:
         """
-        RCPT TO with the client's parameters, filtered per SPEC §4.3.
+        RCPT TO with the client's parameters the downstream advertises.
         """
 
     def data() -> Deferred[Reply]:

@@ -1,12 +1,12 @@
 """
 The relay session: one client session joined to one downstream session.
 
-This module is where the transparency rules of SPEC §4.3–§4.8 live, so that a
-reader can check them against the spec line by line:
+This module is where the transparency rules live, so that a
+reader can check them line by line:
 
   - the downstream session opens at MAIL (after the server's local checks),
     trying targets in order, and the client's MAIL reply is the downstream's;
-    under recipient routing (§4.9) MAIL gets a local 250 and the session
+    under recipient routing MAIL gets a local 250 and the session
     opens at the first routed RCPT, whose target is then the transaction's:
     a RCPT routed elsewhere is told to come back in another transaction;
   - every RCPT reply, the 354 and the final reply are the downstream's own,
@@ -16,7 +16,7 @@ reader can check them against the spec line by line:
   - an abort before the client's real end-of-data closes the downstream
     without the dot; a client that leaves after its dot does not stop the
     downstream transaction, whose outcome is still logged;
-  - LMTP replies map per SPEC §4.7; C{auth forward} binds an authenticated
+  - LMTP replies map per recipient (C{lmtp_split}); C{auth forward} binds an authenticated
     downstream to this client session only.
 
 One L{RelaySession} serves one client connection (L{IRelayHandler}).
@@ -131,7 +131,7 @@ class RelaySession:
     def authenticate(self, mechanism: str, username: str, password: str) -> Deferred[Reply]:
         """
         C{users FILE}: check locally.  C{forward}: authenticate to the
-        chosen downstream now (SPEC §4.6) and pass its verdict on; a
+        chosen downstream now (at AUTH time) and pass its verdict on; a
         downstream that gives no verdict is a temporary failure, never 535.
         """
         if self._listener.auth.mode == "users" and self._checkPassword is not None:
@@ -226,7 +226,7 @@ class RelaySession:
         """
         Send RCPT downstream; its reply is the client's.  An SMTP client
         relaying to an LMTP target under C{lmtp_split one_rcpt} gets one
-        recipient per transaction (SPEC §4.7).
+        recipient per transaction (C{452 4.5.3} to the others).
         """
         downstream = self._downstream
         if downstream is None:
@@ -451,7 +451,7 @@ class RelaySession:
     def _failed(self, failure: Failure) -> Reply:
         """
         A downstream failure during the transaction: close that session and
-        tell the client what L{DownstreamError} says (SPEC §4.5).
+        tell the client what L{DownstreamError} says.
         """
         failure.trap(DownstreamError)
         error: DownstreamError = failure.value
@@ -483,7 +483,7 @@ class RelaySession:
 
     def _mapFinal(self, results: Sequence[Reply]) -> list[Reply]:
         """
-        SPEC §4.7: the downstream's final reply(ies) → this client's.
+        The downstream's final reply(ies) → this client's, per recipient for LMTP.
         """
         if self.session.protocol == "lmtp":
             if len(results) == len(self._accepted):
@@ -531,7 +531,7 @@ class RelaySession:
         recipients: Sequence[tuple[bytes, Reply]] = (),
     ) -> None:
         """
-        The one log event per transaction (SPEC §5), then one per recipient
+        The one log event per transaction (docs/operations.md), then one per recipient
         in C{recipients}, and the metrics.  The events are taken now and
         emitted on the next reactor turn, after the client's reply has been
         sent: formatting them is not the client's wait.

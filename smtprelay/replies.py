@@ -232,7 +232,7 @@ def joinReplies(replies: Iterable[Reply]) -> bytes:
     return b"".join(r.toBytes() for r in replies)
 
 
-# Replies the relay itself gives (SPEC §4).  Generic texts: they never leak
+# Replies the relay itself gives.  Generic texts: they never leak
 # internals.  Callers add the session id with Reply.withSession.
 OK = reply(250, "2.0.0", "OK")
 SENDER_OK = reply(250, "2.1.0", "OK")

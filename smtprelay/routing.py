@@ -1,5 +1,5 @@
 """
-Choosing the target of each transaction (SPEC §4.9, maddy's pipeline subset).
+Choosing the target of each transaction (maddy's pipeline blocks, a subset).
 
 A listener delivers either to one target or through routing blocks: the
 sender's address or domain picks a C{source} block, whose recipients'

@@ -376,7 +376,9 @@ class SMTPServerProtocol(Protocol):
             self._pause("busy")
         elif "busy" in self._pauses:
             self._resume("busy")
-        self._setReadTimer(not self._busy and not self._pauses)
+        # A client that does not read our replies (the "write" pause) keeps
+        # its deadline: it must read and send its next line in time.
+        self._setReadTimer(not self._busy and not self._pauses - {"write"})
 
     def _nextLine(self) -> bool:
         """
@@ -569,7 +571,8 @@ class SMTPServerProtocol(Protocol):
             self._transportPaused = True
             transport.pauseProducing()
         self._pauses.add(reason)
-        if reason != "busy":
+        if reason == "body":
+            # The downstream is slow, not the client (data_timeout runs).
             self._setReadTimer(False)
 
     def _resume(self, reason: str) -> None:

@@ -1,5 +1,5 @@
 """
-TLS options from configuration (SPEC §2.4, §2.5).
+TLS options from configuration (the C{tls} and C{tls_client} directives).
 
 Client options encrypt whatever the target's certificate, and judge it
 after the handshake: a chain to a trusted root and the target's name (or

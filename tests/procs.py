@@ -226,7 +226,8 @@ class Processes:
         need("openssl")
         directory = tempfile.mkdtemp(prefix="self-signed-", dir=self.dir)
         cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-days", "2",
                         "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name},IP:{HOST}",
                         "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
         return Certificates(cert, key, cert)

@@ -198,8 +198,7 @@ class PipeliningTests(SynchronousTestCase):
 
 class ParameterTests(SynchronousTestCase):
     """
-    MAIL/RCPT parameters are filtered by what the downstream advertises
-    (SPEC §4.3).
+    MAIL/RCPT parameters are filtered by what the downstream advertises.
     """
 
     def mailLine(self, ehlo: bytes, params: dict[str, str | None], tls: bool = False,

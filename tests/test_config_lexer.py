@@ -108,7 +108,7 @@ class TreeTests(SynchronousTestCase):
 
     def test_oneLineBlocks(self) -> None:
         """
-        A block may open and close on its directive's line (SPEC §4.9 writes
+        A block may open and close on its directive's line (as in
         C{source example.org { deliver_to &corp }}), also nested and empty.
         """
         a, b, c = parseTree("a x { b y }\nb { c { d } }\nc { }", "t.conf", {})

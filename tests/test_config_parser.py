@@ -31,7 +31,7 @@ from smtprelay.config.model import (
     Target,
 )
 
-SPEC_EXAMPLE = """\
+EXAMPLE = """\
 hostname relay.example.org
 tls /etc/smtprelay/fullchain.pem /etc/smtprelay/privkey.pem
 
@@ -120,11 +120,11 @@ def _target(*children: str, kind: str = "smtp", top: str = "") -> Target:
 
 class ExampleTests(SynchronousTestCase):
     """
-    The example of SPEC §2.
+    The complete example of docs/configuration.md.
     """
 
     def test_example(self) -> None:
-        config = loadString(SPEC_EXAMPLE, "relay.conf", {"SMARTHOST_PASSWORD": "s3cret"})
+        config = loadString(EXAMPLE, "relay.conf", {"SMARTHOST_PASSWORD": "s3cret"})
         tls = ServerTLS(cert="/etc/smtprelay/fullchain.pem", key="/etc/smtprelay/privkey.pem")
         smarthost = Target(
             name="smarthost",
@@ -210,8 +210,9 @@ class TopLevelTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         config = _load(_listen())
         self.assertEqual(
-            (config.debug, config.tls, config.tlsClient, config.metrics, config.shutdownTimeout),
-            (False, None, ClientTLS(), None, 30.0),
+            (config.debug, config.tls, config.tlsClient, config.metrics, config.shutdownTimeout,
+             config.probeInterval),
+            (False, None, ClientTLS(), None, 30.0, 30.0),
         )
         self.assertEqual(config.source, "relay.conf")
 
@@ -251,6 +252,8 @@ class TopLevelTests(SynchronousTestCase):
             ("debug OFF", "debug", False),
             ("shutdown_timeout 1m", "shutdownTimeout", 60.0),
             ("shutdown_timeout 0", "shutdownTimeout", 0.0),
+            ("probe_interval 10s", "probeInterval", 10.0),
+            ("probe_interval 1m30s", "probeInterval", 90.0),
             (
                 "metrics tcp://127.0.0.1:9749",
                 "metrics",
@@ -296,6 +299,8 @@ class TopLevelTests(SynchronousTestCase):
             ("hostname a b", "hostname: expected NAME"),
             ("shutdown_timeout 30", 'shutdown_timeout: "30" is not a duration'),
             ("shutdown_timeout", "shutdown_timeout: expected a duration such as 30s or 5m"),
+            ("probe_interval 0", "probe_interval: must be longer than 0"),
+            ("probe_interval 10", 'probe_interval: "10" is not a duration'),
             ("metrics unix:///run/m.sock", "metrics: must be a tcp://HOST:PORT address"),
             ("metrics tcp://x", 'metrics: "tcp://x": missing port'),
             ("tls c.pem", "tls: expected CERT KEY [{ ... }] or off"),
@@ -1130,12 +1135,12 @@ def _routing(*children: str) -> list[str]:
 
 class RoutingTests(SynchronousTestCase):
     """
-    SPEC §4.9: C{source}, C{destination} and their defaults in a listener.
+    Routing blocks: C{source}, C{destination} and their defaults in a listener.
     """
 
     def test_specExample(self) -> None:
         """
-        The SPEC's shape: C{source} blocks beside the listener's own
+        Beyond maddy: C{source} blocks beside the listener's own
         C{destination} blocks, which route every other sender; rules are
         normalized (lower case, A-labels) and one block's rules share one
         decision.

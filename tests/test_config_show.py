@@ -28,6 +28,7 @@ tls_client {
 }
 metrics tcp://127.0.0.1:9749
 shutdown_timeout 1m30s
+probe_interval 10s
 
 smtp tcp://0.0.0.0:25 tcp://[::]:25 {
     allow 10.0.0.0/8 ::1
@@ -125,6 +126,7 @@ class ShowTests(SynchronousTestCase):
             "debug no",
             "tls off",
             "shutdown_timeout 30s",
+            "probe_interval 30s",
             "    allow 127.0.0.0/8 ::1/128",
             "    max_message_size 32M",
             "    max_recipients 1000",

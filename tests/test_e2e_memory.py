@@ -2,7 +2,7 @@
 The whole relay in memory: a client's bytes → the inbound engine → the relay
 session → failover and the outbound engine → a scripted fake downstream
 (L{smtprelay.testing.downstream}).  Each test asserts what the client saw
-and the exact bytes the downstream received (SPEC §4.3–§4.8).
+and the exact bytes the downstream received (the transparency rules).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class EndToEndTests(SynchronousTestCase):
 
     def test_clientGoneMidBodyNeverGetsDotDownstream(self) -> None:
         """
-        SPEC §4.8: the client disconnects before its end-of-data; the
+        The client disconnects before its end-of-data; the
         downstream connection is closed without the dot (an RSET inside DATA
         is body text).
         """
@@ -193,7 +193,7 @@ BODY_REST = b"y" * 998 + b"\r\n"
 
 class MidBodyFaultTests(SynchronousTestCase):
     """
-    Issue 14 A, SPEC §4.8: the downstream goes away in the middle of a
+    Issue 14 A: the downstream goes away in the middle of a
     300 kB body while back-pressure holds the client's upload paused.  The
     client is let go at once: the rest of its body is read and discarded,
     its end-of-data gets C{451 4.4.2}, and the downstream never sees a dot.
@@ -280,7 +280,7 @@ class MidBodyFaultTests(SynchronousTestCase):
 
 class LMTPPartialTests(SynchronousTestCase):
     """
-    Issue 14 C, SPEC §4.7: LMTP → LMTP, the downstream answers the first of
+    Issue 14 C: LMTP → LMTP, the downstream answers the first of
     three recipients after the dot and then closes or stalls.  The reply
     that arrived is relayed as it is; only the missing ones become
     C{451 4.4.2}, so that the client does not deliver recipient 1 twice.

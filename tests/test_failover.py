@@ -665,7 +665,7 @@ class ReuseTests(FailoverTestCase):
 
 class AttemptLogTests(FailoverTestCase):
     """
-    SPEC §5: one log line per failed attempt (target, endpoint, stage,
+    One log line per failed attempt (target, endpoint, stage,
     reason), even when a later endpoint succeeds, as Postfix logs each MX
     it could not use.
     """

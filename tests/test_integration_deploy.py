@@ -1,5 +1,5 @@
 """
-Deployment against real processes (SPEC §3): several processes on one port
+Deployment against real processes: several processes on one port
 (C{reuse_port}), systemd socket activation (C{LISTEN_FDS}), binding a
 privileged port as root and then running unprivileged, and SIGHUP reloading
 the server certificate without a restart.

@@ -71,7 +71,7 @@ class ImplicitTLSListenerTests(SynchronousTestCase):
         os.chmod(self.keyFile, 0o600)
         ca.cert_pem.write_to_path(self.caFile)
         self.context = ssl.create_default_context(cafile=self.caFile)
-        self.tlsPort, self.startTLSPort = freePort(), freePort()
+        self.tlsPort, self.startTLSPort, self.proxiedPort = freePort(), freePort(), freePort()
         config = os.path.join(self.procs.dir, "relay.conf")
         with open(config, "w") as f:
             f.write(f"""
@@ -84,6 +84,10 @@ smtp tls://{HOST}:{self.tlsPort} {{
     deliver_to smtp tcp://{HOST}:{self.sinkPort}
 }}
 smtp tcp://{HOST}:{self.startTLSPort} {{
+    deliver_to smtp tcp://{HOST}:{self.sinkPort}
+}}
+smtp tls://{HOST}:{self.proxiedPort} {{
+    proxy_protocol 127.0.0.0/8
     deliver_to smtp tcp://{HOST}:{self.sinkPort}
 }}
 """)
@@ -157,6 +161,20 @@ smtp tcp://{HOST}:{self.startTLSPort} {{
         [message] = sinkMessages(self.dumps)
         self.assertIn(b"Subject: tls", message)
         self.assertIn(b"(using TLSv1.3", message)
+
+    def test_proxiedImplicitTLS(self) -> None:
+        """
+        Behind the PROXY protocol, a C{tls://} listener reads the header,
+        then the handshake, then greets; the session is the proxied
+        client's.
+        """
+        with socket.create_connection((HOST, self.proxiedPort), timeout=CLIENT_TIMEOUT) as raw:
+            raw.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 5555 465\r\n")
+            with self.context.wrap_socket(raw, server_hostname="relay.test") as tls:
+                self.assertTrue(tls.recv(4096).startswith(b"220 relay.test ESMTP"))
+                tls.sendall(b"QUIT\r\n")
+                self.assertEqual(tls.recv(4096), b"221 2.0.0 Bye\r\n")
+        self.assertIn("from 192.0.2.9", self.procs.log("relay"))
 
     def test_failedHandshakesClosed(self) -> None:
         """

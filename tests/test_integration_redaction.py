@@ -1,5 +1,5 @@
 """
-No password in any log line (SPEC §5): a real relay with C{debug yes} and the
+No password in any log line: a real relay with C{debug yes} and the
 NDJSON observer, clients authenticating with C{auth forward} (PLAIN and
 LOGIN, right and wrong) through STARTTLS to an aiosmtpd downstream that
 checks the password.  Every emitted line is searched for the secrets in

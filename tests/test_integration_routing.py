@@ -1,5 +1,5 @@
 """
-End to end on 127.0.0.1: routing blocks (SPEC §4.9) in a real
+End to end on 127.0.0.1: routing blocks in a real
 C{twistd -n smtprelay}, with C{smtplib} as the client and two Postfix
 C{smtp-sink}s, A and B, as targets.
 

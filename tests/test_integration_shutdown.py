@@ -1,5 +1,5 @@
 """
-Graceful shutdown of a real C{twistd -n smtprelay} process (SPEC §3).
+Graceful shutdown of a real C{twistd -n smtprelay} process (SIGTERM).
 """
 
 from __future__ import annotations

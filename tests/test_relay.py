@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.relay}: the transparency rules of SPEC §4.3–§4.8,
+Tests for L{smtprelay.relay}: the transparency rules,
 with a scripted in-memory downstream standing in for the outbound engine.
 """
 
@@ -209,7 +209,7 @@ class RelaySessionTests(SynchronousTestCase):
 
     def test_authParameterOnlyFromAuthenticatedClients(self) -> None:
         """
-        SPEC §4.3: C{AUTH=} is forwarded only for authenticated clients.
+        C{AUTH=} is forwarded only for authenticated clients.
         """
         relay = self.relay()
         result(relay.mail(b"s@example.org", {"AUTH": "<>", "SIZE": "5"}))
@@ -303,7 +303,7 @@ class RelaySessionTests(SynchronousTestCase):
 
     def test_dataWithoutAcceptedRecipientsNeverReachesDownstream(self) -> None:
         """
-        SPEC §4.3: never DATA downstream without an accepted recipient.
+        Never DATA downstream without an accepted recipient.
         """
         self.downstream.script["rcpt:a@x"] = reply(550, "5.1.1", "unknown")
         relay = self.relay()
@@ -348,7 +348,7 @@ class RelaySessionTests(SynchronousTestCase):
 
     def test_lostAfterDotIsTemporaryNever250(self) -> None:
         """
-        SPEC §4.5: the connection lost after the dot → 451 4.4.2, with the
+        The connection lost after the dot → 451 4.4.2, with the
         session id.
         """
         self.downstream.script["end"] = DownstreamError(replies.DOWNSTREAM_LOST, "connection lost")
@@ -379,7 +379,7 @@ class RelaySessionTests(SynchronousTestCase):
 
     def test_abortDataNeverSendsTheDot(self) -> None:
         """
-        SPEC §4.8: a body refused locally (bare LF, too many hops) closes the
+        A body refused locally (bare LF, too many hops) closes the
         downstream without the end-of-data.
         """
         relay = self.relay()
@@ -406,7 +406,7 @@ class RelaySessionTests(SynchronousTestCase):
 
     def test_clientGoneAfterDotFinishesAndLogs(self) -> None:
         """
-        SPEC §4.8: a client that leaves after its dot does not abort the
+        A client that leaves after its dot does not abort the
         downstream transaction; its outcome is logged, then QUIT.
         """
         pending: Deferred = Deferred()
@@ -481,7 +481,7 @@ class RelaySessionTests(SynchronousTestCase):
 
     def test_transactionLogEvent(self) -> None:
         """
-        SPEC §5: one event per transaction with stable keys.  It is emitted
+        One event per transaction with stable keys.  It is emitted
         one reactor turn after the final reply (formatting it is not the
         client's wait) with the values of that transaction, even when the
         client's next MAIL has started another.
@@ -503,7 +503,7 @@ class RelaySessionTests(SynchronousTestCase):
 
 class LMTPMappingTests(SynchronousTestCase):
     """
-    SPEC §4.7.
+    LMTP replies: one per recipient, or one for all (C{lmtp_split}).
     """
 
     def setUp(self) -> None:
@@ -591,7 +591,7 @@ class LMTPMappingTests(SynchronousTestCase):
 
 class LogLineTests(SynchronousTestCase):
     """
-    SPEC §5: the lines a postmaster reads: one per refused command, one per
+    The lines a postmaster reads: one per refused command, one per
     recipient where an LMTP target answers per recipient, and the true
     cause of an abort.
     """
@@ -756,7 +756,7 @@ class LogLineTests(SynchronousTestCase):
 
 class AuthForwardTests(SynchronousTestCase):
     """
-    SPEC §4.6: C{auth forward} checks the client's credentials at AUTH time
+    C{auth forward} checks the client's credentials at AUTH time
     against the downstream and binds that session to this client.
     """
 
@@ -804,7 +804,7 @@ class AuthForwardTests(SynchronousTestCase):
 
 class RoutingTests(SynchronousTestCase):
     """
-    SPEC §4.9 and §4.3: one target per transaction, chosen by the sender at
+    Routing: one target per transaction, chosen by the sender at
     MAIL or by the first routed recipient at RCPT.
     """
 

@@ -378,6 +378,22 @@ class EnvelopeTests(SynchronousTestCase):
         self.assertEqual(len(finals), len(commands), out)
         self.assertFalse(session.closed)
 
+    def test_commandDefect(self) -> None:
+        """
+        A command whose code raises still gets exactly one reply, in order,
+        and the session goes on.
+        """
+        session = greeted()
+
+        def broken(argument: bytes) -> None:
+            raise RuntimeError("defect")
+
+        session.protocol.do_VRFY = broken  # type: ignore[method-assign]
+        self.assertEqual(session.send(b"NOOP\r\nVRFY x\r\nNOOP\r\n"),
+                         b"250 2.0.0 OK\r\n451 4.3.0 Local error in processing [S1]\r\n"
+                         b"250 2.0.0 OK\r\n")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_postmaster(self) -> None:
         session = greeted()
         session.send(b"MAIL FROM:<a@example.com>\r\n")
@@ -436,7 +452,7 @@ class EnvelopeTests(SynchronousTestCase):
 
 class RelayAccessTests(SynchronousTestCase):
     """
-    SPEC §4.1: clients outside C{allow} are refused before the handler is
+    Clients outside C{allow} are refused before the handler is
     asked anything.
     """
 
@@ -455,7 +471,7 @@ class RelayAccessTests(SynchronousTestCase):
 
     def test_refusalsLogged(self) -> None:
         """
-        SPEC §5: each command the relay refuses on its own is logged as
+        Each command the relay refuses on its own is logged as
         Postfix logs C{NOQUEUE: reject: RCPT from ...: 554 5.7.1 ... Relay
         access denied; from=<...> to=<...>}.
         """
@@ -683,7 +699,10 @@ class PipeliningTests(SynchronousTestCase):
     expected = (MAIL_OK + RCPT_OK + RCPT_OK + START, QUEUED + MAIL_OK + b"250 2.0.0 OK\r\n"
                 b"221 2.0.0 Bye\r\n")
 
-    def run(self, bytewise: bool, manual: tuple[str, ...] = ()) -> tuple[bytes, bytes, Session]:
+    def transact(
+        self, bytewise: bool, manual: tuple[str, ...] = ()
+    ) -> tuple[bytes, bytes, Session]:
+        # Not "run": that name is TestCase's, and this class's tests ran not.
         session = greeted(manual=manual)
         send = session.sendBytewise if bytewise else session.send
         first = send(self.group)
@@ -697,12 +716,15 @@ class PipeliningTests(SynchronousTestCase):
         return first, second, session
 
     def test_oneSegment(self) -> None:
-        first, second, session = self.run(False)
+        first, second, session = self.transact(False)
         self.assertEqual((first, second), self.expected)
-        self.assertEqual(session.handler.body, b"Subject: t\r\n\r\n.x\r\n")
+        # The pipelined MAIL after the dot started a new transaction: the
+        # body is in the recorded calls.
+        body = b"".join(args[0] for name, args in session.handler.calls if name == "dataChunk")
+        self.assertEqual(body, b"Subject: t\r\n\r\n.x\r\n")
 
     def test_oneByteAtATime(self) -> None:
-        self.assertEqual(self.run(True)[:2], self.expected)
+        self.assertEqual(self.transact(True)[:2], self.expected)
 
     def test_pendingHandler(self) -> None:
         """
@@ -710,8 +732,8 @@ class PipeliningTests(SynchronousTestCase):
         and the same bytes result.
         """
         manual = ("mail", "rcpt", "data", "endData")
-        self.assertEqual(self.run(False, manual)[:2], self.expected)
-        self.assertEqual(self.run(True, manual)[:2], self.expected)
+        self.assertEqual(self.transact(False, manual)[:2], self.expected)
+        self.assertEqual(self.transact(True, manual)[:2], self.expected)
 
     def test_inOrderWhilePending(self) -> None:
         session = greeted(manual=("mail", "rcpt"))
@@ -750,11 +772,11 @@ class PipeliningTests(SynchronousTestCase):
 
     def test_contentWhileDataPending(self) -> None:
         session = greeted(manual=("data",))
-        session.send(TRANSACTION)
+        self.assertEqual(session.send(TRANSACTION), MAIL_OK + RCPT_OK)
         session.send(b"Subject: x\r\n")
         session.handler.fire()
-        self.assertEqual(session.read(), MAIL_OK + RCPT_OK
-                         + b"554 5.5.0 Error: SMTP protocol synchronization [S1]\r\n")
+        self.assertEqual(session.read(),
+                         b"554 5.5.0 Error: SMTP protocol synchronization [S1]\r\n")
         self.assertTrue(session.closed)
         self.assertEqual(session.handler.closed, 1)
 
@@ -797,11 +819,27 @@ class PipeliningTests(SynchronousTestCase):
         self.assertLess(written, FakeTransport.highWater + 20 * 1024)
         self.assertLessEqual(len(session.protocol._buffer), len(flood))
         # The client reads: the rest is answered.
-        total = written
+        total = 0
         while session.transport.producerState == "paused":
             total += len(session.transport.drain())
         total += len(session.transport.drain())
         self.assertEqual(total, 10000 * len(b"250 2.0.0 OK\r\n"))
+
+    def test_nonReaderTimesOut(self) -> None:
+        """
+        A client that pipelines commands but never reads our replies keeps
+        its read deadline while the socket is paused for it: it is closed
+        when the deadline expires.
+        """
+        session = greeted(listener=makeListener(readTimeout=60))
+        session.read()
+        session.protocol.dataReceived(b"NOOP\r\n" * 10000)
+        self.assertEqual(session.transport.producerState, "paused")
+        session.clock.advance(59)
+        self.assertFalse(session.closed)
+        session.clock.advance(1)
+        self.assertTrue(session.closed)
+        self.assertTrue(session.transport.value().endswith(b"421 4.4.2 Timeout exceeded [S1]\r\n"))
 
     def test_inputCap(self) -> None:
         """
@@ -810,9 +848,9 @@ class PipeliningTests(SynchronousTestCase):
         """
         session = greeted(manual=("mail",))
         session.send(b"MAIL FROM:<a@example.com>\r\n")
-        session.send(b"NOOP\r\n" * (MAX_INPUT_BUFFER // 6 + 1))
+        out = session.send(b"NOOP\r\n" * (MAX_INPUT_BUFFER // 6 + 1))
         self.assertTrue(session.closed)
-        self.assertEqual(session.read(), b"421 4.7.0 Too much unread input [S1]\r\n")
+        self.assertEqual(out, b"421 4.7.0 Too much unread input [S1]\r\n")
 
 
 class StartTLSTests(SynchronousTestCase):

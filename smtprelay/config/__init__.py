@@ -1,5 +1,5 @@
 """
-Configuration: maddy's syntax (SPEC §2) parsed into the frozen tree of
+Configuration: maddy's syntax (docs/configuration.md) parsed into the frozen tree of
 L{smtprelay.config.model}.
 """
 

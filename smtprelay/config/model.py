@@ -1,5 +1,5 @@
 """
-The configuration tree: frozen, typed values with the defaults of SPEC §2.
+The configuration tree: frozen, typed values with the defaults of docs/configuration.md.
 
 The parser (L{smtprelay.config.parser}) builds these from a file; tests and
 the C{--listen}/C{--target} quick start build them directly.  Durations are
@@ -82,7 +82,7 @@ class ServerTLS:
 @attrs.frozen
 class ClientTLS:
     """
-    Client TLS (the C{tls_client} block, SPEC §2.5).
+    Client TLS (the C{tls_client} block).
 
     @ivar origin: C{FILE:LINE} of the block, for messages about its files
         (not part of equality).
@@ -115,7 +115,7 @@ class DownstreamAuth:
 class Target:
     """
     A downstream: an ordered list of endpoints speaking SMTP or LMTP, and how
-    to talk to them (SPEC §2.3).  C{name} is the C{target.smtp NAME} or a
+    to talk to them (the target directives).  C{name} is the C{target.smtp NAME} or a
     generated name for inline C{deliver_to}.
     """
 
@@ -161,7 +161,7 @@ class Destinations:
     """
     C{destination RULE... { ... }} blocks and their C{default_destination}:
     each recipient goes where its address's rule, else its domain's rule,
-    else the default says (SPEC §4.9).
+    else the default says.
 
     @ivar rules: (rule, decision) in file order; a rule is a lower-case
         domain in A-labels or a lower-case C{local@domain}.
@@ -179,7 +179,7 @@ recipient."""
 @attrs.frozen
 class Routing:
     """
-    A listener's routing blocks (SPEC §4.9): C{source RULE... { ... }} by the
+    A listener's routing blocks: C{source RULE... { ... }} by the
     sender's address or domain, else C{default} (C{default_source}, or the
     listener's own C{deliver_to}/C{destination}/C{reject} directives).
     """
@@ -223,7 +223,7 @@ class ListenerAuth:
 class Listener:
     """
     One C{smtp}/C{submission}/C{lmtp} block: where to listen, what to accept
-    and where to deliver (SPEC §2.2, limits of §4.10).
+    and where to deliver (the listener directives).
 
     @ivar deliverTo: the one target of every transaction, or the routing
         blocks that choose one per transaction.
@@ -297,6 +297,8 @@ class Config:
     """
     The whole effective configuration.
 
+    @ivar probeInterval: seconds between readiness probes of the targets
+        (served as C{/readyz} on the C{metrics} listener).
     @ivar source: the file it was read from (or C{"<command line>"}).
     """
 
@@ -308,4 +310,5 @@ class Config:
     tlsClient: ClientTLS = ClientTLS()
     metrics: Address | None = None
     shutdownTimeout: float = 30.0
+    probeInterval: float = 30.0
     source: str = "<command line>"

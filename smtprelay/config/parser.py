@@ -1,5 +1,5 @@
 """
-The directives of SPEC §2: a node tree from L{smtprelay.config.lexer} checked
+The directives of docs/configuration.md: a node tree from L{smtprelay.config.lexer} checked
 and turned into the frozen L{Config} of L{smtprelay.config.model}.
 
 Each block kind (top level, listener, target, C{tls}, C{tls_client}) is a
@@ -15,7 +15,7 @@ import difflib
 import os
 import re
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -448,6 +448,7 @@ _TOP = {
     "tls_client": _Directive("tlsClient", _clientTLS),
     "metrics": _Directive("metrics", _metrics),
     "shutdown_timeout": _Directive("shutdownTimeout", _duration),
+    "probe_interval": _Directive("probeInterval", _timeout),
     **{kind: _Directive(kind, _keep, repeatable=True) for kind in LISTENER_KINDS + TARGET_KINDS},
 }
 
@@ -500,7 +501,19 @@ def _namedTarget(node: Node, ctx: _Context, named: dict[str, Target | None]) -> 
 
 
 ROUTING = ("deliver_to", "reject", "destination", "default_destination", "source", "default_source")
-"""The listener directives that say where mail goes (SPEC §2.2, §4.9)."""
+"""The listener directives that say where mail goes (docs/configuration.md, "Routing directives")."""
+
+DIRECTIVES: Mapping[str, Collection[str]] = {
+    "top level": _TOP.keys(),
+    "listener": _LISTENER.keys(),
+    "routing": ROUTING,
+    "target": _TARGET.keys(),
+    "tls": _SERVER_TLS.keys(),
+    "tls_client": _CLIENT_TLS.keys(),
+}
+"""The directives the parser knows, by the kind of block they go in: the
+very tables it dispatches on (the reference in docs/configuration.md is
+checked against them)."""
 
 _Resolve = Callable[[Node], "Target | None"]
 """A C{deliver_to} node → its target (L{None} after reporting an error)."""
@@ -632,7 +645,7 @@ def _delivery(
     named: Mapping[str, Target | None],
 ) -> Target | Routing | None:
     """
-    A listener's C{deliver_to}, or its routing blocks (SPEC §4.9): C{source}
+    A listener's C{deliver_to}, or its routing blocks: C{source}
     blocks, and C{default_source} or the listener's own directives for
     every other sender.  Inline targets are named after the listener, as
     in C{smtp-listener-1} (C{smtp-listener-1-route-2} in routing blocks).

@@ -1,5 +1,5 @@
 """
-Warnings about files that hold secrets but are readable by others (SPEC §3),
+Warnings about files that hold secrets but are readable by others,
 as Postfix and OpenSSH give them.
 
 A file holds secrets when it is a configuration file with a password written

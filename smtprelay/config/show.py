@@ -230,6 +230,7 @@ def show(config: Config) -> str:
     if config.metrics is not None:
         lines.append(_line(0, "metrics", config.metrics))
     lines.append(_line(0, "shutdown_timeout", formatDuration(config.shutdownTimeout)))
+    lines.append(_line(0, "probe_interval", formatDuration(config.probeInterval)))
     for target in config.targets:
         lines.append("")
         lines += _block(0, [f"target.{target.protocol}", target.name], _targetBody(1, target))
