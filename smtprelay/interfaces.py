@@ -118,8 +118,9 @@ class IRelayHandler(Interface):
 
     def data(producer: IPushProducer) -> Deferred[Reply]:
         """
-        The client sent DATA with at least one accepted recipient.  Fire with
-        354 to receive the body, anything else to refuse.  Until the
+        The client sent DATA (or its first BDAT chunk) with at least one
+        accepted recipient.  Fire with 354 to receive the body, anything
+        else to refuse.  Until the
         transaction ends, the handler may pause and resume C{producer} (the
         client's socket) for back-pressure.
         """
@@ -140,7 +141,8 @@ class IRelayHandler(Interface):
     def abortData(reply: Reply) -> None:
         """
         The body was refused locally (C{reply} tells why: bare LF, too big,
-        too many hops).  The downstream must not receive the end-of-data.
+        too many hops) or abandoned by the client between BDAT chunks.  The
+        downstream must not receive the end-of-data.
         """
 
     def reset() -> None:

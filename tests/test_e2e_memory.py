@@ -424,3 +424,32 @@ class ChunkingEndToEndTests(SynchronousTestCase):
         self.assertTrue(fake.lost)
         self.assertNotIn(-1, fake.chunks)
         self.assertNotIn(b"LAST", bytes(fake.received))
+
+
+class InboundChunkingEndToEndTests(SynchronousTestCase):
+    """
+    A client's BDAT body goes out dot-stuffed after DATA to a downstream
+    without CHUNKING, and as BDAT to one with it.
+    """
+
+    BODY = b"Subject: x\r\n\r\n.dot\r\n.\r\nend\r\n"
+
+    def test_bdatToData(self) -> None:
+        stack = Stack(self, {FIRST: Script()})
+        out = stack.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\n"
+                         b"BDAT %d LAST\r\n" % len(self.BODY) + self.BODY)
+        self.assertEqual(out, b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n")
+        [message] = stack.downstream().messages
+        self.assertTrue(message.endswith(b"\r\nSubject: x\r\n\r\n..dot\r\n..\r\nend\r\n.\r\n"), message)
+
+    def test_bdatToBdat(self) -> None:
+        stack = Stack(self, {FIRST: Script(replies={"EHLO": CHUNKING})})
+        out = stack.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\n"
+                         b"BDAT 14\r\n" + self.BODY[:14] + b"BDAT %d LAST\r\n" % (len(self.BODY) - 14)
+                         + self.BODY[14:])
+        self.assertEqual(out, b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: 14 octets\r\n"
+                              b"250 2.0.0 Ok: queued\r\n")
+        fake = stack.downstream()
+        [message] = fake.messages
+        self.assertTrue(message.endswith(b"\r\n" + self.BODY), message)
+        self.assertNotIn(b"DATA", fake.commands)
