@@ -181,6 +181,41 @@ class ShowTests(SynchronousTestCase):
         self.assertEqual(loadString(shown, "relay.conf", {}).targets[1], masked)
 
 
+    def test_environmentNamed(self) -> None:
+        """
+        The variables the configuration read are named in a comment (never
+        their values, which may be passwords), with those that were unset
+        marked; the configuration itself equals the one written literally.
+        """
+        text = (
+            "hostname {env:NAME}\nsmtp {env:LISTEN} {\n"
+            "    deliver_to smtp {env:TARGETS} {\n        auth plain u {env:PASS}\n    }\n}\n"
+        )
+        env = {"NAME": "relay.test", "LISTEN": "tcp://127.0.0.1:2525",
+               "TARGETS": "tcp://192.0.2.1:25, tcp://192.0.2.2:25", "PASS": "hunter2"}
+        config = loadString(text, "relay.conf", env)
+        self.assertEqual(config.environment,
+                         (("LISTEN", True), ("NAME", True), ("PASS", True), ("TARGETS", True)))
+        shown = show(config)
+        self.assertEqual(shown.splitlines()[:2], [
+            "# effective configuration of relay.conf",
+            "# environment variables read: LISTEN, NAME, PASS, TARGETS",
+        ])
+        self.assertNotIn("hunter2", shown)
+        literal = loadString(
+            "hostname relay.test\nsmtp tcp://127.0.0.1:2525 {\n    deliver_to smtp "
+            "tcp://192.0.2.1:25 tcp://192.0.2.2:25 {\n        auth plain u hunter2\n    }\n}\n",
+            "relay.conf", {},
+        )
+        self.assertEqual((config, literal.environment), (literal, ()))
+        del env["PASS"]
+        self.assertIn(
+            "# environment variables read: LISTEN, NAME, PASS (unset), TARGETS\n",
+            show(loadString(text.replace("auth plain u {env:PASS}", "auth plain u x{env:PASS}"),
+                            "relay.conf", env)),
+        )
+
+
 class SecretFileWarningTests(SynchronousTestCase):
     """
     L{secretFileWarnings} names secret files that others may read.

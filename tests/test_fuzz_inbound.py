@@ -27,7 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtprelay.server import MAX_INPUT_BUFFER
 from smtprelay.testing.downstream import Script
 
-from .fuzz_helpers import FUZZ_SETTINGS, FailureCatcher, parseReplies
+from .fuzz_helpers import FUZZ_SETTINGS, FailureCatcher, collectEarlierGarbage, parseReplies
 from .relay_stack import FIRST, LISTENER_DATA_TIMEOUT, READ_TIMEOUT, Client, RelayStack
 from .server_helpers import Session
 
@@ -209,6 +209,7 @@ class InboundFuzzTests(SynchronousTestCase):
         The inbound engine never crashes, desyncs or hangs (see
         L{InboundMachine}).
         """
+        collectEarlierGarbage()
         run_state_machine_as_test(InboundMachine, settings=FUZZ_SETTINGS)
 
 

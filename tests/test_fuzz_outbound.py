@@ -36,7 +36,7 @@ from smtprelay.config.model import Address, Target
 from smtprelay.interfaces import DownstreamError
 from smtprelay.replies import Reply
 
-from .fuzz_helpers import FUZZ_SETTINGS, FailureCatcher
+from .fuzz_helpers import FUZZ_SETTINGS, FailureCatcher, collectEarlierGarbage
 
 COMMAND_TIMEOUT = 30.0
 TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=30)
@@ -249,4 +249,5 @@ class OutboundFuzzTests(SynchronousTestCase):
         The outbound engine never crashes, desyncs or hangs (see
         L{OutboundMachine}).
         """
+        collectEarlierGarbage()
         run_state_machine_as_test(OutboundMachine, settings=settings(FUZZ_SETTINGS, max_examples=500))

@@ -300,6 +300,9 @@ class Config:
     @ivar probeInterval: seconds between readiness probes of the targets
         (served as C{/readyz} on the C{metrics} listener).
     @ivar source: the file it was read from (or C{"<command line>"}).
+    @ivar environment: the environment variables its C{{env:NAME}} read,
+        sorted by name, each with whether it was set (not part of equality:
+        the same settings from literal words are the same configuration).
     """
 
     hostname: str
@@ -312,3 +315,4 @@ class Config:
     shutdownTimeout: float = 30.0
     probeInterval: float = 30.0
     source: str = "<command line>"
+    environment: tuple[tuple[str, bool], ...] = attrs.field(default=(), eq=False)

@@ -15,7 +15,7 @@ import difflib
 import os
 import re
 import socket
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -838,7 +838,8 @@ def loadString(
     @param env: the environment for C{{env:NAME}} (default L{os.environ}).
     @raise ConfigError: the configuration is invalid.
     """
-    return build(parseTree(text, filename, os.environ if env is None else env), filename)
+    recorded = _RecordingEnvironment(os.environ if env is None else env)
+    return _withEnvironment(build(parseTree(text, filename, recorded), filename), recorded)
 
 
 def load(path: str) -> Config:
@@ -847,4 +848,29 @@ def load(path: str) -> Config:
 
     @raise ConfigError: it cannot be read or is invalid.
     """
-    return build(readTree(path, os.environ), path)
+    recorded = _RecordingEnvironment(os.environ)
+    return _withEnvironment(build(readTree(path, recorded), path), recorded)
+
+
+class _RecordingEnvironment(Mapping[str, str]):
+    """
+    An environment that remembers which variables were looked up.
+    """
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+        self.names: dict[str, bool] = {}
+
+    def __getitem__(self, name: str) -> str:
+        self.names[name] = name in self._env
+        return self._env[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._env)
+
+    def __len__(self) -> int:
+        return len(self._env)
+
+
+def _withEnvironment(config: Config, recorded: _RecordingEnvironment) -> Config:
+    return attrs.evolve(config, environment=tuple(sorted(recorded.names.items())))

@@ -215,6 +215,17 @@ def _listener(config: Config, listener: Listener) -> list[str]:
     return _block(0, [listener.kind, *listener.addresses], body)
 
 
+def _environment(names: tuple[tuple[str, bool], ...]) -> list[str]:
+    """
+    Comment lines naming the environment variables the configuration read
+    (their values may be secrets: only whether each was set).
+    """
+    if not names:
+        return []
+    read = ", ".join(name if isSet else f"{name} (unset)" for name, isSet in names)
+    return [f"# environment variables read: {read}"]
+
+
 def show(config: Config) -> str:
     """
     C{config} in the configuration language, defaults filled in and
@@ -222,6 +233,7 @@ def show(config: Config) -> str:
     """
     lines = [
         f"# effective configuration of {config.source}",
+        *_environment(config.environment),
         _line(0, "hostname", config.hostname),
         _line(0, "debug", formatBool(config.debug)),
         *_serverTLS(0, config.tls),
