@@ -453,3 +453,18 @@ class InboundChunkingEndToEndTests(SynchronousTestCase):
         [message] = fake.messages
         self.assertTrue(message.endswith(b"\r\n" + self.BODY), message)
         self.assertNotIn(b"DATA", fake.commands)
+
+    def test_clientGoneMidChunkNoLast(self) -> None:
+        """
+        A BDAT client that dies in the middle of a chunk: the downstream
+        (BDAT too) never gets a LAST chunk and is closed.
+        """
+        stack = Stack(self, {FIRST: Script(replies={"EHLO": CHUNKING})})
+        stack.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\n"
+                   b"BDAT 80000 LAST\r\n" + b"x" * 70000)
+        stack.protocol.connectionLost(None)  # type: ignore[arg-type]
+        stack.received()
+        fake = stack.downstream()
+        self.assertTrue(fake.lost)
+        self.assertNotIn(-1, fake.chunks)
+        self.assertNotIn(b"LAST", bytes(fake.received))
