@@ -4,7 +4,8 @@ The DATA body path: the inbound scanner and the outbound dot-stuffer.
 L{DataScanner} reads what a client sends after C{354}: it finds the only
 real end-of-data (C{CRLF . CRLF}), removes stuffed dots, counts the size and
 the C{Received:} headers and notices bare CR/LF, streaming the unstuffed
-bytes as they arrive.  L{DotStuffer} does the reverse for a downstream.  Both
+bytes as they arrive.  Made with C{stuffed=False} it reads the chunks of a
+C{BDAT} body under the same rules, as they are, until L{DataScanner.finish}.  L{DotStuffer} does the reverse for a downstream.  Both
 work on whole chunks with C{bytes} methods, never one Python call per line,
 and both are correct at every chunk boundary (they hold back at most four
 bytes that could start an end-of-data or a stuffed dot).
@@ -96,7 +97,7 @@ class DataScanner:
     __slots__ = (
         "_emit", "_maxSize", "_maxHops", "_normalize", "_held", "_virtual",
         "_lineStart", "_inHeaders", "_headerCarry", "_bare", "_refused", "size",
-        "hops", "done", "_maxText", "_longRun", "_partial", "_longLine",
+        "hops", "done", "_maxText", "_longRun", "_partial", "_longLine", "_stuffed",
     )
 
     def __init__(
@@ -106,6 +107,7 @@ class DataScanner:
         maxHops: int,
         normalize: bool = False,
         maxLineLength: int | None = None,
+        stuffed: bool = True,
     ) -> None:
         """
         @param emit: called with each piece of the unstuffed message.
@@ -116,7 +118,11 @@ class DataScanner:
         @param maxLineLength: the longest line accepted, CRLF included and
             a stuffed dot not (RFC 5321 §4.5.3.1.6), or L{None} for lines
             of any length.
+        @param stuffed: the body is dot-stuffed and ends with C{CRLF . CRLF}
+            (DATA); C{False}: BDAT chunks, taken as they are, the end given
+            by L{finish}.
         """
+        self._stuffed = stuffed
         self._emit = emit
         self._maxSize = maxSize
         self._maxHops = maxHops
@@ -168,7 +174,7 @@ class DataScanner:
         if self.done:
             return data
         buf = self._held + data if self._held else data
-        end = buf.find(_MARK)
+        end = buf.find(_MARK) if self._stuffed else -1
         if end >= 0:
             self._segment(buf[: end + 2])
             self._held = b""
@@ -182,6 +188,15 @@ class DataScanner:
             self._held = buf
         return None
 
+    def finish(self) -> None:
+        """
+        The last BDAT chunk was fed: scan what was held back.
+        """
+        held, self._held = self._held, b""
+        if held:
+            self._segment(held)
+        self.done = True
+
     def _segment(self, seg: bytes) -> None:
         """
         Process a piece of the raw (stuffed) body that is known not to
@@ -193,10 +208,13 @@ class DataScanner:
                 seg = _BARE.sub(b"\r\n", seg)
             else:
                 self._bare = self._refused = True
-        if self._lineStart and seg[:1] == b".":
-            seg = seg[1:]
-        self._lineStart = seg.endswith(b"\r\n")
-        out = seg.replace(b"\r\n.", b"\r\n")
+        if not self._stuffed:
+            out = seg
+        else:
+            if self._lineStart and seg[:1] == b".":
+                seg = seg[1:]
+            self._lineStart = seg.endswith(b"\r\n")
+            out = seg.replace(b"\r\n.", b"\r\n")
         if self._inHeaders:
             self._headers(out)
         if self._virtual:

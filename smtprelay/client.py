@@ -8,9 +8,11 @@ Replies are parsed strictly: garbage, mixed codes, a reply over 64 KiB,
 endless continuation lines, a reply nobody asked for (one more than the
 commands written before its bytes arrived) or a reply of the wrong class
 abort the connection, and every outstanding Deferred fails with
-L{DownstreamError}.  The body is dot-stuffed by L{DotStuffer} at every
-position, whatever the chunking; an aborted body never gets its
-end-of-data.  Secrets never reach a log line: the protocol trace (C{debug})
+L{DownstreamError}.  The body goes as C{BDAT} chunks (RFC 3030, no
+dot-stuffing) to a downstream that advertises CHUNKING and PIPELINING,
+else after C{DATA}, dot-stuffed by L{DotStuffer} at every position,
+whatever the chunking; an aborted body never gets its end-of-data (the
+dot, or the C{LAST} chunk).  Secrets never reach a log line: the protocol trace (C{debug})
 shows AUTH payloads and C{334} challenges as C{****}.
 """
 
@@ -52,6 +54,14 @@ MAX_REPLY_LINES = 1000
 
 REQUIRETLS_UNAVAILABLE = reply(550, "5.7.30", "REQUIRETLS support required")
 """MAIL with REQUIRETLS to a downstream that cannot honour it (RFC 8689)."""
+
+CHUNKS_READY = reply(354, None, "End data with <CR><LF>.<CR><LF>")
+"""The go-ahead for a body sent as BDAT chunks (the downstream has no
+C{DATA} step to answer)."""
+
+CHUNK_SIZE = 64 * 1024
+"""The size of a BDAT chunk: the body is sent whenever this much is
+buffered, the rest with C{LAST}."""
 
 _DSN_MAIL = ("RET", "ENVID")
 _DSN_RCPT = ("NOTIFY", "ORCPT")
@@ -131,6 +141,33 @@ def _formatParams(params: Params) -> bytes:
     )
 
 
+class _Chunks:
+    """
+    The body of a transaction sent as BDAT chunks.
+
+    @ivar pending: bytes not sent yet (less than L{CHUNK_SIZE}).
+    @ivar replies: the replies to the chunks sent, in order.
+    @ivar refused: the first chunk's reply that was not positive: nothing
+        more is sent (RFC 3030 §4), and it is the transaction's outcome.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[bytes] = []
+        self.size = 0
+        self.replies: list[Deferred[Reply]] = []
+        self.refused: Reply | None = None
+
+    def take(self) -> bytes:
+        data = b"".join(self.pending)
+        self.pending, self.size = [], 0
+        return data
+
+    def answered(self, r: Reply) -> Reply:
+        if not r.positive and self.refused is None:
+            self.refused = r
+        return r
+
+
 @implementer(IPushProducer)
 class _Backpressure:
     """
@@ -202,7 +239,7 @@ class SMTPClientProtocol(LineReceiver):
         self._handshake: Deferred[None] | None = None
         self._accepted = 0
         self._downconvert = False
-        self._stuffer: DotStuffer | None = None
+        self._body: DotStuffer | _Chunks | None = None
         self._producer: IPushProducer | None = None
         self._paused = False
         self._stall: IDelayedCall | None = None
@@ -257,7 +294,7 @@ class SMTPClientProtocol(LineReceiver):
             or self._waiting
             or self._queued
             or self._handshake is not None
-            or self._stuffer is not None
+            or self._body is not None
             or self._inTransaction
         )
 
@@ -583,21 +620,70 @@ class SMTPClientProtocol(LineReceiver):
         line = b"RCPT TO:<" + recipient + b">" + _formatParams(out)
         return self.command(line).addCallback(counted)
 
+    @property
+    def chunking(self) -> bool:
+        """
+        The body goes as BDAT chunks: the downstream advertised CHUNKING,
+        and PIPELINING (chunks stream without waiting for each reply), and
+        the target's C{chunking} is on.
+        """
+        caps = self.capabilities
+        return self.target.chunking and "CHUNKING" in caps and "PIPELINING" in caps
+
     def data(self) -> Deferred[Reply]:
+        """
+        DATA, or nothing when the body goes as BDAT chunks: then a local
+        C{354} at once.
+        """
+        if self.chunking:
+            if self._closed or self._error is not None:
+                return fail(self._error or DownstreamError(replies.DOWNSTREAM_LOST, "connection closed"))
+            self._startBody(_Chunks())
+            return succeed(CHUNKS_READY)
+
         def started(r: Reply) -> Reply:
             if r.code == 354:
-                self._stuffer = DotStuffer()
-                self.transport.registerProducer(_Backpressure(self), True)  # type: ignore[union-attr]
+                self._startBody(DotStuffer())
             return r
 
         return self.command(b"DATA", _DATA).addCallback(started)
 
+    def _startBody(self, body: DotStuffer | _Chunks) -> None:
+        self._body = body
+        self.transport.registerProducer(_Backpressure(self), True)  # type: ignore[union-attr]
+
     def write(self, data: bytes) -> None:
-        if self._stuffer is None or self._error is not None or self._closed:
+        body = self._body
+        if body is None or self._error is not None or self._closed:
             return
-        # Buffered: the end-of-data's writeNow sends the tail in the same
-        # segment as the dot; a long body goes out as the socket drains.
-        self.transport.write(self._stuffer.stuff(data))  # type: ignore[union-attr]
+        if isinstance(body, DotStuffer):
+            # Buffered: the end-of-data's writeNow sends the tail in the
+            # same segment as the dot; a long body goes out as the socket
+            # drains.
+            self.transport.write(body.stuff(data))  # type: ignore[union-attr]
+            return
+        if body.refused is not None:
+            return
+        body.pending.append(data)
+        body.size += len(data)
+        if body.size >= CHUNK_SIZE:
+            chunk = body.take()
+            [answer] = self._expect(1)
+            # A lost connection fails the end-of-data; nothing to add here.
+            body.replies.append(answer.addCallbacks(body.answered, lambda f: None))
+            if self._debug:
+                self._trace("C", b"BDAT %d" % len(chunk))
+            self.transport.write(b"BDAT %d\r\n" % len(chunk) + chunk)  # type: ignore[union-attr]
+
+    def _expect(self, count: int) -> list[Deferred[Reply]]:
+        """
+        Wait for C{count} replies to what is about to be written.
+        """
+        waits: list[Deferred[Reply]] = [Deferred() for _ in range(count)]
+        if not self._waiting:
+            self._armTimer()
+        self._waiting.extend((d, _NORMAL) for d in waits)
+        return waits
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
         self._producer = producer
@@ -608,26 +694,53 @@ class SMTPClientProtocol(LineReceiver):
         self._producer = None
 
     def endData(self) -> Deferred[Sequence[Reply]]:
-        stuffer, self._stuffer = self._stuffer, None
-        if stuffer is None or self._closed or self._error is not None:
+        """
+        The dot after DATA; after BDAT chunks, once every chunk was
+        accepted, the rest of the body as the C{LAST} chunk (C{BDAT 0
+        LAST} when nothing is left).  A refused chunk is the outcome
+        without a C{LAST}, and RSET ends the downstream's transaction.
+        """
+        body, self._body = self._body, None
+        if body is None or self._closed or self._error is not None:
             return fail(self._error or DownstreamError(replies.DOWNSTREAM_LOST, "no body in progress"))
         self.transport.unregisterProducer()  # type: ignore[union-attr]
         self._cancelStall()
         self._paused = False
         self._timeout = self.target.submissionTimeout
+        if isinstance(body, DotStuffer):
+            if self._debug:
+                self._trace("C", b"<end of data>")
+            return self._final(body.end())
+
+        def chunksAnswered(_: object) -> Sequence[Reply] | Deferred[Sequence[Reply]]:
+            if body.refused is None:
+                rest = body.take()
+                if self._debug:
+                    self._trace("C", b"BDAT %d LAST" % len(rest))
+                return self._final(b"BDAT %d LAST\r\n" % len(rest) + rest)
+            self._timeout = self.target.commandTimeout
+            self.rset().addErrback(lambda f: None)
+            return [body.refused]
+
+        return gatherResults(body.replies).addCallback(chunksAnswered)
+
+    def _final(self, end: bytes) -> Deferred[Sequence[Reply]]:
+        """
+        Send C{end} (the dot, or the C{LAST} chunk); fire with its one reply
+        (SMTP) or one per accepted recipient (LMTP).
+        """
+        if self._closed or self._error is not None:
+            return fail(self._error or DownstreamError(replies.DOWNSTREAM_LOST, "connection closed"))
         count = max(1, self._accepted) if self.lmtp else 1
-        if self._debug:
-            self._trace("C", b"<end of data>")
         received: list[Reply] = []
 
         def arrived(r: Reply) -> Reply:
             received.append(r)
             return r
 
-        waits = [Deferred[Reply]().addCallback(arrived) for _ in range(count)]
+        waits = [d.addCallback(arrived) for d in self._expect(count)]
         self._armTimer()
-        self._waiting.extend((d, _NORMAL) for d in waits)
-        writeNow(self.transport, stuffer.end())
+        writeNow(self.transport, end)
 
         def collected(results: list[Reply]) -> list[Reply]:
             self._timeout = self.target.commandTimeout
@@ -646,7 +759,7 @@ class SMTPClientProtocol(LineReceiver):
         return gatherResults(waits, consumeErrors=True).addCallbacks(collected, firstError)
 
     def rset(self) -> Deferred[Reply]:
-        self._stuffer = None
+        self._body = None
 
         def reset(r: Reply) -> Reply:
             if r.positive:

@@ -118,8 +118,9 @@ class IRelayHandler(Interface):
 
     def data(producer: IPushProducer) -> Deferred[Reply]:
         """
-        The client sent DATA with at least one accepted recipient.  Fire with
-        354 to receive the body, anything else to refuse.  Until the
+        The client sent DATA (or its first BDAT chunk) with at least one
+        accepted recipient.  Fire with 354 to receive the body, anything
+        else to refuse.  Until the
         transaction ends, the handler may pause and resume C{producer} (the
         client's socket) for back-pressure.
         """
@@ -140,7 +141,8 @@ class IRelayHandler(Interface):
     def abortData(reply: Reply) -> None:
         """
         The body was refused locally (C{reply} tells why: bare LF, too big,
-        too many hops).  The downstream must not receive the end-of-data.
+        too many hops) or abandoned by the client between BDAT chunks.  The
+        downstream must not receive the end-of-data.
         """
 
     def reset() -> None:
@@ -227,7 +229,8 @@ class IDownstream(Interface):
 
     def data() -> Deferred[Reply]:
         """
-        DATA; fires with the downstream's 354 (or its refusal).
+        DATA; fires with the downstream's 354 (or its refusal), or at once
+        with a local 354 when the body goes as BDAT chunks.
         """
 
     def write(data: bytes) -> None:
@@ -247,8 +250,8 @@ class IDownstream(Interface):
 
     def endData() -> Deferred[Sequence[Reply]]:
         """
-        Send the end-of-data dot; fire with one reply (SMTP) or one per
-        accepted recipient in RCPT order (LMTP).  An LMTP session that
+        Send the end-of-data dot (or the C{LAST} chunk); fire with one reply
+        (SMTP) or one per accepted recipient in RCPT order (LMTP).  An LMTP session that
         fails after some of its replies fails with a L{DownstreamError}
         whose C{received} holds them.
         """

@@ -17,6 +17,7 @@ import base64
 import binascii
 import ipaddress
 import os
+import re
 import socket
 from typing import Any, Callable, Sequence
 
@@ -41,7 +42,7 @@ from .interfaces import ClientSession, IRelayHandler, TLSInfo
 from .logs import logReject
 from .metrics import IMetrics, NullMetrics
 from .ratelimit import ListenerRates
-from .replies import Reply, reply
+from .replies import Refusal, Reply, reply
 from .wire import writeNow
 
 MAX_INPUT_BUFFER = 1024 * 1024
@@ -69,7 +70,7 @@ _BARE_IN_COMMAND = reply(500, "5.5.2", "Error: bare <CR> or <LF> in command")
 _LMTP_ONLY = reply(500, "5.5.1", "Error: this is an LMTP service, use LHLO")
 _NOT_IMPLEMENTED = reply(502, "5.5.1", "Error: command not implemented")
 _VRFY = reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
-_HELP = reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP STARTTLS AUTH")
+_HELP = reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP STARTTLS AUTH")
 _TLS_READY = reply(220, "2.0.0", "Ready to start TLS")
 _TLS_UNAVAILABLE = reply(502, "5.5.1", "Error: command not implemented")
 _TLS_ACTIVE = reply(554, "5.5.1", "Error: TLS already active")
@@ -82,6 +83,10 @@ _AUTH_ABORTED = reply(501, "5.7.0", "Authentication aborted")
 _AUTH_BASE64 = reply(501, "5.5.2", "Cannot decode response")
 _AUTH_TOO_MANY = reply(421, "4.7.0", "Too many authentication failures")
 _TOO_MUCH_INPUT = reply(421, "4.7.0", "Too much unread input")
+_BDAT_SYNTAX = reply(501, "5.5.4", "Syntax: BDAT count [LAST]")
+_BDAT_IN_PROGRESS = reply(503, "5.5.1", "Error: BDAT transaction in progress")
+_BDAT_RESET = reply(554, "5.5.0", "Transaction reset by the client before its last chunk")
+_BDAT = re.compile(rb"([0-9]{1,15})(?: +(LAST))?", re.IGNORECASE)
 _PREGREET = replies.SYNC_ERROR
 
 _LOGIN_USER = b"334 VXNlcm5hbWU6\r\n"
@@ -102,7 +107,7 @@ _COMMANDS = {
     verb: "do_" + verb.decode("ascii")
     for verb in (
         b"EHLO", b"HELO", b"LHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP",
-        b"QUIT", b"HELP", b"VRFY", b"STARTTLS", b"AUTH",
+        b"QUIT", b"HELP", b"VRFY", b"STARTTLS", b"AUTH", b"BDAT",
     )
 }
 
@@ -190,6 +195,11 @@ class SMTPServerProtocol(Protocol):
         self._closedWaiters: list[Deferred[None]] = []
         self._scanner: DataScanner | None = None
         self._bodyPauser: _Pauser | None = None
+        # The BDAT chunk being read: bytes left, LAST, and the reply it gets
+        # instead of being read into the body (a refused BDAT).
+        self._chunkLeft = self._chunkSize = 0
+        self._chunkLast = False
+        self._chunkRefusal: Reply | None = None
         self._resetTransaction()
 
     # -- connection ---------------------------------------------------------
@@ -351,7 +361,9 @@ class SMTPServerProtocol(Protocol):
         self._processing = True
         try:
             while self._buffer and not self._busy and not self._pauses and not self._closing:
-                if self._scanner is not None:
+                if self._chunkLeft:
+                    self._readChunk()
+                elif self._scanner is not None and not self._chunked:
                     data, self._buffer = self._buffer, b""
                     self._feedBody(data)
                 elif not self._nextLine():
@@ -617,6 +629,10 @@ class SMTPServerProtocol(Protocol):
     # -- state --------------------------------------------------------------
 
     def _resetTransaction(self) -> None:
+        # The transaction's body comes in BDAT chunks; the reply to every
+        # later chunk once one failed (RFC 3030 §2).
+        self._chunked = False
+        self._chunksFailed: Reply | None = None
         self._sender: bytes | None = None
         self._localTransaction = False
         self._rcptTried = False
@@ -680,7 +696,7 @@ class SMTPServerProtocol(Protocol):
             lines.append("STARTTLS")
         if self._authOffered():
             lines.append("AUTH PLAIN LOGIN")
-        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
         self._reply(reply(250, None, *lines))
 
     def do_MAIL(self, argument: bytes) -> None:
@@ -767,6 +783,9 @@ class SMTPServerProtocol(Protocol):
         if self._sender is None:
             self._error(_NEED_MAIL, "bad_sequence")
             return
+        if self._chunked:
+            self._error(_BDAT_IN_PROGRESS, "bad_sequence")
+            return
         if not self._accepted and self._rcptTried:
             self._refuse("DATA", replies.NO_VALID_RECIPIENTS, "bad_sequence", self._sender)
             return
@@ -787,18 +806,147 @@ class SMTPServerProtocol(Protocol):
                 pauser.detach()
                 self._disconnect(replies.SYNC_ERROR, "sync")
                 return
-            self._bodyPauser = pauser
-            self._scanner = DataScanner(
-                self._dataChunk,
-                self._listener.maxMessageSize,
-                self._listener.maxHops,
-                normalize=self._listener.bareLF == "normalize",
-                maxLineLength=self._listener.maxLineLength,
-            )
-            self._dataTimer = self._clock.callLater(self._listener.dataTimeout, self._timedOut)
+            self._openBody(pauser, stuffed=True)
             self._reply(r)
 
         self._await(self.handler.data, pauser, then=done)
+
+    def _openBody(self, pauser: _Pauser, stuffed: bool) -> None:
+        """
+        The handler takes the body (its C{354}): scan what comes, under the
+        listener's rules and C{data_timeout}.
+        """
+        self._bodyPauser = pauser
+        self._scanner = DataScanner(
+            self._dataChunk,
+            self._listener.maxMessageSize,
+            self._listener.maxHops,
+            normalize=self._listener.bareLF == "normalize",
+            maxLineLength=self._listener.maxLineLength,
+            stuffed=stuffed,
+        )
+        self._dataTimer = self._clock.callLater(self._listener.dataTimeout, self._timedOut)
+
+    def _closeBody(self) -> None:
+        """
+        The body is complete or abandoned: stop scanning and timing it.
+        """
+        self._scanner = None
+        if self._dataTimer is not None and self._dataTimer.active():
+            self._dataTimer.cancel()
+        self._dataTimer = None
+        if self._bodyPauser is not None:
+            self._bodyPauser.detach()
+            self._bodyPauser = None
+
+    def do_BDAT(self, argument: bytes) -> None:
+        """
+        RFC 3030: a chunk of C{count} bytes follows, read exactly whatever
+        the reply; the first chunk of a transaction opens the body at the
+        handler as DATA does.  A malformed count cannot be skipped: the
+        session is closed.
+        """
+        match = _BDAT.fullmatch(argument)
+        if match is None:
+            self._disconnect(_BDAT_SYNTAX, "syntax")
+            return
+        self._chunkLeft = self._chunkSize = int(match[1])
+        self._chunkLast = match[2] is not None
+        refusal = self._chunkRefused()
+        if refusal is not None:
+            self._chunkRefusal = refusal
+        elif not self._chunked:
+            self._chunked = True
+            assert self.handler is not None
+            pauser = _Pauser(self, "body")
+
+            def opened(result: Reply | None) -> None:
+                r = self._handlerReply(result)
+                if r.code == 354:
+                    self._openBody(pauser, stuffed=False)
+                else:
+                    pauser.detach()
+                    self._chunksFailed = self._chunkRefusal = r
+                if not self._chunkLeft:
+                    self._chunkRead()
+
+            self._await(self.handler.data, pauser, then=opened)
+            return
+        if not self._chunkLeft:
+            self._chunkRead()
+
+    def _chunkRefused(self) -> Reply | None:
+        """
+        The reply of a BDAT whose chunk is read only to be discarded, or
+        None.
+        """
+        if self._chunksFailed is not None:
+            return self._chunksFailed
+        if not self.session.esmtp:
+            problem, reason = _NEED_EHLO, "bad_sequence"
+        elif self._sender is None:
+            problem, reason = _NEED_MAIL, "bad_sequence"
+        elif not self._accepted:
+            problem, reason = (replies.NO_VALID_RECIPIENTS if self._rcptTried else _NEED_RCPT), "bad_sequence"
+        else:
+            return None
+        self._errors += 1
+        self.factory.metrics.rejected(reason)
+        return problem.withSession(self.session.id)
+
+    def _readChunk(self) -> None:
+        data = self._buffer[: self._chunkLeft]
+        self._buffer = self._buffer[len(data):]
+        self._chunkLeft -= len(data)
+        if self._chunkRefusal is None and self._scanner is not None:
+            self._scanner.feed(data)
+        if not self._chunkLeft:
+            self._chunkRead()
+
+    def _chunkRead(self) -> None:
+        """
+        A chunk is in: its reply, or the end of the body after C{LAST}.
+        """
+        refusal, self._chunkRefusal = self._chunkRefusal, None
+        last = self._chunkLast and self._chunked
+        if refusal is not None:
+            for _ in range(self._accepted if last and self._listener.lmtp else 1):
+                self._reply(refusal)
+            if last:
+                # The failed transaction ends here, at the handler too.
+                self._resetHandler()
+                self._transactionEnded()
+            return
+        scanner = self._scanner
+        assert scanner is not None
+        if last:
+            scanner.finish()
+            self._endBody(scanner)
+            return
+        verdict = scanner.verdict
+        if verdict is None:
+            self._reply(reply(250, "2.0.0", f"Ok: {self._chunkSize} octets"))
+            return
+        # A refused chunk fails the transaction: the rest is read and
+        # discarded, each chunk gets this reply.
+        self._closeBody()
+        self._chunksFailed = self._refuseBody(verdict)
+        self._reply(self._chunksFailed)
+
+    def _refuseBody(self, verdict: Refusal) -> Reply:
+        """
+        The body broke a local rule: the downstream never gets its end, and
+        the client gets the returned reply.
+        """
+        self._log.info(
+            "body refused in {session}: {reply}", session=self.session.id,
+            reply=verdict.reply.text,
+        )
+        self.factory.metrics.rejected(verdict.reason)
+        local = verdict.reply.withSession(self.session.id)
+        assert self.handler is not None
+        self.handler.abortData(local)
+        return local
 
     def _dataChunk(self, chunk: bytes) -> None:
         assert self.handler is not None
@@ -810,26 +958,22 @@ class SMTPServerProtocol(Protocol):
         rest = scanner.feed(data)
         if rest is None:
             return
-        self._scanner = None
-        if self._dataTimer is not None and self._dataTimer.active():
-            self._dataTimer.cancel()
-        self._dataTimer = None
-        if self._bodyPauser is not None:
-            self._bodyPauser.detach()
-            self._bodyPauser = None
         self._buffer = rest + self._buffer
+        self._endBody(scanner)
+
+    def _endBody(self, scanner: DataScanner) -> None:
+        """
+        The whole body is in (the dot, or the C{LAST} chunk): refuse it
+        under a local rule, or end it at the handler; either way one reply
+        per recipient for LMTP.
+        """
+        self._closeBody()
         count = self._accepted if self._listener.lmtp else 1
         handler = self.handler
         assert handler is not None
         verdict = scanner.verdict
         if verdict is not None:
-            self._log.info(
-                "body refused in {session}: {reply}", session=self.session.id,
-                reply=verdict.reply.text,
-            )
-            self.factory.metrics.rejected(verdict.reason)
-            local = verdict.reply.withSession(self.session.id)
-            handler.abortData(local)
+            local = self._refuseBody(verdict)
             for _ in range(count):
                 self._reply(local)
             self._transactionEnded()
@@ -856,7 +1000,13 @@ class SMTPServerProtocol(Protocol):
             self._disconnect(replies.SHUTTING_DOWN)
 
     def _resetHandler(self) -> None:
-        if self.handler is not None and not self._localTransaction:
+        if self._chunked and self._scanner is not None:
+            # Between chunks the body is open at the handler: abandon it,
+            # the downstream never gets its last chunk.
+            self._closeBody()
+            assert self.handler is not None
+            self.handler.abortData(_BDAT_RESET.withSession(self.session.id))
+        elif self.handler is not None and not self._localTransaction:
             self.handler.reset()
 
     def do_NOOP(self, argument: bytes) -> None:

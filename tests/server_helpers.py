@@ -30,7 +30,8 @@ EHLO_REPLY = (
     b"250-ENHANCEDSTATUSCODES\r\n"
     b"250-8BITMIME\r\n"
     b"250-DSN\r\n"
-    b"250 SMTPUTF8\r\n"
+    b"250-SMTPUTF8\r\n"
+    b"250 CHUNKING\r\n"
 )
 
 

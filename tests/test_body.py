@@ -284,3 +284,50 @@ class DataScannerTests(SynchronousTestCase):
                 (got[2].verdict, got[2].hops, got[2].size, got[2].done),
                 (whole[2].verdict, whole[2].hops, whole[2].size, whole[2].done),
             )
+
+
+class ChunkScannerTests(SynchronousTestCase):
+    """
+    C{stuffed=False}: BDAT chunks under the DATA rules, taken as they are.
+    """
+
+    @given(st.binary(max_size=300).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"\r\n")),
+           st.lists(st.integers(min_value=0, max_value=300), max_size=5))
+    @settings(max_examples=200)
+    def test_asTheyAreAtEveryBoundary(self, body: bytes, cuts: list[int]) -> None:
+        """
+        Whatever the chunks, the emitted bytes are the body itself: dots and
+        C{CRLF . CRLF} included, nothing ends it before L{finish}.
+        """
+        emitted: list[bytes] = []
+        scanner = DataScanner(emitted.append, 10_000, 50, stuffed=False)
+        points = sorted(min(c, len(body)) for c in cuts)
+        for start, end in zip([0] + points, points + [len(body)]):
+            self.assertIsNone(scanner.feed(body[start:end]))
+        scanner.finish()
+        self.assertEqual(b"".join(emitted), body)
+        self.assertIsNone(scanner.verdict)
+        self.assertEqual(scanner.size, len(body))
+
+    def test_rulesAcrossChunks(self) -> None:
+        """
+        A CRLF split between two chunks is no bare CR; a bare CR at the very
+        end is; C{Received:} headers and the size count as for DATA.
+        """
+        scanner = DataScanner(lambda b: None, 10_000, 1, stuffed=False)
+        scanner.feed(b"a\r")
+        scanner.feed(b"\nb\r\n")
+        scanner.finish()
+        self.assertIsNone(scanner.verdict)
+        scanner = DataScanner(lambda b: None, 10_000, 1, stuffed=False)
+        scanner.feed(b"a\r\nb\r")
+        scanner.finish()
+        self.assertEqual(scanner.verdict, Refusal(replies.BARE_LF, "bare_lf"))
+        scanner = DataScanner(lambda b: None, 10_000, 1, stuffed=False)
+        scanner.feed(b"Received: a\r\nRecei")
+        scanner.feed(b"ved: b\r\n\r\n")
+        scanner.finish()
+        self.assertEqual(scanner.verdict, Refusal(replies.TOO_MANY_HOPS, "too_many_hops"))
+        scanner = DataScanner(lambda b: None, 5, 1, stuffed=False)
+        scanner.feed(b"123\r\n4")
+        self.assertEqual(scanner.verdict, Refusal(replies.MESSAGE_TOO_BIG, "too_big"))

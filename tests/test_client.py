@@ -18,7 +18,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from smtprelay import replies
-from smtprelay.client import REQUIRETLS_UNAVAILABLE, AttemptFailed, SMTPClientProtocol
+from smtprelay.client import CHUNK_SIZE, CHUNKS_READY, REQUIRETLS_UNAVAILABLE, AttemptFailed, SMTPClientProtocol
 from smtprelay.config.model import Address, Target
 from smtprelay.interfaces import Credentials, DownstreamError, IDownstream, TLSInfo
 from smtprelay.replies import Reply, reply
@@ -813,3 +813,163 @@ class QuitTests(SynchronousTestCase):
         self.assertEqual(result(self, d).code, 250)
         self.assertEqual(h.server.commands[-1], b"RSET")
 
+
+
+EHLO_CHUNKING = b"250-fake.example\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 8BITMIME\r\n"
+
+
+class ChunkingTests(SynchronousTestCase):
+    """
+    RFC 3030: the body as BDAT chunks to a downstream that advertises
+    CHUNKING (and PIPELINING), never dot-stuffed, the C{LAST} chunk only
+    once every chunk was accepted.
+    """
+
+    def transaction(self, h: Harness, rcpts: tuple[bytes, ...] = (b"b@example.net",)) -> None:
+        h.ready()
+        h.client.mail(b"a@example.org", {})
+        for r in rcpts:
+            h.client.rcpt(r, {})
+        h.flush()
+        d = h.client.data()
+        self.assertEqual(result(self, d), CHUNKS_READY)
+        h.flush()
+
+    def test_smallBodyOneLastChunk(self) -> None:
+        """
+        No DATA; a body under a chunk goes whole as C{BDAT n LAST}, its
+        dot lines as they are; the final reply is the LAST chunk's.
+        """
+        h = Harness(Script(replies={"EHLO": EHLO_CHUNKING, "END": b"250 2.0.0 Ok: queued as X\r\n"}))
+        self.transaction(h)
+        h.client.write(b".first\r\n.\r\n")
+        h.client.write(b"last\r\n")
+        self.assertEqual(h.sent(), b"")
+        d = h.client.endData()
+        h.flush()
+        self.assertEqual(bytes(h.server.received).split(b"\r\n", 3)[3],
+                         b"BDAT 17 LAST\r\n.first\r\n.\r\nlast\r\n")
+        self.assertEqual(h.server.messages, [b".first\r\n.\r\nlast\r\n"])
+        self.assertEqual(result(self, d), [reply(250, "2.0.0", "Ok: queued as X")])
+        self.assertTrue(h.client.idle)
+
+    def test_chunksAsTheBodyStreams(self) -> None:
+        """
+        Whenever a chunk's worth is buffered it is sent with its size; an
+        empty rest ends with C{BDAT 0 LAST}.
+        """
+        h = Harness(Script(replies={"EHLO": EHLO_CHUNKING}))
+        self.transaction(h)
+        h.client.write(b"x" * (CHUNK_SIZE - 1))
+        self.assertEqual(h.sent(), b"")
+        h.client.write(b"yz")
+        self.assertEqual(h.sent(), b"BDAT %d\r\n" % (CHUNK_SIZE + 1) + b"x" * (CHUNK_SIZE - 1) + b"yz")
+        d = h.client.endData()
+        h.flush()
+        self.assertEqual(h.server.chunks, [CHUNK_SIZE + 1, 0, -1])
+        self.assertEqual(bytes(h.server.received)[-13:], b"BDAT 0 LAST\r\n")
+        self.assertEqual([r.code for r in result(self, d)], [250])
+
+    @given(st.lists(st.binary(min_size=0, max_size=3 * CHUNK_SIZE // 2), max_size=6))
+    @settings(max_examples=40, deadline=None)
+    def test_anySplitArrivesIntact(self, pieces: list[bytes]) -> None:
+        """
+        Whatever the writes, the chunks carry the body byte for byte, each
+        announced with its exact size, and only the last says LAST.
+        """
+        h = Harness(Script(replies={"EHLO": EHLO_CHUNKING}))
+        self.transaction(h)
+        for piece in pieces:
+            h.client.write(piece)
+            h.flush()
+        d = h.client.endData()
+        h.flush()
+        body = b"".join(pieces)
+        self.assertEqual(h.server.messages, [body])
+        self.assertEqual(sum(h.server.chunks[:-1]), len(body))
+        self.assertEqual(h.server.chunks[-1], -1)
+        self.assertEqual([r.code for r in result(self, d)], [250])
+
+    def test_refusedChunkNoLast(self) -> None:
+        """
+        A refused chunk is the transaction's outcome: no more chunks, no
+        LAST, and RSET ends the downstream's transaction.
+        """
+        h = Harness(Script(replies={"EHLO": EHLO_CHUNKING, "BDAT": b"552 5.3.4 Message too big\r\n"}))
+        self.transaction(h)
+        h.client.write(b"x" * CHUNK_SIZE)
+        h.flush()
+        h.client.write(b"y" * CHUNK_SIZE)
+        d = h.client.endData()
+        h.flush()
+        self.assertEqual(h.server.chunks, [CHUNK_SIZE])
+        self.assertEqual(h.server.commands[-2:], [b"BDAT %d" % CHUNK_SIZE, b"RSET"])
+        self.assertEqual(result(self, d), [reply(552, "5.3.4", "Message too big")])
+        self.assertTrue(h.client.idle)
+
+    def test_lastWaitsForEveryChunkReply(self) -> None:
+        """
+        The LAST chunk goes only after the replies to the earlier chunks.
+        """
+        h = Harness(Script(replies={"EHLO": EHLO_CHUNKING}))
+        self.transaction(h)
+        h.client.write(b"x" * CHUNK_SIZE)
+        d = h.client.endData()
+        self.assertNotIn(b"LAST", h.sent())
+        h.flush()
+        self.assertEqual(h.server.chunks, [CHUNK_SIZE, 0, -1])
+        self.assertEqual([r.code for r in result(self, d)], [250])
+
+    def test_abortedNeverLast(self) -> None:
+        """
+        A body aborted in the middle (the client left) never gets its LAST
+        chunk; what was buffered is not sent.
+        """
+        h = Harness(Script(replies={"EHLO": EHLO_CHUNKING}))
+        self.transaction(h)
+        h.client.write(b"x" * (CHUNK_SIZE + 5))
+        h.client.write(b"half a line")
+        h.client.abort()
+        h.flush()
+        self.assertEqual(h.server.chunks, [CHUNK_SIZE + 5])
+        self.assertNotIn(b"LAST", bytes(h.server.received))
+        self.assertNotIn(b"half a line", bytes(h.server.received))
+
+    def test_lmtpRepliesAfterLast(self) -> None:
+        """
+        LMTP: one reply per accepted recipient to the LAST chunk.
+        """
+        script = Script(replies={"LHLO": EHLO_CHUNKING},
+                        lmtp={b"a@example.net": b"250 2.0.0 a ok\r\n", b"c@example.net": b"452 4.2.2 c full\r\n"})
+        h = Harness(script, lmtp=True)
+        self.transaction(h, (b"a@example.net", b"c@example.net"))
+        h.client.write(b"Subject: x\r\n\r\nhi\r\n")
+        d = h.client.endData()
+        h.flush()
+        self.assertEqual([(r.code, r.text) for r in result(self, d)], [(250, "a ok"), (452, "c full")])
+        self.assertEqual(h.server.chunks, [18, -1])
+
+    def test_dataWithoutChunkingOrPipelining(self) -> None:
+        """
+        C{chunking no}, or a downstream without CHUNKING or PIPELINING:
+        DATA and a dot-stuffed body.
+        """
+        for ehlo, kw in [
+            (EHLO_CHUNKING, {"chunking": False}),
+            (EHLO_CHUNKING.replace(b"250-PIPELINING\r\n", b""), {}),
+            (DEFAULT_EHLO, {}),
+        ]:
+            with self.subTest(ehlo=ehlo, kw=kw):
+                h = Harness(Script(replies={"EHLO": ehlo}), **kw)
+                h.ready()
+                h.client.mail(b"a@example.org", {})
+                h.client.rcpt(b"b@example.net", {})
+                h.flush()
+                d = h.client.data()
+                h.flush()
+                self.assertEqual(result(self, d).code, 354)
+                h.client.write(b".x\r\n")
+                h.client.endData()
+                h.flush()
+                self.assertEqual(h.server.messages, [b"..x\r\n.\r\n"])
+                self.assertEqual(h.server.chunks, [])

@@ -874,6 +874,13 @@ class TargetTests(SynchronousTestCase):
             ['relay.conf:4: lmtp_split: expected one_rcpt or tempfail, not "all"'],
         )
 
+    def test_chunking(self) -> None:
+        """
+        C{chunking}: BDAT to downstreams that offer it, unless off.
+        """
+        self.assertTrue(_target().chunking)
+        self.assertFalse(_target("chunking no").chunking)
+
     def test_forwardClientInfo(self) -> None:
         """
         C{forward_client_info}: off by default; xforward or xclient.

@@ -69,6 +69,7 @@ target.smtp smarthost {
     attempt_starttls no
     backoff 0
     forward_client_info xforward
+    chunking no
 }
 target.lmtp dovecot {
     targets unix:/run/dovecot/lmtp
@@ -141,6 +142,7 @@ class ShowTests(SynchronousTestCase):
             "        lmtp_split one_rcpt",
             "        backoff 30s",
             "        forward_client_info off",
+            "        chunking yes",
         ]:
             self.assertIn(line + "\n", shown)
         self.assertEqual(loadString(shown, "relay.conf", {}), config)

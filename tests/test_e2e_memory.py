@@ -379,3 +379,92 @@ class OwnCredentialsTests(SynchronousTestCase):
         self.assertEqual(stack.send(b"MAIL FROM:<s@example.org>\r\n"),
                          b"454 4.7.0 Relay cannot authenticate downstream, try again later [SID]\r\n")
         self.assertEqual(stack.network.attempts, [str(FIRST), str(SECOND)])
+
+
+CHUNKING = b"250-fake.example\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 8BITMIME\r\n"
+
+
+class ChunkingEndToEndTests(SynchronousTestCase):
+    """
+    A client's DATA body to a downstream that advertises CHUNKING: BDAT
+    chunks of the unstuffed body, the client's 250 only after the LAST
+    chunk's.
+    """
+
+    def test_dataBecomesChunks(self) -> None:
+        """
+        The client's dot-stuffed body arrives unstuffed in one LAST chunk
+        (no DATA downstream); the client's final reply is the LAST chunk's,
+        held until it arrives.
+        """
+        stack = Stack(self, {FIRST: Script(replies={"EHLO": CHUNKING, "END": STALL})})
+        stack.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\n")
+        self.assertEqual(stack.send(b"DATA\r\n"), b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        self.assertEqual(stack.send(b"Subject: x\r\n\r\n..dot\r\n.\r\n"), b"")
+        fake = stack.downstream()
+        self.assertNotIn(b"DATA", fake.commands)
+        [message] = fake.messages
+        self.assertTrue(message.startswith(b"Received: from client.test ([127.0.0.1])\r\n"), message)
+        self.assertTrue(message.endswith(b"\r\nSubject: x\r\n\r\n.dot\r\n"), message)
+        self.assertEqual(fake.chunks, [len(message), -1])
+        fake.transport.write(b"250 2.0.0 Ok: queued as C\r\n")
+        self.assertEqual(stack.received(), b"250 2.0.0 Ok: queued as C\r\n")
+
+    def test_clientGoneMidBodyNoLast(self) -> None:
+        """
+        The client's connection drops in the body: the downstream never
+        gets the LAST chunk, and is closed.
+        """
+        stack = Stack(self, {FIRST: Script(replies={"EHLO": CHUNKING})})
+        stack.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+        stack.send(b"x" * 70000 + b"\r\n" + b"y" * 100)
+        stack.protocol.connectionLost(None)  # type: ignore[arg-type]
+        stack.received()
+        fake = stack.downstream()
+        self.assertTrue(fake.lost)
+        self.assertNotIn(-1, fake.chunks)
+        self.assertNotIn(b"LAST", bytes(fake.received))
+
+
+class InboundChunkingEndToEndTests(SynchronousTestCase):
+    """
+    A client's BDAT body goes out dot-stuffed after DATA to a downstream
+    without CHUNKING, and as BDAT to one with it.
+    """
+
+    BODY = b"Subject: x\r\n\r\n.dot\r\n.\r\nend\r\n"
+
+    def test_bdatToData(self) -> None:
+        stack = Stack(self, {FIRST: Script()})
+        out = stack.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\n"
+                         b"BDAT %d LAST\r\n" % len(self.BODY) + self.BODY)
+        self.assertEqual(out, b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n")
+        [message] = stack.downstream().messages
+        self.assertTrue(message.endswith(b"\r\nSubject: x\r\n\r\n..dot\r\n..\r\nend\r\n.\r\n"), message)
+
+    def test_bdatToBdat(self) -> None:
+        stack = Stack(self, {FIRST: Script(replies={"EHLO": CHUNKING})})
+        out = stack.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\n"
+                         b"BDAT 14\r\n" + self.BODY[:14] + b"BDAT %d LAST\r\n" % (len(self.BODY) - 14)
+                         + self.BODY[14:])
+        self.assertEqual(out, b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: 14 octets\r\n"
+                              b"250 2.0.0 Ok: queued\r\n")
+        fake = stack.downstream()
+        [message] = fake.messages
+        self.assertTrue(message.endswith(b"\r\n" + self.BODY), message)
+        self.assertNotIn(b"DATA", fake.commands)
+
+    def test_clientGoneMidChunkNoLast(self) -> None:
+        """
+        A BDAT client that dies in the middle of a chunk: the downstream
+        (BDAT too) never gets a LAST chunk and is closed.
+        """
+        stack = Stack(self, {FIRST: Script(replies={"EHLO": CHUNKING})})
+        stack.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\n"
+                   b"BDAT 80000 LAST\r\n" + b"x" * 70000)
+        stack.protocol.connectionLost(None)  # type: ignore[arg-type]
+        stack.received()
+        fake = stack.downstream()
+        self.assertTrue(fake.lost)
+        self.assertNotIn(-1, fake.chunks)
+        self.assertNotIn(b"LAST", bytes(fake.received))

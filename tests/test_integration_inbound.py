@@ -135,7 +135,7 @@ smtp tls://{HOST}:{self.proxiedPort} {{
         lines, info = self.converse("-connect", f"{HOST}:{self.tlsPort}")
         self.assertIn("Verification: OK", info)
         self.assertTrue(lines[0].startswith("220 relay.test ESMTP smtprelay"), lines)
-        self.assertIn("250 SMTPUTF8", lines)
+        self.assertIn("250 CHUNKING", lines)
         self.assertNotIn("250-STARTTLS", lines)
         self.assertEqual(lines[-1], "221 2.0.0 Bye")
 
@@ -146,7 +146,7 @@ smtp tls://{HOST}:{self.proxiedPort} {{
         """
         lines, info = self.converse("-connect", f"{HOST}:{self.startTLSPort}", "-starttls", "smtp")
         self.assertIn("Verification: OK", info)
-        self.assertIn("250 SMTPUTF8", lines)
+        self.assertIn("250 CHUNKING", lines)
         self.assertNotIn("250-STARTTLS", lines)
         self.assertEqual(lines[-1], "221 2.0.0 Bye")
 

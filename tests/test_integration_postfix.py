@@ -467,3 +467,93 @@ class PostfixDownstreamClientInfoTests(SynchronousTestCase):
         self.assertEqual(replies[2], b"554 5.7.1 <rcpt@example.net>: Recipient address rejected: Access denied")
         downstream.waitForLog(r"NOQUEUE: reject: RCPT from unknown\[198\.51\.100\.7\]: 554 5\.7\.1 "
                               r"<rcpt@example\.net>: Recipient address rejected: Access denied; .* helo=<proxied\.test>")
+
+
+class PostfixDownstreamChunkingTests(SynchronousTestCase):
+    """
+    Postfix's C{smtpd} (CHUNKING since 3.4) as the downstream: the relay
+    sends a client's DATA body as BDAT chunks, or as DATA with C{chunking
+    no}; the message arrives intact either way.
+    """
+
+    def setUp(self) -> None:
+        self.procs = Processes(self)
+
+    def deliver(self, lines: str) -> tuple[Postfix, bytes]:
+        downstream = self.procs.postfix("downstream")
+        relay = relayThrough(self.procs, f"tcp://{HOST}:{downstream.port}\n{lines}")
+        body = SMTP_MESSAGE + b"x" * 200_000 + b"\r\n.a line that starts with a dot\r\n"
+        with smtplib.SMTP(HOST, relay, local_hostname="client.test", timeout=60) as client:
+            self.assertEqual(client.sendmail("sender@example.org", ["rcpt@example.net"], body), {})
+        [stored] = downstream.stored()
+        self.assertTrue(stored.endswith(b"x" * 200_000 + b"\n.a line that starts with a dot\n"), stored[-100:])
+        self.assertIn(b"\nSubject: real peers\n", stored)
+        return downstream, stored
+
+    def test_bdat(self) -> None:
+        """
+        Postfix's session summary counts BDAT commands (the body over 64 KiB
+        goes in several chunks) and no DATA.
+        """
+        downstream, _ = self.deliver("")
+        [summary] = downstream.waitForLog(r"disconnect from localhost\[127\.0\.0\.1\] (ehlo=.*)$")
+        chunks = re.fullmatch(r"ehlo=1 mail=1 rcpt=1 bdat=(\d+) quit=1 commands=\d+", summary.group(1))
+        assert chunks is not None, summary.group(1)
+        self.assertGreaterEqual(int(chunks.group(1)), 2)
+
+    def test_chunkingOff(self) -> None:
+        downstream, _ = self.deliver("chunking no")
+        [summary] = downstream.waitForLog(r"disconnect from localhost\[127\.0\.0\.1\] (ehlo=.*)$")
+        self.assertEqual(summary.group(1), "ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5")
+
+
+def bdat(client: smtplib.SMTP, chunk: bytes, last: bool = False) -> tuple[int, bytes]:
+    """
+    One BDAT chunk with C{smtplib}'s low-level calls (it has no BDAT).
+    """
+    client.putcmd("BDAT", f"{len(chunk)}{' LAST' if last else ''}")
+    client.send(chunk)
+    return client.getreply()
+
+
+class InboundChunkingTests(SynchronousTestCase):
+    """
+    A Python client sends BDAT chunks to a real relay (which advertises
+    CHUNKING); the message arrives intact at Postfix (by BDAT) and at
+    smtp-sink (by DATA, dot-stuffed).
+    """
+
+    BODY = SMTP_MESSAGE + b"x" * 100_000 + b"\r\n.\r\n..\r\nend\r\n"
+
+    def setUp(self) -> None:
+        self.procs = Processes(self)
+
+    def send(self, relay: int) -> list[tuple[int, bytes]]:
+        with smtplib.SMTP(HOST, relay, local_hostname="client.test", timeout=60) as client:
+            client.ehlo()
+            self.assertTrue(client.has_extn("chunking"))
+            client.mail("sender@example.org")
+            client.rcpt("rcpt@example.net")
+            return [bdat(client, self.BODY[:70_000]), bdat(client, self.BODY[70_000:], last=True)]
+
+    def test_toPostfixByBdat(self) -> None:
+        downstream = self.procs.postfix("downstream")
+        relay = relayThrough(self.procs, f"tcp://{HOST}:{downstream.port}")
+        replies = self.send(relay)
+        self.assertEqual(replies[0], (250, b"2.0.0 Ok: 70000 octets"))
+        self.assertEqual(replies[1][0], 250)
+        self.assertRegex(replies[1][1], rb"^2\.0\.0 Ok: \d+ bytes queued as ")  # Postfix's reply to LAST
+        [stored] = downstream.stored()
+        self.assertTrue(stored.endswith(b"\n" + b"x" * 100_000 + b"\n.\n..\nend\n"), stored[-60:])
+        self.assertIn(b"\nSubject: real peers\n", stored)
+        [summary] = downstream.waitForLog(r"disconnect from localhost\[127\.0\.0\.1\] (ehlo=.*)$")
+        self.assertRegex(summary.group(1), r" bdat=\d+ ")
+
+    def test_toSmtpSinkByData(self) -> None:
+        sinkPort, dumps = self.procs.smtpSink()
+        relay = self.procs.relay("--target", f"tcp://{HOST}:{sinkPort}", "--hostname", "relay.test")
+        replies = self.send(relay)
+        self.assertEqual([code for code, _ in replies], [250, 250])
+        [dump] = sinkMessages(dumps)
+        _, _, body = splitSinkDump(dump)
+        self.assertIn(b"x" * 100_000 + b"\n.\n..\nend\n", body)

@@ -213,14 +213,14 @@ class SimpleCommandTests(SynchronousTestCase):
     table = [
         (b"NOOP", b"250 2.0.0 OK\r\n"),
         (b"NOOP anything", b"250 2.0.0 OK\r\n"),
-        (b"HELP", b"214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP STARTTLS AUTH\r\n"),
+        (b"HELP", b"214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP STARTTLS AUTH\r\n"),
         (b"VRFY postmaster", b"252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery\r\n"),
         (b"EXPN list", b"502 5.5.1 Error: command not implemented [S1]\r\n"),
         (b"ETRN example.com", b"502 5.5.1 Error: command not implemented [S1]\r\n"),
         (b"TURN", b"502 5.5.1 Error: command not implemented [S1]\r\n"),
         (b"XCLIENT ADDR=1.2.3.4", b"502 5.5.1 Error: command not implemented [S1]\r\n"),
         (b"XFORWARD ADDR=1.2.3.4", b"502 5.5.1 Error: command not implemented [S1]\r\n"),
-        (b"BDAT 10 LAST", b"500 5.5.2 Error: command not recognized [S1]\r\n"),
+        (b"BDAT 0 LAST", b"503 5.5.1 Error: send EHLO first [S1]\r\n"),
         (b"FOO", b"500 5.5.2 Error: command not recognized [S1]\r\n"),
         (b"", b"500 5.5.2 Error: bad syntax [S1]\r\n"),
         (b"NO\nOP", b"500 5.5.2 Error: bare <CR> or <LF> in command [S1]\r\n"),
@@ -1401,3 +1401,168 @@ class RejectionReasonTests(SynchronousTestCase):
         # the quoted words outside them.
         documented = set(re.findall(r"`([a-z_]+)`", re.sub(r"\([^()]*\)", "", paragraph)))
         self.assertEqual(documented, set(REJECTION_REASONS))
+
+
+ENVELOPE = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"
+
+
+def chunkOk(size: int) -> bytes:
+    return b"250 2.0.0 Ok: %d octets\r\n" % size
+
+
+class InboundChunkingTests(SynchronousTestCase):
+    """
+    RFC 3030 inbound: C{BDAT count [LAST]} chunks are read exactly (never
+    as commands) into the same body path as DATA, under the same rules.
+    """
+
+    def test_chunksIntoTheBody(self) -> None:
+        """
+        Each chunk's bytes go to the handler as they are (dots and all);
+        every chunk but the last gets C{250}, the last the handler's final
+        reply; DATA's 354 is never sent.
+        """
+        session = greeted()
+        out = session.send(ENVELOPE + b"BDAT 11\r\n.a\r\nb\r\nc.\r\nBDAT 6 LAST\r\n.\r\nd\r\n")
+        self.assertEqual(out, MAIL_OK + RCPT_OK + chunkOk(11) + QUEUED)
+        self.assertEqual(session.handler.body, b".a\r\nb\r\nc.\r\n.\r\nd\r\n")
+        self.assertEqual([c[0] for c in session.handler.calls if c[0] != "dataChunk"],
+                         ["mail", "rcpt", "data", "endData"])
+        self.assertEqual(session.send(b"MAIL FROM:<x@example.com>\r\n"), MAIL_OK)
+
+    def test_everyBoundary(self) -> None:
+        """
+        A command line and its chunk split at every position: the same
+        replies and the same body.
+        """
+        wire = ENVELOPE + b"BDAT 5\r\nMAIL BDAT 0 LAST\r\nQUIT\r\n"
+        for cut in range(len(wire) + 1):
+            session = greeted()
+            out = session.send(wire[:cut]) + session.send(wire[cut:])
+            self.assertEqual(out, MAIL_OK + RCPT_OK + chunkOk(5) + QUEUED + b"221 2.0.0 Bye\r\n", cut)
+            self.assertEqual(session.handler.body, b"MAIL ", cut)
+
+    def test_bdatZeroLast(self) -> None:
+        session = greeted()
+        out = session.send(ENVELOPE + b"BDAT 5\r\nx\r\n\r\nBDAT 0 LAST\r\n")
+        self.assertEqual(out, MAIL_OK + RCPT_OK + chunkOk(5) + QUEUED)
+        self.assertEqual(session.handler.body, b"x\r\n\r\n")
+
+    def test_chunkThatLooksLikeCommands(self) -> None:
+        """
+        A chunk that holds command lines and an end-of-data is body, read
+        by its count: nothing in it is a command (no smuggling).
+        """
+        chunk = b"\r\n.\r\nMAIL FROM:<evil@example.com>\r\nRCPT TO:<x@example.net>\r\nDATA\r\n"
+        session = greeted()
+        out = session.send(ENVELOPE + b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+        self.assertEqual(out, MAIL_OK + RCPT_OK + QUEUED)
+        self.assertEqual(session.handler.body, chunk)
+        self.assertEqual([c[0] for c in session.handler.calls].count("mail"), 1)
+
+    def test_chunkLongerThanAnnounced(self) -> None:
+        """
+        Bytes past the announced count are commands again: a client that
+        sends more than it announced is answered for each line.
+        """
+        session = greeted()
+        out = session.send(ENVELOPE + b"BDAT 3 LAST\r\nabcdef\r\n")
+        self.assertEqual(out, MAIL_OK + RCPT_OK + QUEUED + b"500 5.5.2 Error: command not recognized [S1]\r\n")
+        self.assertEqual(session.handler.body, b"abc")
+
+    def test_mixingRefused(self) -> None:
+        """
+        DATA after a BDAT chunk is refused; the chunked transaction goes
+        on.
+        """
+        session = greeted()
+        out = session.send(ENVELOPE + b"BDAT 3\r\nabc")
+        out += session.send(b"DATA\r\n")
+        out += session.send(b"BDAT 2 LAST\r\n\r\n")
+        self.assertEqual(out, MAIL_OK + RCPT_OK + chunkOk(3)
+                         + b"503 5.5.1 Error: BDAT transaction in progress [S1]\r\n" + QUEUED)
+        self.assertEqual(session.handler.body, b"abc\r\n")
+
+    def test_refusedBdatStillRead(self) -> None:
+        """
+        A BDAT out of sequence is refused after its chunk was read and
+        discarded.
+        """
+        session = greeted()
+        out = session.send(b"BDAT 6 LAST\r\nQUIT\r\nNOOP\r\n")
+        self.assertEqual(out, b"503 5.5.1 Error: need MAIL command [S1]\r\n250 2.0.0 OK\r\n")
+        self.assertEqual(session.handler.calls, [])
+
+    def test_malformedCountCloses(self) -> None:
+        """
+        A chunk whose size cannot be read cannot be skipped: 501 and close.
+        """
+        for argument in (b"", b"x", b"-1", b"10 MORE", b"9999999999999999"):
+            session = greeted()
+            out = session.send(ENVELOPE + b"BDAT " + argument + b"\r\nNOOP\r\n")
+            self.assertEqual(out, MAIL_OK + RCPT_OK + b"501 5.5.4 Syntax: BDAT count [LAST] [S1]\r\n", argument)
+            self.assertTrue(session.closed)
+
+    def test_failedChunkFailsTheRest(self) -> None:
+        """
+        A chunk that breaks a rule (here the size) fails the transaction:
+        the body is aborted at the handler (the downstream never gets its
+        end), every later chunk is read, discarded and gets the same reply.
+        """
+        session = greeted(listener=makeListener(maxMessageSize=5))
+        out = session.send(ENVELOPE + b"BDAT 8\r\n12345678BDAT 2\r\n\r\nBDAT 0 LAST\r\n")
+        tooBig = b"552 5.3.4 Message size exceeds fixed limit [S1]\r\n"
+        self.assertEqual(out, MAIL_OK + RCPT_OK + tooBig * 3)
+        self.assertEqual([c[0] for c in session.handler.calls if c[0] != "dataChunk"],
+                         ["mail", "rcpt", "data", "abortData", "reset"])
+        self.assertEqual(session.send(b"MAIL FROM:<x@example.com>\r\n"), MAIL_OK)
+
+    def test_handlerRefusesTheBody(self) -> None:
+        """
+        The handler's refusal of the body (a downstream's 554 to DATA) is
+        the reply to every chunk of the transaction.
+        """
+        refused = reply(554, "5.7.1", "no")
+        session = greeted(script={"data": refused})
+        out = session.send(ENVELOPE + b"BDAT 2\r\nabBDAT 1 LAST\r\nc")
+        self.assertEqual(out, MAIL_OK + RCPT_OK + b"554 5.7.1 no\r\n" * 2)
+        self.assertEqual([c[0] for c in session.handler.calls], ["mail", "rcpt", "data", "reset"])
+        self.assertEqual(session.send(b"MAIL FROM:<x@example.com>\r\n"), MAIL_OK)
+
+    def test_pipelinedWhileTheHandlerOpens(self) -> None:
+        """
+        Chunks pipelined behind the first BDAT wait while the handler
+        opens the body; nothing of them is read as a command.
+        """
+        session = greeted(manual=("data",))
+        out = session.send(ENVELOPE + b"BDAT 6\r\nNOOP\r\nBDAT 6 LAST\r\nRSET\r\n")
+        self.assertEqual(out, MAIL_OK + RCPT_OK)
+        session.handler.fire(replies.START_INPUT)
+        self.assertEqual(session.read(), chunkOk(6) + QUEUED)
+        self.assertEqual(session.handler.body, b"NOOP\r\nRSET\r\n")
+
+    def test_rsetBetweenChunksAborts(self) -> None:
+        """
+        RSET between chunks abandons the body: aborted at the handler, never
+        ended.
+        """
+        session = greeted()
+        out = session.send(ENVELOPE + b"BDAT 3\r\nabcRSET\r\n")
+        self.assertEqual(out, MAIL_OK + RCPT_OK + chunkOk(3) + b"250 2.0.0 OK\r\n")
+        self.assertEqual([c[0] for c in session.handler.calls if c[0] != "dataChunk"],
+                         ["mail", "rcpt", "data", "abortData"])
+
+    def test_clientGoneMidChunk(self) -> None:
+        session = greeted()
+        session.send(ENVELOPE + b"BDAT 100 LAST\r\nhalf")
+        session.protocol.connectionLost(None)  # type: ignore[arg-type]
+        self.assertEqual([c[0] for c in session.handler.calls if c[0] != "dataChunk"],
+                         ["mail", "rcpt", "data", "close"])
+
+    def test_lmtpRepliesPerRecipient(self) -> None:
+        session = Session(makeListener(kind="lmtp"))
+        session.read()
+        session.send(b"LHLO c\r\n")
+        out = session.send(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@x.example>\r\nRCPT TO:<c@x.example>\r\n"
+                           b"BDAT 2\r\nabBDAT 2 LAST\r\n\r\n")
+        self.assertEqual(out, MAIL_OK + RCPT_OK * 2 + chunkOk(2) + QUEUED * 2)

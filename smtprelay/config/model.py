@@ -138,6 +138,7 @@ class Target:
     reuseIdleTime: float = 2.0
     reuseTimeLimit: float = 300.0
     forwardClientInfo: Literal["off", "xforward", "xclient"] = "off"
+    chunking: bool = True
 
 
 @attrs.frozen

@@ -410,6 +410,7 @@ _TARGET = {
     "reuse_idle_time": _Directive("reuseIdleTime", _timeout),
     "reuse_time_limit": _Directive("reuseTimeLimit", _timeout),
     "forward_client_info": _Directive("forwardClientInfo", _choice("off", "xforward", "xclient")),
+    "chunking": _Directive("chunking", _flag),
 }
 
 _LISTENER = {

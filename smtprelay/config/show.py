@@ -113,6 +113,7 @@ def _targetBody(depth: int, target: Target) -> list[str]:
         lines.append(_line(depth, "reuse_idle_time", formatDuration(target.reuseIdleTime)))
         lines.append(_line(depth, "reuse_time_limit", formatDuration(target.reuseTimeLimit)))
     lines.append(_line(depth, "forward_client_info", target.forwardClientInfo))
+    lines.append(_line(depth, "chunking", formatBool(target.chunking)))
     return lines
 
 

@@ -74,8 +74,9 @@ class Script:
         L{rcpt}), C{DATA}, C{END} (SMTP end-of-data, and the LMTP default),
         C{RSET}, C{QUIT}, C{NOOP}, C{TLS-EHLO} (EHLO/LHLO after STARTTLS),
         C{XFORWARD}, C{XCLIENT} (answered C{250} and with a new greeting
-        by default, as Postfix does; advertise them in C{EHLO}), C{*}
-        (anything else).
+        by default, as Postfix does; advertise them in C{EHLO}), C{BDAT}
+        (each chunk but the last; advertise C{CHUNKING}: the last chunk
+        is answered as C{END}), C{*} (anything else).
     @ivar rcpt: RCPT reply by address (without brackets).
     @ivar lmtp: LMTP end-of-data reply by accepted recipient address.
     @ivar auth: the replies to the AUTH command and each following line,
@@ -118,6 +119,7 @@ class Script:
         "QUIT": b"221 2.0.0 Bye\r\n",
         "XFORWARD": b"250 2.0.0 Ok\r\n",
         "XCLIENT": b"220 fake.example ESMTP ready\r\n",
+        "BDAT": b"250 2.0.0 Ok: chunk received\r\n",
         "*": b"502 5.5.2 Error: command not recognized\r\n",
     }
 
@@ -137,7 +139,9 @@ class FakeDownstream(Protocol):
     @ivar commands: the command lines received (without CRLF), AUTH
         continuation lines included.
     @ivar messages: each DATA body as received (still stuffed), with its
-        end-of-data line.
+        end-of-data line; each BDAT body as the chunks' bytes together.
+    @ivar chunks: the size of each BDAT chunk received, C{-1} after the
+        size of a C{LAST} one (e.g. C{[65536, 10, -1]}).
     @ivar recipients: the accepted recipients of the current transaction.
     @ivar lmtp: answer end-of-data once per accepted recipient.
     @ivar tls: STARTTLS has been started on this connection.
@@ -152,10 +156,14 @@ class FakeDownstream(Protocol):
         self.commands: list[bytes] = []
         self.messages: list[bytes] = []
         self.recipients: list[bytes] = []
+        self.chunks: list[int] = []
         self.tls = False
         self.lost = False
         self._buffer = b""
         self._body: bytearray | None = None
+        self._chunk = 0
+        self._chunkLast = False
+        self._chunked = bytearray()
         self._auth: list[bytes] | None = None
         self._lostWaiters: list[Deferred[None]] = []
         self._bodyStart = 0
@@ -211,6 +219,13 @@ class FakeDownstream(Protocol):
             self._send(script.bodyFault, "BODY")
             return
         while self._buffer and not self.lost and not self.transport.disconnecting:  # type: ignore[union-attr]
+            if self._chunk:
+                taken, self._buffer = self._buffer[: self._chunk], self._buffer[self._chunk:]
+                self._chunked += taken
+                self._chunk -= len(taken)
+                if not self._chunk:
+                    self._chunkReceived()
+                continue
             if self._body is not None:
                 if not self._bodyReceived():
                     return
@@ -233,6 +248,19 @@ class FakeDownstream(Protocol):
         message, self._buffer = body[: end + 3], body[end + 3:]
         self.messages.append(message)
         self._body = None
+        self._endOfData()
+        return True
+
+    def _chunkReceived(self) -> None:
+        if not self._chunkLast:
+            self._answer("BDAT")
+            return
+        self.chunks.append(-1)
+        self.messages.append(bytes(self._chunked))
+        self._chunked = bytearray()
+        self._endOfData()
+
+    def _endOfData(self) -> None:
         if self.lmtp:
             for rcpt in self.recipients:
                 answer = self.script.lmtp.get(rcpt, self.script.reply("END"))
@@ -241,7 +269,6 @@ class FakeDownstream(Protocol):
                     break
         else:
             self._answer("END")
-        return True
 
     def _command(self, line: bytes) -> None:
         if self._auth is not None:
@@ -267,6 +294,12 @@ class FakeDownstream(Protocol):
                 self._bodyStart = len(self.received)
                 self._bodyStartedAt = self.clock.seconds()
             self._send(answer, "DATA")
+        elif step == "BDAT":
+            size, _, last = argument.partition(b" ")
+            self._chunk, self._chunkLast = int(size), last.upper() == b"LAST"
+            self.chunks.append(self._chunk)
+            if not self._chunk:
+                self._chunkReceived()
         elif step == "AUTH":
             self._auth = list(self.script.auth)
             self._authStep()
