@@ -338,7 +338,7 @@ del _case
 _DESYNC = (
     "known defect: an unrequested reply in the same segment as the greeting, EHLO/LHLO or AUTH "
     "reply is taken as the reply to the command the relay writes next (the client's MAIL then gets "
-    "the EHLO reply's last line); it should abandon the connection (SPEC 4.5)"
+    "the EHLO reply's last line); it should abandon the connection"
 )
 for _case in CASES:
     if _case.fault == "unrequested" and _case.step in ("greeting", "hello", "auth"):
