@@ -5,7 +5,7 @@ TWISTD := $(VENV)/bin/twistd
 LISTEN ?= tcp://127.0.0.1:2525
 SINK ?= tcp://127.0.0.1:2526
 MAILDIR ?= $(CURDIR)/run/mail
-APT_TEST_PACKAGES := postfix swaks libnet-ssleay-perl dovecot-core dovecot-lmtpd haproxy openssl
+APT_TEST_PACKAGES := postfix swaks libnet-ssleay-perl dovecot-core dovecot-lmtpd haproxy openssl prometheus
 
 .PHONY: run test venv test-deps soak image bench clean
 
@@ -37,10 +37,11 @@ run: venv
 ## test-deps: the test extras in the venv and, as root, the real peers and podman from Debian
 test-deps: venv
 	$(PY) -m pip install -q -e '.[test]'
-	@if [ "$$(id -u)" = 0 ] && ! { command -v smtp-sink && command -v swaks && command -v dovecot && command -v haproxy && command -v openssl && perl -MNet::SSLeay -e1; } >/dev/null 2>&1; then \
+	@if [ "$$(id -u)" = 0 ] && ! { command -v smtp-sink && command -v swaks && command -v dovecot && command -v haproxy && command -v openssl && command -v promtool && perl -MNet::SSLeay -e1; } >/dev/null 2>&1; then \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_TEST_PACKAGES) >/dev/null; \
 	  postfix status >/dev/null 2>&1 && postfix stop || true; \
+	  systemctl disable --now prometheus >/dev/null 2>&1 || true; \
 	fi
 	@if [ "$$(id -u)" = 0 ] && ! command -v podman >/dev/null; then sh contrib/container/container.sh setup >/dev/null; fi
 

@@ -36,8 +36,9 @@ from zope.interface import implementer
 from . import replies
 from .addresses import downconvert
 from .body import DotStuffer
+from .clientinfo import advertised, xforwardCommands
 from .config.model import Address, Target
-from .interfaces import Credentials, DownstreamError, IDownstream, Params, TLSInfo
+from .interfaces import ClientSession, Credentials, DownstreamError, IDownstream, Params, TLSInfo
 from .replies import MalformedReply, Reply, reply
 from .tls import ClientOptions, cipherBits
 from .wire import writeNow
@@ -85,7 +86,7 @@ class AttemptFailed(Exception):
         offered, or no verified TLS carries the password.  A fault of the
         relay's configuration, never the message's: a temporary failure.
     @ivar stage: the step that failed, for logs: C{connect}, C{greeting},
-        C{tls} (implicit TLS), C{ehlo}, C{starttls} or C{auth}.
+        C{tls} (implicit TLS), C{ehlo}, C{starttls}, C{xclient} or C{auth}.
     """
 
     def __init__(
@@ -485,7 +486,7 @@ class SMTPClientProtocol(LineReceiver):
 
     # -- IDownstream: the transaction -------------------------------------
 
-    def mail(self, sender: bytes, params: Params) -> Deferred[Reply]:
+    def mail(self, sender: bytes, params: Params, client: ClientSession | None = None) -> Deferred[Reply]:
         caps = self.capabilities
         out: dict[str, str | None] = {}
         self._accepted = 0
@@ -519,9 +520,31 @@ class SMTPClientProtocol(LineReceiver):
             self._log.debug(
                 "{peer} does not advertise DSN: dropped {params}", peer=self.peer, params=dropped
             )
+        if client is not None and self.target.forwardClientInfo == "xforward":
+            self._xforward(client)
         return self.command(b"MAIL FROM:<" + sender + b">" + _formatParams(out)).addCallback(
             self._transactionOpen
         )
+
+    def _xforward(self, client: ClientSession) -> None:
+        """
+        XFORWARD before MAIL, on every transaction (the downstream forgets
+        the attributes at its end, and a reused connection served another
+        client before), with the attributes the downstream advertised.  A
+        refusal is only logged, as Postfix's C{smtp} does: the message is
+        still delivered, under the relay's own identity.
+        """
+
+        def answered(r: Reply, line: bytes) -> None:
+            if not r.positive:
+                self._log.warn(
+                    "{peer} said: {reply} (in reply to {command})",
+                    peer=self.peer, reply=r.summary, command=line.decode("ascii"),
+                )
+
+        for line in xforwardCommands(client, advertised(self.capabilities.get("XFORWARD", ""))):
+            # A lost connection fails the MAIL that follows; nothing to add.
+            self.command(line).addCallbacks(answered, lambda f: None, (line,))
 
     def _transactionOpen(self, reply_: Reply) -> Reply:
         self._inTransaction = reply_.positive

@@ -40,9 +40,10 @@ from twisted.logger import Logger
 
 from . import replies
 from .client import AttemptFailed, SMTPClientProtocol
+from .clientinfo import advertised, xclientCommands
 from .config.model import Address, Target
 from .endpoints import clientEndpoint
-from .interfaces import Credentials, DownstreamError, IDownstream, Params
+from .interfaces import ClientSession, Credentials, DownstreamError, IDownstream, Params
 from .metrics import IMetrics, NullMetrics
 from .replies import Reply
 from .tls import ClientOptions
@@ -112,6 +113,7 @@ class Failover:
         credentials: Credentials | None = None,
         mail: tuple[bytes, Params] | None = None,
         sessionId: str = "-",
+        client: ClientSession | None = None,
     ) -> Deferred[tuple[IDownstream, Reply | None]]:
         """
         Fire with C{(session, MAIL reply or None)} from the first endpoint
@@ -121,6 +123,9 @@ class Failover:
         @param credentials: the client's own, for C{auth forward}.
         @param mail: C{(sender, params)} to send MAIL as the last step.
         @param sessionId: the client session's id, for the logs.
+        @param client: the client session whose identity a target with
+            C{forward_client_info} passes on (XCLIENT on a new connection,
+            XFORWARD before MAIL).
         @raise DownstreamError: C{451 4.4.1} when every endpoint failed
             (C{4.7.5} when C{require_tls} eliminated them, C{4.4.4} when
             all were DNS failures, C{454 4.7.0} when the relay could
@@ -128,7 +133,7 @@ class Failover:
             the client's credentials refused (C{auth forward});
             C{554 5.4.6} when a target is ourselves.
         """
-        return self._open(credentials, mail, sessionId)  # type: ignore[return-value]
+        return self._open(credentials, mail, sessionId, client)  # type: ignore[return-value]
 
     def release(self, session: IDownstream) -> None:
         """
@@ -140,6 +145,7 @@ class Failover:
             self._closed
             or not target.reuseConnections
             or target.auth.mechanism == "forward"
+            or target.forwardClientInfo == "xclient"
             or not isinstance(session, SMTPClientProtocol)
             or not session.idle
             or self._clock.seconds() - session.connectedAt >= target.reuseTimeLimit
@@ -183,7 +189,7 @@ class Failover:
 
     @inlineCallbacks
     def _reuse(
-        self, mail: tuple[bytes, Params]
+        self, mail: tuple[bytes, Params], client: ClientSession | None
     ) -> Generator[Deferred[Any], Any, tuple[IDownstream, Reply] | None]:
         """
         MAIL on an idle connection, if one is usable: C{(session, reply)}.
@@ -193,7 +199,7 @@ class Failover:
         """
         while (session := self._takeIdle()) is not None:
             try:
-                reply = yield session.mail(*mail)
+                reply = yield session.mail(*mail, client)
             except DownstreamError as e:
                 self._log.debug("idle {peer} went stale: {reason}", peer=session.peer, reason=e.reason)
                 continue
@@ -207,11 +213,15 @@ class Failover:
 
     @inlineCallbacks
     def _open(
-        self, credentials: Credentials | None, mail: tuple[bytes, Params] | None, sessionId: str
+        self,
+        credentials: Credentials | None,
+        mail: tuple[bytes, Params] | None,
+        sessionId: str,
+        client: ClientSession | None,
     ) -> Generator[Deferred[Any], Any, tuple[IDownstream, Reply | None]]:
         target = self.target
         if mail is not None and credentials is None and self._idle:
-            reused = yield self._reuse(mail)
+            reused = yield self._reuse(mail, client)
             if reused is not None:
                 return reused
         reasons: list[str] = []
@@ -223,7 +233,7 @@ class Failover:
             while True:
                 started = self._clock.seconds()
                 try:
-                    session = yield self._attempt(address, starttls, credentials)
+                    session = yield self._attempt(address, starttls, credentials, client)
                 except _Loop:
                     self._metrics.attempt(target.name, "loop")
                     self._log.error(
@@ -240,13 +250,7 @@ class Failover:
                     allAuth = allAuth and e.auth
                     if e.backoff:
                         self._rest(address)
-                    if (
-                        e.retryPlain
-                        and starttls
-                        and not target.requireTLS
-                        and target.auth.mechanism == "off"
-                        and address.scheme == "tcp"
-                    ):
+                    if starttls and self._retryPlain(address, e):
                         self._log.info(
                             "target {target}: TLS with {address} failed, retrying without STARTTLS",
                             target=target.name, address=str(address),
@@ -259,7 +263,7 @@ class Failover:
                 if mail is None:
                     return (session, None)
                 try:
-                    reply = yield session.mail(*mail)
+                    reply = yield session.mail(*mail, client)
                 except DownstreamError as e:
                     self._metrics.attempt(target.name, "mail")
                     self._logFailure(sessionId, address, "mail", e.reason)
@@ -285,6 +289,50 @@ class Failover:
         if reasons and allAuth:
             raise DownstreamError(replies.DOWNSTREAM_AUTH, reason)
         raise DownstreamError(replies.NO_DOWNSTREAM, reason)
+
+    def probe(self, address: Address) -> Deferred[None]:
+        """
+        Check that C{address} would take a transaction now: the steps a
+        transaction takes before MAIL (connect, greeting, EHLO/LHLO,
+        STARTTLS and the judgement of the peer, AUTH), with the same retry
+        without STARTTLS, then QUIT.  Nothing is counted as a downstream
+        attempt and no back-off changes.  With C{auth forward} there are no
+        credentials to try: the probe stops after TLS, once PLAIN or LOGIN
+        is offered.
+
+        @raise AttemptFailed: the step that failed (a target that greets
+            with our own loop token fails at C{greeting}).
+        """
+        return self._probe(address)  # type: ignore[return-value]
+
+    @inlineCallbacks
+    def _probe(self, address: Address) -> Generator[Deferred[Any], Any, None]:
+        starttls = True
+        while True:
+            try:
+                protocol = yield self._attempt(address, starttls, None, None, probe=True)
+            except _Loop:
+                raise AttemptFailed("greets with our own loop token", stage="greeting")
+            except AttemptFailed as e:
+                if starttls and self._retryPlain(address, e):
+                    starttls = False
+                    continue
+                raise
+            protocol.quit()
+            return
+
+    def _retryPlain(self, address: Address, failure: AttemptFailed) -> bool:
+        """
+        Whether a connection that failed so is tried again without STARTTLS
+        (the seed's rule: a failed handshake, when neither C{require_tls}
+        nor a password needs TLS).
+        """
+        return (
+            failure.retryPlain
+            and not self.target.requireTLS
+            and self.target.auth.mechanism == "off"
+            and address.scheme == "tcp"
+        )
 
     def _logFailure(self, sessionId: str, address: Address, stage: str, reason: str) -> None:
         """
@@ -342,13 +390,21 @@ class Failover:
 
     @inlineCallbacks
     def _attempt(
-        self, address: Address, starttls: bool, credentials: Credentials | None
+        self,
+        address: Address,
+        starttls: bool,
+        credentials: Credentials | None,
+        client: ClientSession | None,
+        probe: bool = False,
     ) -> Generator[Deferred[Any], Any, SMTPClientProtocol]:
         """
         One connection to C{address}, up to (not including) MAIL.
 
         @param starttls: STARTTLS may be used (false on the seed rule's
             retry after a failed handshake).
+        @param client: whose identity XCLIENT gives, under
+            C{forward_client_info xclient}.
+        @param probe: a readiness probe (L{probe}), not a transaction.
         """
         target = self.target
         protocol = SMTPClientProtocol(target, self._clock, peer=str(address))
@@ -366,6 +422,9 @@ class Failover:
                 backoff=not failedTLS,
                 noTLS=failedTLS,
             )
+        except BaseException:
+            protocol.abort()  # cancelled (a probe's deadline): leave no connection behind
+            raise
         if self._loopToken and self._loopToken in greeting.text.split():
             protocol.abort()
             raise _Loop()
@@ -385,8 +444,10 @@ class Failover:
                     raise AttemptFailed(
                         f"STARTTLS refused: {started.code} {started.text}", stage="starttls", noTLS=True
                     )
-            self._judgeTLS(protocol)
-            yield self._authenticate(protocol, credentials)
+            self._judgeTLS(protocol, probe)
+            if client is not None and target.forwardClientInfo == "xclient":
+                yield self._xclient(protocol, client)
+            yield self._authenticate(protocol, credentials, probe)
         except DownstreamError as e:
             protocol.abort()
             if e.reply.permanent:
@@ -402,20 +463,22 @@ class Failover:
             raise
         return protocol
 
-    def _judgeTLS(self, protocol: SMTPClientProtocol) -> None:
+    def _judgeTLS(self, protocol: SMTPClientProtocol, probe: bool) -> None:
         """
         What the connection's TLS, or its absence, allows.  Any TLS is kept,
         verified or not (Postfix's C{may}); C{require_tls} wants a verified
         peer, and so does a password (C{plain}, C{login}, C{forward}),
         unless C{insecure_skip_verify} waives verification.
 
+        @param probe: a readiness probe's connection, whose TLS line is
+            debug (a probe every few seconds would drown the log).
         @raise AttemptFailed: the target cannot be used so.
         """
         target = self.target
         tls = protocol.tls
         if tls is not None:
             self._metrics.tlsHandshake("outbound", True, tls.verified)
-            self._log.info(
+            (self._log.debug if probe else self._log.info)(
                 "{trust} TLS connection established to {peer}: {tls}{why}",
                 trust="Verified" if tls.verified else "Untrusted",
                 peer=protocol.peer, tls=tls.description,
@@ -439,16 +502,38 @@ class Failover:
             )
 
     @inlineCallbacks
-    def _hello(self, protocol: SMTPClientProtocol) -> Generator[Deferred[Any], Any, None]:
-        r = yield protocol.hello(self.target.hostname)
+    def _hello(self, protocol: SMTPClientProtocol, name: str | None = None) -> Generator[Deferred[Any], Any, None]:
+        r = yield protocol.hello(name or self.target.hostname)
         if r.code != 250:
             raise AttemptFailed(
                 f"{'LHLO' if protocol.lmtp else 'EHLO/HELO'} refused: {r.code} {r.text}", stage="ehlo"
             )
 
     @inlineCallbacks
+    def _xclient(self, protocol: SMTPClientProtocol, client: ClientSession) -> Generator[Deferred[Any], Any, None]:
+        """
+        XCLIENT with the attributes the downstream advertised, then EHLO
+        again with the client's HELO name (an EHLO sets it anew): XCLIENT
+        restarts the session as if C{client} had connected (a C{220}
+        greeting).  It comes after STARTTLS, which it keeps, and before
+        AUTH, which it would forget.  A downstream that does not advertise
+        XCLIENT gets nothing.
+
+        @raise AttemptFailed: the downstream refused XCLIENT.
+        """
+        lines = xclientCommands(client, advertised(protocol.capabilities.get("XCLIENT", "")))
+        for line in lines:
+            r = yield protocol.command(line)
+            if r.code != 220:
+                raise AttemptFailed(f"XCLIENT refused: {r.code} {r.text}", stage="xclient")
+        if lines:
+            helo = client.heloName or ""
+            usable = helo.isascii() and helo.isprintable() and " " not in helo
+            yield self._hello(protocol, helo if helo and usable else self.target.hostname)
+
+    @inlineCallbacks
     def _authenticate(
-        self, protocol: SMTPClientProtocol, credentials: Credentials | None
+        self, protocol: SMTPClientProtocol, credentials: Credentials | None, probe: bool
     ) -> Generator[Deferred[Any], Any, None]:
         auth = self.target.auth
         mechanism = auth.mechanism
@@ -456,17 +541,21 @@ class Failover:
             return
         offered = protocol.capabilities.get("AUTH", "").upper().split()
         if mechanism == "forward":
-            if credentials is None:
-                raise AttemptFailed("no client credentials to forward", stage="auth")
             wire = "login" if "PLAIN" not in offered and "LOGIN" in offered else "plain"
         elif mechanism in ("plain", "login"):
-            assert auth.username is not None and auth.password is not None
-            credentials = Credentials(auth.username, auth.password.reveal())
             wire = mechanism
         else:
             wire = "external"
         if wire.upper() not in offered:
             raise self._authFault(protocol, f"{wire.upper()} authentication not offered")
+        if mechanism == "forward":
+            if probe:
+                return  # the client's own credentials are not there to try
+            if credentials is None:
+                raise AttemptFailed("no client credentials to forward", stage="auth")
+        elif mechanism in ("plain", "login"):
+            assert auth.username is not None and auth.password is not None
+            credentials = Credentials(auth.username, auth.password.reveal())
         r = yield protocol.authenticate(wire, credentials)
         if r.code == 235:
             return
@@ -490,7 +579,7 @@ class Failover:
         return AttemptFailed(f"{reason} at {protocol.peer}", stage="auth", auth=True)
 
 
-_STAGES = {b"STARTTLS": "starttls", b"AUTH": "auth"}
+_STAGES = {b"STARTTLS": "starttls", b"XCLIENT": "xclient", b"AUTH": "auth"}
 """The stage of a connection lost in reply to a command (else C{ehlo})."""
 
 

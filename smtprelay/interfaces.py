@@ -213,9 +213,11 @@ class IDownstream(Interface):
     peer = Attribute("C{host[ip]:port} or the unix path, for logs and metrics.")
     target = Attribute("The L{smtprelay.config.model.Target} this session belongs to.")
 
-    def mail(sender: bytes, params: Params) -> Deferred[Reply]:
+    def mail(sender: bytes, params: Params, client: ClientSession | None = None) -> Deferred[Reply]:
         """
-        MAIL FROM with the client's parameters the downstream advertises.
+        MAIL FROM with the client's parameters the downstream advertises;
+        before it, the identity of C{client} when the target forwards it
+        per transaction (C{forward_client_info xforward}).
         """
 
     def rcpt(recipient: bytes, params: Params) -> Deferred[Reply]:

@@ -12,6 +12,7 @@ C{twisted.web} (a few megabytes of memory) only when it is served.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application.internet import StreamServerEndpointService
@@ -40,6 +41,7 @@ REJECTION_REASONS = frozenset({
     "too_many_recipients", "auth_failed", "auth_aborted", "too_many_auth_failures", "sync",
     "line_too_long", "too_much_input", "unknown_command", "not_implemented", "syntax",
     "bad_sequence", "timeout", "too_many_connections", "too_many_errors",
+    "rate_connections", "rate_messages", "rate_recipients",
 })
 """Every value of C{reason} for L{IMetrics.rejected}: each local refusal
 names its own where it is made (README, Logs, metrics, shutdown)."""
@@ -102,6 +104,25 @@ class IMetrics(Interface):
         The relay refused something locally (see L{REJECTION_REASONS}).
         """
 
+    def connectionLimit(kind: str, limit: int) -> None:
+        """
+        A listener of C{kind} accepts at most C{limit} sessions at once
+        (its C{max_connections}); said once per listener at start.
+        """
+
+    def probed(target: str, result: str) -> None:
+        """
+        A readiness probe of an endpoint of C{target} ended with C{result}:
+        C{ok}, or the step that failed (C{connect}, C{greeting}, C{tls},
+        C{ehlo}, C{starttls}, C{auth}, C{timeout}).
+        """
+
+    def readiness(targets: Mapping[str, bool], ready: bool) -> None:
+        """
+        After a probe: which targets have an endpoint that passed its latest
+        probe, and whether the relay is ready (every listener has one).
+        """
+
 
 @implementer(IMetrics)
 class NullMetrics:
@@ -131,6 +152,15 @@ class NullMetrics:
         pass
 
     def rejected(self, reason: str) -> None:
+        pass
+
+    def connectionLimit(self, kind: str, limit: int) -> None:
+        pass
+
+    def probed(self, target: str, result: str) -> None:
+        pass
+
+    def readiness(self, targets: Mapping[str, bool], ready: bool) -> None:
         pass
 
 
@@ -190,10 +220,28 @@ class Metrics:
         self._rejections = Counter(
             "smtprelay_rejections", "Local refusals, by reason.", ["reason"], registry=registry
         )
+        self._connectionLimit = Gauge(
+            "smtprelay_max_connections",
+            "Sessions the listeners of a kind accept at once (the sum of their max_connections).",
+            ["listener"], registry=registry,
+        )
+        self._probes = Counter(
+            "smtprelay_probe_results", "Readiness probes of target endpoints, by result.",
+            ["target", "result"], registry=registry,
+        )
+        self._targetReady = Gauge(
+            "smtprelay_target_ready", "1 when an endpoint of the target passed its latest probe.",
+            ["target"], registry=registry,
+        )
+        self._ready = Gauge(
+            "smtprelay_ready", "1 when every listener has a target that passed its latest probe.",
+            registry=registry,
+        )
         # Known label values start at 0, so rates work from the first scrape.
         for kind in LISTENER_KINDS:
             self._sessionsOpen.labels(kind)
             self._sessions.labels(kind)
+            self._connectionLimit.labels(kind)
         for status in STATUSES:
             self._transactions.labels(status)
         for side in TLS_SIDES:
@@ -238,6 +286,17 @@ class Metrics:
             raise ValueError(f"unknown rejection reason {reason!r}")
         self._rejections.labels(reason).inc()
 
+    def connectionLimit(self, kind: str, limit: int) -> None:
+        self._connectionLimit.labels(kind).inc(limit)
+
+    def probed(self, target: str, result: str) -> None:
+        self._probes.labels(target, result).inc()
+
+    def readiness(self, targets: Mapping[str, bool], ready: bool) -> None:
+        for target, targetReady in targets.items():
+            self._targetReady.labels(target).set(1 if targetReady else 0)
+        self._ready.set(1 if ready else 0)
+
     def exposition(self) -> tuple[bytes, str]:
         """
         The registry in the Prometheus text format.
@@ -249,19 +308,28 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def metricsResource(metrics: Metrics, serving: Callable[[], bool]) -> IResource:
+Readiness = Callable[[], "tuple[bool, str]"]
+"""C{() → (ready, text)}: what C{/readyz} answers."""
+
+
+def metricsResource(
+    metrics: Metrics, serving: Callable[[], bool], readiness: Readiness | None = None
+) -> IResource:
     """
     The web resource to put at the root of a site: serves C{metrics} on
-    C{/metrics} and the liveness check on C{/healthz} (200 while
-    C{serving()} is true, else 503), both GET and HEAD; 404 elsewhere.
+    C{/metrics}, the liveness check on C{/healthz} (200 while C{serving()}
+    is true, else 503) and, with C{readiness}, the readiness check on
+    C{/readyz} (200 or 503 as C{readiness()} says, with its text), all GET
+    and HEAD; 404 elsewhere.
     """
     from ._metricsweb import MetricsResource
 
-    return MetricsResource(metrics, serving)
+    return MetricsResource(metrics, serving, readiness)
 
 
 def metricsService(
-    address: Address, metrics: Metrics, reactor: Any, serving: Callable[[], bool]
+    address: Address, metrics: Metrics, reactor: Any, serving: Callable[[], bool],
+    readiness: Readiness | None = None,
 ) -> IService:
     """
     A service that serves L{metricsResource} over HTTP on C{address}
@@ -275,4 +343,4 @@ def metricsService(
     from ._metricsweb import QuietSite
 
     endpoint = serverEndpoint(reactor, address)
-    return StreamServerEndpointService(endpoint, QuietSite(metricsResource(metrics, serving)))
+    return StreamServerEndpointService(endpoint, QuietSite(metricsResource(metrics, serving, readiness)))

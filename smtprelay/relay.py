@@ -161,9 +161,9 @@ class RelaySession:
                 return error.reply.sanitized()
             return self._local(replies.AUTH_TEMPFAIL)
 
-        return route.open(credentials=credentials, sessionId=self.session.id).addCallbacks(
-            bound, refused
-        )
+        return route.open(
+            credentials=credentials, sessionId=self.session.id, client=self.session
+        ).addCallbacks(bound, refused)
 
     def mail(self, sender: bytes, params: Params) -> Deferred[Reply]:
         """
@@ -398,7 +398,7 @@ class RelaySession:
             self._downstream = None
             return self._openWithMail(sender, params)
 
-        return downstream.mail(sender, params).addCallbacks(self._relayed, broken)
+        return downstream.mail(sender, params, self.session).addCallbacks(self._relayed, broken)
 
     def _openWithMail(self, sender: bytes, params: Params) -> Deferred[Reply]:
         route = self._route
@@ -411,7 +411,10 @@ class RelaySession:
             return self._relayed(reply)
 
         return route.open(
-            credentials=self._credentials, mail=(sender, params), sessionId=self.session.id
+            credentials=self._credentials,
+            mail=(sender, params),
+            sessionId=self.session.id,
+            client=self.session,
         ).addCallbacks(opened, self._failed)
 
     def _relayed(self, reply: Reply) -> Reply:

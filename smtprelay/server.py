@@ -40,6 +40,7 @@ from .config.model import Listener
 from .interfaces import ClientSession, IRelayHandler, TLSInfo
 from .logs import logReject
 from .metrics import IMetrics, NullMetrics
+from .ratelimit import ListenerRates
 from .replies import Reply, reply
 from .wire import writeNow
 
@@ -204,13 +205,20 @@ class SMTPServerProtocol(Protocol):
         self.session.clientPort = getattr(peer, "port", 0) or 0
         self.session.id = self.factory.newSessionId()
         self._tlsActive = ISSLTransport.providedBy(transport)
-        if not self.factory._register(self):
-            self._log.info(
-                "refused {session} from {client}: too many connections",
-                session=self.session.id, client=self.session.clientHost,
+        # Counted before the concurrency limit, as anvil counts every
+        # connection it is asked about.
+        tooFast = self.factory.rates.connection(self.session)
+        if tooFast is not None or not self.factory._register(self):
+            refusal, reason, why = (
+                (tooFast, "rate_connections", "connection rate limit") if tooFast is not None
+                else (replies.TOO_MANY_CONNECTIONS, "too_many_connections", "too many connections")
             )
-            self.factory.metrics.rejected("too_many_connections")
-            transport.write(replies.TOO_MANY_CONNECTIONS.withSession(self.session.id).toBytes())
+            self._log.info(
+                "refused {session} from {client}: {why}",
+                session=self.session.id, client=self.session.clientHost, why=why,
+            )
+            self.factory.metrics.rejected(reason)
+            transport.write(refusal.withSession(self.session.id).toBytes())
             self._closing = True
             transport.loseConnection()
             return
@@ -697,6 +705,10 @@ class SMTPServerProtocol(Protocol):
         if size is not None and int(size) > self._listener.maxMessageSize:
             self._refuse("MAIL", replies.MESSAGE_TOO_BIG, "too_big", sender)
             return
+        tooMuch = self.factory.rates.message(self.session)
+        if tooMuch is not None:
+            self._refuse("MAIL", tooMuch, "rate_messages", sender)
+            return
         smtputf8 = "SMTPUTF8" in params
         if not self._relayAllowed():
             # No recipient of this client can be accepted (SPEC §4.1): keep
@@ -733,6 +745,10 @@ class SMTPServerProtocol(Protocol):
             return
         if self._accepted >= self._listener.maxRecipients:
             self._refuse("RCPT", replies.TOO_MANY_RECIPIENTS, "too_many_recipients", self._sender, recipient)
+            return
+        tooMany = self.factory.rates.recipient(self.session)
+        if tooMany is not None:
+            self._refuse("RCPT", tooMany, "rate_recipients", self._sender, recipient)
             return
         assert self.handler is not None
 
@@ -1003,6 +1019,7 @@ class SMTPServerFactory(ServerFactory):
     @ivar sessions: the live sessions (for a graceful shutdown).
     @ivar greeting: the wire bytes of our C{220} greeting.
     @ivar newSessionId: makes session ids (replace it in tests).
+    @ivar rates: the listener's rate limits, counted on C{reactor}'s clock.
     """
 
     protocol = SMTPServerProtocol  # type: ignore[assignment]
@@ -1038,6 +1055,7 @@ class SMTPServerFactory(ServerFactory):
         self.sessions: set[SMTPServerProtocol] = set()
         self.newSessionId: Callable[[], str] = randomSessionId
         self._perHost: dict[str, int] = {}
+        self.rates = ListenerRates(listener, reactor, self.isExempt)
         kind = "LMTP" if listener.lmtp else "ESMTP"
         text = f"{hostname} {kind} smtprelay {greetingToken}".rstrip()
         self.greeting = reply(220, None, text).toBytes()
@@ -1051,12 +1069,19 @@ class SMTPServerFactory(ServerFactory):
         """
         return _inNetworks(host, self.listener.allow)
 
+    def isExempt(self, host: str) -> bool:
+        """
+        Whether C{host} (an IP address) is exempt from the per-address
+        connection limit and the rate limits (C{limit_exceptions}).
+        """
+        return _inNetworks(host, self.listener.limitExceptions)
+
     def _register(self, protocol: SMTPServerProtocol) -> bool:
         host = protocol.session.clientHost
         if len(self.sessions) >= self.listener.maxConnections:
             return False
         if (host and self._perHost.get(host, 0) >= self.listener.maxConnectionsPerIP
-                and not _inNetworks(host, self.listener.limitExceptions)):
+                and not self.isExempt(host)):
             return False
         self.sessions.add(protocol)
         if host:

@@ -28,6 +28,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from .config.model import Address, Config, Listener, Target
 from .metrics import IMetrics, Metrics, NullMetrics, metricsService
 from .proxyproto import ProxyProtocolFactory
+from .readiness import Prober
 from .endpoints import serverEndpoint
 from .failover import Failover
 from .interfaces import ClientSession
@@ -166,17 +167,17 @@ def makeService(config: Config, reactor: Any) -> RelayService:
     """
     root = RelayService(config, reactor)
     token = loopToken(config)
-    metrics: IMetrics = NullMetrics()
-    if config.metrics is not None:
-        metrics = Metrics()
-        root.addListener(None, metricsService(config.metrics, metrics, reactor, root.serving))
+    metrics: IMetrics = NullMetrics() if config.metrics is None else Metrics()
     failovers = root.failovers
 
-    def routeFor(target: Target) -> Route:
+    def failoverFor(target: Target) -> Failover:
         key = id(target)
         if key not in failovers:
             failovers[key] = Failover(target, reactor, loopToken=token, metrics=metrics)
-        failover = failovers[key]
+        return failovers[key]
+
+    def routeFor(target: Target) -> Route:
+        failover = failoverFor(target)
         return Route(target, failover.open, failover.release)
 
     for listener in config.listeners:
@@ -198,6 +199,17 @@ def makeService(config: Config, reactor: Any) -> RelayService:
         for description in listener.endpoints:
             endpoint = serverFromString(reactor, description)
             root.addListener(factory, StreamServerEndpointService(endpoint, _proxied(reactor, listener, factory)))
+        metrics.connectionLimit(listener.kind, listener.maxConnections)
+    if config.metrics is not None:
+        assert isinstance(metrics, Metrics)
+        # Probes only where /readyz is served to read them.
+        prober = Prober(config.listeners, failoverFor, reactor, config.probeInterval, metrics)
+        prober.setServiceParent(root)
+
+        def readiness() -> tuple[bool, str]:
+            return prober.report() if root.serving() else (False, "not serving\n")
+
+        root.addListener(None, metricsService(config.metrics, metrics, reactor, root.serving, readiness))
     return root
 
 

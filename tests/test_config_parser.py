@@ -210,8 +210,9 @@ class TopLevelTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         config = _load(_listen())
         self.assertEqual(
-            (config.debug, config.tls, config.tlsClient, config.metrics, config.shutdownTimeout),
-            (False, None, ClientTLS(), None, 30.0),
+            (config.debug, config.tls, config.tlsClient, config.metrics, config.shutdownTimeout,
+             config.probeInterval),
+            (False, None, ClientTLS(), None, 30.0, 30.0),
         )
         self.assertEqual(config.source, "relay.conf")
 
@@ -251,6 +252,8 @@ class TopLevelTests(SynchronousTestCase):
             ("debug OFF", "debug", False),
             ("shutdown_timeout 1m", "shutdownTimeout", 60.0),
             ("shutdown_timeout 0", "shutdownTimeout", 0.0),
+            ("probe_interval 10s", "probeInterval", 10.0),
+            ("probe_interval 1m30s", "probeInterval", 90.0),
             (
                 "metrics tcp://127.0.0.1:9749",
                 "metrics",
@@ -296,6 +299,8 @@ class TopLevelTests(SynchronousTestCase):
             ("hostname a b", "hostname: expected NAME"),
             ("shutdown_timeout 30", 'shutdown_timeout: "30" is not a duration'),
             ("shutdown_timeout", "shutdown_timeout: expected a duration such as 30s or 5m"),
+            ("probe_interval 0", "probe_interval: must be longer than 0"),
+            ("probe_interval 10", 'probe_interval: "10" is not a duration'),
             ("metrics unix:///run/m.sock", "metrics: must be a tcp://HOST:PORT address"),
             ("metrics tcp://x", 'metrics: "tcp://x": missing port'),
             ("tls c.pem", "tls: expected CERT KEY [{ ... }] or off"),
@@ -386,6 +391,11 @@ class ListenerTests(SynchronousTestCase):
         )
         self.assertEqual(listener.allow, LOOPBACK)
         self.assertEqual(listener.limitExceptions, LOOPBACK)
+        self.assertEqual(
+            (listener.rateLimitWindow, listener.maxConnectionRate, listener.maxMessageRate,
+             listener.maxRecipientRate),
+            (60.0, 0, 0, 0),
+        )
 
     def test_kinds(self) -> None:
         for kind in ("smtp", "lmtp"):
@@ -453,6 +463,10 @@ class ListenerTests(SynchronousTestCase):
         ),
         ("reuse_port yes", "reusePort", True),
         ("tls c.pem k.pem", "tls", ServerTLS("c.pem", "k.pem")),
+        ("rate_limit_window 10m", "rateLimitWindow", 600.0),
+        ("max_connection_rate 30", "maxConnectionRate", 30),
+        ("max_message_rate 100", "maxMessageRate", 100),
+        ("max_recipient_rate 0", "maxRecipientRate", 0),
     ]
 
     def test_values(self) -> None:
@@ -858,6 +872,20 @@ class TargetTests(SynchronousTestCase):
         self.assertEqual(
             e.exception.errors,
             ['relay.conf:4: lmtp_split: expected one_rcpt or tempfail, not "all"'],
+        )
+
+    def test_forwardClientInfo(self) -> None:
+        """
+        C{forward_client_info}: off by default; xforward or xclient.
+        """
+        self.assertEqual(_target().forwardClientInfo, "off")
+        self.assertEqual(_target("forward_client_info xforward").forwardClientInfo, "xforward")
+        self.assertEqual(_target("forward_client_info xclient", kind="lmtp").forwardClientInfo, "xclient")
+        with self.assertRaises(ConfigError) as e:
+            _target("forward_client_info yes")
+        self.assertEqual(
+            e.exception.errors,
+            ['relay.conf:4: forward_client_info: expected off or xforward or xclient, not "yes"'],
         )
 
 

@@ -28,11 +28,14 @@ tls_client {
 }
 metrics tcp://127.0.0.1:9749
 shutdown_timeout 1m30s
+probe_interval 10s
 
 smtp tcp://0.0.0.0:25 tcp://[::]:25 {
     allow 10.0.0.0/8 ::1
     max_message_size 10M
     max_recipients 200
+    max_message_rate 100
+    rate_limit_window 5m
     read_timeout 250ms
     proxy_protocol 10.9.0.0/16
     bare_lf normalize
@@ -65,6 +68,7 @@ target.smtp smarthost {
     }
     attempt_starttls no
     backoff 0
+    forward_client_info xforward
 }
 target.lmtp dovecot {
     targets unix:/run/dovecot/lmtp
@@ -121,18 +125,22 @@ class ShowTests(SynchronousTestCase):
             "debug no",
             "tls off",
             "shutdown_timeout 30s",
+            "probe_interval 30s",
             "    allow 127.0.0.0/8 ::1/128",
             "    max_message_size 32M",
             "    max_recipients 1000",
             "    read_timeout 5m",
             "    data_timeout 10m",
             "    bare_lf reject",
+            "    rate_limit_window 1m",
+            "    max_connection_rate 0",
             "    deliver_to lmtp {",
             "        targets unix:///x",
             "        attempt_starttls no",
             "        submission_timeout 12m",
             "        lmtp_split one_rcpt",
             "        backoff 30s",
+            "        forward_client_info off",
         ]:
             self.assertIn(line + "\n", shown)
         self.assertEqual(loadString(shown, "relay.conf", {}), config)

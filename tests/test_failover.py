@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtprelay import replies
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Secret, Target
 from smtprelay.failover import Failover
-from smtprelay.interfaces import Credentials, DownstreamError, IDownstream
+from smtprelay.interfaces import ClientSession, Credentials, DownstreamError, IDownstream
 from smtprelay.replies import Reply, reply
 from smtprelay.testing.downstream import CLOSE, STALL, MemoryNetwork, Script
 
@@ -765,3 +765,156 @@ class AttemptLogTests(FailoverTestCase):
             ["S3: target t: tcp://mx1.example:25 failed at starttls: "
              "TLS handshake with mx1.example[192.0.2.25]:25 failed"],
         )
+
+
+XFORWARD_EHLO = b"250-fake.example\r\n250-PIPELINING\r\n250-XFORWARD NAME ADDR PROTO HELO SOURCE PORT IDENT\r\n250 8BITMIME\r\n"
+XCLIENT_EHLO = (
+    b"250-fake.example\r\n250-PIPELINING\r\n250-STARTTLS\r\n250-AUTH PLAIN\r\n"
+    b"250-XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT\r\n250 8BITMIME\r\n"
+)
+
+
+def clientSession(host: str, helo: str, sessionId: str = "S1D") -> ClientSession:
+    return ClientSession(id=sessionId, protocol="smtp", clientHost=host, clientPort=40000,
+                         heloName=helo, esmtp=True)
+
+
+class ClientInfoTests(FailoverTestCase):
+    """
+    C{forward_client_info}: XFORWARD before every MAIL, XCLIENT once per
+    connection, only when the downstream advertises them.
+    """
+
+    def test_xforwardBeforeMail(self) -> None:
+        """
+        XFORWARD goes before MAIL, in Postfix's two commands, pipelined with
+        it; the client gets the MAIL reply.
+        """
+        first = self.net.add(str(MX1), Script(replies={"EHLO": XFORWARD_EHLO}))
+        client = clientSession("192.0.2.7", "client.example")
+        _, mailReply = self.opened(self.failover(makeTarget(forwardClientInfo="xforward")), mail=MAIL,
+                                   client=client)
+        self.assertEqual(mailReply, reply(250, "2.1.0", "Ok"))
+        self.assertEqual(bytes(first.connections[0].received), (
+            b"EHLO relay.example\r\n"
+            b"XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.7 PORT=40000\r\n"
+            b"XFORWARD PROTO=ESMTP HELO=client.example IDENT=S1D SOURCE=REMOTE\r\n"
+            b"MAIL FROM:<a@example.org>\r\n"
+        ))
+
+    def test_onlyWhenAdvertisedAndConfigured(self) -> None:
+        """
+        A downstream that does not advertise XFORWARD gets none; a target
+        without C{forward_client_info} sends none to one that does.
+        """
+        client = clientSession("192.0.2.7", "client.example")
+        plain = self.net.add(str(MX1))
+        self.opened(self.failover(makeTarget(MX1, forwardClientInfo="xforward")), mail=MAIL, client=client)
+        offered = self.net.add(str(MX2), Script(replies={"EHLO": XFORWARD_EHLO}))
+        self.opened(self.failover(makeTarget(MX2)), mail=MAIL, client=client)
+        for fake in (plain, offered):
+            self.assertEqual(fake.connections[0].commands, [b"EHLO relay.example", b"MAIL FROM:<a@example.org>"])
+
+    def test_xforwardRefusedStillDelivers(self) -> None:
+        """
+        A refused XFORWARD is logged, as Postfix's C{smtp} warns, and the
+        transaction goes on under the relay's identity.
+        """
+        self.net.add(str(MX1), Script(replies={"EHLO": XFORWARD_EHLO, "XFORWARD": b"550 5.7.0 not authorized\r\n"}))
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        _, mailReply = self.opened(self.failover(makeTarget(forwardClientInfo="xforward")), mail=MAIL,
+                                   client=clientSession("192.0.2.7", "client.example"))
+        self.assertEqual(mailReply, reply(250, "2.1.0", "Ok"))
+        warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(warnings[0], "mx1.example[192.0.2.25]:25 said: 550 5.7.0 not authorized "
+                                      "(in reply to XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.7 PORT=40000)")
+
+    def test_reusedConnectionCarriesTheNextClient(self) -> None:
+        """
+        A pooled connection's next transaction has the XFORWARD of its own
+        client, not of the client that used the connection before.
+        """
+        first = self.net.add(str(MX1), Script(replies={"EHLO": XFORWARD_EHLO}))
+        failover = self.failover(makeTarget(forwardClientInfo="xforward"))
+        session, _ = self.opened(failover, mail=MAIL, client=clientSession("192.0.2.7", "one.example", "S1A"))
+        session.rset()
+        self.net.flush()
+        failover.release(session)
+        again, mailReply = self.opened(failover, mail=MAIL, client=clientSession("2001:db8::9", "two.example", "S2B"))
+        self.assertIs(again, session)
+        self.assertEqual(mailReply, reply(250, "2.1.0", "Ok"))
+        self.assertEqual(first.connections[0].commands[-3:], [
+            b"XFORWARD NAME=[UNAVAILABLE] ADDR=IPv6:2001:db8::9 PORT=40000",
+            b"XFORWARD PROTO=ESMTP HELO=two.example IDENT=S2B SOURCE=REMOTE",
+            b"MAIL FROM:<a@example.org>",
+        ])
+
+    def test_xclientAfterStartTLSBeforeAuth(self) -> None:
+        """
+        XCLIENT comes after STARTTLS and its EHLO (it keeps TLS), then EHLO
+        again after its 220 (a new session) with the client's HELO name,
+        then AUTH (which XCLIENT would have forgotten), then MAIL without
+        XFORWARD.
+        """
+        first = self.net.add(str(MX1), Script(replies={"EHLO": XCLIENT_EHLO}))
+        target = makeTarget(forwardClientInfo="xclient", auth=DownstreamAuth("plain", "relay", Secret("pw")))
+        client = clientSession("192.0.2.7", "client.example")
+        client.user = "alice"
+        _, mailReply = self.opened(self.failover(target), mail=MAIL, client=client)
+        self.assertEqual(mailReply, reply(250, "2.1.0", "Ok"))
+        self.assertEqual(first.connections[0].commands, [
+            b"EHLO relay.example", b"STARTTLS", b"EHLO relay.example",
+            b"XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.7 PORT=40000 PROTO=ESMTP HELO=client.example LOGIN=alice",
+            b"EHLO client.example", b"AUTH PLAIN AHJlbGF5AHB3", b"MAIL FROM:<a@example.org>",
+        ])
+
+    def test_xclientConnectionNotPooled(self) -> None:
+        """
+        A connection that took on one client's identity with XCLIENT is not
+        kept for another client session: QUIT.
+        """
+        first = self.net.add(str(MX1), Script(replies={"EHLO": XCLIENT_EHLO.replace(b"250-STARTTLS\r\n", b"")}))
+        failover = self.failover(makeTarget(forwardClientInfo="xclient"))
+        session, _ = self.opened(failover, mail=MAIL, client=clientSession("192.0.2.7", "one.example"))
+        session.rset()
+        self.net.flush()
+        failover.release(session)
+        self.net.flush()
+        self.assertEqual(first.connections[0].commands[-1], b"QUIT")
+        self.opened(failover, mail=MAIL, client=clientSession("192.0.2.8", "two.example"))
+        self.assertEqual(self.net.attempts, [str(MX1), str(MX1)])
+        self.assertEqual(first.connections[1].commands[1],
+                         b"XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.8 PORT=40000 PROTO=ESMTP HELO=two.example "
+                         b"LOGIN=[UNAVAILABLE]")
+
+    def test_xclientRefusedThenNext(self) -> None:
+        """
+        A refused XCLIENT fails that endpoint (stage C{xclient}); the next
+        one is tried.
+        """
+        ehlo = XCLIENT_EHLO.replace(b"250-STARTTLS\r\n", b"")
+        first = self.net.add(str(MX1), Script(replies={"EHLO": ehlo, "XCLIENT": b"550 5.7.0 Not authorized\r\n"}))
+        self.net.add(str(MX2), Script(replies={"EHLO": ehlo}))
+        session, _ = self.opened(self.failover(makeTarget(forwardClientInfo="xclient")), mail=MAIL,
+                                 client=clientSession("192.0.2.7", "client.example"))
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+        self.assertTrue(first.connections[0].lost)
+
+    def test_xclientEhloWithoutUsableHeloName(self) -> None:
+        """
+        A client HELO name that cannot go on an EHLO line as it is (not
+        ASCII) gives the relay's own name after XCLIENT; the XCLIENT
+        attribute carries it in xtext.
+        """
+        ehlo = XCLIENT_EHLO.replace(b"250-STARTTLS\r\n", b"")
+        first = self.net.add(str(MX1), Script(replies={"EHLO": ehlo}))
+        _, mailReply = self.opened(self.failover(makeTarget(forwardClientInfo="xclient")), mail=MAIL,
+                                   client=clientSession("192.0.2.7", "bücher.example"))
+        self.assertEqual(mailReply, reply(250, "2.1.0", "Ok"))
+        self.assertEqual(first.connections[0].commands[1:3], [
+            b"XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.7 PORT=40000 PROTO=ESMTP HELO=b+C3+BCcher.example "
+            b"LOGIN=[UNAVAILABLE]",
+            b"EHLO relay.example",
+        ])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import smtplib
+import socket
 import ssl
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -386,3 +387,83 @@ class PostfixDownstreamSASLTests(SynchronousTestCase):
         self.assertTrue(refused.exception.smtp_error.startswith(b"5.7.8 Error: authentication failed: "),
                         refused.exception.smtp_error)
         self.assertNothingStored()
+
+
+def proxiedSession(relay: int, commands: list[bytes], body: bytes = b"") -> list[bytes]:
+    """
+    One SMTP session with the relay whose PROXY v1 header says the client
+    is 198.51.100.7:51234 (the relay sees that address, not 127.0.0.1);
+    returns the first line of each reply to C{commands}, then to C{body}
+    (sent after a C{354}).
+    """
+    with socket.create_connection((HOST, relay), timeout=60) as s:
+        s.sendall(b"PROXY TCP4 198.51.100.7 127.0.0.1 51234 25\r\n")
+        reader = s.makefile("rb")
+
+        def reply() -> bytes:
+            line = reader.readline()
+            while line[3:4] == b"-":
+                line = reader.readline()
+            return line.rstrip(b"\r\n")
+
+        assert reply().startswith(b"220 ")
+        replies = []
+        for command in commands:
+            s.sendall(command + b"\r\n")
+            replies.append(reply())
+            if replies[-1][:3] == b"354":
+                s.sendall(body + b".\r\n")
+                replies.append(reply())
+        s.sendall(b"QUIT\r\n")
+        reply()
+        return replies
+
+
+class PostfixDownstreamClientInfoTests(SynchronousTestCase):
+    """
+    C{forward_client_info}: Postfix as a downstream that trusts the relay
+    with XFORWARD or XCLIENT logs, and applies its policies to, the relay's
+    client (here 198.51.100.7 by the PROXY protocol) instead of the relay.
+    """
+
+    COMMANDS = [b"EHLO proxied.test", b"MAIL FROM:<sender@example.org>", b"RCPT TO:<rcpt@example.net>", b"DATA"]
+
+    def setUp(self) -> None:
+        self.procs = Processes(self)
+
+    def relayTo(self, downstream: Postfix, mode: str) -> int:
+        return relayThrough(
+            self.procs, f"tcp://{HOST}:{downstream.port}\nforward_client_info {mode}",
+            listenerLines="    proxy_protocol 127.0.0.0/8\n    allow 198.51.100.0/24",
+        )
+
+    def test_xforward(self) -> None:
+        """
+        XFORWARD: Postfix logs the original client beside the relay, and the
+        relay's session id (in the relay's C{Received:} line) as the
+        original queue id.
+        """
+        downstream = self.procs.postfix("downstream", main="smtpd_authorized_xforward_hosts = 127.0.0.0/8")
+        relay = self.relayTo(downstream, "xforward")
+        replies = proxiedSession(relay, self.COMMANDS, SMTP_MESSAGE)
+        self.assertEqual([r[:3] for r in replies], [b"250", b"250", b"250", b"354", b"250"])
+        [stored] = downstream.stored()
+        session = re.search(rb"\nReceived: from proxied\.test \(\[198\.51\.100\.7\]\)\n"
+                            rb"\tby relay\.test \(smtprelay\) with ESMTP id (\w+)\n", stored)
+        assert session is not None, stored
+        downstream.waitForLog(rf": client=localhost\[127\.0\.0\.1\], orig_queue_id={session.group(1).decode()}, "
+                              rf"orig_client=unknown\[198\.51\.100\.7\]$")
+
+    def test_xclient(self) -> None:
+        """
+        XCLIENT: Postfix's policy applies to the original client, which is
+        outside its C{mynetworks}: its C{554} refusal reaches the client and
+        its log names the client, not the relay.
+        """
+        downstream = self.procs.postfix("downstream", main="smtpd_authorized_xclient_hosts = 127.0.0.0/8")
+        relay = self.relayTo(downstream, "xclient")
+        replies = proxiedSession(relay, self.COMMANDS[:3])
+        self.assertEqual([r[:3] for r in replies], [b"250", b"250", b"554"])
+        self.assertEqual(replies[2], b"554 5.7.1 <rcpt@example.net>: Recipient address rejected: Access denied")
+        downstream.waitForLog(r"NOQUEUE: reject: RCPT from unknown\[198\.51\.100\.7\]: 554 5\.7\.1 "
+                              r"<rcpt@example\.net>: Recipient address rejected: Access denied; .* helo=<proxied\.test>")

@@ -58,6 +58,12 @@ def exercise(metrics: Any) -> None:
     metrics.tlsHandshake("inbound", False)
     metrics.rejected("relay_denied")
     metrics.rejected("relay_denied")
+    metrics.connectionLimit("smtp", 500)
+    metrics.connectionLimit("smtp", 100)
+    metrics.probed("smarthost", "ok")
+    metrics.probed("smarthost", "auth")
+    metrics.probed("smarthost", "auth")
+    metrics.readiness({"smarthost": True, "dovecot": False}, False)
 
 
 class MetricsTests(SynchronousTestCase):
@@ -116,6 +122,13 @@ class MetricsTests(SynchronousTestCase):
             ("smtprelay_tls_handshakes_total", (("side", "inbound"), ("result", "failed"), ("verified", "no"))): 1.0,
             ("smtprelay_tls_handshakes_total", (("side", "inbound"), ("result", "ok"), ("verified", "no"))): 0.0,
             ("smtprelay_rejections_total", (("reason", "relay_denied"),)): 2.0,
+            ("smtprelay_max_connections", (("listener", "smtp"),)): 600.0,
+            ("smtprelay_max_connections", (("listener", "lmtp"),)): 0.0,
+            ("smtprelay_probe_results_total", (("target", "smarthost"), ("result", "ok"))): 1.0,
+            ("smtprelay_probe_results_total", (("target", "smarthost"), ("result", "auth"))): 2.0,
+            ("smtprelay_target_ready", (("target", "smarthost"),)): 1.0,
+            ("smtprelay_target_ready", (("target", "dovecot"),)): 0.0,
+            ("smtprelay_ready", ()): 0.0,
         }
         actual = {key: value(metrics, key[0], **dict(key[1])) for key in expected}
         self.assertEqual(actual, expected)
@@ -190,8 +203,13 @@ class ScrapeTests(TestCase):
     C{/metrics} over real loopback HTTP.
     """
 
-    def listen(self, metrics: Metrics, serving: Callable[[], bool] = lambda: True) -> str:
-        port = reactor.listenTCP(0, Site(metricsResource(metrics, serving)), interface="127.0.0.1")
+    def listen(
+        self, metrics: Metrics, serving: Callable[[], bool] = lambda: True,
+        readiness: Callable[[], tuple[bool, str]] | None = None,
+    ) -> str:
+        port = reactor.listenTCP(
+            0, Site(metricsResource(metrics, serving, readiness)), interface="127.0.0.1"
+        )
         self.addCleanup(port.stopListening)
         return f"http://127.0.0.1:{port.getHost().port}"
 
@@ -230,9 +248,13 @@ class ScrapeTests(TestCase):
                 "smtprelay_downstream_attempts",
                 "smtprelay_end_of_data_seconds",
                 "smtprelay_failovers",
+                "smtprelay_max_connections",
+                "smtprelay_probe_results",
+                "smtprelay_ready",
                 "smtprelay_rejections",
                 "smtprelay_sessions",
                 "smtprelay_sessions_open",
+                "smtprelay_target_ready",
                 "smtprelay_tls_handshakes",
                 "smtprelay_transactions",
             ],
@@ -286,6 +308,25 @@ class ScrapeTests(TestCase):
         response, body = yield self.get(base + "/healthz")
         self.assertEqual((response.code, body), (503, b"not serving\n"))
         response, body = yield self.get(base + "/healthz/")
+        self.assertEqual(response.code, 404)
+
+    @inlineCallbacks
+    def test_readyz(self) -> Any:
+        """
+        C{/readyz} answers 200 or 503 as the readiness says, with its text
+        (GET and HEAD); without a readiness it does not exist.
+        """
+        state = [(False, "not ready\ntarget t: tcp://mx.test:25 failed at auth: no\n")]
+        base = self.listen(Metrics(), readiness=lambda: state[0])
+        response, body = yield self.get(base + "/readyz")
+        self.assertEqual((response.code, body), (503, state[0][1].encode()))
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/plain; charset=utf-8"])
+        state[0] = (True, "ready\n")
+        response, body = yield self.get(base + "/readyz")
+        self.assertEqual((response.code, body), (200, b"ready\n"))
+        response, body = yield self.get(base + "/readyz", b"HEAD")
+        self.assertEqual((response.code, body), (200, b""))
+        response, body = yield self.get(self.listen(Metrics()) + "/readyz")
         self.assertEqual(response.code, 404)
 
     @inlineCallbacks

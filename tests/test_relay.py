@@ -72,8 +72,9 @@ class ScriptedDownstream:
             return fail(answer)
         return succeed(answer)
 
-    def mail(self, sender: bytes, params: object) -> Deferred[Reply]:
+    def mail(self, sender: bytes, params: object, client: ClientSession | None = None) -> Deferred[Reply]:
         self.calls.append(("mail", sender, dict(params)))  # type: ignore[call-overload]
+        self.client = client
         return self._answer("mail", reply(250, "2.1.0", "Sender ok"))
 
     def rcpt(self, recipient: bytes, params: object) -> Deferred[Reply]:
@@ -123,14 +124,14 @@ class Opener:
         self.calls: list[dict] = []
 
     def __call__(self, credentials: Credentials | None = None, mail: tuple | None = None,
-                 sessionId: str = "-") -> Deferred:
-        self.calls.append({"credentials": credentials, "mail": mail})
+                 sessionId: str = "-", client: ClientSession | None = None) -> Deferred:
+        self.calls.append({"credentials": credentials, "mail": mail, "client": client})
         self.sessionId = sessionId
         if self.error is not None:
             return fail(self.error)
         if mail is None:
             return succeed((self.downstream, None))
-        return self.downstream.mail(*mail).addCallback(lambda r: (self.downstream, r))
+        return self.downstream.mail(*mail, client).addCallback(lambda r: (self.downstream, r))
 
 
 def router(listener_: Listener, opener: Opener, release: object = None) -> Router:
@@ -203,7 +204,8 @@ class RelaySessionTests(SynchronousTestCase):
         got = result(self.relay().mail(b"s@example.org", {"SIZE": "100", "BODY": "8BITMIME"}))
         self.assertEqual(got, reply(250, "2.1.0", "Sender <s> looks fine"))
         self.assertEqual(self.opener.calls, [
-            {"credentials": None, "mail": (b"s@example.org", {"SIZE": "100", "BODY": "8BITMIME"})}])
+            {"credentials": None, "mail": (b"s@example.org", {"SIZE": "100", "BODY": "8BITMIME"}),
+             "client": self.session}])
 
     def test_authParameterOnlyFromAuthenticatedClients(self) -> None:
         """
@@ -769,7 +771,7 @@ class AuthForwardTests(SynchronousTestCase):
     def test_acceptedCredentialsBindTheDownstream(self) -> None:
         relay = self.relay()
         self.assertEqual(result(relay.authenticate("PLAIN", "alice", "s3cret")), replies.AUTH_OK)
-        self.assertEqual(self.opener.calls, [{"credentials": Credentials("alice", "s3cret"), "mail": None}])
+        self.assertEqual(self.opener.calls, [{"credentials": Credentials("alice", "s3cret"), "mail": None, "client": self.session}])
         self.session.user = "alice"
         result(relay.mail(b"alice@x", {}))
         self.assertEqual(len(self.opener.calls), 1, "MAIL must reuse the authenticated session")
@@ -842,7 +844,7 @@ class RoutingTests(SynchronousTestCase):
                          reply(250, "2.1.0", "OK"))
         self.assertEqual([o.calls for o in self.openers.values()], [[], [], [], []])
         self.assertEqual(result(self.relay.rcpt(b"r1@A.test", {})), reply(250, "2.1.5", "Recipient ok"))
-        self.assertEqual(self.openers["a"].calls, [{"credentials": None, "mail": (b"s@x.test", {"SIZE": "10"})}])
+        self.assertEqual(self.openers["a"].calls, [{"credentials": None, "mail": (b"s@x.test", {"SIZE": "10"}), "client": self.session}])
         self.assertEqual(result(self.relay.rcpt(b"r2@a.test", {})).code, 250)
         self.assertEqual(result(self.relay.data(Producer())).code, 354)
         self.relay.dataChunk(b"x\r\n")

@@ -1239,6 +1239,70 @@ _BODY = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
 _USERS = ListenerAuth("users", "/dev/null")
 
 
+class RateLimitTests(SynchronousTestCase):
+    """
+    C{max_connection_rate}, C{max_message_rate}, C{max_recipient_rate}:
+    Postfix's anvil replies, per client address in C{rate_limit_window}
+    on the factory's clock, not for C{limit_exceptions}.
+    """
+
+    def test_connectionRate(self) -> None:
+        """
+        Past the rate, a new connection gets C{421 4.7.0} and is closed
+        before the greeting; once the window is over it is served again.
+        """
+        listener = makeListener(maxConnectionRate=2, rateLimitWindow=60)
+        first = Session(listener, peer=STRANGER)
+        Session(factory=first.factory, clock=first.clock, peer=STRANGER)
+        third = Session(factory=first.factory, clock=first.clock, peer=STRANGER)
+        self.assertEqual(third.read(), b"421 4.7.0 Error: too many connections from 192.0.2.7 [S3]\r\n")
+        self.assertTrue(third.closed)
+        self.assertEqual(third.handlers.handlers, [])
+        other = Session(factory=first.factory, clock=first.clock, peer=IPv4Address("TCP", "192.0.2.8", 1))
+        self.assertEqual(other.read(), GREETING)
+        first.clock.advance(60)
+        again = Session(factory=first.factory, clock=first.clock, peer=STRANGER)
+        self.assertEqual(again.read(), GREETING)
+
+    def test_exceptionsNotLimited(self) -> None:
+        """
+        Clients in C{allow} are exempt by default, as from
+        C{max_connections_per_ip}; C{limit_exceptions} decides when given.
+        """
+        first = Session(makeListener(maxConnectionRate=1))
+        second = Session(factory=first.factory, clock=first.clock)
+        self.assertEqual(second.read(), GREETING)
+        first = Session(makeListener(maxConnectionRate=1, limitExceptions=()))
+        second = Session(factory=first.factory, clock=first.clock)
+        self.assertEqual(second.read(), b"421 4.7.0 Error: too many connections from 127.0.0.1 [S2]\r\n")
+
+    def test_messageRate(self) -> None:
+        """
+        Past the rate, C{MAIL} gets C{450 4.7.1}, before the handler is
+        asked; the session goes on, and the next window accepts again.
+        """
+        session = greeted(listener=makeListener(maxMessageRate=1, limitExceptions=()))
+        self.assertEqual(session.send(b"MAIL FROM:<a@x.example>\r\nRSET\r\n"),
+                         MAIL_OK + b"250 2.0.0 OK\r\n")
+        self.assertEqual(session.send(b"MAIL FROM:<a@x.example>\r\n"),
+                         b"450 4.7.1 Error: too much mail from 127.0.0.1 [S1]\r\n")
+        self.assertEqual([c[0] for c in session.handler.calls], ["mail", "reset"])
+        session.clock.advance(60)
+        self.assertEqual(session.send(b"MAIL FROM:<a@x.example>\r\n"), MAIL_OK)
+
+    def test_recipientRate(self) -> None:
+        """
+        Past the rate, C{RCPT} gets C{450 4.7.1}; the recipients accepted
+        before stay in the transaction.
+        """
+        session = greeted(listener=makeListener(maxRecipientRate=2, limitExceptions=()))
+        out = session.send(b"MAIL FROM:<a@x.example>\r\n" + b"".join(
+            b"RCPT TO:<%d@x.example>\r\n" % i for i in range(3)) + b"DATA\r\n")
+        self.assertEqual(out, MAIL_OK + RCPT_OK * 2
+                         + b"450 4.7.1 Error: too many recipients from 127.0.0.1 [S1]\r\n"
+                         + b"354 End data with <CR><LF>.<CR><LF>\r\n")
+
+
 class RejectionReasonTests(SynchronousTestCase):
     """
     Each local refusal is counted under the reason it was made for (not
@@ -1301,6 +1365,15 @@ class RejectionReasonTests(SynchronousTestCase):
          ["too_many_connections"]),
         ("error limit", dict(listener=makeListener(maxErrors=1), steps=[b"FOO\r\n", b"FOO\r\n"]),
          ["unknown_command", "too_many_errors"]),
+        ("connection rate", dict(listener=makeListener(maxConnectionRate=1), peer=STRANGER, sessions=2),
+         ["rate_connections"]),
+        ("message rate",
+         dict(listener=makeListener(maxMessageRate=1), peer=STRANGER, steps=[_EHLO, _MAIL, b"RSET\r\n", _MAIL]),
+         ["rate_messages"]),
+        ("recipient rate",
+         dict(listener=makeListener(maxRecipientRate=1, limitExceptions=()),
+              steps=[_EHLO, _MAIL, b"RCPT TO:<b@x.example>\r\n", b"RCPT TO:<c@x.example>\r\n"]),
+         ["rate_recipients"]),
     ]
 
     def test_eachRefusalItsReason(self) -> None:

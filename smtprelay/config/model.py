@@ -137,6 +137,7 @@ class Target:
     reuseConnections: bool = True
     reuseIdleTime: float = 2.0
     reuseTimeLimit: float = 300.0
+    forwardClientInfo: Literal["off", "xforward", "xclient"] = "off"
 
 
 @attrs.frozen
@@ -232,8 +233,17 @@ class Listener:
     @ivar maxLineLength: the longest body line accepted, CRLF included,
         or L{None} to forward lines of any length intact.
     @ivar limitExceptions: clients exempt from C{max_connections_per_ip}
-        (the C{allow} networks unless configured, as Postfix's
-        C{smtpd_client_event_limit_exceptions} defaults to C{$mynetworks}).
+        and the rate limits (the C{allow} networks unless configured, as
+        Postfix's C{smtpd_client_event_limit_exceptions} defaults to
+        C{$mynetworks}).
+    @ivar rateLimitWindow: the window of the rate limits (Postfix's
+        C{anvil_rate_time_unit}).
+    @ivar maxConnectionRate: new connections per client address and
+        window (0: no limit).
+    @ivar maxMessageRate: C{MAIL} commands per user or client address and
+        window (0: no limit).
+    @ivar maxRecipientRate: C{RCPT} commands per user or client address
+        and window (0: no limit).
     """
 
     kind: Literal["smtp", "submission", "lmtp"]
@@ -262,6 +272,10 @@ class Listener:
     limitExceptions: tuple[IPNetwork, ...] = attrs.field(
         default=attrs.Factory(lambda self: self.allow, takes_self=True)
     )
+    rateLimitWindow: float = 60.0
+    maxConnectionRate: int = 0
+    maxMessageRate: int = 0
+    maxRecipientRate: int = 0
 
     @property
     def lmtp(self) -> bool:
@@ -282,6 +296,8 @@ class Config:
     """
     The whole effective configuration.
 
+    @ivar probeInterval: seconds between readiness probes of the targets
+        (served as C{/readyz} on the C{metrics} listener).
     @ivar source: the file it was read from (or C{"<command line>"}).
     """
 
@@ -293,4 +309,5 @@ class Config:
     tlsClient: ClientTLS = ClientTLS()
     metrics: Address | None = None
     shutdownTimeout: float = 30.0
+    probeInterval: float = 30.0
     source: str = "<command line>"

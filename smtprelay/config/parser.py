@@ -409,6 +409,7 @@ _TARGET = {
     "reuse_connections": _Directive("reuseConnections", _flag),
     "reuse_idle_time": _Directive("reuseIdleTime", _timeout),
     "reuse_time_limit": _Directive("reuseTimeLimit", _timeout),
+    "forward_client_info": _Directive("forwardClientInfo", _choice("off", "xforward", "xclient")),
 }
 
 _LISTENER = {
@@ -423,6 +424,10 @@ _LISTENER = {
     "max_connections": _Directive("maxConnections", _count(1)),
     "max_connections_per_ip": _Directive("maxConnectionsPerIP", _count(1)),
     "limit_exceptions": _Directive("limitExceptions", _networksOrNone),
+    "rate_limit_window": _Directive("rateLimitWindow", _timeout),
+    "max_connection_rate": _Directive("maxConnectionRate", _count(0)),
+    "max_message_rate": _Directive("maxMessageRate", _count(0)),
+    "max_recipient_rate": _Directive("maxRecipientRate", _count(0)),
     "max_errors": _Directive("maxErrors", _count(1)),
     "max_auth_failures": _Directive("maxAuthFailures", _count(1)),
     "read_timeout": _Directive("readTimeout", _timeout),
@@ -442,6 +447,7 @@ _TOP = {
     "tls_client": _Directive("tlsClient", _clientTLS),
     "metrics": _Directive("metrics", _metrics),
     "shutdown_timeout": _Directive("shutdownTimeout", _duration),
+    "probe_interval": _Directive("probeInterval", _timeout),
     **{kind: _Directive(kind, _keep, repeatable=True) for kind in LISTENER_KINDS + TARGET_KINDS},
 }
 

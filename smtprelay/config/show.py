@@ -112,6 +112,7 @@ def _targetBody(depth: int, target: Target) -> list[str]:
     if target.reuseConnections:
         lines.append(_line(depth, "reuse_idle_time", formatDuration(target.reuseIdleTime)))
         lines.append(_line(depth, "reuse_time_limit", formatDuration(target.reuseTimeLimit)))
+    lines.append(_line(depth, "forward_client_info", target.forwardClientInfo))
     return lines
 
 
@@ -191,6 +192,10 @@ def _listener(config: Config, listener: Listener) -> list[str]:
         _line(1, "max_connections", listener.maxConnections),
         _line(1, "max_connections_per_ip", listener.maxConnectionsPerIP),
         _line(1, "limit_exceptions", *(listener.limitExceptions or ["none"])),
+        _line(1, "rate_limit_window", formatDuration(listener.rateLimitWindow)),
+        _line(1, "max_connection_rate", listener.maxConnectionRate),
+        _line(1, "max_message_rate", listener.maxMessageRate),
+        _line(1, "max_recipient_rate", listener.maxRecipientRate),
         _line(1, "max_errors", listener.maxErrors),
         _line(1, "max_auth_failures", listener.maxAuthFailures),
         _line(1, "read_timeout", formatDuration(listener.readTimeout)),
@@ -224,6 +229,7 @@ def show(config: Config) -> str:
     if config.metrics is not None:
         lines.append(_line(0, "metrics", config.metrics))
     lines.append(_line(0, "shutdown_timeout", formatDuration(config.shutdownTimeout)))
+    lines.append(_line(0, "probe_interval", formatDuration(config.probeInterval)))
     for target in config.targets:
         lines.append("")
         lines += _block(0, [f"target.{target.protocol}", target.name], _targetBody(1, target))

@@ -73,7 +73,9 @@ class Script:
         C{STARTTLS}, C{MAIL}, C{RCPT} (default for addresses not in
         L{rcpt}), C{DATA}, C{END} (SMTP end-of-data, and the LMTP default),
         C{RSET}, C{QUIT}, C{NOOP}, C{TLS-EHLO} (EHLO/LHLO after STARTTLS),
-        C{*} (anything else).
+        C{XFORWARD}, C{XCLIENT} (answered C{250} and with a new greeting
+        by default, as Postfix does; advertise them in C{EHLO}), C{*}
+        (anything else).
     @ivar rcpt: RCPT reply by address (without brackets).
     @ivar lmtp: LMTP end-of-data reply by accepted recipient address.
     @ivar auth: the replies to the AUTH command and each following line,
@@ -114,6 +116,8 @@ class Script:
         "RSET": b"250 2.0.0 Ok\r\n",
         "NOOP": b"250 2.0.0 Ok\r\n",
         "QUIT": b"221 2.0.0 Bye\r\n",
+        "XFORWARD": b"250 2.0.0 Ok\r\n",
+        "XCLIENT": b"220 fake.example ESMTP ready\r\n",
         "*": b"502 5.5.2 Error: command not recognized\r\n",
     }
 
@@ -274,7 +278,7 @@ class FakeDownstream(Protocol):
                 self.tls = True
                 if self.script.tlsOptions is not None:
                     self.transport.startTLS(self.script.tlsOptions)  # type: ignore[union-attr]
-        elif step in ("EHLO", "LHLO", "HELO", "RSET", "NOOP", "QUIT"):
+        elif step in ("EHLO", "LHLO", "HELO", "RSET", "NOOP", "QUIT", "XFORWARD", "XCLIENT"):
             self._answer(step)
             if step == "QUIT":
                 self.transport.loseConnection()  # type: ignore[union-attr]
