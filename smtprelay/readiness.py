@@ -1,5 +1,5 @@
 """
-Readiness (SPEC §5): whether the relay can deliver, from probes of its
+Readiness (docs/operations.md): whether the relay can deliver, from probes of its
 targets.
 
 L{Prober} probes every endpoint of every target a listener may deliver to
