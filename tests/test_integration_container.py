@@ -61,7 +61,11 @@ def buildImage() -> None:
         raise AssertionError(f"build.sh failed:\n{build.stdout[-2000:]}{build.stderr[-2000:]}")
 
 
-class ContainerTests(SynchronousTestCase):
+class ContainerCase(SynchronousTestCase):
+    """
+    Tests that run L{IMAGE}: skipped without podman, the image built first.
+    """
+
     def setUp(self) -> None:
         needPodman()
         buildImage()
@@ -91,6 +95,12 @@ class ContainerTests(SynchronousTestCase):
             argv += ["--env", f"{key}={value}"]
         return podman(*argv, IMAGE, *args)
 
+    def logs(self, name: str) -> str:
+        done = podman("logs", name)
+        return done.stdout + done.stderr
+
+
+class ContainerTests(ContainerCase):
     def test_optionalParts(self) -> None:
         """
         Server TLS, the PROXY protocol and downstream AUTH (password from a
@@ -151,10 +161,6 @@ class ContainerTests(SynchronousTestCase):
         for env, message in cases:
             done = self.once(env)
             self.assertEqual((done.returncode, done.stderr.splitlines()[-1:]), (2, [message]), env)
-
-    def logs(self, name: str) -> str:
-        done = podman("logs", name)
-        return done.stdout + done.stderr
 
     def test_relayHealthAndDrain(self) -> None:
         procs = Processes(self)
