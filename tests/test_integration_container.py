@@ -20,6 +20,7 @@ import smtplib
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import trustme
@@ -220,6 +221,48 @@ class ContainerTests(ContainerCase):
         self.assertIn("Received SIGTERM, shutting down.", logs)
         self.assertIn("Main loop terminated.", logs)
         self.assertEqual(logs.count("status=sent"), 2, logs)
+
+
+    def test_readyOnlyWhileTheTargetAnswers(self) -> None:
+        """
+        C{/readyz} of the containerised relay is 503 naming the target while
+        nothing answers there, and 200 once a server does; C{/healthz} is
+        200 throughout (the process serves either way).
+        """
+        procs = Processes(self)
+        listen, metrics, sinkPort = freePort(), freePort(), freePort()
+        name = f"smtprelay-test-{os.getpid()}-{listen}"
+        self.start(name, {
+            "SMTPRELAY_LISTEN": f"tcp://{HOST}:{listen}",
+            "SMTPRELAY_METRICS": f"tcp://{HOST}:{metrics}",
+            "SMTPRELAY_TARGETS": f"tcp://{HOST}:{sinkPort}",
+            "SMTPRELAY_PROBE_INTERVAL": "1s",
+            "SMTPRELAY_HOSTNAME": "relay.test",
+        })
+        waitForPort(metrics)
+
+        def get(path: str) -> tuple[int, bytes]:
+            try:
+                with urllib.request.urlopen(f"http://{HOST}:{metrics}{path}", timeout=30) as response:
+                    return response.status, response.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read()
+
+        def waitFor(code: int) -> bytes:
+            deadline = time.monotonic() + STARTUP
+            while True:
+                status, body = get("/readyz")
+                if status == code:
+                    return body
+                self.assertLess(time.monotonic(), deadline, f"/readyz stayed {status}: {body!r}")
+                time.sleep(0.2)
+
+        body = waitFor(503)
+        self.assertIn(f"{HOST}:{sinkPort}".encode(), body)
+        self.assertEqual(get("/healthz"), (200, b"serving\n"))
+        procs.smtpSink(port=sinkPort)
+        waitFor(200)
+        self.assertEqual(get("/healthz"), (200, b"serving\n"))
 
 
 def _partial(dumps: str) -> list[bytes]:
