@@ -11,8 +11,8 @@ with a 4xx, or its session ended before its end of data was answered and
 it is not at the sink (a real client retries both); no 5xx; sessions end
 early only while a relay is being stopped (HAProxy redispatches the
 connections a stopped relay refuses); both relays delivered, and the
-restarted one again once HAProxy saw it healthy.  Nothing is timed: each phase waits for
-a condition with a deadline.
+restarted one again once HAProxy saw it healthy.  Nothing is timed: each
+phase waits for a condition with a deadline.
 
 Skipped where podman cannot run containers; C{make test} installs it as
 root.
@@ -111,8 +111,9 @@ class ScaleOutTests(ContainerCase):
         """
         Four phases of 250 messages each, in waves of concurrent sessions:
         both relays up; relay1 stopped meanwhile (C{podman stop}: it
-        stops accepting and drains); relay1 down but still taken for up by
-        HAProxy; relay1 started again and seen healthy by HAProxy.
+        stops accepting and drains); relay1 down; relay1 started again and
+        seen healthy by HAProxy.  Through the second and third, HAProxy
+        takes relay1 for up.
         """
         need("haproxy", "smtp-sink")
         processes = Processes(self)
