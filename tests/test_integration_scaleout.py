@@ -11,8 +11,8 @@ with a 4xx, or its session ended before its end of data was answered and
 it is not at the sink (a real client retries both); no 5xx; sessions end
 early only while a relay is being stopped (HAProxy redispatches the
 connections a stopped relay refuses); both relays delivered, and the
-restarted one again once HAProxy saw it healthy.  Nothing is timed: each phase waits for
-a condition with a deadline.
+restarted one again once HAProxy saw it healthy.  Nothing is timed: each
+phase waits for a condition with a deadline.
 
 Skipped where podman cannot run containers; C{make test} installs it as
 root.
@@ -56,7 +56,7 @@ def haproxyConfig(port: int, relays: dict[str, tuple[int, int]], stats: str) -> 
         config = f.read()
     edits = [
         # The host's limit on open files may be below what 20,000 connections need.
-        ("    maxconn 20000\n", f"    maxconn 2000\n    stats socket {stats}\n"),
+        ("    maxconn 20000\n", f"    maxconn 2000\n    stats socket {stats} level admin\n"),
         ("bind :2525\n", f"bind {HOST}:{port}\n"),
         (" resolvers engine init-addr last,libc,none\n", "\n"),
     ] + [(f"server {name} {name}:2525\n", f"server {name} {HOST}:{listen} port {metrics}\n")
@@ -68,19 +68,26 @@ def haproxyConfig(port: int, relays: dict[str, tuple[int, int]], stats: str) -> 
     return config
 
 
-def serverStates(stats: str) -> dict[str, str]:
+def haproxyCommand(stats: str, command: str) -> str:
     """
-    The state (C{UP}, C{DOWN}, C{UP 1/2}, ...) of each server of the
-    C{smtprelays} backend, from HAProxy's stats socket.
+    The answer of HAProxy's stats socket at C{stats} to C{command}.
     """
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
         s.connect(stats)
-        s.sendall(b"show stat\n")
+        s.sendall(command.encode() + b"\n")
         data = b""
         while chunk := s.recv(65536):
             data += chunk
-    rows = csv.DictReader(data.decode().lstrip("# ").splitlines())
+    return data.decode()
+
+
+def serverStates(stats: str) -> dict[str, str]:
+    """
+    The state (C{UP}, C{DOWN}, C{UP 1/2}, ...) of each server of the
+    C{smtprelays} backend.
+    """
+    rows = csv.DictReader(haproxyCommand(stats, "show stat").lstrip("# ").splitlines())
     return {row["svname"]: row["status"] for row in rows if row["pxname"] == "smtprelays"}
 
 
@@ -105,7 +112,8 @@ class ScaleOutTests(ContainerCase):
         Four phases of 250 messages each, in waves of concurrent sessions:
         both relays up; relay1 stopped meanwhile (C{podman stop}: it
         stops accepting and drains); relay1 down; relay1 started again and
-        seen healthy by HAProxy.
+        seen healthy by HAProxy.  Through the second and third, HAProxy
+        takes relay1 for up.
         """
         need("haproxy", "smtp-sink")
         processes = Processes(self)
@@ -150,11 +158,19 @@ class ScaleOutTests(ContainerCase):
             return await stopping
 
         asyncio.run(phase(0))
+        # The seconds before HAProxy's health check finds a stopped relay1
+        # down, made as long as two phases: with the check paused, HAProxy
+        # takes relay1 for up, and every connection it refuses must be
+        # redispatched.
+        haproxyCommand(stats, "disable health smtprelays/relay1")
         stopped = asyncio.run(whileStopping())
         self.assertEqual(stopped.returncode, 0, stopped.stderr)
         exited = podman("inspect", "--format", "{{.State.ExitCode}}", containers["relay1"])
         self.assertEqual(exited.stdout.strip(), "0", "relay1 did not drain and exit cleanly")
+        self.assertEqual(serverStates(stats)["relay1"], "no check")  # taken for up
         asyncio.run(phase(2))
+        haproxyCommand(stats, "enable health smtprelays/relay1")
+        waitFor("relay1 DOWN in HAProxy", lambda: serverStates(stats)["relay1"].startswith("DOWN"))
         started = podman("start", containers["relay1"])
         self.assertEqual(started.returncode, 0, started.stderr)
         waitFor("relay1 UP again in HAProxy", allUp)
