@@ -93,12 +93,12 @@ _LOGIN_USER = b"334 VXNlcm5hbWU6\r\n"
 _LOGIN_PASSWORD = b"334 UGFzc3dvcmQ6\r\n"
 _EMPTY_CHALLENGE = b"334 \r\n"
 
-# Commands answered without the handler (SPEC §4.1): never forwarded.
+# Commands answered without the handler: never forwarded.
 _REFUSED = frozenset({b"EXPN", b"ETRN", b"TURN", b"XCLIENT", b"XFORWARD"})
 
 # RFC 2920 §3.1 commands that end a pipelined group.  A client that did not
 # greet with EHLO (so never saw PIPELINING) must not send anything after one
-# of them without waiting for its reply (SPEC §4.1, as Postfix/Exim enforce).
+# of them without waiting for its reply (as Postfix/Exim enforce).
 _LAST_IN_GROUP = frozenset(
     {b"EHLO", b"HELO", b"LHLO", b"DATA", b"VRFY", b"EXPN", b"TURN", b"NOOP"}
 )
@@ -727,7 +727,7 @@ class SMTPServerProtocol(Protocol):
             return
         smtputf8 = "SMTPUTF8" in params
         if not self._relayAllowed():
-            # No recipient of this client can be accepted (SPEC §4.1): keep
+            # No recipient of this client can be accepted (relay access): keep
             # the transaction local, so that no downstream is ever opened.
             self._sender = sender
             self._localTransaction = True
@@ -802,7 +802,7 @@ class SMTPServerProtocol(Protocol):
                 self._reply(r)
                 return
             if self._buffer:
-                # The body came before our 354 (SPEC §4.1).
+                # The body came before our 354: out of step.
                 pauser.detach()
                 self._disconnect(replies.SYNC_ERROR, "sync")
                 return
@@ -1191,7 +1191,7 @@ class SMTPServerFactory(ServerFactory):
         @param reactor: the clock for timeouts.
         @param tlsOptions: an C{IOpenSSLServerConnectionCreator} to offer
             STARTTLS with, or L{None}.
-        @param greetingToken: the loop token shown in the greeting (SPEC §4.4).
+        @param greetingToken: the loop token shown in the greeting (loop detection).
         @param metrics: where sessions, TLS handshakes and local refusals
             are counted.
         """
