@@ -1390,9 +1390,9 @@ class RejectionReasonTests(SynchronousTestCase):
 
     def test_documented(self) -> None:
         """
-        The README documents exactly the reasons the code emits.
+        docs/operations.md documents exactly the reasons the code emits.
         """
-        path = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+        path = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "operations.md")
         with open(path, encoding="utf-8") as f:
             readme = f.read()
         start = readme.index("- Rejection reasons:")
