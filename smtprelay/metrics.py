@@ -44,7 +44,7 @@ REJECTION_REASONS = frozenset({
     "rate_connections", "rate_messages", "rate_recipients",
 })
 """Every value of C{reason} for L{IMetrics.rejected}: each local refusal
-names its own where it is made (README, Logs, metrics, shutdown)."""
+names its own where it is made (docs/operations.md, Logs, metrics, shutdown)."""
 
 CONNECT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 END_OF_DATA_BUCKETS = (

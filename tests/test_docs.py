@@ -182,9 +182,12 @@ class ReferenceTests(SynchronousTestCase):
         that kind's section.
         """
         self.assertEqual(sorted(DIRECTIVES), sorted(_SECTIONS.values()))
-        for kind, names in DIRECTIVES.items():
-            missing = sorted(set(names) - set(self.documented.get(kind, [])))
-            self.assertEqual(missing, [], f"{kind} directives missing from {_REFERENCE}")
+        missing = [
+            f"{kind}: {name}"
+            for kind, names in DIRECTIVES.items()
+            for name in sorted(set(names) - set(self.documented.get(kind, [])))
+        ]
+        self.assertEqual(missing, [], f"directives missing from {_REFERENCE}")
         self.assertIn("lmtp_split", self.documented["target"])
 
     def test_everyDocumentedDirectiveKnown(self) -> None:
@@ -192,9 +195,13 @@ class ReferenceTests(SynchronousTestCase):
         Every entry of the reference is a directive the parser knows in that
         block, documented once.
         """
+        unknown = [
+            f"{kind}: {name}"
+            for kind, names in self.documented.items()
+            for name in sorted(set(names) - set(DIRECTIVES[kind]))
+        ]
+        self.assertEqual(unknown, [], "documented directives the parser does not know")
         for kind, names in self.documented.items():
-            unknown = sorted(set(names) - set(DIRECTIVES[kind]))
-            self.assertEqual(unknown, [], f"{kind} directives the parser does not know")
             self.assertEqual(len(names), len(set(names)), f"{kind} directives documented twice")
 
     def test_everyDirectiveHasExample(self) -> None:
@@ -273,3 +280,69 @@ class ExampleTests(SynchronousTestCase):
         with tempfile.TemporaryDirectory() as directory:
             with self.assertRaises(ConfigError):
                 _parse(_CONTEXTS["target"].replace("FRAGMENT", "lmtp_split tempfail"), directory)
+
+
+def _documents() -> list[str]:
+    """
+    The project's documents: the README and every page of docs/.
+    """
+    docs = os.path.join(_ROOT, "docs")
+    pages = sorted(os.path.join(docs, name) for name in os.listdir(docs) if name.endswith(".md"))
+    return [os.path.join(_ROOT, "README.md"), *pages]
+
+
+def _anchors(path: str) -> set[str]:
+    """
+    The anchors GitHub gives the headings of the Markdown file at C{path}.
+    """
+    anchors = set()
+    inFence = False
+    for line in _read(path).splitlines():
+        if line.startswith("```"):
+            inFence = not inFence
+        elif not inFence and (match := re.match(r"#+ (.*)", line)):
+            anchors.add(re.sub(r"[^\w\- ]", "", match.group(1).lower()).replace(" ", "-"))
+    return anchors
+
+
+class StandaloneTests(SynchronousTestCase):
+    """
+    The documents are all a user needs: no pointer to papers outside the
+    project, and every link within it leads somewhere.
+    """
+
+    def test_noPrivatePapers(self) -> None:
+        """
+        No document names the project's private working papers, and no
+        docstring or comment of the code cites them instead of stating its
+        rule.
+        """
+        for path in _documents():
+            text = _read(path)
+            for word in ("../shared", "SPEC"):
+                self.assertNotIn(word, text, f"{path} refers to {word}")
+        citations = re.compile(r"\.\./shared|\bSPEC\b")
+        for package in ("smtprelay", "tests"):
+            for directory, _, names in os.walk(os.path.join(_ROOT, package)):
+                for name in names:
+                    path = os.path.join(directory, name)
+                    if name.endswith(".py") and path != os.path.abspath(__file__):
+                        self.assertEqual(citations.findall(_read(path)), [], path)
+
+    def test_links(self) -> None:
+        """
+        Every relative link names a file of the project, and a heading of
+        it when the link has an anchor.
+        """
+        broken = []
+        for path in _documents():
+            for link in re.findall(r"\]\(([^)\s]+)\)", _read(path)):
+                if re.match(r"[a-z]+:", link):
+                    continue
+                target, _, anchor = link.partition("#")
+                resolved = os.path.normpath(os.path.join(os.path.dirname(path), target)) if target else path
+                if not os.path.exists(resolved):
+                    broken.append(f"{os.path.relpath(path, _ROOT)}: {link}")
+                elif anchor and anchor not in _anchors(resolved):
+                    broken.append(f"{os.path.relpath(path, _ROOT)}: {link} (no such heading)")
+        self.assertEqual(broken, [])
