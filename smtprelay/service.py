@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
@@ -35,7 +35,7 @@ from .interfaces import ClientSession
 from .relay import PasswordChecker, RelaySession
 from .routing import Route, Router
 from .server import SMTPServerFactory
-from .tls import ReloadableServerOptions, serverOptions
+from .tls import serverOptions
 
 _log = Logger()
 
@@ -50,6 +50,10 @@ def loopToken(config: Config) -> str:
         str(address) for listener in config.listeners for address in listener.addresses
     )
     return hashlib.sha256(seed.encode("utf-8")).hexdigest()[:6]
+
+
+class _Reloadable(Protocol):
+    def reload(self) -> None: ...
 
 
 class RelayService(MultiService):
@@ -68,7 +72,7 @@ class RelayService(MultiService):
         self.factories: list[SMTPServerFactory] = []
         self.failovers: dict[int, Failover] = {}
         self._listeners: list[IService] = []
-        self._tlsOptions: list[ReloadableServerOptions] = []
+        self._reloadables: list[tuple[str, _Reloadable]] = []
 
     def addListener(self, factory: SMTPServerFactory | None, service: IService) -> None:
         """
@@ -82,20 +86,26 @@ class RelayService(MultiService):
         service._raiseSynchronously = True  # type: ignore[attr-defined]
         self._listeners.append(service)
 
-    def addTLS(self, options: ReloadableServerOptions) -> None:
-        self._tlsOptions.append(options)
+    def addReloadable(self, what: str, reloadable: _Reloadable) -> None:
+        """
+        Re-read C{reloadable}'s files on SIGHUP; C{what} names them in the
+        log (C{"TLS certificates"}, C{"users file PATH"}).
+        """
+        self._reloadables.append((what, reloadable))
 
-    def reloadTLS(self) -> None:
+    def reload(self) -> None:
         """
-        Re-read every server certificate and key (SIGHUP); sessions stay.
+        Re-read every server certificate and key and every C{auth users}
+        file (SIGHUP); sessions stay.  One that fails keeps its old
+        contents, and says so in the log.
         """
-        for options in self._tlsOptions:
+        for what, reloadable in self._reloadables:
             try:
-                options.reload()
+                reloadable.reload()
             except Exception as e:
-                _log.error("TLS reload failed, keeping the old certificate: {error}", error=e)
+                _log.error("{what}: reload failed, keeping the old ones: {error}", what=what, error=e)
             else:
-                _log.info("TLS certificates reloaded")
+                _log.info("{what} reloaded", what=what)
 
     def serving(self) -> bool:
         """
@@ -121,11 +131,11 @@ class RelayService(MultiService):
         for service in self._listeners:
             if not service.running:
                 service.startService()
-        if self._tlsOptions and hasattr(signal, "SIGHUP"):
+        if self._reloadables and hasattr(signal, "SIGHUP"):
             try:
                 signal.signal(
                     signal.SIGHUP,
-                    lambda *_: self._reactor.callFromThread(self.reloadTLS),
+                    lambda *_: self._reactor.callFromThread(self.reload),
                 )
             except ValueError:
                 pass  # not the main thread (tests); SIGHUP stays untouched
@@ -184,10 +194,10 @@ def makeService(config: Config, reactor: Any) -> RelayService:
         tlsOptions = None
         if listener.tls is not None:
             tlsOptions = serverOptions(listener.tls)
-            root.addTLS(tlsOptions)
+            root.addReloadable("TLS certificates", tlsOptions)
         factory = SMTPServerFactory(
             listener,
-            _handlerFactory(listener, Router(listener.deliverTo, routeFor), config, reactor, metrics),
+            _handlerFactory(root, listener, Router(listener.deliverTo, routeFor), config, reactor, metrics),
             config.hostname,
             reactor,
             tlsOptions=tlsOptions,
@@ -240,13 +250,15 @@ def _listen(
 
 
 def _handlerFactory(
-    listener: Listener, router: Router, config: Config, reactor: Any, metrics: IMetrics
+    root: RelayService, listener: Listener, router: Router, config: Config, reactor: Any,
+    metrics: IMetrics,
 ) -> Callable[[ClientSession], RelaySession]:
     checker: PasswordChecker | None = None
     if listener.auth.mode == "users" and listener.auth.usersFile:
         from .auth import UsersFile
 
         users = UsersFile(listener.auth.usersFile)
+        root.addReloadable(f"users file {users.path}", users)
         checker = lambda user, password: succeed(users.check(user, password))
 
     def handlerFor(session: ClientSession) -> RelaySession:

@@ -62,3 +62,42 @@ class StopTests(TestCase):
         self.assertEqual(closed, [])
         yield root.stopService()
         self.assertEqual(closed, [failover.target.name])
+
+
+class ReloadTests(TestCase):
+    def test_usersFileReloaded(self) -> None:
+        """
+        C{reload} (SIGHUP) re-reads an C{auth users} file: the next AUTH is
+        checked against the new users.  A file that no longer parses keeps
+        the old users.
+        """
+        import bcrypt
+
+        from smtprelay.interfaces import ClientSession
+
+        users = self.mktemp()
+
+        def write(name: str, password: bytes) -> None:
+            with open(users, "wb") as f:
+                f.write(name.encode() + b":" + bcrypt.hashpw(password, bcrypt.gensalt(4)) + b"\n")
+
+        write("alice", b"one")
+        config = loadString(
+            f"smtp tcp://{HOST}:{freePort()} {{\n auth users {users}\n"
+            f" deliver_to smtp tcp://{HOST}:{freePort()}\n}}\n"
+        )
+        root = makeService(config, reactor)
+        [factory] = root.factories
+
+        def authenticate(user: str, password: str) -> int:
+            handler = factory.handlerFactory(ClientSession(id="S", protocol="smtp", clientHost=HOST))
+            return self.successResultOf(handler.authenticate("PLAIN", user, password)).code
+
+        self.assertEqual((authenticate("alice", "one"), authenticate("bob", "two")), (235, 535))
+        write("bob", b"two")
+        root.reload()
+        self.assertEqual((authenticate("alice", "one"), authenticate("bob", "two")), (535, 235))
+        with open(users, "wb") as f:
+            f.write(b"carol:not-a-hash\n")
+        root.reload()
+        self.assertEqual(authenticate("bob", "two"), 235)
