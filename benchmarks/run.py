@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 
+import pyspy
 from tls import Stunnel, make_pki, wait_listening
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -845,6 +846,37 @@ class Sampler(threading.Thread):
                                key=lambda x: -x[1])[:4])
 
 
+class PySpy:
+    """py-spy sampling the relay (a separate process: the relay runs at
+    full speed) from the start of the load to its end."""
+
+    def __init__(self, exe, pid, reg, out):
+        self.out, self.reg = out, reg
+        cmd = [exe, 'record', '--format', 'raw', '--rate', '250',
+               '--nonblocking', '--pid', str(pid), '-o', out]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        self.entry = reg.add(self.proc.pid, 'popen', cmd)
+        time.sleep(0.5)   # it attaches before the load starts
+
+    def finish(self):
+        """Stop it (SIGINT: it writes its file) and summarize the file."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.reg.remove(self.entry)
+        if not os.path.exists(self.out):
+            return None
+        summary = pyspy.summarize(self.out)
+        summary['file'] = self.out
+        return summary
+
+
 # ---------------------------------------------------------------- load ----
 
 def run_source(port, wl, lmtp, limit_s, run_dir, reg):
@@ -1092,7 +1124,7 @@ def one_run(system, wl_name, rep, args, reg, run_dir, pki=None):
     while len(ports) < 4:
         ports.add(free_port())
     sink_port, listen_port, sink_tls_port, source_tls_port = ports
-    sink = relay = sampler = None
+    sink = relay = sampler = spy = None
     tunnels = []
     try:
         if tls and lmtp:
@@ -1159,6 +1191,9 @@ def one_run(system, wl_name, rep, args, reg, run_dir, pki=None):
         if relay:
             sampler = Sampler(relay.roots())
             sampler.start()
+        if args.py_spy and system == 'relay':
+            spy = PySpy(args.py_spy, relay.pid, reg,
+                        os.path.join(run_dir, f'py-spy-{wl_name}-{rep}.txt'))
         sink_t0 = sink.cpu_ticks()
         tunnels_t0 = sum(t.cpu_ticks() for t in tunnels)
         busy0, udp0, self0 = cpu_busy(), udp_out(), self_cpu()
@@ -1243,6 +1278,9 @@ def one_run(system, wl_name, rep, args, reg, run_dir, pki=None):
         if sampler:
             row.update(sampler.finish())
             sampler = None
+        if spy:
+            row['profile'] = spy.finish()
+            spy = None
         row['accept_s'] = t_acc - t0
         row['delivered'] = sink.count - base
         if got:
@@ -1285,6 +1323,8 @@ def one_run(system, wl_name, rep, args, reg, run_dir, pki=None):
     finally:
         if sampler:
             sampler.finish()
+        if spy:
+            spy.finish()
         if relay:
             relay.stop()
         for t in reversed(tunnels):
@@ -1557,6 +1597,22 @@ def targets(rows):
     return '\n'.join(lines), verdicts
 
 
+def profiles(rows):
+    """The py-spy summaries of the relay rows (--py-spy), as text."""
+    lines = []
+    for r in rows:
+        p = r.get('profile')
+        if not p:
+            continue
+        centres = ', '.join(f'{k} {v:.0f}%' for k, v in
+                            p['centres_pct_of_busy'].items())
+        top = ', '.join(f'{k} {v:.0f}%' for k, v in p['top_own_pct_of_busy'][:6])
+        lines += [f'profile {r["workload"]} {r["system"]} run {r["rep"]} '
+                  f'({p["samples"]} samples; shares of the busy ones): {centres}',
+                  f'  own time: {top}']
+    return '\n'.join(lines)
+
+
 def versions():
     v = {'python': sys.version.split()[0], 'kernel': os.uname().release,
          'cpus': os.cpu_count()}
@@ -1635,6 +1691,10 @@ def parse_args():
     ap.add_argument('--out', default=None,
                     help='JSON results file (default results/<time>.json '
                          'next to run.py)')
+    ap.add_argument('--py-spy', metavar='PATH', default=None,
+                    help='profile each one-process relay run with this py-spy '
+                         'binary (py-spy record --format raw, 250 Hz); the '
+                         'summary goes to the JSON and below the tables')
     ap.add_argument('--keep', action='store_true',
                     help='keep the work dir (configs, logs) after the run')
     ap.add_argument('--cleanup-only', action='store_true',
@@ -1696,6 +1756,9 @@ def report(files):
     if text:
         print()
         print(text)
+    if profiles(rows):
+        print()
+        print(profiles(rows))
     return 0
 
 
@@ -1790,6 +1853,9 @@ def main():
     if text:
         print()
         print(text)
+    if profiles(rows):
+        print()
+        print(profiles(rows))
     failed = [r for r in rows if r['status'] not in ('ok', 'skip')]
     if failed:
         print()
