@@ -96,6 +96,11 @@ WORKLOADS = {
     'viii': dict(desc='i, also against two relay processes on one port',
                  kind='source', msgs=2000, size=KB, sessions=10, reuse=True,
                  limit=120, extra_systems=['relay-x2']),
+    # an SMTP listener in front of a real Dovecot LMTP server (1 recipient
+    # per message); Postfix with its lmtp client (default_transport)
+    'lmtp-dovecot': dict(desc='1000 x 1 KB, 10 sessions, LMTP to Dovecot',
+                         kind='source', msgs=1000, size=KB, sessions=10,
+                         reuse=True, limit=120, dovecot=True),
 }
 ALIASES = {'vii': ['vii-10', 'vii-1']}
 DEFAULT_WORKLOADS = ['i', 'ii', 'iii', 'iv', 'ivp', 'v']
@@ -456,10 +461,13 @@ class Sink:
         with self.cond:
             while self.count < n:
                 left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
+                if left <= 0 or not self.running():
                     return False
                 self.cond.wait(min(left, 0.5))
         return True
+
+    def running(self):
+        return self.proc.poll() is None
 
     def time_reached(self, n):
         with self.cond:
@@ -480,6 +488,95 @@ class Sink:
             pass
         self.reg.remove(self.entry)
         self.err.close()
+
+
+class DovecotSink:
+    """A real Dovecot LMTP server (tests/dovecot-lmtp.sh: a private
+    instance, Maildir) as the sink, with the same interface as Sink: the
+    messages are counted as files in the recipient's Maildir/new, polled
+    every 20 ms (the end time is late by up to that)."""
+
+    SCRIPT = os.path.join(os.path.dirname(HERE), 'tests', 'dovecot-lmtp.sh')
+    POLL = 0.02
+
+    def __init__(self, port, reg, run_dir):
+        if not shutil.which('dovecot') or not os.path.exists(self.SCRIPT):
+            raise Skip('dovecot (or tests/dovecot-lmtp.sh) not installed')
+        self.port, self.reg = port, reg
+        self.dir = os.path.join(run_dir, f'dovecot-{port}')
+        os.makedirs(self.dir)
+        # the daemon keeps its stdout: a file, not a pipe to wait on
+        with open(os.path.join(self.dir, 'start.log'), 'wb') as out:
+            r = subprocess.run(['sh', self.SCRIPT, self.dir, str(port)],
+                               stdout=out, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, timeout=60)
+        pidfile = os.path.join(self.dir, 'run', 'master.pid')
+        self.pid = None
+        if os.path.exists(pidfile):
+            with open(pidfile) as f:
+                self.pid = int(f.read().strip())
+            self.entry = reg.add(self.pid, 'popen', ['dovecot', '-c', self.dir])
+        if r.returncode != 0 or not self.pid:
+            if self.pid:
+                self.stop()
+            raise BenchError(f'dovecot did not start: see {self.dir}/start.log')
+        # the bench recipient rcpt@bench.test (auth_username_format %Ln):
+        # passwd-file is read again when it changes
+        users = os.path.join(self.dir, 'users')
+        with open(users) as f:
+            alice = f.readline()
+        with open(users, 'a') as f:
+            f.write(alice.replace('alice', 'rcpt'))
+        self.new = os.path.join(self.dir, 'mail', 'rcpt', 'Maildir', 'new')
+        self.count = 0
+        self.events = []
+        self.cond = threading.Condition()
+        self.stopped = threading.Event()
+        self.poller = threading.Thread(target=self._poll, daemon=True)
+        self.poller.start()
+        try:
+            wait_banner(port, time.monotonic() + 15, lambda: alive(self.pid))
+        except BenchError:
+            self.stop()
+            raise
+
+    def _poll(self):
+        while not self.stopped.wait(self.POLL):
+            try:
+                n = len(os.listdir(self.new))
+            except OSError:
+                continue
+            now = time.perf_counter()
+            with self.cond:
+                if n != self.count:
+                    self.count = n
+                    self.events.append((now, n))
+                    self.cond.notify_all()
+
+    wait_count = Sink.wait_count
+    time_reached = Sink.time_reached
+
+    def running(self):
+        return alive(self.pid)
+
+    def cpu_ticks(self):
+        total = 0
+        for pid in tree([self.pid]):
+            st = proc_stat(pid)
+            total += st[2] if st else 0
+        return total
+
+    def stop(self):
+        self.stopped.set()
+        if not self.pid:
+            return
+        subprocess.run(['doveadm', '-c', os.path.join(self.dir, 'dovecot.conf'),
+                        'stop'], capture_output=True, timeout=30)
+        deadline = time.monotonic() + 10
+        while alive(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop_entry(self.entry)
+        self.reg.remove(self.entry)
 
 
 # -------------------------------------------------------------- relays ----
@@ -1108,14 +1205,15 @@ def system_label(system, args):
 
 def one_run(system, wl_name, rep, args, reg, run_dir, pki=None):
     wl = WORKLOADS[wl_name]
-    lmtp = args.downstream == 'lmtp'
+    lmtp = args.downstream == 'lmtp' or bool(wl.get('dovecot'))
     tls = None
     if wl.get('tls_down') or wl.get('tls_up'):
         tls = dict(down=bool(wl.get('tls_down')), up=bool(wl.get('tls_up')),
                    pki=pki)
     row = dict(workload=wl_name, system=system_label(system, args),
                rep=rep, msgs=wl['msgs'], size=wl['size'],
-               sessions=wl['sessions'], downstream=args.downstream,
+               sessions=wl['sessions'],
+               downstream='lmtp (dovecot)' if wl.get('dovecot') else args.downstream,
                kind=wl['kind'], is_relay=system in ('relay', 'relay-x2'),
                relay_procs=2 if system == 'relay-x2' else 1,
                tls_down=bool(tls and tls['down']), tls_up=bool(tls and tls['up']),
@@ -1129,7 +1227,8 @@ def one_run(system, wl_name, rep, args, reg, run_dir, pki=None):
     try:
         if tls and lmtp:
             raise Skip('TLS workloads: SMTP downstream only')
-        sink = Sink(sink_port, lmtp, reg, run_dir)
+        sink = (DovecotSink(sink_port, reg, run_dir) if wl.get('dovecot')
+                else Sink(sink_port, lmtp, reg, run_dir))
         relay_sink_port = sink_port
         if tls and tls['down']:
             tunnels.append(Stunnel(sink_tls_port, sink_port, False, pki, reg,
