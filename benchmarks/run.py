@@ -10,7 +10,10 @@ Systems:  direct (no relay: the physical limit), postfix (store-and-forward,
 Workloads: i (2000 x 1 KB, 10 sessions), ii (200 x 1 MB, 5 sessions),
           iii (1 x 50 MB), iv (20 sessions one after another, 1 x 1 KB each,
           per-message latency p50/p95), ivp (20 parallel sessions x 1 x 1 KB),
-          v (500 concurrent idle sessions: RSS, and does it still serve).
+          v (500 concurrent idle sessions: RSS, and does it still serve);
+          on request: vi (i with a TLS downstream), vii-10 / vii-1 (TLS both
+          sides, sessions of ~10 / 1 messages), viii (i against two relay
+          processes on one port too), lmtp-dovecot (LMTP to a real Dovecot).
 
 The relay row is checked against the performance targets (PASS/FAIL).
 Exit status: 0 all ok; 1 a run failed (e.g. a message did not reach the
