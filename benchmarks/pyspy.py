@@ -80,7 +80,7 @@ def summarize(path, top=12):
     for frames, n in stacks:
         if frames and centre(frames):
             centres[centre(frames)] += n
-        if frames:
+        if frames and centre(frames) != 'epoll wait':
             f, p = frames[-1]
             key = f'{f} ({p.rsplit("/site-packages/", 1)[-1]})'
             own[key] = own.get(key, 0) + n

@@ -841,14 +841,17 @@ class AiosmtpdRelay(CommandRelay):
                  tls=None):
         if lmtp:
             raise Skip('aiosmtpd: its Proxy handler speaks SMTP only')
-        if tls:
-            raise Skip('aiosmtpd: its stock Proxy handler has no TLS client')
+        if tls and tls['up']:
+            raise Skip('aiosmtpd: its command line has no implicit-TLS listener')
         if not os.path.exists(AIOSMTPD_PY):
             raise Skip(f'aiosmtpd not installed ({AIOSMTPD_PY}); run benchmarks/setup.sh')
+        handler = ('CliProxyTLS {sink_host} {sink_port} {ca_file}' if tls
+                   else 'CliProxy {sink_host} {sink_port}')
         cmd = (f'exec {AIOSMTPD_PY} -m aiosmtpd -n -l {{listen_host}}:{{listen_port}} '
-               f'-c proxyhandler.CliProxy {{sink_host}} {{sink_port}}')
+               f'-c proxyhandler.{handler}')
         super().__init__('aiosmtpd', cmd, listen_port, sink_port, lmtp, reg,
-                         run_dir, start_timeout, cwd=os.path.join(PEERS, 'aiosmtpd'))
+                         run_dir, start_timeout, cwd=os.path.join(PEERS, 'aiosmtpd'),
+                         tls=tls)
 
 
 # ----------------------------------------------------------- sampling ----
@@ -952,7 +955,7 @@ class PySpy:
 
     def __init__(self, exe, pid, reg, out):
         self.out, self.reg = out, reg
-        cmd = [exe, 'record', '--format', 'raw', '--rate', '250',
+        cmd = [exe, 'record', '--format', 'raw', '--rate', '1000',
                '--nonblocking', '--pid', str(pid), '-o', out]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL,
@@ -1255,8 +1258,8 @@ def one_run(system, wl_name, rep, args, reg, run_dir, pki=None):
                     raise Skip('haraka: not set up for TLS')
                 relay = HarakaRelay(listen_port, sink_port, lmtp, reg, run_dir)
             elif system == 'aiosmtpd':
-                relay = AiosmtpdRelay(listen_port, sink_port, lmtp, reg, run_dir,
-                                      args.start_timeout, tls)
+                relay = AiosmtpdRelay(listen_port, relay_sink_port, lmtp, reg,
+                                      run_dir, args.start_timeout, tls)
             elif system == 'relay-x2':
                 started = []
                 try:
@@ -1499,6 +1502,10 @@ def derive(rows):
             base = _mean(pf, mem_kb)
             if base and mem_kb(r):
                 r['x_postfix_mem'] = mem_kb(r) / base
+        # the relay's CPU per message: what it costs, less sensitive than
+        # msgs/s to other jobs taking the cores (Postfix: all its processes)
+        r['cpu_ms_per_msg'] = (1000 * r['cpu_s'] / r['msgs']
+                               if r.get('cpu_s') and msgs_rate else None)
         for k in ('cpu_s', 'sink_cpu_s', 'source_cpu_s', 'harness_cpu_s'):
             pct = None
             if r.get(k) is not None and r.get('e2e_s'):
@@ -1594,7 +1601,7 @@ def check_target(w, rs, ok):
 
 HEAD = ['workload', 'system', 'rep', 'msgs/s', 'wall s', 'accept s',
         'accept msg/s', 'mem MB', 'x direct', 'msgs/s x pf', 'mem x pf',
-        'p50 ms', 'p95 ms', '+direct ms', 'relay cpu%', 'sink cpu%',
+        'p50 ms', 'p95 ms', '+direct ms', 'relay cpu%', 'cpu ms/msg', 'sink cpu%',
         'src cpu%', 'other cpu%', 'target', 'status']
 
 
@@ -1627,7 +1634,8 @@ def table(rows):
             fmt(r.get('x_direct'), '.2f'), fmt(r.get('x_postfix_mps'), '.2f'),
             fmt(r.get('x_postfix_mem'), '.2f'), p50 or '-', p95 or '-',
             fmt(r.get('p50_vs_direct_ms'), '+.2f'),
-            fmt(r.get('cpu_pct'), '.0f'), fmt(r.get('sink_cpu_pct'), '.0f'),
+            fmt(r.get('cpu_pct'), '.0f'), fmt(r.get('cpu_ms_per_msg'), '.2f'),
+            fmt(r.get('sink_cpu_pct'), '.0f'),
             fmt(r.get('source_cpu_pct'), '.0f'), fmt(r.get('other_cpu_pct'), '.0f'),
             r.get('target') or '',
             r['status'] + (f' ({r["note"].strip()[:70]})' if r['note'].strip() else ''),
@@ -1643,7 +1651,7 @@ def summary(rows):
         groups.setdefault((r['workload'], r['system']), []).append(r)
     head = ['workload', 'system', 'runs ok', 'msgs/s', '± %', 'MB/s', 'wall s',
             'accept s', 'mem MB', 'x direct', 'msgs/s x pf', 'mem x pf',
-            'p50 e2e ms', 'p95 e2e ms', '+direct ms']
+            'p50 e2e ms', 'p95 e2e ms', '+direct ms', 'cpu ms/msg']
     out = []
     for (w, s), rs in groups.items():
         ok = [r for r in rs if r['status'] == 'ok']
@@ -1669,7 +1677,8 @@ def summary(rows):
                  mean(lambda r: r.get('x_postfix_mem'), '.2f'),
                  mean(lambda r: r.get('p50_e2e_ms'), '.2f'),
                  mean(lambda r: r.get('p95_e2e_ms'), '.2f'),
-                 mean(lambda r: r.get('p50_vs_direct_ms'), '+.2f')]
+                 mean(lambda r: r.get('p50_vs_direct_ms'), '+.2f'),
+                 mean(lambda r: r.get('cpu_ms_per_msg'), '.2f')]
         out.append(line)
     lines = ['summary (mean of runs; ± = half the range of msgs/s, % of mean; '
              'mem: max of runs)']
@@ -1795,7 +1804,7 @@ def parse_args():
                          'next to run.py)')
     ap.add_argument('--py-spy', metavar='PATH', default=None,
                     help='profile each one-process relay run with this py-spy '
-                         'binary (py-spy record --format raw, 250 Hz); the '
+                         'binary (py-spy record --format raw, 1000 Hz); the '
                          'summary goes to the JSON and below the tables')
     ap.add_argument('--keep', action='store_true',
                     help='keep the work dir (configs, logs) after the run')
