@@ -16,9 +16,9 @@ FRAME = re.compile(r'^(?P<func>.*?) \((?P<file>[^:()]*)(?::\d+)?\)$')
 
 # cost centres: the system calls by the leaf frame (the Python function that
 # made the call: py-spy shows no C frames; Twisted's send() is
-# untilConcludes(socket.send, ...) inside writeSomeData), the rest by any
-# frame of the stack; a sample counts for the first centre that matches, so
-# a send() made for the TLS layer counts as a send() call. Function names are
+# untilConcludes(socket.send, ...) inside writeSomeData), the layers by the
+# innermost frame that is either a layer's or our own (see centre); a send()
+# made for the TLS layer counts as a send() call. Function names are
 # compared without their class (py-spy writes Class.method).
 SYSCALLS = [
     ('send() calls', lambda f, p, up: f == 'writeSomeData' or
@@ -46,9 +46,15 @@ def centre(frames):
     for name, test in SYSCALLS:
         if test(f, p, up):
             return name
-    for name, test in LAYERS:
-        if any(test(f, p) for f, p in names):
-            return name
+    # from the leaf outwards: the first frame of a layer names it; the first
+    # frame of our own code ends the search (our protocol runs inside the
+    # TLS wrapper's dataReceived: that is not TLS time)
+    for f, p in reversed(names):
+        for name, test in LAYERS:
+            if test(f, p):
+                return name
+        if p.startswith('smtprelay/') or '/smtprelay/' in p:
+            return None
     return None
 
 
