@@ -406,7 +406,29 @@ def make_message(size, n=0):
 
 # ---------------------------------------------------------------- sink ----
 
-class Sink:
+class Counted:
+    """A sink's count of messages received: self.count, self.events
+    [(perf_counter, count)] at each change, under self.cond; running()
+    says whether the sink is still up."""
+
+    def wait_count(self, n, deadline):
+        with self.cond:
+            while self.count < n:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.running():
+                    return False
+                self.cond.wait(min(left, 0.5))
+        return True
+
+    def time_reached(self, n):
+        with self.cond:
+            for t, c in self.events:
+                if c >= n:
+                    return t
+        return None
+
+
+class Sink(Counted):
     """smtp-sink with its -c counters read live (the pipe must be drained,
     or smtp-sink blocks once 64 KB of counters are unread)."""
 
@@ -460,24 +482,8 @@ class Sink:
                         self.events.append((now, n))
                         self.cond.notify_all()
 
-    def wait_count(self, n, deadline):
-        with self.cond:
-            while self.count < n:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self.running():
-                    return False
-                self.cond.wait(min(left, 0.5))
-        return True
-
     def running(self):
         return self.proc.poll() is None
-
-    def time_reached(self, n):
-        with self.cond:
-            for t, c in self.events:
-                if c >= n:
-                    return t
-        return None
 
     def cpu_ticks(self):
         st = proc_stat(self.proc.pid)
@@ -493,7 +499,7 @@ class Sink:
         self.err.close()
 
 
-class DovecotSink:
+class DovecotSink(Counted):
     """A real Dovecot LMTP server (tests/dovecot-lmtp.sh: a private
     instance, Maildir) as the sink, with the same interface as Sink: the
     messages are counted as files in the recipient's Maildir/new, polled
@@ -555,9 +561,6 @@ class DovecotSink:
                     self.count = n
                     self.events.append((now, n))
                     self.cond.notify_all()
-
-    wait_count = Sink.wait_count
-    time_reached = Sink.time_reached
 
     def running(self):
         return alive(self.pid)
