@@ -1422,6 +1422,9 @@ def one_run(system, wl_name, rep, args, reg, run_dir, pki=None):
         if row.get('peak_rss_kb') and row.get('start_mem_kb') is not None:
             # iii: what the message itself cost over the idle process
             row['mem_growth_kb'] = row['peak_rss_kb'] - row['start_mem_kb']
+            if wl_name == 'iii':
+                row['note'] += (f' +{row["mem_growth_kb"] / 1024:.1f} MB over idle '
+                                f'{row["start_mem_kb"] / 1024:.1f} MB')
     except Skip as e:
         row['status'] = 'skip'
         row['note'] = str(e)
