@@ -19,6 +19,7 @@ root=$(dirname "$here")
 
 # 1. the tools and the peers (apt needs root; skipped when all is there)
 if ! command -v smtp-source >/dev/null || ! command -v smtp-sink >/dev/null ||
+   ! command -v stunnel >/dev/null ||
    [ ! -x /usr/bin/time ] ||
    ! "$here/peers/venv/bin/python" -c 'import aiosmtpd' 2>/dev/null; then
     echo "run.sh: installing the benchmark tools (benchmarks/setup.sh)" >&2

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install what benchmarks/run.py needs (Debian 12, as root):
 #   postfix (smtp-source, smtp-sink, and the Postfix peer), swaks (manual
-#   checks), GNU time, and aiosmtpd (its Proxy handler is a peer) into the
+#   checks), GNU time, stunnel4 (implicit TLS for workloads vi and vii), openssl
+#   (their self-made CA), and aiosmtpd (its Proxy handler is a peer) into the
 #   venv peers/venv/ (git-ignored).
 # With WITH_HARAKA=1 also Node.js + npm and Haraka 3 from npm into peers/npm/
 # (git-ignored); without it the Haraka peer is simply skipped by run.py.
@@ -16,6 +17,8 @@ need_apt=0
 command -v smtp-source >/dev/null || need_apt=1
 command -v swaks >/dev/null || need_apt=1
 [ -x /usr/bin/time ] || need_apt=1
+command -v stunnel >/dev/null || need_apt=1
+command -v openssl >/dev/null || need_apt=1
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt=1
 if [ "$WITH_HARAKA" = 1 ]; then
     command -v node >/dev/null || need_apt=1
@@ -24,13 +27,13 @@ fi
 
 if [ "$need_apt" = 1 ]; then
     if [ "$(id -u)" != 0 ]; then
-        echo "setup.sh: postfix/swaks/time (apt) are missing; run this as root" >&2
+        echo "setup.sh: postfix/swaks/time/stunnel4/openssl (apt) are missing; run this as root" >&2
         exit 1
     fi
     # "No configuration": no /etc/postfix/main.cf, nothing listens on :25
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     apt-get update
-    pkgs="postfix swaks time python3-venv"
+    pkgs="postfix swaks time python3-venv stunnel4 openssl"
     if [ "$WITH_HARAKA" = 1 ]; then
         command -v node >/dev/null || pkgs="$pkgs nodejs"
         command -v npm >/dev/null || pkgs="$pkgs npm"
