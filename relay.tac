@@ -4,7 +4,7 @@ import os
 from twisted.application.service import Application
 from twisted.internet import reactor
 
-from smtprelay.tap import DEFAULT_CONFIG, Options, makeService
+from smtprelay.app.tap import DEFAULT_CONFIG, Options, makeService
 
 options = Options()
 options.parseOptions(["--config", os.environ.get("SMTPRELAY_CONFIG", DEFAULT_CONFIG)])

@@ -33,9 +33,9 @@ elif [ ! -x "$root/.venv/bin/twistd" ]; then
     python3 -m venv "$root/.venv"
     (cd "$root" && .venv/bin/pip install -q -e .)
 fi
-if ! "$root/.venv/bin/python" -c 'import smtprelay.tap' 2>/dev/null; then
+if ! "$root/.venv/bin/python" -c 'import smtprelay.app.tap' 2>/dev/null; then
     echo "run.sh: the project does not import from $root/.venv" >&2
-    "$root/.venv/bin/python" -c 'import smtprelay.tap'
+    "$root/.venv/bin/python" -c 'import smtprelay.app.tap'
     exit 1
 fi
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from .check import main as check
+from smtprelay.app.check import main as check
 
 USAGE = "usage: python -m smtprelay check [--show] [--no-files] [CONFIG]"
 

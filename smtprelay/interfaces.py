@@ -1,9 +1,9 @@
 """
 The boundaries between the engines.
 
-The inbound engine (L{smtprelay.server}) owns the client connection and talks
+The inbound engine (L{smtprelay.inbound.session}) owns the client connection and talks
 to one L{IRelayHandler} per client session; the relay core
-(L{smtprelay.relay}) implements it.  Everything the handler may know about
+(L{smtprelay.relay.session}) implements it.  Everything the handler may know about
 the client is in L{ClientSession}, which the server keeps up to date.
 """
 
@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import Attribute, Interface
 
-from .replies import Reply
+from smtprelay.protocol.replies import Reply
 
 Params = Mapping[str, "str | None"]
 """ESMTP parameters of MAIL/RCPT: upper-cased keyword → value (None if bare)."""
@@ -194,7 +194,7 @@ class DownstreamError(Exception):
 class IDownstream(Interface):
     """
     One established downstream session (connected, greeted, EHLO/LHLO done,
-    TLS and AUTH done when configured), made by L{smtprelay.failover}.
+    TLS and AUTH done when configured), made by L{smtprelay.relay.failover}.
 
     Methods that return Deferreds must be called one at a time in protocol
     order.  They fire with the downstream's reply (sanitizing is the

@@ -17,10 +17,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener, Secret, Target
-from smtprelay.failover import Failover
-from smtprelay.relay import RelaySession
-from smtprelay.routing import Route, Router
-from smtprelay.server import SMTPServerFactory
+from smtprelay.relay.failover import Failover
+from smtprelay.relay.session import RelaySession
+from smtprelay.relay.routing import Route, Router
+from smtprelay.inbound.session import SMTPServerFactory
 from smtprelay.testing.downstream import DEFAULT_EHLO, DownstreamFactory, MemoryNetwork, Script
 
 from .server_helpers import LOOPBACK, FakeTransport

@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 
 from smtprelay.config.model import Address, Listener, Target
-from smtprelay.server import SMTPServerFactory, SMTPServerProtocol
+from smtprelay.inbound.session import SMTPServerFactory, SMTPServerProtocol
 from smtprelay.testing.handler import RecordingHandler, RecordingHandlerFactory, ScriptEntry
 
 HOST = "mx.example.org"

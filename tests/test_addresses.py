@@ -1,5 +1,5 @@
 """
-Tests for the MAIL/RCPT argument parser of L{smtprelay.addresses}.
+Tests for the MAIL/RCPT argument parser of L{smtprelay.protocol.addresses}.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay.addresses import EnvelopeError, downconvert, parseMail, parseRcpt
+from smtprelay.protocol.addresses import EnvelopeError, downconvert, parseMail, parseRcpt
 
 
 class ParseMailTests(SynchronousTestCase):

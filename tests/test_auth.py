@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.auth}: the C{users FILE} checker.
+Tests for L{smtprelay.inbound.users}: the C{users FILE} checker.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import bcrypt
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay.auth import UsersFile, UsersFileError
+from smtprelay.inbound.users import UsersFile, UsersFileError
 
 
 def hashed(password: str) -> str:

@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.body}: the DATA scanner and the dot-stuffer.
+Tests for L{smtprelay.protocol.body}: the DATA scanner and the dot-stuffer.
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay import replies
-from smtprelay.body import DataScanner, DotStuffer
-from smtprelay.replies import Refusal
+from smtprelay.protocol import replies
+from smtprelay.protocol.body import DataScanner, DotStuffer
+from smtprelay.protocol.replies import Refusal
 
 
 def scan(

@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.check}, C{smtprelay-check} and C{python -m smtprelay
+Tests for L{smtprelay.app.check}, C{smtprelay-check} and C{python -m smtprelay
 check}.
 """
 
@@ -13,7 +13,7 @@ import sys
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay import __main__ as entry
-from smtprelay import check
+from smtprelay.app import check
 
 VALID = """\
 hostname relay.test

@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.client}: the SMTP/LMTP client protocol against the
+Tests for L{smtprelay.outbound.client}: the SMTP/LMTP client protocol against the
 scripted fake downstream, in memory, asserting exact bytes.
 """
 
@@ -17,11 +17,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from smtprelay import replies
-from smtprelay.client import CHUNK_SIZE, CHUNKS_READY, REQUIRETLS_UNAVAILABLE, AttemptFailed, SMTPClientProtocol
+from smtprelay.protocol import replies
+from smtprelay.outbound.client import CHUNK_SIZE, CHUNKS_READY, REQUIRETLS_UNAVAILABLE, AttemptFailed, SMTPClientProtocol
 from smtprelay.config.model import Address, Target
 from smtprelay.interfaces import Credentials, DownstreamError, IDownstream, TLSInfo
-from smtprelay.replies import Reply, reply
+from smtprelay.protocol.replies import Reply, reply
 from smtprelay.testing.downstream import (
     CLOSE,
     DEFAULT_EHLO,

@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.clientinfo}: the XFORWARD and XCLIENT command lines,
+Tests for L{smtprelay.outbound.clientinfo}: the XFORWARD and XCLIENT command lines,
 byte for byte.
 """
 
@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay.clientinfo import MAX_COMMAND, advertised, attributes, xclientCommands, xforwardCommands, xtext
+from smtprelay.outbound.clientinfo import MAX_COMMAND, advertised, attributes, xclientCommands, xforwardCommands, xtext
 from smtprelay.interfaces import ClientSession
 
 ALL_XFORWARD = advertised("NAME ADDR PROTO HELO SOURCE PORT IDENT")

@@ -13,10 +13,10 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener, Secret, Target
-from smtprelay.failover import Failover
-from smtprelay.relay import RelaySession
-from smtprelay.routing import Route, Router
-from smtprelay.server import SMTPServerFactory
+from smtprelay.relay.failover import Failover
+from smtprelay.relay.session import RelaySession
+from smtprelay.relay.routing import Route, Router
+from smtprelay.inbound.session import SMTPServerFactory
 from smtprelay.testing.downstream import CLOSE, STALL, MemoryNetwork, Script
 
 from .server_helpers import LOOPBACK, FakeTransport

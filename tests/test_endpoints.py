@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.endpoints}: ADDRESS → client and server endpoints.
+Tests for L{smtprelay.net.endpoints}: ADDRESS → client and server endpoints.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from smtprelay.config.model import Address, ClientTLS
-from smtprelay.endpoints import clientEndpoint, serverEndpoint
-from smtprelay.tls import ClientOptions
+from smtprelay.net.endpoints import clientEndpoint, serverEndpoint
+from smtprelay.net.tls import ClientOptions
 from tests.test_tls import Loopback, makeTarget
 
 reactor: Any = _reactor

@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.failover}: which failure moves on to the next target,
+Tests for L{smtprelay.relay.failover}: which failure moves on to the next target,
 back-off, TLS and AUTH rules, all in memory against scripted fakes.
 """
 
@@ -11,11 +11,11 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay import replies
+from smtprelay.protocol import replies
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Secret, Target
-from smtprelay.failover import Failover
+from smtprelay.relay.failover import Failover
 from smtprelay.interfaces import ClientSession, Credentials, DownstreamError, IDownstream
-from smtprelay.replies import Reply, reply
+from smtprelay.protocol.replies import Reply, reply
 from smtprelay.testing.downstream import CLOSE, STALL, MemoryNetwork, Script
 
 MX1 = Address("tcp", "mx1.example", 25)
@@ -736,7 +736,7 @@ class AttemptLogTests(FailoverTestCase):
         reasons of AUTH failures do not start that way, so the line stays
         whole.
         """
-        from smtprelay.logs import redact
+        from smtprelay.observe.logs import redact
 
         self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}, auth=[b"454 4.7.0 try later\r\n"]))
         self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))

@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.files}: every file a configuration names is loaded
+Tests for L{smtprelay.app.files}: every file a configuration names is loaded
 as the relay loads it, and each problem is one line naming the directive,
 the file and the reason.
 """
@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.config import loadString
 from smtprelay.config.model import Address, Config, Listener, ServerTLS, Target
-from smtprelay.files import fileErrors
+from smtprelay.app.files import fileErrors
 
 LISTENER = "smtp tcp://127.0.0.1:2525 {{\n{inner}    deliver_to smtp tcp://127.0.0.1:2526{target}\n}}\n"
 

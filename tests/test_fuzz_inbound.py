@@ -24,7 +24,7 @@ from hypothesis.stateful import (
 )
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay.server import MAX_INPUT_BUFFER
+from smtprelay.inbound.session import MAX_INPUT_BUFFER
 from smtprelay.testing.downstream import Script
 
 from .fuzz_helpers import FUZZ_SETTINGS, FailureCatcher, collectEarlierGarbage, parseReplies

@@ -31,10 +31,10 @@ from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay.client import MAX_REPLY_BYTES, MAX_REPLY_LINES, SMTPClientProtocol
+from smtprelay.outbound.client import MAX_REPLY_BYTES, MAX_REPLY_LINES, SMTPClientProtocol
 from smtprelay.config.model import Address, Target
 from smtprelay.interfaces import DownstreamError
-from smtprelay.replies import Reply
+from smtprelay.protocol.replies import Reply
 
 from .fuzz_helpers import FUZZ_SETTINGS, FailureCatcher, collectEarlierGarbage
 

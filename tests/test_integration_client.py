@@ -14,10 +14,10 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SkipTest, TestCase
 
-from smtprelay import replies
+from smtprelay.protocol import replies
 from smtprelay.config.model import Address, DownstreamAuth, Secret
 from smtprelay.interfaces import Credentials, DownstreamError
-from smtprelay.replies import reply
+from smtprelay.protocol.replies import reply
 from tests.procs import HOST, Processes, freePort, sinkMessages
 from tests.test_tls import PKI, Loopback, makeTarget
 

@@ -1,5 +1,5 @@
 """
-L{smtprelay.proxyproto} behind a real HAProxy (C{send-proxy} and
+L{smtprelay.inbound.proxyproto} behind a real HAProxy (C{send-proxy} and
 C{send-proxy-v2}): the inbound SMTP engine greets only after the header and
 sees the real client's address and port.
 
@@ -20,8 +20,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from smtprelay.proxyproto import ProxyProtocolFactory
-from smtprelay.server import SMTPServerFactory
+from smtprelay.inbound.proxyproto import ProxyProtocolFactory
+from smtprelay.inbound.session import SMTPServerFactory
 
 from smtprelay.testing.handler import RecordingHandlerFactory
 

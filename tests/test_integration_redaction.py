@@ -75,7 +75,7 @@ submission tcp://{HOST}:{listen} {{
 """)
         os.chmod(config, 0o600)
         logFile = os.path.join(procs.dir, "events.ndjson")
-        relay = procs.start("relay", [TWISTD, "-n", "--pidfile=", "--logger", "smtprelay.logs.jsonObserver",
+        relay = procs.start("relay", [TWISTD, "-n", "--pidfile=", "--logger", "smtprelay.observe.logs.jsonObserver",
                                       "smtprelay", "--config", config],
                             env={"SMTPRELAY_LOG_FILE": logFile})
         waitForPort(listen, relay)

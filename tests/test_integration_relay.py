@@ -412,7 +412,7 @@ class LogFileTests(SynchronousTestCase):
         sinkPort, dumps = procs.smtpSink(extra=["-f", "RCPT", "-B", "550 5.1.1 <x>: mailbox unavailable here"])
         dead, listen = freePort(), freePort()
         logFile = os.path.join(procs.dir, "events.ndjson")
-        relay = procs.start("relay", [TWISTD, "-n", "--pidfile=", "--logger", "smtprelay.logs.jsonObserver",
+        relay = procs.start("relay", [TWISTD, "-n", "--pidfile=", "--logger", "smtprelay.observe.logs.jsonObserver",
                                       "smtprelay", "--listen", f"tcp://{HOST}:{listen}",
                                       "--target", f"tcp://{HOST}:{dead}", "--target", f"tcp://{HOST}:{sinkPort}"],
                             env={"SMTPRELAY_LOG_FILE": logFile})

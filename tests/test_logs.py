@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.logs}: exact NDJSON lines, and that no form of AUTH
+Tests for L{smtprelay.observe.logs}: exact NDJSON lines, and that no form of AUTH
 secret gets through L{RedactingObserver}.
 """
 
@@ -20,8 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from smtprelay.interfaces import ClientSession
-from smtprelay.replies import reply
-from smtprelay.logs import (
+from smtprelay.protocol.replies import reply
+from smtprelay.observe.logs import (
     LOG_FILE_VARIABLE,
     RedactingObserver,
     eventAsJSONLine,
@@ -52,7 +52,7 @@ TRANSACTION: LogEvent = {
     "log_format": "{session}: from=<{sender}> to={to} size={size} relay={relay} "
     "tls={tls} delay={delay:.3f} status={status} reply={reply}",
     "log_level": LogLevel.info,
-    "log_namespace": "smtprelay.relay.RelaySession",
+    "log_namespace": "smtprelay.relay.session.RelaySession",
     "log_time": WHEN,
     "log_logger": object(),
     "log_source": object(),
@@ -105,13 +105,13 @@ class JSONTests(SynchronousTestCase):
 
     def test_transactionLine(self) -> None:
         """
-        The transaction event of L{smtprelay.relay} is one exact JSON line.
+        The transaction event of L{smtprelay.relay.session} is one exact JSON line.
         """
         line = eventAsJSONLine(TRANSACTION)
         self.assertEqual(
             line,
             '{"time":"2025-11-24T22:40:00.123Z","level":"info",'
-            '"namespace":"smtprelay.relay.RelaySession",'
+            '"namespace":"smtprelay.relay.session.RelaySession",'
             '"message":"S1: from=<a@example.org> to=2 size=1234 '
             "relay=mx.example.net[198.51.100.1]:25 tls=True delay=0.250 status=sent "
             'reply=250 2.0.0 Ok: queued as 4ABC",'
@@ -250,12 +250,12 @@ class JSONTests(SynchronousTestCase):
 
     def test_twistdLogger(self) -> None:
         """
-        C{twistd --logger smtprelay.logs.jsonObserver} resolves our factory,
+        C{twistd --logger smtprelay.observe.logs.jsonObserver} resolves our factory,
         and twistd's L{AppLogger} calls it with no arguments to get an
         L{ILogObserver}.
         """
         options = ServerOptions()
-        options.parseOptions(["--logger", "smtprelay.logs.jsonObserver", "--nodaemon"])
+        options.parseOptions(["--logger", "smtprelay.observe.logs.jsonObserver", "--nodaemon"])
         self.assertIs(options["logger"], jsonObserver)
         out = io.StringIO()
         self.patch(sys, "stdout", out)
@@ -386,7 +386,7 @@ class RedactingObserverTests(SynchronousTestCase):
         for observer in self.observers:
             observer(event)
 
-    def log(self, namespace: str = "smtprelay.client") -> Logger:
+    def log(self, namespace: str = "smtprelay.outbound.client") -> Logger:
         return Logger(namespace=namespace, observer=_Observer(self.emit))
 
     def assertNoSecret(self) -> None:
@@ -463,7 +463,7 @@ class RedactingObserverTests(SynchronousTestCase):
         and the session that got the challenge still has its answer masked.
         """
         observer = RedactingObserver(self.capture)
-        log = Logger(namespace="smtprelay.client", observer=observer)
+        log = Logger(namespace="smtprelay.outbound.client", observer=observer)
         log.debug("{peer} S: 334 UGFzc3dvcmQ6", peer="a")
         log.debug("{peer} C: {line}", peer="b", line="RSET")
         log.debug("{peer} C: {line}", peer="a", line=LOGIN_PASSWORD)
@@ -484,7 +484,7 @@ class RedactingObserverTests(SynchronousTestCase):
 
     def test_challengeEndsWithNewline(self) -> None:
         observer = RedactingObserver(self.capture)
-        log = Logger(namespace="smtprelay.client", observer=observer)
+        log = Logger(namespace="smtprelay.outbound.client", observer=observer)
         log.debug("{peer} S: {line}", peer="a", line="334 UGFzc3dvcmQ6\r\n")
         log.debug("{peer} C: {line}", peer="a", line=LOGIN_PASSWORD)
         self.assertEqual(self.capture.events[1]["line"], "****")

@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.metrics}: the counters, and a real scrape of
+Tests for L{smtprelay.observe.metrics}: the counters, and a real scrape of
 C{/metrics} over loopback HTTP parsed with C{prometheus_client}'s parser.
 """
 
@@ -22,7 +22,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from smtprelay.config.model import Address
-from smtprelay.metrics import (
+from smtprelay.observe.metrics import (
     MISSING,
     IMetrics,
     Metrics,

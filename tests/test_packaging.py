@@ -37,7 +37,7 @@ class PluginTests(SynchronousTestCase):
         names = {p.tapname: p for p in getPlugins(IServiceMaker)}
         self.assertIn("smtprelay", names)
         self.assertIn("smtprelay-sink", names)
-        self.assertEqual(names["smtprelay"].options.__module__, "smtprelay.tap")
+        self.assertEqual(names["smtprelay"].options.__module__, "smtprelay.app.tap")
 
     def test_help(self) -> None:
         done = twistd("smtprelay", "--help")
@@ -216,7 +216,7 @@ class WheelTests(SynchronousTestCase):
         self.assertIn("twisted/plugins/smtprelay_plugin.py", names)
         self.assertNotIn("twisted/__init__.py", names)
         self.assertNotIn("twisted/plugins/__init__.py", names)
-        self.assertIn("smtprelay/relay.py", names)
+        self.assertIn("smtprelay/relay/session.py", names)
         self.assertFalse([n for n in names if n.startswith("tests/")])
 
 

@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.proxyproto}: exact bytes through L{StringTransport}
+Tests for L{smtprelay.inbound.proxyproto}: exact bytes through L{StringTransport}
 with a L{Clock}, and the real SMTP server factory behind the wrapper.
 """
 
@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from smtprelay.config.model import IPNetwork
-from smtprelay.proxyproto import (
+from smtprelay.inbound.proxyproto import (
     V2_SIGNATURE,
     HeaderReader,
     InvalidProxyHeader,

@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.ratelimit}: anvil-like windows on a fake clock,
+Tests for L{smtprelay.inbound.ratelimit}: anvil-like windows on a fake clock,
 bounded memory, whose events count.
 """
 
@@ -9,8 +9,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.interfaces import ClientSession
-from smtprelay.ratelimit import ListenerRates, RateCounter
-from smtprelay.replies import reply
+from smtprelay.inbound.ratelimit import ListenerRates, RateCounter
+from smtprelay.protocol.replies import reply
 
 from .server_helpers import makeListener
 

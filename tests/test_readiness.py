@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.readiness}: probes of every target on a fake clock
+Tests for L{smtprelay.app.readiness}: probes of every target on a fake clock
 against the scripted fakes of L{smtprelay.testing.downstream}, and what
 C{/readyz} answers from them.
 """
@@ -15,9 +15,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtprelay.config.model import (
     Address, ClientTLS, Destinations, DownstreamAuth, Listener, Reject, Routing, Secret, Target,
 )
-from smtprelay.failover import Failover
-from smtprelay.metrics import Metrics
-from smtprelay.readiness import Prober
+from smtprelay.relay.failover import Failover
+from smtprelay.observe.metrics import Metrics
+from smtprelay.app.readiness import Prober
 from smtprelay.testing.downstream import CLOSE, STALL, MemoryNetwork, Script
 
 from .test_metrics import value
@@ -89,7 +89,7 @@ class ProberTestCase(SynchronousTestCase):
     def logged(self, level: LogLevel | None = None) -> list[str]:
         return [
             formatEvent(e) for e in self.events
-            if e.get("log_namespace") == "smtprelay.readiness.Prober"
+            if e.get("log_namespace") == "smtprelay.app.readiness.Prober"
             and (level is None or e["log_level"] is level)
         ]
 

@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.relay}: the transparency rules,
+Tests for L{smtprelay.relay.session}: the transparency rules,
 with a scripted in-memory downstream standing in for the outbound engine.
 """
 
@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from smtprelay import replies
+from smtprelay.protocol import replies
 from smtprelay.config.model import Address, Destinations, Listener, ListenerAuth, Reject, Routing, Target
 from smtprelay.interfaces import (
     ClientSession,
@@ -25,9 +25,9 @@ from smtprelay.interfaces import (
     IRelayHandler,
     TLSInfo,
 )
-from smtprelay.relay import RelaySession
-from smtprelay.routing import Route, Router
-from smtprelay.replies import Reply, reply
+from smtprelay.relay.session import RelaySession
+from smtprelay.relay.routing import Route, Router
+from smtprelay.protocol.replies import Reply, reply
 
 SINK = Address("tcp", "127.0.0.1", 2526)
 

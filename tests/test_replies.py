@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.replies}: strict parsing, bounded formatting.
+Tests for L{smtprelay.protocol.replies}: strict parsing, bounded formatting.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay.replies import MAX_REPLY_LINES, MalformedReply, Reply, forRcpt, reply
+from smtprelay.protocol.replies import MAX_REPLY_LINES, MalformedReply, Reply, forRcpt, reply
 
 texts = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=40)
 

@@ -1,6 +1,6 @@
 """
-Tests for L{smtprelay.routing} and the routing keys of
-L{smtprelay.addresses}: which rule an envelope address matches.
+Tests for L{smtprelay.relay.routing} and the routing keys of
+L{smtprelay.protocol.addresses}: which rule an envelope address matches.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay.addresses import domainKey, routingKeys, ruleKey
+from smtprelay.protocol.addresses import domainKey, routingKeys, ruleKey
 from smtprelay.config.model import Address, Destinations, Reject, Routing, Target
-from smtprelay.replies import reply
-from smtprelay.routing import Route, Router
+from smtprelay.protocol.replies import reply
+from smtprelay.relay.routing import Route, Router
 
 
 def target(name: str) -> Target:

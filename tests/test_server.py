@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.server}: exact bytes on the wire for every command,
+Tests for L{smtprelay.inbound.session}: exact bytes on the wire for every command,
 error, limit and pipelining case, with a recording handler and a fake
 clock.
 """
@@ -24,11 +24,11 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import directlyProvides
 
-from smtprelay import replies
-from smtprelay.metrics import REJECTION_REASONS, NullMetrics
+from smtprelay.protocol import replies
+from smtprelay.observe.metrics import REJECTION_REASONS, NullMetrics
 from smtprelay.config.model import ListenerAuth
-from smtprelay.replies import reply
-from smtprelay.server import MAX_INPUT_BUFFER, SMTPServerFactory, randomSessionId
+from smtprelay.protocol.replies import reply
+from smtprelay.inbound.session import MAX_INPUT_BUFFER, SMTPServerFactory, randomSessionId
 from smtprelay.testing.handler import RecordingHandlerFactory
 
 from .server_helpers import (

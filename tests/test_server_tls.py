@@ -25,9 +25,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smtprelay.config.model import Listener, ListenerAuth
-from smtprelay.metrics import Metrics
-from smtprelay.server import SMTPServerFactory, SMTPServerProtocol
-from smtprelay import replies
+from smtprelay.observe.metrics import Metrics
+from smtprelay.inbound.session import SMTPServerFactory, SMTPServerProtocol
+from smtprelay.protocol import replies
 from smtprelay.testing.handler import RecordingHandlerFactory, ScriptEntry
 
 from .server_helpers import GREETING, HOST, LOOPBACK, TOKEN, makeListener

@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.service.RelayService}: whether it serves, and its
+Tests for L{smtprelay.app.service.RelayService}: whether it serves, and its
 graceful stop.
 """
 
@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from smtprelay.config import loadString
-from smtprelay.service import makeService
+from smtprelay.app.service import makeService
 
 from .procs import HOST, freePort
 

@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.sink}: the capture sink, in memory and over a real
+Tests for L{smtprelay.sink.capture}: the capture sink, in memory and over a real
 loopback socket with Python's C{smtplib}.
 """
 
@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smtprelay.config.model import Address
-from smtprelay.sink import SinkOptions, makeSinkFactory, makeSinkService, sinkListener
+from smtprelay.sink.capture import SinkOptions, makeSinkFactory, makeSinkService, sinkListener
 
 from .server_helpers import STRANGER
 
@@ -29,7 +29,7 @@ class CaptureTests(SynchronousTestCase):
         listener = sinkListener([Address("tcp", "127.0.0.1", 2525)], lmtp)
         factory = makeSinkFactory(listener, directory, script, Clock(), hostname="sink.test")
         factory.newSessionId = lambda: "SID"
-        from smtprelay.server import SMTPServerProtocol
+        from smtprelay.inbound.session import SMTPServerProtocol
         from .server_helpers import FakeTransport
 
         protocol = SMTPServerProtocol(factory)

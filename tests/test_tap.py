@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.tap}: what a relay started from the command line
+Tests for L{smtprelay.app.tap}: what a relay started from the command line
 loads.
 """
 
@@ -10,11 +10,11 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay import tap
+from smtprelay.app import tap
 
 _QUICK_START = """
 import sys
-from smtprelay import tap
+from smtprelay.app import tap
 options = tap.Options()
 options.parseOptions(["--listen", "tcp://127.0.0.1:2525", "--target", "tcp://127.0.0.1:2526"])
 tap.makeService(options)

@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.tls} and the TLS paths of the outbound engine: real
+Tests for L{smtprelay.net.tls} and the TLS paths of the outbound engine: real
 TLS over loopback TCP with a C{trustme} CA, against the scripted fake
 downstream (STARTTLS and implicit TLS).
 """
@@ -21,15 +21,15 @@ from twisted.internet.ssl import Certificate, CertificateOptions
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from smtprelay import replies
-from smtprelay.client import SMTPClientProtocol
+from smtprelay.protocol import replies
+from smtprelay.outbound.client import SMTPClientProtocol
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Secret, ServerTLS, Target
-from smtprelay.endpoints import clientEndpoint
-from smtprelay.failover import Failover
+from smtprelay.net.endpoints import clientEndpoint
+from smtprelay.relay.failover import Failover
 from smtprelay.interfaces import Credentials, DownstreamError
-from smtprelay.metrics import Metrics
+from smtprelay.observe.metrics import Metrics
 from smtprelay.testing.downstream import DownstreamFactory, FakeDownstream, Script
-from smtprelay.tls import ClientOptions, serverOptions
+from smtprelay.net.tls import ClientOptions, serverOptions
 
 reactor: Any = _reactor
 

@@ -1,5 +1,5 @@
 """
-Tests for L{smtprelay.wire.writeNow}: on a real reactor socket the bytes
+Tests for L{smtprelay.net.wire.writeNow}: on a real reactor socket the bytes
 leave within the same reactor turn; elsewhere it is a plain write.
 """
 
@@ -14,7 +14,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from smtprelay.wire import writeNow
+from smtprelay.net.wire import writeNow
 
 
 class _Writer(Protocol):

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import attrs
 import idna
 
-from ..addresses import ruleKey
+from smtprelay.protocol.addresses import ruleKey
 from .lexer import ConfigError, Node, parseTree, readTree
 from .model import (
     Address,

@@ -12,7 +12,7 @@ bytes, it may do the same instead of reading on (L{Script.bodyFault}), and
 it may read the body slowly (L{Script.readRate}).  L{FakeDownstream}
 records exactly what it received.
 
-L{MemoryNetwork} is an endpoint factory for L{smtprelay.failover.Failover}
+L{MemoryNetwork} is an endpoint factory for L{smtprelay.relay.failover.Failover}
 that connects clients to fakes in memory (L{twisted.test.iosim}), refuses
 connections, never completes them or fails to resolve them;
 L{connectInMemory} wires one client protocol to one fake.  The client's
@@ -497,7 +497,7 @@ class _MemoryEndpoint:
 class MemoryNetwork:
     """
     An endpoint factory (C{(address, timeout, tlsOptions) → endpoint}) for
-    L{smtprelay.failover.Failover} whose addresses lead to fakes in memory.
+    L{smtprelay.relay.failover.Failover} whose addresses lead to fakes in memory.
 
     Addresses are keyed by C{str(address)} (C{tcp://host:port}).  Unknown
     addresses refuse connections.  Call L{flush} to move bytes.

@@ -16,9 +16,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-from .. import replies
-from ..interfaces import ClientSession, IRelayHandler, Params
-from ..replies import Reply, reply
+from smtprelay.protocol import replies
+from smtprelay.interfaces import ClientSession, IRelayHandler, Params
+from smtprelay.protocol.replies import Reply, reply
 
 ScriptEntry = Union[Reply, Sequence[Reply]]
 
@@ -185,7 +185,7 @@ class RecordingHandler:
 
 class RecordingHandlerFactory:
     """
-    A handler factory for L{smtprelay.server.SMTPServerFactory} that makes
+    A handler factory for L{smtprelay.inbound.session.SMTPServerFactory} that makes
     L{RecordingHandler}s and keeps them.
 
     @ivar handlers: every handler made, in order.

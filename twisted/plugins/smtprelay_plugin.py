@@ -2,8 +2,8 @@
 from twisted.application.service import ServiceMaker
 
 smtprelay = ServiceMaker(
-    "smtprelay", "smtprelay.tap", "A transparent, queue-less SMTP & LMTP relay.", "smtprelay"
+    "smtprelay", "smtprelay.app.tap", "A transparent, queue-less SMTP & LMTP relay.", "smtprelay"
 )
 smtprelaySink = ServiceMaker(
-    "smtprelay-sink", "smtprelay.sinktap", "A capture sink: writes every message to a directory.", "smtprelay-sink"
+    "smtprelay-sink", "smtprelay.sink.tap", "A capture sink: writes every message to a directory.", "smtprelay-sink"
 )

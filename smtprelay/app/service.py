@@ -25,17 +25,17 @@ from twisted.logger import Logger
 import attrs
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from .config.model import Address, Config, Listener, Target
-from .metrics import IMetrics, Metrics, NullMetrics, metricsService
-from .proxyproto import ProxyProtocolFactory
-from .readiness import Prober
-from .endpoints import serverEndpoint
-from .failover import Failover
-from .interfaces import ClientSession
-from .relay import PasswordChecker, RelaySession
-from .routing import Route, Router
-from .server import SMTPServerFactory
-from .tls import serverOptions
+from smtprelay.config.model import Address, Config, Listener, Target
+from smtprelay.observe.metrics import IMetrics, Metrics, NullMetrics, metricsService
+from smtprelay.inbound.proxyproto import ProxyProtocolFactory
+from smtprelay.app.readiness import Prober
+from smtprelay.net.endpoints import serverEndpoint
+from smtprelay.relay.failover import Failover
+from smtprelay.interfaces import ClientSession
+from smtprelay.relay.session import PasswordChecker, RelaySession
+from smtprelay.relay.routing import Route, Router
+from smtprelay.inbound.session import SMTPServerFactory
+from smtprelay.net.tls import serverOptions
 
 _log = Logger()
 
@@ -255,7 +255,7 @@ def _handlerFactory(
 ) -> Callable[[ClientSession], RelaySession]:
     checker: PasswordChecker | None = None
     if listener.auth.mode == "users" and listener.auth.usersFile:
-        from .auth import UsersFile
+        from smtprelay.inbound.users import UsersFile
 
         users = UsersFile(listener.auth.usersFile)
         root.addReloadable(f"users file {users.path}", users)

@@ -13,7 +13,7 @@ import re
 
 import idna
 
-from .replies import Reply, reply
+from smtprelay.protocol.replies import Reply, reply
 
 
 def downconvert(address: bytes) -> bytes | None:

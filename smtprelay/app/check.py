@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import config as configuration
-from .files import fileErrors
+from smtprelay import config as configuration
+from smtprelay.app.files import fileErrors
 
 DEFAULT_CONFIG = "/etc/smtprelay/relay.conf"
 

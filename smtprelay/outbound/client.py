@@ -36,15 +36,15 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import replies
-from .addresses import downconvert
-from .body import DotStuffer
-from .clientinfo import advertised, xforwardCommands
-from .config.model import Address, Target
-from .interfaces import ClientSession, Credentials, DownstreamError, IDownstream, Params, TLSInfo
-from .replies import MalformedReply, Reply, reply
-from .tls import ClientOptions, cipherBits
-from .wire import writeNow
+from smtprelay.protocol import replies
+from smtprelay.protocol.addresses import downconvert
+from smtprelay.protocol.body import DotStuffer
+from smtprelay.outbound.clientinfo import advertised, xforwardCommands
+from smtprelay.config.model import Address, Target
+from smtprelay.interfaces import ClientSession, Credentials, DownstreamError, IDownstream, Params, TLSInfo
+from smtprelay.protocol.replies import MalformedReply, Reply, reply
+from smtprelay.net.tls import ClientOptions, cipherBits
+from smtprelay.net.wire import writeNow
 
 MAX_REPLY_BYTES = 64 * 1024
 """The largest reply (all its lines) we accept from a downstream."""
@@ -192,7 +192,7 @@ class _Backpressure:
 @implementer(IDownstream, IHandshakeListener)
 class SMTPClientProtocol(LineReceiver):
     """
-    One downstream connection.  L{smtprelay.failover.Failover} drives the
+    One downstream connection.  L{smtprelay.relay.failover.Failover} drives the
     steps before the transaction (L{greeting}, L{hello}, L{startTLS},
     L{authenticate}) and hands it to the relay as an L{IDownstream}.
 
@@ -204,7 +204,7 @@ class SMTPClientProtocol(LineReceiver):
     @ivar untrusted: why the TLS peer is not verified, or None.
     @ivar tlsFailed: the connection was lost to a TLS error.
     @ivar address: the endpoint this connection goes to (set by
-        L{smtprelay.failover.Failover}).
+        L{smtprelay.relay.failover.Failover}).
     @ivar connectedAt: when the connection was opened (C{clock} seconds).
     @ivar lastVerb: the verb of the last command sent (for logs), or
         C{b""}.

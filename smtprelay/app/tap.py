@@ -15,10 +15,10 @@ from typing import Any, NoReturn
 import attrs
 from twisted.python import usage
 
-from . import config as configuration
-from .config.model import LOOPBACK, Address, Config, Listener, Target
-from . import service
-from .files import fileErrors
+from smtprelay import config as configuration
+from smtprelay.config.model import LOOPBACK, Address, Config, Listener, Target
+from smtprelay.app import service
+from smtprelay.app.files import fileErrors
 
 DEFAULT_CONFIG = "/etc/smtprelay/relay.conf"
 QUICK_START_MAX_MESSAGE_SIZE = 64 * 1024 * 1024

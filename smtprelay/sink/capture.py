@@ -24,11 +24,11 @@ from twisted.internet.interfaces import IPushProducer, IStreamServerEndpoint
 from twisted.python import usage
 from zope.interface import implementer
 
-from . import replies
-from .config.model import Address, Listener, Target
-from .interfaces import ClientSession, IRelayHandler, Params
-from .replies import Reply, reply
-from .server import SMTPServerFactory
+from smtprelay.protocol import replies
+from smtprelay.config.model import Address, Listener, Target
+from smtprelay.interfaces import ClientSession, IRelayHandler, Params
+from smtprelay.protocol.replies import Reply, reply
+from smtprelay.inbound.session import SMTPServerFactory
 
 ScriptValue = Union[str, Reply]
 """A scripted reply: a L{Reply} or its text (C{"451 4.3.0 try later"})."""
@@ -237,7 +237,7 @@ def makeSinkService(
     @param lmtp: speak LMTP instead of SMTP.
     @param script: scripted replies (see L{CaptureHandler}).
     """
-    from .config import parseAddress
+    from smtprelay.config import parseAddress
 
     if reactor is None:
         from twisted.internet import reactor as globalReactor
@@ -281,7 +281,7 @@ class SinkOptions(usage.Options):
         Listen on ADDRESS (tcp://HOST:PORT or unix:///path); repeatable.
         Default: tcp://127.0.0.1:2525.
         """
-        from .config import parseAddress
+        from smtprelay.config import parseAddress
 
         try:
             self["listen"].append(parseAddress(address))

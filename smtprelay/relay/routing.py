@@ -4,11 +4,11 @@ Choosing the target of each transaction (maddy's pipeline blocks, a subset).
 A listener delivers either to one target or through routing blocks: the
 sender's address or domain picks a C{source} block, whose recipients'
 addresses or domains pick a C{destination} block.  L{Router} answers those
-two questions for L{smtprelay.relay.RelaySession} with a L{Route} (a target
+two questions for L{smtprelay.relay.session.RelaySession} with a L{Route} (a target
 and the failover that reaches it), a rejection, or, at MAIL, the
 L{Destinations} that will decide at each RCPT.  Lookups are exact: the
 whole address first, then its domain, both without case, domains in IDNA
-A-labels (L{smtprelay.addresses.routingKeys}).
+A-labels (L{smtprelay.protocol.addresses.routingKeys}).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Callable, Mapping, TypeVar, Union
 import attrs
 from twisted.internet.defer import Deferred
 
-from .addresses import routingKeys
-from .config.model import Decision, Destinations, Handling, Reject, Routing, Target
-from .interfaces import IDownstream
-from .replies import Reply, reply
+from smtprelay.protocol.addresses import routingKeys
+from smtprelay.config.model import Decision, Destinations, Handling, Reject, Routing, Target
+from smtprelay.interfaces import IDownstream
+from smtprelay.protocol.replies import Reply, reply
 
 Opener = Callable[..., "Deferred[tuple[IDownstream, Reply | None]]"]
 """C{Failover.open}: C{(credentials=, mail=)} → (session, MAIL reply)."""

@@ -1,11 +1,11 @@
 """
 Log observers for twistd: NDJSON or text, with AUTH secrets redacted.
 
-C{twistd --logger smtprelay.logs.jsonObserver} (or C{textObserver}) calls the
+C{twistd --logger smtprelay.observe.logs.jsonObserver} (or C{textObserver}) calls the
 named factory with no arguments; the observer writes to the file named by
 C{SMTPRELAY_LOG_FILE} (appending) or to standard output.  JSON lines carry
 C{time}, C{level}, C{namespace}, C{message} and the event's own structured
-keys (e.g. the per-transaction keys of L{smtprelay.relay}).  Both observers
+keys (e.g. the per-transaction keys of L{smtprelay.relay.session}).  Both observers
 sit behind L{RedactingObserver}, a defence in depth that hides C{AUTH}
 initial responses and the client's answers to C{334} challenges.
 
@@ -35,8 +35,8 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
-from .interfaces import ClientSession
-from .replies import Reply
+from smtprelay.interfaces import ClientSession
+from smtprelay.protocol.replies import Reply
 
 LOG_FILE_VARIABLE = "SMTPRELAY_LOG_FILE"
 """The environment variable naming the file the observers append to."""
@@ -313,7 +313,7 @@ def jsonObserver(
 ) -> ILogObserver:
     """
     The redacting NDJSON observer, for C{twistd --logger
-    smtprelay.logs.jsonObserver}.
+    smtprelay.observe.logs.jsonObserver}.
 
     @param outFile: where to write; by default the file named by
         C{SMTPRELAY_LOG_FILE} in C{environ} (appended to), else stdout.
@@ -327,7 +327,7 @@ def textObserver(
 ) -> ILogObserver:
     """
     The redacting classic text observer (twistd's own format), for
-    C{twistd --logger smtprelay.logs.textObserver}.
+    C{twistd --logger smtprelay.observe.logs.textObserver}.
 
     @param outFile: as for L{jsonObserver}.
     @param environ: as for L{jsonObserver}.

@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from . import replies
-from .replies import Refusal
+from smtprelay.protocol import replies
+from smtprelay.protocol.replies import Refusal
 
 _MARK = b"\r\n.\r\n"
 _PREFIXES = (_MARK[:4], _MARK[:3], _MARK[:2], _MARK[:1])

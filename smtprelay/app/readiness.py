@@ -24,10 +24,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .client import AttemptFailed
-from .config.model import Address, Listener, Target
-from .failover import Failover
-from .metrics import IMetrics
+from smtprelay.outbound.client import AttemptFailed
+from smtprelay.config.model import Address, Listener, Target
+from smtprelay.relay.failover import Failover
+from smtprelay.observe.metrics import IMetrics
 
 
 @attrs.frozen

@@ -1,8 +1,8 @@
 """
-The HTTP side of L{smtprelay.metrics}: the C{/metrics}, C{/healthz} and
+The HTTP side of L{smtprelay.observe.metrics}: the C{/metrics}, C{/healthz} and
 C{/readyz} resource and a quiet site to serve it.  Kept apart because
 C{twisted.web.server} costs a few megabytes of memory that a relay without a
-C{metrics} listener never needs; L{smtprelay.metrics} imports this module
+C{metrics} listener never needs; L{smtprelay.observe.metrics} imports this module
 only when metrics are served.
 """
 
@@ -14,7 +14,7 @@ from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Request, Site
 
 if TYPE_CHECKING:
-    from .metrics import Metrics, Readiness
+    from smtprelay.observe.metrics import Metrics, Readiness
 
 
 class MetricsResource(Resource):

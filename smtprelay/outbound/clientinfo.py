@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .interfaces import ClientSession
+from smtprelay.interfaces import ClientSession
 
 UNAVAILABLE = "[UNAVAILABLE]"
 """The value of an attribute the relay does not know."""

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from .config.model import Config
-from .tls import ClientOptions, serverOptions
+from smtprelay.config.model import Config
+from smtprelay.net.tls import ClientOptions, serverOptions
 
 _T = TypeVar("_T")
 
@@ -50,7 +50,7 @@ def fileErrors(config: Config) -> list[str]:
         load(client.origin, "tls_client", ClientOptions, client, "localhost")
     for auth in _once(listener.auth for listener in config.listeners):
         if auth.mode == "users" and auth.usersFile:
-            from .auth import UsersFile  # bcrypt only where a users file is configured
+            from smtprelay.inbound.users import UsersFile  # bcrypt only where a users file is configured
 
             load(auth.origin, "auth", UsersFile, auth.usersFile)
     return errors

@@ -38,15 +38,15 @@ from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
-from . import replies
-from .client import AttemptFailed, SMTPClientProtocol
-from .clientinfo import advertised, xclientCommands
-from .config.model import Address, Target
-from .endpoints import clientEndpoint
-from .interfaces import ClientSession, Credentials, DownstreamError, IDownstream, Params
-from .metrics import IMetrics, NullMetrics
-from .replies import Reply
-from .tls import ClientOptions
+from smtprelay.protocol import replies
+from smtprelay.outbound.client import AttemptFailed, SMTPClientProtocol
+from smtprelay.outbound.clientinfo import advertised, xclientCommands
+from smtprelay.config.model import Address, Target
+from smtprelay.net.endpoints import clientEndpoint
+from smtprelay.interfaces import ClientSession, Credentials, DownstreamError, IDownstream, Params
+from smtprelay.observe.metrics import IMetrics, NullMetrics
+from smtprelay.protocol.replies import Reply
+from smtprelay.net.tls import ClientOptions
 
 EndpointFactory = Callable[[Address, float, Any], IStreamClientEndpoint]
 """C{(address, connectTimeout, tlsOptions or None) → endpoint}."""
@@ -71,7 +71,7 @@ class Failover:
         greets with it is ourselves.
     @param clock: timeouts and back-off (default: C{reactor}).
     @param endpointFactory: makes the client endpoint of an address
-        (default: L{smtprelay.endpoints.clientEndpoint} on C{reactor});
+        (default: L{smtprelay.net.endpoints.clientEndpoint} on C{reactor});
         tests connect to fakes with it.
     """
 

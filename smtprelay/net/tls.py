@@ -26,7 +26,7 @@ from twisted.internet.interfaces import (
 )
 from zope.interface import implementer
 
-from .config.model import ClientTLS, ServerTLS
+from smtprelay.config.model import ClientTLS, ServerTLS
 
 _PEM_CERT = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL

@@ -33,11 +33,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import replies
-from .config.model import Destinations, Listener
-from .metrics import IMetrics, NullMetrics
-from .logs import logReject
-from .interfaces import (
+from smtprelay.protocol import replies
+from smtprelay.config.model import Destinations, Listener
+from smtprelay.observe.metrics import IMetrics, NullMetrics
+from smtprelay.observe.logs import logReject
+from smtprelay.interfaces import (
     ClientSession,
     Credentials,
     DownstreamError,
@@ -45,8 +45,8 @@ from .interfaces import (
     IRelayHandler,
     Params,
 )
-from .replies import Reply
-from .routing import Route, Router
+from smtprelay.protocol.replies import Reply
+from smtprelay.relay.routing import Route, Router
 
 PasswordChecker = Callable[[str, str], "Deferred[bool]"]
 """Checks a user name and password against local C{users FILE} entries."""
@@ -76,7 +76,7 @@ class RelaySession:
     @param session: the client's session, kept current by the server.
     @param listener: the listener the client came in on.
     @param router: the listener's routing: the target of each transaction,
-        with the L{smtprelay.failover.Failover} that opens sessions to it
+        with the L{smtprelay.relay.failover.Failover} that opens sessions to it
         and may keep those this relay is done with for another client.
     @param hostname: this relay's name, for the C{Received:} header.
     @param clock: the time source for delays and the C{Received:} date.

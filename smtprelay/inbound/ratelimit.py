@@ -19,9 +19,9 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime
 
-from .config.model import Listener
-from .interfaces import ClientSession
-from .replies import Reply, reply
+from smtprelay.config.model import Listener
+from smtprelay.interfaces import ClientSession
+from smtprelay.protocol.replies import Reply, reply
 
 MAX_KEYS = 50_000
 """The most (event, client) pairs counted at once; about 200 bytes each."""

@@ -19,8 +19,8 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from zope.interface import Interface, implementer
 
-from .config.model import Address
-from .endpoints import serverEndpoint
+from smtprelay.config.model import Address
+from smtprelay.net.endpoints import serverEndpoint
 
 if TYPE_CHECKING:
     from twisted.web.resource import IResource
@@ -326,7 +326,7 @@ def metricsResource(
     C{/readyz} (200 or 503 as C{readiness()} says, with its text), all GET
     and HEAD; 404 elsewhere.
     """
-    from ._metricsweb import MetricsResource
+    from smtprelay.observe.metricsweb import MetricsResource
 
     return MetricsResource(metrics, serving, readiness)
 
@@ -344,7 +344,7 @@ def metricsService(
     """
     if address.scheme == "tls":
         raise ValueError(f"metrics cannot listen on {address}: use tcp:// or unix://")
-    from ._metricsweb import QuietSite
+    from smtprelay.observe.metricsweb import QuietSite
 
     endpoint = serverEndpoint(reactor, address)
     return StreamServerEndpointService(endpoint, QuietSite(metricsResource(metrics, serving, readiness)))

@@ -211,7 +211,7 @@ class Refusal:
     A refusal the relay decides itself: the reply, and why.
 
     @ivar reason: the C{reason} label of C{smtprelay_rejections_total}
-        (one of L{smtprelay.metrics.REJECTION_REASONS}).
+        (one of L{smtprelay.observe.metrics.REJECTION_REASONS}).
     """
 
     reply: Reply

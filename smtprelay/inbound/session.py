@@ -6,7 +6,7 @@ The protocol owns the wire: it parses commands, enforces local policy
 (syntax, sequence, relay access, TLS/AUTH requirements, limits, pipelining
 synchronization) and only then asks its L{IRelayHandler}, one call at a
 time; replies leave strictly in command order, batched into one write per
-group.  The DATA body goes through L{smtprelay.body.DataScanner} in whole
+group.  The DATA body goes through L{smtprelay.protocol.body.DataScanner} in whole
 chunks and streams to the handler with back-pressure, so that no body line
 can ever be read as a command and memory per session stays bounded.
 """
@@ -34,16 +34,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import replies
-from .addresses import EnvelopeError, parseMail, parseRcpt
-from .body import DataScanner
-from .config.model import Listener
-from .interfaces import ClientSession, IRelayHandler, TLSInfo
-from .logs import logReject
-from .metrics import IMetrics, NullMetrics
-from .ratelimit import ListenerRates
-from .replies import Refusal, Reply, reply
-from .wire import writeNow
+from smtprelay.protocol import replies
+from smtprelay.protocol.addresses import EnvelopeError, parseMail, parseRcpt
+from smtprelay.protocol.body import DataScanner
+from smtprelay.config.model import Listener
+from smtprelay.interfaces import ClientSession, IRelayHandler, TLSInfo
+from smtprelay.observe.logs import logReject
+from smtprelay.observe.metrics import IMetrics, NullMetrics
+from smtprelay.inbound.ratelimit import ListenerRates
+from smtprelay.protocol.replies import Refusal, Reply, reply
+from smtprelay.net.wire import writeNow
 
 MAX_INPUT_BUFFER = 1024 * 1024
 """Unprocessed input beyond this means the transport ignored a pause: abort."""

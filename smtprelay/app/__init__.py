@@ -1,0 +1,3 @@
+"""
+Where objects are wired: the service, the twistd plugin, the configuration check.
+"""

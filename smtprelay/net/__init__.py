@@ -1,0 +1,3 @@
+"""
+The network edge: endpoints, TLS contexts and their judgement, writing now.
+"""

@@ -1,0 +1,3 @@
+"""
+What the relay tells its operator: log lines, metrics.
+"""

@@ -1,0 +1,3 @@
+"""
+SMTP values: the reply catalogue, addresses, the body scanner and stuffer.
+"""

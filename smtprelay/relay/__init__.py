@@ -1,0 +1,3 @@
+"""
+Between the two sides: the relay session, routing, failover over the targets.
+"""

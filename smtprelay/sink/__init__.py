@@ -1,0 +1,3 @@
+"""
+The capture sink: a server on the inbound engine that writes every message to a directory.
+"""
