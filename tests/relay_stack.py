@@ -10,12 +10,14 @@ was leaked: no open connection, no pending timer.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtprelay.app.tls import clientOptions
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener, Secret, Target
 from smtprelay.relay.failover import Failover
 from smtprelay.relay.session import RelaySession
@@ -157,7 +159,8 @@ class RelayStack:
             **{"readTimeout": READ_TIMEOUT, "dataTimeout": LISTENER_DATA_TIMEOUT,
                **(listenerOptions or {})},
         )
-        self.failover = Failover(self.target, self.clock, endpointFactory=self.network)
+        self.failover = Failover(self.target, self.clock, endpointFactory=self.network,
+                                 tlsOptions=partial(clientOptions, self.target.tlsClient))
         routes = Router.single(Route(self.target, self.failover.open, self.failover.release))
         self.factory = SMTPServerFactory(
             self.listener,

@@ -7,11 +7,13 @@ and the exact bytes the downstream received (the transparency rules).
 
 from __future__ import annotations
 
+from functools import partial
 import re
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtprelay.app.tls import clientOptions
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener, Secret, Target
 from smtprelay.relay.failover import Failover
 from smtprelay.relay.session import RelaySession
@@ -46,7 +48,8 @@ class Stack:
         )
         listener = Listener(kind=kind, addresses=(Address("tcp", "127.0.0.1", 2525),),  # type: ignore[arg-type]
                             deliverTo=target)
-        failover = Failover(target, self.clock, endpointFactory=self.network)
+        failover = Failover(target, self.clock, endpointFactory=self.network,
+                            tlsOptions=partial(clientOptions, target.tlsClient))
         routes = Router.single(Route(target, failover.open, lambda downstream: downstream.quit()))
         factory = SMTPServerFactory(
             listener,

@@ -21,9 +21,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from smtprelay.app.tls import clientOptions
 from smtprelay.config.model import Address, ClientTLS
 from smtprelay.net.endpoints import clientEndpoint, serverEndpoint
-from smtprelay.net.tls import ClientOptions
 from tests.test_tls import Loopback, makeTarget
 
 reactor: Any = _reactor
@@ -89,7 +89,7 @@ class ClientEndpointTests(SynchronousTestCase):
             self.assertEqual((connected, port, timeout), (host, 25, 7.0))
 
     def test_tls(self) -> None:
-        memory = self.connect(Address("tls", "mx.example", 465), ClientOptions(ClientTLS(), "mx.example"))
+        memory = self.connect(Address("tls", "mx.example", 465), clientOptions(ClientTLS(), "mx.example"))
         factory = memory.tcpClients[0][2]
         built = factory.buildProtocol(None)
         self.assertIsInstance(built._wrappedProtocol, TLSMemoryBIOProtocol)  # type: ignore[union-attr]

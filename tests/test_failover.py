@@ -5,12 +5,14 @@ back-off, TLS and AUTH rules, all in memory against scripted fakes.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtprelay.app.tls import clientOptions
 from smtprelay.protocol import replies
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Secret, Target
 from smtprelay.relay.failover import Failover
@@ -41,7 +43,7 @@ class FailoverTestCase(SynchronousTestCase):
 
     def failover(self, target: Target, loopToken: str = "") -> Failover:
         return Failover(target, reactor=None, loopToken=loopToken, clock=self.clock,
-                        endpointFactory=self.net)
+                        endpointFactory=self.net, tlsOptions=partial(clientOptions, target.tlsClient))
 
     def open(self, failover: Failover, **kw: Any) -> Any:
         d = failover.open(**kw)

@@ -24,11 +24,11 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.ssl import CertificateOptions
 from twisted.trial.unittest import TestCase
 
+from smtprelay.app.tls import serverOptions
 from smtprelay.protocol import replies
 from smtprelay.config.model import Address, ClientTLS
 from smtprelay.interfaces import DownstreamError
 from smtprelay.testing.downstream import DownstreamFactory, FakeDownstream, Script
-from smtprelay.net.tls import serverOptions
 
 from .test_tls import PKI, STARTTLS_EHLO, Loopback, makeTarget
 

@@ -21,7 +21,8 @@ from twisted.web.server import Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from smtprelay.config.model import Address
+from smtprelay.app.service import metricsService
+from smtprelay.net.address import Address
 from smtprelay.observe.metrics import (
     MISSING,
     IMetrics,
@@ -29,7 +30,6 @@ from smtprelay.observe.metrics import (
     NullMetrics,
     REJECTION_REASONS,
     metricsResource,
-    metricsService,
 )
 
 reactor: Any = globalReactor

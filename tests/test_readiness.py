@@ -6,12 +6,14 @@ C{/readyz} answers from them.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtprelay.app.tls import clientOptions
 from smtprelay.config.model import (
     Address, ClientTLS, Destinations, DownstreamAuth, Listener, Reject, Routing, Secret, Target,
 )
@@ -62,7 +64,8 @@ class ProberTestCase(SynchronousTestCase):
         def failoverFor(target: Target) -> Failover:
             return failovers.setdefault(
                 id(target),
-                Failover(target, reactor=None, loopToken=TOKEN, clock=self.clock, endpointFactory=self.net),
+                Failover(target, reactor=None, loopToken=TOKEN, clock=self.clock, endpointFactory=self.net,
+                         tlsOptions=partial(clientOptions, target.tlsClient)),
             )
 
         prober = Prober(listeners, failoverFor, self.clock, self.interval, self.metrics)

@@ -6,6 +6,7 @@ downstream (STARTTLS and implicit TLS).
 
 from __future__ import annotations
 
+from functools import partial
 import datetime
 import os
 import socket
@@ -21,6 +22,7 @@ from twisted.internet.ssl import Certificate, CertificateOptions
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from smtprelay.app.tls import clientOptions, serverOptions
 from smtprelay.protocol import replies
 from smtprelay.outbound.client import SMTPClientProtocol
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Secret, ServerTLS, Target
@@ -29,7 +31,6 @@ from smtprelay.relay.failover import Failover
 from smtprelay.interfaces import Credentials, DownstreamError
 from smtprelay.observe.metrics import Metrics
 from smtprelay.testing.downstream import DownstreamFactory, FakeDownstream, Script
-from smtprelay.net.tls import ClientOptions, serverOptions
 
 reactor: Any = _reactor
 
@@ -128,7 +129,8 @@ class Loopback:
         return Recording()
 
     def failover(self, target: Target, **kw: Any) -> Failover:
-        return Failover(target, reactor, endpointFactory=self.endpointFactory, **kw)
+        return Failover(target, reactor, endpointFactory=self.endpointFactory,
+                        tlsOptions=partial(clientOptions, target.tlsClient), **kw)
 
     @inlineCallbacks
     def close(self) -> Any:
@@ -468,7 +470,7 @@ class ServerOptionsTests(TestCase):
         protocol = Protocol()
         done: Deferred[None] = Deferred()
         protocol.connectionLost = lambda reason: done.callback(None)  # type: ignore[method-assign, assignment, misc]
-        endpoint = clientEndpoint(reactor, address, 10, ClientOptions(clientTLS, "127.0.0.1"))
+        endpoint = clientEndpoint(reactor, address, 10, clientOptions(clientTLS, "127.0.0.1"))
         yield connectProtocol(endpoint, protocol)
         received: Deferred[None] = Deferred()
         protocol.dataReceived = lambda data: received.callback(None) if not received.called else None  # type: ignore[method-assign]
@@ -513,11 +515,11 @@ class ServerOptionsTests(TestCase):
 
 class ClientOptionsTests(SynchronousTestCase):
     def test_unknownCurve(self) -> None:
-        self.assertRaises(ValueError, ClientOptions, ClientTLS(curves=("no-such-curve",)), "mx.example")
+        self.assertRaises(ValueError, clientOptions, ClientTLS(curves=("no-such-curve",)), "mx.example")
 
     def test_missingRootFile(self) -> None:
         e = self.assertRaises(
-            ValueError, ClientOptions, ClientTLS(rootCAs=("/nonexistent/ca.pem",)), "mx.example"
+            ValueError, clientOptions, ClientTLS(rootCAs=("/nonexistent/ca.pem",)), "mx.example"
         )
         self.assertEqual(str(e), "/nonexistent/ca.pem: cannot read: No such file or directory")
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from smtprelay.config.model import Config
-from smtprelay.net.tls import ClientOptions, serverOptions
+from smtprelay.app.tls import clientOptions, serverOptions
 
 _T = TypeVar("_T")
 
@@ -47,7 +47,7 @@ def fileErrors(config: Config) -> list[str]:
     targets = [*config.targets, *(t for listener in config.listeners for t in listener.targets)]
     for client in _once([config.tlsClient, *(target.tlsClient for target in targets)]):
         # The name only matters when verifying a peer; any name loads the files.
-        load(client.origin, "tls_client", ClientOptions, client, "localhost")
+        load(client.origin, "tls_client", clientOptions, client, "localhost")
     for auth in _once(listener.auth for listener in config.listeners):
         if auth.mode == "users" and auth.usersFile:
             from smtprelay.inbound.users import UsersFile  # bcrypt only where a users file is configured

@@ -25,7 +25,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smtprelay.outbound.client import AttemptFailed
-from smtprelay.config.model import Address, Listener, Target
+from smtprelay.config.model import Listener, Target
+from smtprelay.net.address import Address
 from smtprelay.relay.failover import Failover
 from smtprelay.observe.metrics import IMetrics
 

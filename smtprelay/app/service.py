@@ -10,6 +10,7 @@ transactions in flight finish until C{shutdown_timeout}, then abort them
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import signal
 import sys
@@ -25,8 +26,9 @@ from twisted.logger import Logger
 import attrs
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from smtprelay.config.model import Address, Config, Listener, Target
-from smtprelay.observe.metrics import IMetrics, Metrics, NullMetrics, metricsService
+from smtprelay.config.model import Config, Listener, Target
+from smtprelay.net.address import Address
+from smtprelay.observe.metrics import IMetrics, Metrics, NullMetrics, Readiness, metricsResource
 from smtprelay.inbound.proxyproto import ProxyProtocolFactory
 from smtprelay.app.readiness import Prober
 from smtprelay.net.endpoints import serverEndpoint
@@ -35,7 +37,7 @@ from smtprelay.interfaces import ClientSession
 from smtprelay.relay.session import PasswordChecker, RelaySession
 from smtprelay.relay.routing import Route, Router
 from smtprelay.inbound.session import SMTPServerFactory
-from smtprelay.net.tls import serverOptions
+from smtprelay.app.tls import clientOptions, serverOptions
 
 _log = Logger()
 
@@ -183,7 +185,10 @@ def makeService(config: Config, reactor: Any) -> RelayService:
     def failoverFor(target: Target) -> Failover:
         key = id(target)
         if key not in failovers:
-            failovers[key] = Failover(target, reactor, loopToken=token, metrics=metrics)
+            failovers[key] = Failover(
+                target, reactor, loopToken=token, metrics=metrics,
+                tlsOptions=functools.partial(clientOptions, target.tlsClient),
+            )
         return failovers[key]
 
     def routeFor(target: Target) -> Route:
@@ -221,6 +226,26 @@ def makeService(config: Config, reactor: Any) -> RelayService:
 
         root.addListener(None, metricsService(config.metrics, metrics, reactor, root.serving, readiness))
     return root
+
+
+def metricsService(
+    address: Address, metrics: Metrics, reactor: Any, serving: Callable[[], bool],
+    readiness: Readiness | None = None,
+) -> IService:
+    """
+    A service that serves L{metricsResource} over HTTP on C{address}
+    (C{tcp://} or C{unix://}; there is no TLS for metrics, put a proxy in
+    front for that).
+
+    @raise ValueError: for a C{tls://} address.
+    """
+    if address.scheme == "tls":
+        raise ValueError(f"metrics cannot listen on {address}: use tcp:// or unix://")
+    # twisted.web only where metrics are served (see metricsweb).
+    from smtprelay.observe.metricsweb import QuietSite
+
+    endpoint = serverEndpoint(reactor, address)
+    return StreamServerEndpointService(endpoint, QuietSite(metricsResource(metrics, serving, readiness)))
 
 
 def _proxied(reactor: Any, listener: Listener, factory: Any) -> Any:

@@ -16,7 +16,8 @@ import attrs
 from twisted.python import usage
 
 from smtprelay import config as configuration
-from smtprelay.config.model import LOOPBACK, Address, Config, Listener, Target
+from smtprelay.config.model import LOOPBACK, Config, Listener, Target
+from smtprelay.net.address import Address
 from smtprelay.app import service
 from smtprelay.app.files import fileErrors
 

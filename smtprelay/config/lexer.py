@@ -20,6 +20,8 @@ from typing import Literal
 
 import attrs
 
+from smtprelay.reading import CannotRead, readText
+
 MAX_NESTING = 255
 MAX_IMPORT_DEPTH = 10
 
@@ -289,11 +291,9 @@ class _Reader:
                 path = candidate
                 break
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            reason = getattr(e, "strerror", None) or str(e)
-            raise self.fail(node.line, f"import: cannot read {path}: {reason}")
+            text = readText(path)
+        except CannotRead as e:
+            raise self.fail(node.line, f"import: cannot read {path}: {e.reason}")
         reader = _Reader(tokenize(text, path), path, self.env, self.importDepth + 1)
         return reader.block(depth, None)
 
@@ -315,9 +315,7 @@ def readTree(path: str, env: Mapping[str, str]) -> list[Node]:
     @raise ConfigError: the file cannot be read or has a syntax error.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
-        raise ConfigError([f"{path}: cannot read: {reason}"])
+        text = readText(path)
+    except CannotRead as e:
+        raise ConfigError([str(e)]) from None
     return parseTree(text, path, env)

@@ -13,6 +13,8 @@ from typing import Literal, Union
 
 import attrs
 
+from smtprelay.net.address import Address
+
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 LOOPBACK: tuple[IPNetwork, ...] = (
@@ -38,28 +40,6 @@ class Secret:
 
     def __str__(self) -> str:
         return "****"
-
-
-@attrs.frozen
-class Address:
-    """
-    An endpoint address: C{tcp://host:port}, C{tls://host:port} (implicit
-    TLS) or C{unix:///path}.
-
-    @ivar host: a host name or IP literal without brackets (empty for unix).
-    @ivar path: the socket path (empty for tcp/tls).
-    """
-
-    scheme: Literal["tcp", "tls", "unix"]
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    def __str__(self) -> str:
-        if self.scheme == "unix":
-            return f"unix://{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
 
 
 @attrs.frozen

@@ -22,6 +22,7 @@ import attrs
 import idna
 
 from smtprelay.protocol.addresses import ruleKey
+from smtprelay.reading import readText
 from .lexer import ConfigError, Node, parseTree, readTree
 from .model import (
     Address,
@@ -282,12 +283,7 @@ def _password(text: str) -> Secret:
     """
     if text.startswith("file:"):
         path = text[len("file:") :]
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.readline().rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as e:
-            reason = getattr(e, "strerror", None) or "not UTF-8 text"
-            raise ValueError(f"{path}: cannot read: {reason}") from None
+        text = readText(path).partition("\n")[0]
         if not text:
             raise ValueError(f"{path}: empty password file")
     elif not text:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from .model import Address, IPNetwork
+from smtprelay.net.address import Address
+
+from .model import IPNetwork
 
 _TRUE = {"yes", "true", "on", "1"}
 _FALSE = {"no", "false", "off", "0"}

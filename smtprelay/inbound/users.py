@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import bcrypt
 
+from smtprelay.reading import CannotRead, readBytes
+
 _DUMMY = bcrypt.hashpw(b"smtprelay dummy password", bcrypt.gensalt(rounds=10))
 
 
@@ -44,10 +46,9 @@ class UsersFile:
         Read the file again (on SIGHUP); on error the old users stay.
         """
         try:
-            with open(self.path, "rb") as f:
-                lines = f.read().splitlines()
-        except OSError as e:
-            raise UsersFileError(f"{self.path}: cannot read: {e.strerror}") from None
+            lines = readBytes(self.path).splitlines()
+        except CannotRead as e:
+            raise UsersFileError(str(e)) from None
         hashes: dict[str, bytes] = {}
         for number, raw in enumerate(lines, 1):
             line = raw.strip()

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint, I
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from smtprelay.config.model import Address
+from smtprelay.net.address import Address
 
 
 def clientEndpoint(reactor: Any, address: Address, timeout: float, tlsOptions: Any = None) -> Any:

@@ -1,5 +1,5 @@
 """
-Prometheus metrics (docs/operations.md) and the HTTP listener that serves them.
+Prometheus metrics (docs/operations.md) and the web resource that serves them.
 
 The engines report through L{IMetrics}: L{Metrics} counts into its own
 C{CollectorRegistry} (no global state), L{NullMetrics} ignores everything
@@ -7,20 +7,16 @@ when no C{metrics} listener is configured.  Labels are few and bounded:
 listener kinds, target names from the configuration, and fixed words for
 statuses, results and reasons.  C{prometheus_client} is the optional
 C{metrics} extra: it is imported only when a L{Metrics} is made, and
-C{twisted.web} (a few megabytes of memory) only when it is served.
+C{twisted.web} (a few megabytes of memory) only when it is served
+(L{smtprelay.app.service.metricsService} listens for it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService
 from zope.interface import Interface, implementer
-
-from smtprelay.config.model import Address
-from smtprelay.net.endpoints import serverEndpoint
 
 if TYPE_CHECKING:
     from twisted.web.resource import IResource
@@ -329,22 +325,3 @@ def metricsResource(
     from smtprelay.observe.metricsweb import MetricsResource
 
     return MetricsResource(metrics, serving, readiness)
-
-
-def metricsService(
-    address: Address, metrics: Metrics, reactor: Any, serving: Callable[[], bool],
-    readiness: Readiness | None = None,
-) -> IService:
-    """
-    A service that serves L{metricsResource} over HTTP on C{address}
-    (C{tcp://} or C{unix://}; there is no TLS for metrics, put a proxy in
-    front for that).
-
-    @raise ValueError: for a C{tls://} address.
-    """
-    if address.scheme == "tls":
-        raise ValueError(f"metrics cannot listen on {address}: use tcp:// or unix://")
-    from smtprelay.observe.metricsweb import QuietSite
-
-    endpoint = serverEndpoint(reactor, address)
-    return StreamServerEndpointService(endpoint, QuietSite(metricsResource(metrics, serving, readiness)))

@@ -40,7 +40,8 @@ from smtprelay.protocol import replies
 from smtprelay.protocol.addresses import downconvert
 from smtprelay.protocol.body import DotStuffer
 from smtprelay.outbound.clientinfo import advertised, xforwardCommands
-from smtprelay.config.model import Address, Target
+from smtprelay.config.model import Target
+from smtprelay.net.address import Address
 from smtprelay.interfaces import ClientSession, Credentials, DownstreamError, IDownstream, Params, TLSInfo
 from smtprelay.protocol.replies import MalformedReply, Reply, reply
 from smtprelay.net.tls import ClientOptions, cipherBits

@@ -41,7 +41,8 @@ from twisted.logger import Logger
 from smtprelay.protocol import replies
 from smtprelay.outbound.client import AttemptFailed, SMTPClientProtocol
 from smtprelay.outbound.clientinfo import advertised, xclientCommands
-from smtprelay.config.model import Address, Target
+from smtprelay.config.model import Target
+from smtprelay.net.address import Address
 from smtprelay.net.endpoints import clientEndpoint
 from smtprelay.interfaces import ClientSession, Credentials, DownstreamError, IDownstream, Params
 from smtprelay.observe.metrics import IMetrics, NullMetrics
@@ -73,6 +74,8 @@ class Failover:
     @param endpointFactory: makes the client endpoint of an address
         (default: L{smtprelay.net.endpoints.clientEndpoint} on C{reactor});
         tests connect to fakes with it.
+    @param tlsOptions: makes the client TLS options for a host name
+        (L{smtprelay.app.tls.clientOptions} with the target's C{tls_client}).
     """
 
     _log = Logger()
@@ -85,8 +88,11 @@ class Failover:
         clock: IReactorTime | None = None,
         endpointFactory: EndpointFactory | None = None,
         metrics: IMetrics | None = None,
+        *,
+        tlsOptions: Callable[[str], ClientOptions],
     ) -> None:
         self.target = target
+        self._newTLSOptions = tlsOptions
         self._metrics: IMetrics = metrics if metrics is not None else NullMetrics()
         self._reactor = reactor
         self._clock: IReactorTime = clock if clock is not None else reactor
@@ -359,9 +365,7 @@ class Failover:
         """
         options = self._tlsOptions.get(address.host)
         if options is None:
-            options = self._tlsOptions[address.host] = ClientOptions(
-                self.target.tlsClient, address.host
-            )
+            options = self._tlsOptions[address.host] = self._newTLSOptions(address.host)
         return options
 
     @inlineCallbacks

@@ -25,7 +25,8 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from smtprelay.protocol import replies
-from smtprelay.config.model import Address, Listener, Target
+from smtprelay.config.model import Listener, Target
+from smtprelay.net.address import Address
 from smtprelay.interfaces import ClientSession, IRelayHandler, Params
 from smtprelay.protocol.replies import Reply, reply
 from smtprelay.inbound.session import SMTPServerFactory
