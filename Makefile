@@ -1,4 +1,4 @@
-# smtprelay: `make run` starts a demo relay, `make test` runs the whole suite.
+# smtprelay: `make run` starts a demo relay, `make test` runs the checks and the whole suite.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TWISTD := $(VENV)/bin/twistd
@@ -7,7 +7,7 @@ SINK ?= tcp://127.0.0.1:2526
 MAILDIR ?= $(CURDIR)/run/mail
 APT_TEST_PACKAGES := postfix swaks libnet-ssleay-perl dovecot-core dovecot-lmtpd haproxy openssl prometheus
 
-.PHONY: run test venv test-deps soak image bench clean
+.PHONY: run check test venv test-deps soak image bench clean
 
 $(PY):
 	python3 -m venv $(VENV) || { [ "$$(id -u)" = 0 ] && apt-get update && \
@@ -45,8 +45,13 @@ test-deps: venv
 	fi
 	@if [ "$$(id -u)" = 0 ] && ! command -v podman >/dev/null; then sh contrib/container/container.sh setup >/dev/null; fi
 
-## test: the whole trial suite (unit and integration)
-test: test-deps
+## check: the types (mypy, with the mypy-zope plugin) and the rooms' dependency rules (lint-imports), as setup.cfg says
+check: test-deps
+	$(VENV)/bin/mypy smtprelay tests
+	$(VENV)/bin/lint-imports
+
+## test: the checks, then the whole trial suite (unit and integration)
+test: check
 	$(PY) -m twisted.trial $(TRIAL_ARGS) tests
 
 ## soak: the load tests ten times longer (150,000 messages; not part of make test)

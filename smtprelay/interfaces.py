@@ -9,14 +9,17 @@ the client is in L{ClientSession}, which the server keeps up to date.
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal, Mapping, Sequence
 
 import attrs
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
 from zope.interface import Attribute, Interface
 
 from smtprelay.protocol.replies import Reply
+
+if TYPE_CHECKING:
+    # Only named in annotations: the contracts between the rooms need no reactor.
+    from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IPushProducer
 
 Params = Mapping[str, "str | None"]
 """ESMTP parameters of MAIL/RCPT: upper-cased keyword → value (None if bare)."""

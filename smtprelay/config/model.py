@@ -13,9 +13,7 @@ from typing import Literal, Union
 
 import attrs
 
-from smtprelay.net.address import Address
-
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+from smtprelay.net.address import Address, IPNetwork
 
 LOOPBACK: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),

@@ -12,9 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from smtprelay.net.address import Address
-
-from .model import IPNetwork
+from smtprelay.net.address import Address, IPNetwork
 
 _TRUE = {"yes", "true", "on", "1"}
 _FALSE = {"no", "false", "off", "0"}

@@ -1,5 +1,6 @@
 """
-ADDRESS: where to connect or listen (C{tcp://}, C{tls://}, C{unix://}), a plain value.
+ADDRESS: where to connect or listen (C{tcp://}, C{tls://}, C{unix://}), and
+networks of client addresses: plain values.
 
 The configuration names addresses with it and the network edge connects to
 them; it imports no Twisted, so that the configuration's values stay free
@@ -8,9 +9,13 @@ of the reactor.
 
 from __future__ import annotations
 
-from typing import Literal
+import ipaddress
+from typing import Literal, Union
 
 import attrs
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+"""A network of client addresses (C{trusted_proxies}, C{mynetworks})."""
 
 
 @attrs.frozen
