@@ -11,7 +11,8 @@ import re
 from typing import Any
 
 from hypothesis import HealthCheck, settings
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
+from zope.interface import implementer
 
 REPLY_LINE = re.compile(rb"[2-5][0-9][0-9](?:[ -][^\r\n]*)?")
 
@@ -59,6 +60,7 @@ def collectEarlierGarbage() -> None:
     gc.collect()
 
 
+@implementer(ILogObserver)
 class FailureCatcher:
     """
     Collects every logged failure (an exception that something caught and

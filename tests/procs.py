@@ -52,7 +52,7 @@ def waitForPort(port: int, process: subprocess.Popen | None = None, host: str = 
     deadline = time.monotonic() + STARTUP
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
         try:
             socket.create_connection((host, port), timeout=1).close()
             return
@@ -67,7 +67,7 @@ def waitForPath(path: str, process: subprocess.Popen | None = None) -> None:
         if os.path.exists(path):
             return
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
         time.sleep(0.05)
     raise RuntimeError(f"{path} never appeared")
 

@@ -100,6 +100,16 @@ def _listener(*children: str, **kw: Any) -> Listener:
     return listener
 
 
+def _deliveredTo(listener: Listener) -> Target:
+    """
+    The one target of C{listener}, which must not route.
+    """
+    target = listener.deliverTo
+    if not isinstance(target, Target):
+        raise AssertionError(f"{listener} routes, expected one target")
+    return target
+
+
 def _target(*children: str, kind: str = "smtp", top: str = "") -> Target:
     """
     The target of C{target.KIND t { children }} on lines 3 on, with
@@ -220,7 +230,7 @@ class TopLevelTests(SynchronousTestCase):
         self.patch(parser, "defaultHostname", lambda: "host.example.com")
         config = _load("smtp tcp://127.0.0.1:25 {\ndeliver_to smtp tcp://127.0.0.1:26\n}\n")
         self.assertEqual(config.hostname, "host.example.com")
-        self.assertEqual(config.listeners[0].deliverTo.hostname, "host.example.com")
+        self.assertEqual(_deliveredTo(config.listeners[0]).hostname, "host.example.com")
 
     def test_hostnameNeverLocalhost(self) -> None:
         """
@@ -619,24 +629,24 @@ class DeliverToTests(SynchronousTestCase):
         )
 
     def test_inlineLMTP(self) -> None:
-        target = _listener("deliver_to lmtp unix:///run/dovecot/lmtp").deliverTo
+        target = _deliveredTo(_listener("deliver_to lmtp unix:///run/dovecot/lmtp"))
         self.assertEqual((target.protocol, target.attemptStartTLS), ("lmtp", False))
 
     def test_inlineBlock(self) -> None:
         """
         C{targets} in the block come before the addresses on the line.
         """
-        target = _listener(
+        target = _deliveredTo(_listener(
             "deliver_to smtp tcp://inline.test:25 {",
             "targets tcp://first.test:25",
             "connect_timeout 10s",
             "}",
-        ).deliverTo
+        ))
         self.assertEqual([a.host for a in target.endpoints], ["first.test", "inline.test"])
         self.assertEqual(target.connectTimeout, 10.0)
 
     def test_inlineBlockOnly(self) -> None:
-        target = _listener("deliver_to lmtp {", "targets unix:/x", "}").deliverTo
+        target = _deliveredTo(_listener("deliver_to lmtp {", "targets unix:/x", "}"))
         self.assertEqual(target.endpoints, (Address("unix", path="/x"),))
 
     def test_named(self) -> None:
@@ -717,12 +727,12 @@ class DeliverToTests(SynchronousTestCase):
             "submission tcp://127.0.0.1:587 {\nauth forward\ndeliver_to &t\n}\n"
             "target.smtp t {\ntargets tcp://x:25\n}\n"
         )
-        self.assertEqual(config.listeners[0].deliverTo.auth, DownstreamAuth(mechanism="forward"))
+        self.assertEqual(_deliveredTo(config.listeners[0]).auth, DownstreamAuth(mechanism="forward"))
         self.assertEqual(config.targets[0].auth, DownstreamAuth())
         self.assertEqual(
-            _listener(
+            _deliveredTo(_listener(
                 "auth forward", "deliver_to smtp tcp://x:25 {\nauth forward\n}"
-            ).deliverTo.auth,
+            )).auth,
             DownstreamAuth(mechanism="forward"),
         )
 
@@ -903,7 +913,7 @@ class SecretTests(SynchronousTestCase):
 
     def auth(self, line: str, env: Mapping[str, str] | None = None) -> DownstreamAuth:
         text = _listen("deliver_to smtp tcp://x:25 {", line, "}")
-        return _load(text, env).listeners[0].deliverTo.auth
+        return _deliveredTo(_load(text, env).listeners[0]).auth
 
     def test_env(self) -> None:
         auth = self.auth("auth plain u {env:PW}", {"PW": "from env"})
@@ -943,7 +953,7 @@ class SecretTests(SynchronousTestCase):
         """
         text = _listen("deliver_to smtp tcp://x:25 {", "auth plain u hunter2", "}")
         config = _load(text)
-        self.assertEqual(config.listeners[0].deliverTo.auth.password.reveal(), "hunter2")  # type: ignore[union-attr]
+        self.assertEqual(_deliveredTo(config.listeners[0]).auth.password, Secret("hunter2"))
         self.assertNotIn("hunter2", repr(config))
         self.assertNotIn("hunter2", str(config))
         for bad in ("auth plain u hunter2 extra", "auth cram u hunter2", 'auth plain "" hunter2'):
@@ -974,7 +984,7 @@ class EnvironmentListTests(SynchronousTestCase):
                                               Address("tcp", host="::1", port=25)))
         self.assertEqual(listener.allow, tuple(ipaddress.ip_network(n) for n in
                                                ("10.0.0.0/8", "192.168.0.0/16", "::1/128")))
-        self.assertEqual(listener.deliverTo.endpoints,  # type: ignore[union-attr]
+        self.assertEqual(_deliveredTo(listener).endpoints,
                          tuple(Address("tcp", host=h, port=25) for h in ("a.test", "b.test", "c.test")))
 
     def test_targetsDirective(self) -> None:

@@ -83,7 +83,7 @@ class Stack:
         self.transport.clear()
         return out
 
-    def downstream(self, address: Address = FIRST, index: int = 0):  # type: ignore[no-untyped-def]
+    def downstream(self, address: Address = FIRST, index: int = 0):
         return self.servers[address].connections[index]
 
 

@@ -9,7 +9,7 @@ from functools import partial
 from typing import Any
 
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.app.tls import clientOptions
@@ -19,6 +19,8 @@ from smtprelay.relay.failover import Failover
 from smtprelay.interfaces import ClientSession, Credentials, DownstreamError, IDownstream
 from smtprelay.protocol.replies import Reply, reply
 from smtprelay.testing.downstream import CLOSE, STALL, MemoryNetwork, Script
+
+from .logcapture import captureEvents
 
 MX1 = Address("tcp", "mx1.example", 25)
 MX2 = Address("tcp", "mx2.example", 25)
@@ -51,10 +53,10 @@ class FailoverTestCase(SynchronousTestCase):
         return d
 
     def opened(self, failover: Failover, **kw: Any) -> tuple[IDownstream, Reply | None]:
-        return self.successResultOf(self.open(failover, **kw))  # type: ignore[no-any-return]
+        return self.successResultOf(self.open(failover, **kw))
 
     def failed(self, failover: Failover, **kw: Any) -> DownstreamError:
-        return self.failureResultOf(self.open(failover, **kw), DownstreamError).value  # type: ignore[no-any-return]
+        return self.failureResultOf(self.open(failover, **kw), DownstreamError).value
 
 
 class OrderTests(FailoverTestCase):
@@ -415,9 +417,7 @@ class AuthTests(FailoverTestCase):
         """
         for address, script in zip((MX1, MX2), scripts):
             self.net.add(str(address), script)
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = captureEvents(self)
         error = self.failed(self.failover(makeTarget(auth=self.auth(mechanism))))
         self.assertEqual(error.reply, replies.DOWNSTREAM_AUTH)
         self.assertEqual(replies.DOWNSTREAM_AUTH.toBytes(),
@@ -456,6 +456,7 @@ class AuthTests(FailoverTestCase):
         self.net.add(str(MX2), Script(replies={"EHLO": TLS_EHLO}))
         session, mailReply = self.opened(self.failover(makeTarget(auth=self.auth("plain"))), mail=MAIL)
         self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+        assert mailReply is not None
         self.assertEqual(mailReply.code, 250)
 
     def test_temporaryThenNext(self) -> None:
@@ -674,11 +675,7 @@ class AttemptLogTests(FailoverTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        from twisted.logger import globalLogPublisher
-
-        self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = captureEvents(self)
 
     def attempts(self) -> list[str]:
         from twisted.logger import formatEvent
@@ -706,7 +703,7 @@ class AttemptLogTests(FailoverTestCase):
         C{require_tls}), AUTH, MAIL, and a connection lost in reply to a
         command is the stage of that command.
         """
-        cases = [
+        cases: list[tuple[Script, dict[str, Any], str, str]] = [
             (Script(replies={"greeting": b"554 5.3.2 go away\r\n"}), {},
              "greeting", "greeting 554 go away"),
             (Script(replies={"EHLO": b"421 4.3.2 busy\r\n"}), {},
@@ -823,9 +820,7 @@ class ClientInfoTests(FailoverTestCase):
         transaction goes on under the relay's identity.
         """
         self.net.add(str(MX1), Script(replies={"EHLO": XFORWARD_EHLO, "XFORWARD": b"550 5.7.0 not authorized\r\n"}))
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = captureEvents(self)
         _, mailReply = self.opened(self.failover(makeTarget(forwardClientInfo="xforward")), mail=MAIL,
                                    client=clientSession("192.0.2.7", "client.example"))
         self.assertEqual(mailReply, reply(250, "2.1.0", "Ok"))

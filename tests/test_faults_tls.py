@@ -12,7 +12,7 @@ message data never travel in plain text to a target that was to give TLS.
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.ssl import CertificateOptions
 from twisted.trial.unittest import TestCase
@@ -27,7 +28,7 @@ from twisted.trial.unittest import TestCase
 from smtprelay.app.tls import serverOptions
 from smtprelay.protocol import replies
 from smtprelay.config.model import Address, ClientTLS
-from smtprelay.interfaces import DownstreamError
+from smtprelay.interfaces import DownstreamError, Params
 from smtprelay.testing.downstream import DownstreamFactory, FakeDownstream, Script
 
 from .test_tls import PKI, STARTTLS_EHLO, Loopback, makeTarget
@@ -93,7 +94,7 @@ def _selfSigned(name: str, altName: bool = True) -> CertificateOptions:
                               certificate=crypto.X509.from_cryptography(cert))
 
 PLAIN_EHLO = STARTTLS_EHLO.replace(b"250-STARTTLS\r\n", b"")
-MAIL = (b"a@example.org", {})
+MAIL: tuple[bytes, Params] = (b"a@example.org", {})
 
 
 class TLSFaultTests(TestCase):
@@ -108,7 +109,7 @@ class TLSFaultTests(TestCase):
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.net.factories.append(factory)
         self.net._ports.append(port)
-        return Address("tcp", "127.0.0.1", port.getHost().port), factory
+        return Address("tcp", "127.0.0.1", cast(IPv4Address, port.getHost()).port), factory
 
     def goodServer(self) -> Any:
         return self.net.listen(Script(replies={"EHLO": STARTTLS_EHLO},

@@ -28,7 +28,7 @@ class SmtpSinkTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        self.procs = Processes(self)  # type: ignore[arg-type]
+        self.procs = Processes(self)
         self.net = Loopback(self)
 
     @inlineCallbacks
@@ -175,7 +175,7 @@ class DovecotLMTPTests(TestCase):
     timeout = 90
 
     def setUp(self) -> None:
-        self.procs = Processes(self)  # type: ignore[arg-type]
+        self.procs = Processes(self)
         self.dir = self.procs.dovecot()
         self.net = Loopback(self)
 

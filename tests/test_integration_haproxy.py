@@ -112,7 +112,7 @@ class HAProxyTests(TestCase):
         self.assertEqual(handler.session.clientHost, HOST)
 
     def test_v1(self) -> Deferred[None]:
-        return self.converse("v1")  # type: ignore[no-any-return]
+        return self.converse("v1")
 
     def test_v2(self) -> Deferred[None]:
-        return self.converse("v2")  # type: ignore[no-any-return]
+        return self.converse("v2")

@@ -54,7 +54,12 @@ smtp tcp://{HOST}:{listen} {{
 """)
         procs.relay("--config", config, port=listen)
         waitForPort(metrics)
-        status, body = waitFor("a failed probe", lambda: (r := readyz(metrics))[1] != "" and "failed" in r[1] and r)
+
+        def failed() -> tuple[int, str] | None:
+            answer = readyz(metrics)
+            return answer if "failed" in answer[1] else None
+
+        status, body = waitFor("a failed probe", failed)
         self.assertEqual(status, 503)
         self.assertEqual(
             body.splitlines()[:2],
@@ -64,7 +69,12 @@ smtp tcp://{HOST}:{listen} {{
         self.assertEqual(scrape(metrics)[("smtprelay_ready", ())], 0.0)
 
         _, dumps = procs.smtpSink(port=sinkPort)
-        status, body = waitFor("/readyz 200", lambda: (r := readyz(metrics))[0] == 200 and r)
+
+        def ready() -> tuple[int, str] | None:
+            answer = readyz(metrics)
+            return answer if answer[0] == 200 else None
+
+        status, body = waitFor("/readyz 200", ready)
         self.assertEqual(body, f"ready\ntarget smtp-listener-1: tcp://{HOST}:{sinkPort} ok\n")
         samples = scrape(metrics)
         self.assertEqual(samples[("smtprelay_ready", ())], 1.0)

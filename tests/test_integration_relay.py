@@ -10,6 +10,7 @@ import os
 import smtplib
 import socket
 import subprocess
+import sys
 import time
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -331,7 +332,7 @@ class DovecotLMTPTests(SynchronousTestCase):
         config = os.path.join(self.procs.dir, "relay.conf")
         with open(config, "w") as f:
             f.write(f"hostname relay.test\nlmtp unix://{listen} {{\n    deliver_to lmtp unix://{self.socket}\n}}\n")
-        process = self.procs.start("relay", [os.path.join(os.path.dirname(os.sys.executable), "twistd"),
+        process = self.procs.start("relay", [os.path.join(os.path.dirname(sys.executable), "twistd"),
                                              "-n", "--pidfile=", "smtprelay", "--config", config])
         waitForPath(listen, process)
         client = socket.socket(socket.AF_UNIX)

@@ -55,7 +55,9 @@ class SIGTERMTests(SynchronousTestCase):
             socket.create_connection((HOST, port), timeout=5).close()
         sender.join(60)
         self.assertEqual(outcome[0], {})
-        self.assertEqual(outcome[1][0], 421)
+        noop = outcome[1]
+        assert isinstance(noop, tuple), noop  # smtplib's (code, text), not an exception
+        self.assertEqual(noop[0], 421)
         self.assertEqual(len(sinkMessages(dumps)), 1)
         # twistd re-raises the signal that stopped it once the reactor has
         # stopped cleanly, as systemd expects.

@@ -21,7 +21,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from typing import Sequence
+from typing import Sequence, cast
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -235,7 +235,8 @@ class LoadTests(SynchronousTestCase):
         """
         (firstPort, firstDumps), (secondPort, secondDumps) = self.sinks(2)
         port = self.relay([firstPort, secondPort])
-        [first] = [p for p in self.processes._procs if p.args[-2] == f"{HOST}:{firstPort}"]
+        # Processes.start runs argument lists, never a shell string.
+        [first] = [p for p in self.processes._procs if cast("list[str]", p.args)[-2] == f"{HOST}:{firstPort}"]
 
         async def chaos() -> Tally:
             load = asyncio.ensure_future(runLoad(port, sessions=200, perSession=25 * SCALE))

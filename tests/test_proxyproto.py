@@ -114,7 +114,7 @@ class RecorderFactory(Factory):
         self.protocolClass = protocolClass
         self.refuse = False
 
-    def buildProtocol(self, addr: Any) -> Recorder | None:  # type: ignore[override]
+    def buildProtocol(self, addr: Any) -> Recorder | None:
         self.addresses.append(addr)
         if self.refuse:
             return None

@@ -10,7 +10,7 @@ from functools import partial
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.app.tls import clientOptions
@@ -22,6 +22,7 @@ from smtprelay.observe.metrics import Metrics
 from smtprelay.app.readiness import Prober
 from smtprelay.testing.downstream import CLOSE, STALL, MemoryNetwork, Script
 
+from .logcapture import captureEvents
 from .test_metrics import value
 
 MX1 = Address("tcp", "mx1.example", 25)
@@ -51,9 +52,7 @@ class ProberTestCase(SynchronousTestCase):
         self.clock = MemoryReactorClock()
         self.net = MemoryNetwork(self.clock)
         self.metrics = Metrics()
-        self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = captureEvents(self)
 
     def prober(self, *listeners: Listener) -> Prober:
         """

@@ -5,12 +5,14 @@ with a scripted in-memory downstream standing in for the outbound engine.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Literal, Sequence, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -23,23 +25,26 @@ from smtprelay.interfaces import (
     DownstreamError,
     IDownstream,
     IRelayHandler,
+    Params,
     TLSInfo,
 )
 from smtprelay.relay.session import RelaySession
-from smtprelay.relay.routing import Route, Router
+from smtprelay.relay.routing import Releaser, Route, Router
 from smtprelay.protocol.replies import Reply, reply
+
+from .logcapture import captureEvents
 
 SINK = Address("tcp", "127.0.0.1", 2526)
 
 
-def target(protocol: str = "smtp", **kw: object) -> Target:
+def target(protocol: Literal["smtp", "lmtp"] = "smtp", **kw: Any) -> Target:
     kw.setdefault("name", "t")
-    return Target(protocol=protocol, endpoints=(SINK,), **kw)  # type: ignore[arg-type]
+    return Target(protocol=protocol, endpoints=(SINK,), **kw)
 
 
-def listener(kind: str = "smtp", **kw: object) -> Listener:
+def listener(kind: Literal["smtp", "submission", "lmtp"] = "smtp", **kw: Any) -> Listener:
     kw.setdefault("deliverTo", target())
-    return Listener(kind=kind, addresses=(Address("tcp", "127.0.0.1", 2525),), **kw)  # type: ignore[arg-type]
+    return Listener(kind=kind, addresses=(Address("tcp", "127.0.0.1", 2525),), **kw)
 
 
 @implementer(IDownstream)
@@ -56,7 +61,7 @@ class ScriptedDownstream:
         self.body = b""
         self.lmtp = lmtp
         self.capabilities: dict[str, str] = {}
-        self.tls = None
+        self.tls: TLSInfo | None = None
         self.peer = "sink.test[127.0.0.1]:2526"
         self.target = target()
         self.producer: object = None
@@ -72,12 +77,12 @@ class ScriptedDownstream:
             return fail(answer)
         return succeed(answer)
 
-    def mail(self, sender: bytes, params: object, client: ClientSession | None = None) -> Deferred[Reply]:
-        self.calls.append(("mail", sender, dict(params)))  # type: ignore[call-overload]
+    def mail(self, sender: bytes, params: Params, client: ClientSession | None = None) -> Deferred[Reply]:
+        self.calls.append(("mail", sender, dict(params)))
         self.client = client
         return self._answer("mail", reply(250, "2.1.0", "Sender ok"))
 
-    def rcpt(self, recipient: bytes, params: object) -> Deferred[Reply]:
+    def rcpt(self, recipient: bytes, params: Params) -> Deferred[Reply]:
         self.calls.append(("rcpt", recipient))
         key = "rcpt:" + recipient.decode()
         return self._answer(key, reply(250, "2.1.5", "Recipient ok"))
@@ -123,7 +128,7 @@ class Opener:
         self.error = error
         self.calls: list[dict] = []
 
-    def __call__(self, credentials: Credentials | None = None, mail: tuple | None = None,
+    def __call__(self, credentials: Credentials | None = None, mail: tuple[bytes, Params] | None = None,
                  sessionId: str = "-", client: ClientSession | None = None) -> Deferred:
         self.calls.append({"credentials": credentials, "mail": mail, "client": client})
         self.sessionId = sessionId
@@ -134,27 +139,36 @@ class Opener:
         return self.downstream.mail(*mail, client).addCallback(lambda r: (self.downstream, r))
 
 
-def router(listener_: Listener, opener: Opener, release: object = None) -> Router:
+def router(listener_: Listener, opener: Opener, release: Releaser | None = None) -> Router:
     """
     The listener's one target reached through C{opener}; C{release} (by
     default QUIT) takes the downstreams the relay is done with.
     """
     assert isinstance(listener_.deliverTo, Target)
-    return Router.single(Route(listener_.deliverTo, opener, release or (lambda d: d.quit())))  # type: ignore[arg-type]
+    return Router.single(Route(listener_.deliverTo, opener, release or (lambda d: d.quit())))
 
 
 def relaySession(session: ClientSession, listener_: Listener, opener: Opener, clock: Clock,
-                 release: object = None) -> RelaySession:
+                 release: Releaser | None = None) -> RelaySession:
     return RelaySession(session, listener_, router(listener_, opener, release), "relay.test", clock)
 
 
-def result(d: Deferred) -> object:
-    out: list = []
+T = TypeVar("T")
+
+
+def result(d: Deferred[T]) -> T:
+    """
+    What C{d} has already succeeded with; its failure is raised.
+    """
+    out: list[T | Failure] = []
     d.addBoth(out.append)
     assert out, "Deferred has not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
     return out[0]
 
 
+@implementer(IPushProducer)
 class Producer:
     paused = False
 
@@ -176,15 +190,14 @@ class RelaySessionTests(SynchronousTestCase):
                                      clientPort=40000, heloName="client.test", esmtp=True)
         self.opener = Opener()
         self.downstream = self.opener.downstream
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = captureEvents(self)
 
-    def relay(self, **listenerArgs: object) -> RelaySession:
+    def relay(self, **listenerArgs: Any) -> RelaySession:
         return relaySession(self.session, listener(**listenerArgs), self.opener, self.clock)
 
     def transaction(self, relay: RelaySession, rcpts: Sequence[bytes] = (b"rcpt@example.org",),
-                    body: bytes = b"Subject: hi\r\n\r\nbody\r\n") -> object:
+                    body: bytes = b"Subject: hi\r\n\r\nbody\r\n",
+                    ) -> tuple[Reply, list[Reply], Reply, Sequence[Reply]]:
         mailReply = result(relay.mail(b"sender@example.org", {}))
         rcptReplies = [result(relay.rcpt(r, {})) for r in rcpts]
         dataReply = result(relay.data(Producer()))
@@ -636,11 +649,9 @@ class LogLineTests(SynchronousTestCase):
         self.clock = Clock()
         self.session = ClientSession(id="S1D", protocol="smtp", clientHost="192.0.2.7",
                                      clientPort=40000, heloName="client.test", esmtp=True)
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = captureEvents(self)
 
-    def relay(self, downstream: ScriptedDownstream | None = None, **listenerArgs: object) -> RelaySession:
+    def relay(self, downstream: ScriptedDownstream | None = None, **listenerArgs: Any) -> RelaySession:
         self.opener = Opener(downstream)
         self.downstream = self.opener.downstream
         return relaySession(self.session, listener(**listenerArgs), self.opener, self.clock)
@@ -717,7 +728,7 @@ class LogLineTests(SynchronousTestCase):
         self.assertEqual(result(relay.data(Producer())).code, 354)
         self.assertEqual(self.lines("reject"), [])
 
-    def transaction(self, relay: RelaySession, rcpts: Sequence[bytes], end: object) -> object:
+    def transaction(self, relay: RelaySession, rcpts: Sequence[bytes], end: object) -> Sequence[Reply]:
         self.downstream.script["end"] = end
         result(relay.mail(b"a@example.net", {}))
         for r in rcpts:
@@ -901,7 +912,7 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual(result(self.relay.rcpt(b"r2@a.test", {})).code, 250)
         self.assertEqual(result(self.relay.data(Producer())).code, 354)
         self.relay.dataChunk(b"x\r\n")
-        self.assertEqual(result(self.relay.endData())[0].code, 250)  # type: ignore[index]
+        self.assertEqual(result(self.relay.endData())[0].code, 250)
         self.assertEqual(self.openers["a"].downstream.calls[:3],
                          [("mail", b"s@x.test", {"SIZE": "10"}), ("rcpt", b"r1@A.test"), ("rcpt", b"r2@a.test")])
         self.assertEqual([len(o.calls) for o in self.openers.values()], [1, 0, 0, 0])
@@ -999,9 +1010,7 @@ class RoutingTests(SynchronousTestCase):
         A C{reject} sender rule answers MAIL, contacts no one, and leaves
         no transaction open.
         """
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = captureEvents(self)
         self.assertEqual(result(self.relay.mail(b"x@spam.test", {})), reply(550, "5.7.1", "go away"))
         self.assertEqual([o.calls for o in self.openers.values()], [[], [], [], []])
         self.assertEqual([formatEvent(e) for e in events],

@@ -31,6 +31,7 @@ from smtprelay.protocol.replies import reply
 from smtprelay.inbound.session import MAX_INPUT_BUFFER, SMTPServerFactory, randomSessionId
 from smtprelay.testing.handler import RecordingHandlerFactory
 
+from .logcapture import captureEvents
 from .server_helpers import (
     EHLO_REPLY,
     GREETING,
@@ -475,11 +476,9 @@ class RelayAccessTests(SynchronousTestCase):
         Postfix logs C{NOQUEUE: reject: RCPT from ...: 554 5.7.1 ... Relay
         access denied; from=<...> to=<...>}.
         """
-        from twisted.logger import formatEvent, globalLogPublisher
+        from twisted.logger import formatEvent
 
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = captureEvents(self)
         session = greeted(peer=STRANGER)
         session.send(b"MAIL FROM:<a@example.com>\r\n")
         session.send(b"RCPT TO:<b@example.net>\r\n")

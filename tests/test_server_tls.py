@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
-from typing import Any, Mapping
+from typing import Any, Generator, Mapping, cast
 
 import trustme
 from twisted.internet import reactor
@@ -50,7 +50,7 @@ def readReply(stream: socket.socket) -> bytes:
 
 class StartTLSLoopbackTests(TestCase):
     @inlineCallbacks
-    def test_injectionDiscarded(self) -> Deferred[None]:
+    def test_injectionDiscarded(self) -> Generator[Deferred[Any], Any, None]:
         ca = trustme.CA()
         cert = ca.issue_cert("mx.example.org")
         pem = cert.private_key_and_cert_chain_pem.bytes()
@@ -62,7 +62,7 @@ class StartTLSLoopbackTests(TestCase):
         )
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        portNumber = port.getHost().port
+        portNumber = cast(IPv4Address, port.getHost()).port
         context = ssl.create_default_context()
         ca.configure_trust(context)
 
@@ -124,13 +124,13 @@ class _TLSPair:
         self.clock = MemoryReactorClock()
         self.handlers = RecordingHandlerFactory(script)
         self.metrics = Metrics()
+        tlsOptions = PrivateCertificate.loadPEM(pem).options()
         self.factory = SMTPServerFactory(
             listener or makeListener(), self.handlers, HOST, self.clock,
-            tlsOptions=PrivateCertificate.loadPEM(pem).options(), greetingToken=TOKEN,
-            metrics=self.metrics,
+            tlsOptions=tlsOptions, greetingToken=TOKEN, metrics=self.metrics,
         )
         self.factory.newSessionId = lambda: "S1"
-        serverTLS = TLSMemoryBIOFactory(self.factory.tlsOptions, False, self.factory,
+        serverTLS = TLSMemoryBIOFactory(tlsOptions, False, self.factory,
                                         clock=self.clock)
         self.server = serverTLS.buildProtocol(LOOPBACK)
         self.serverWire = _Wire(LOOPBACK)
@@ -157,7 +157,9 @@ class _TLSPair:
 
     @property
     def smtp(self) -> SMTPServerProtocol:
-        return self.server.wrappedProtocol
+        protocol = self.server.wrappedProtocol
+        assert isinstance(protocol, SMTPServerProtocol)
+        return protocol
 
     def pump(self) -> None:
         """
@@ -288,4 +290,4 @@ class AuthOverTLSTests(SynchronousTestCase):
 
 
 def _sample(metrics: Metrics, name: str, **labels: str) -> float | None:
-    return metrics.registry.get_sample_value(name, labels)  # type: ignore[no-any-return]
+    return metrics.registry.get_sample_value(name, labels)

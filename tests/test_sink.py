@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import smtplib
+from typing import Any, Generator
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -123,7 +124,7 @@ class LoopbackTests(TestCase):
     """
 
     @inlineCallbacks
-    def test_smtplib(self) -> Deferred[None]:
+    def test_smtplib(self) -> Generator[Deferred[Any], Any, None]:
         directory = self.mktemp()
         service = makeSinkService([Address("tcp", "127.0.0.1", 0)], directory, reactor=reactor)
         service.startService()
@@ -135,7 +136,7 @@ class LoopbackTests(TestCase):
             listening.callback(port)
             return port
 
-        endpointService._waitingForPort.addCallback(started)  # type: ignore[attr-defined]
+        endpointService._waitingForPort.addCallback(started)
         port = yield listening
         portNumber = port.getHost().port
 
@@ -153,8 +154,8 @@ class LoopbackTests(TestCase):
         eml, envelopeFile = names
         with open(os.path.join(directory, eml), "rb") as f:
             self.assertEqual(f.read(), b"Subject: loopback\r\n\r\n.leading dot\r\nbody\r\n")
-        with open(os.path.join(directory, envelopeFile)) as f:
-            envelope = json.load(f)
+        with open(os.path.join(directory, envelopeFile)) as text:
+            envelope = json.load(text)
         self.assertEqual(envelope["rcpt_to"], ["b@example.net", "c@example.net"])
         self.assertEqual(envelope["mail_from"], "a@example.com")
         self.assertEqual(envelope["client"], "127.0.0.1")

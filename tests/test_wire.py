@@ -36,7 +36,7 @@ class _Writer(Protocol):
             self.transport.write(self.first)  # type: ignore[union-attr]
         before = _peek(accepted)
         writeNow(self.transport, self.data)
-        watched = self.transport in reactor.getWriters()  # type: ignore[attr-defined,arg-type]
+        watched = self.transport in reactor.getWriters()
         self.seen.callback((before, _peek(accepted), watched))
         accepted.close()
 
@@ -56,7 +56,7 @@ class RealSocketTests(TestCase):
         listening.listen(1)
         protocol = _Writer(listening, first, data)
         factory = ClientFactory.forProtocol(lambda: protocol)
-        connector = reactor.connectTCP("127.0.0.1", listening.getsockname()[1], factory)  # type: ignore[attr-defined,arg-type]
+        connector = reactor.connectTCP("127.0.0.1", listening.getsockname()[1], factory)  # type: ignore[arg-type]  # forProtocol is typed to return a Factory, not the ClientFactory it makes
         self.addCleanup(connector.disconnect)
         return protocol.seen
 

@@ -123,7 +123,7 @@ class Prober(Service):
             return  # timed out or stopped: already accounted for
         del self._pending[key]
         if failure.check(AttemptFailed):
-            error: AttemptFailed = failure.value  # type: ignore[assignment]
+            error: AttemptFailed = failure.value
             result = ProbeResult(error.stage or "connect", error.reason)
         else:
             self._log.failure("probe of {endpoint} failed unexpectedly", failure, endpoint=str(key[1]))

@@ -312,7 +312,7 @@ def _clientTLS(node: Node, ctx: _Context) -> ClientTLS:
 def _listenerAuth(node: Node, ctx: _Context) -> ListenerAuth:
     args = _args(node, "off, forward or users FILE", 1, 2)
     if args in (("off",), ("forward",)):
-        return ListenerAuth(mode=args[0])  # type: ignore[arg-type]
+        return ListenerAuth(mode=args[0])
     if len(args) == 2 and args[0] == "users" and args[1]:
         return ListenerAuth(mode="users", usersFile=args[1], origin=node.where())
     raise ValueError("expected off, forward or users FILE")

@@ -44,7 +44,7 @@ def setCurves(connection: SSL.Connection, curves: bytes) -> None:
     """
     # pyOpenSSL has no API for the key-exchange group list; OpenSSL's is
     # SSL_set1_curves_list (an alias of SSL_set1_groups_list).
-    if _lib.SSL_set1_curves_list(connection._ssl, curves) != 1:  # type: ignore[attr-defined]  # pyOpenSSL keeps the SSL* private
+    if _lib.SSL_set1_curves_list(connection._ssl, curves) != 1:
         raise ValueError("tls_client: unknown curve in " + curves.decode("ascii", "replace"))
 
 
@@ -100,7 +100,7 @@ class ClientOptions:
             return "insecure_skip_verify"
         if connection.get_peer_certificate() is None:
             return "no peer certificate"
-        result = _lib.SSL_get_verify_result(connection._ssl)  # type: ignore[attr-defined]  # pyOpenSSL keeps the SSL* private
+        result = _lib.SSL_get_verify_result(connection._ssl)
         if result != 0:  # X509_V_OK
             return _ffi.string(_lib.X509_verify_cert_error_string(result)).decode("ascii", "replace")
         try:
@@ -118,7 +118,7 @@ def cipherBits(connection: SSL.Connection) -> tuple[int, int]:
     The secret bits and the algorithm bits of C{connection}'s cipher, as
     Postfix logs them (C{256/256 bits}).
     """
-    cipher = _lib.SSL_get_current_cipher(connection._ssl)  # type: ignore[attr-defined]
+    cipher = _lib.SSL_get_current_cipher(connection._ssl)
     if cipher == _ffi.NULL:
         return (0, 0)
     algorithm = _ffi.new("int *")

@@ -227,7 +227,7 @@ def _mapStrings(value: Any, scrub: Callable[[str], str], depth: int = 0) -> Any:
     if isinstance(value, bytes):
         return scrub(value.decode("latin-1")).encode("latin-1")
     if depth < _MAX_DEPTH and isinstance(value, (list, tuple)):
-        return type(value)(_mapStrings(item, scrub, depth + 1) for item in value)  # type: ignore[call-arg]
+        return type(value)(_mapStrings(item, scrub, depth + 1) for item in value)
     if depth < _MAX_DEPTH and isinstance(value, dict):
         return {k: _mapStrings(v, scrub, depth + 1) for k, v in value.items()}
     return value

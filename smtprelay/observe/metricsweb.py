@@ -43,7 +43,7 @@ class MetricsResource(Resource):
             ready, text = self._readiness()
             return _check(request, ready, text.encode("utf-8"))
         if request.path != b"/metrics":
-            return NoResource().render(request)  # type: ignore[no-any-return]
+            return NoResource().render(request)
         body, contentType = self._metrics.exposition()
         request.setHeader(b"content-type", contentType.encode("ascii"))
         return body

@@ -38,7 +38,7 @@ from twisted.internet.interfaces import (
     ISSLTransport,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import Clock
 from twisted.test import iosim
 from zope.interface import directlyProvides, implementer
@@ -344,7 +344,7 @@ class FakeDownstream(Protocol):
         self.transport.write(answer)  # type: ignore[union-attr]
 
 
-class DownstreamFactory(Factory):
+class DownstreamFactory(ServerFactory):
     """
     Makes L{FakeDownstream}s that follow one script; keeps them in
     L{connections}.
