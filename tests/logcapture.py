@@ -10,7 +10,11 @@ from zope.interface import implementer
 
 
 @implementer(ILogObserver)
-class _Appender:
+class Appender:
+    """
+    An observer that appends each event to a list.
+    """
+
     def __init__(self, events: list[LogEvent]) -> None:
         self._events = events
 
@@ -26,7 +30,7 @@ def captureEvents(case: SynchronousTestCase) -> list[LogEvent]:
     @return: the list the events are appended to, in order.
     """
     events: list[LogEvent] = []
-    observer = _Appender(events)
+    observer = Appender(events)
     globalLogPublisher.addObserver(observer)
     case.addCleanup(globalLogPublisher.removeObserver, observer)
     return events

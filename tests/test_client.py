@@ -32,6 +32,8 @@ from smtprelay.testing.downstream import (
     connectInMemory,
 )
 
+from .logcapture import Appender
+
 EHLO_BARE = b"250-fake.example\r\n250 ENHANCEDSTATUSCODES\r\n"
 EHLO_ALL = (
     b"250-fake.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 1000\r\n"
@@ -505,7 +507,7 @@ class AuthTests(SynchronousTestCase):
 
     def harness(self, auth: list[bytes]) -> Harness:
         h = Harness(Script(replies={"EHLO": EHLO_ALL}, auth=auth), debug=True)
-        h.client._log = Logger(observer=self.events.append)  # type: ignore[arg-type]
+        h.client._log = Logger(observer=Appender(self.events))
         h.ready()
         return h
 
@@ -586,10 +588,10 @@ class MalformedTests(SynchronousTestCase):
         h = Harness()
         h.ready()
         d = h.client.greeting  # already fired; watch the connection instead
-        h.server.transport.write(b"250 surprise\r\n")  # type: ignore[union-attr]
+        h.server.transport.write(b"250 surprise\r\n")  # type: ignore[union-attr]  # connected: the transport is set
         h.flush()
         self.assertTrue(h.server.lost)
-        self.assertEqual(h.client._error.reply, replies.DOWNSTREAM_LOST)  # type: ignore[union-attr]
+        self.assertEqual(h.client._error.reply, replies.DOWNSTREAM_LOST)  # type: ignore[union-attr]  # the client has failed by now, so _error is set
         self.failureResultOf(h.client.rset(), DownstreamError)
         del d
 
@@ -734,7 +736,7 @@ class TimeoutTests(SynchronousTestCase):
         After the dot the wait is submission_timeout, not command_timeout.
         """
         h = Harness(Script(replies={"END": STALL}), commandTimeout=30, submissionTimeout=600)
-        BodyTests.transaction(self, h)  # type: ignore[arg-type]
+        BodyTests.transaction(self, h)  # type: ignore[arg-type]  # BodyTests.transaction uses only what every test case has
         d = h.client.endData()
         h.flush()
         h.clock.advance(599)
@@ -750,7 +752,7 @@ class TimeoutTests(SynchronousTestCase):
         transaction; draining in time resets the clock.
         """
         h = Harness(dataTimeout=60)
-        BodyTests.transaction(self, h)  # type: ignore[arg-type]
+        BodyTests.transaction(self, h)  # type: ignore[arg-type]  # BodyTests.transaction uses only what every test case has
         transportProducer = h.pump.clientIO.producer
         transportProducer.pauseProducing()
         h.clock.advance(59)

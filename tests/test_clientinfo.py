@@ -5,6 +5,8 @@ byte for byte.
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -16,14 +18,14 @@ ALL_XFORWARD = advertised("NAME ADDR PROTO HELO SOURCE PORT IDENT")
 ALL_XCLIENT = advertised("NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT")
 
 
-def session(**kw: object) -> ClientSession:
+def session(**kw: Any) -> ClientSession:
     kw.setdefault("id", "S1D")
     kw.setdefault("protocol", "smtp")
     kw.setdefault("clientHost", "192.0.2.7")
     kw.setdefault("clientPort", 40123)
     kw.setdefault("heloName", "client.example")
     kw.setdefault("esmtp", True)
-    return ClientSession(**kw)  # type: ignore[arg-type]
+    return ClientSession(**kw)
 
 
 def xtextDecode(text: str) -> bytes:

@@ -228,7 +228,7 @@ class AddressTests(SynchronousTestCase):
         """
         C{str(Address)} parses back to the same address.
         """
-        address = Address(scheme, host=host, port=port)  # type: ignore[arg-type]
+        address = Address(scheme, host=host, port=port)  # type: ignore[arg-type]  # the strategy draws scheme from the Literal's words
         self.assertEqual(parseAddress(str(address)), address)
 
     def test_unixRoundTrip(self) -> None:

@@ -39,7 +39,7 @@ class RecordingResolver:
         self.names: list[str] = []
         self._addresses = addresses
 
-    def resolveHostName(  # type: ignore[override]
+    def resolveHostName(  # type: ignore[override]  # a fake resolver, typed as loosely as HostnameEndpoint calls it
         self, receiver: Any, hostName: str, portNumber: int = 0, **kw: Any
     ) -> Any:
         self.names.append(hostName)
@@ -92,7 +92,7 @@ class ClientEndpointTests(SynchronousTestCase):
         memory = self.connect(Address("tls", "mx.example", 465), clientOptions(ClientTLS(), "mx.example"))
         factory = memory.tcpClients[0][2]
         built = factory.buildProtocol(None)
-        self.assertIsInstance(built._wrappedProtocol, TLSMemoryBIOProtocol)  # type: ignore[union-attr]
+        self.assertIsInstance(built._wrappedProtocol, TLSMemoryBIOProtocol)  # type: ignore[union-attr]  # buildProtocol returns a TLSMemoryBIOProtocol here, typed as an optional IProtocol
 
     def test_unix(self) -> None:
         memory = self.connect(Address("unix", path="/run/dovecot/lmtp"))
@@ -164,13 +164,13 @@ class RealSocketTests(TestCase):
         class Greeter(Protocol):
             def connectionMade(self) -> None:
                 connected.callback(None)
-                self.transport.loseConnection()  # type: ignore[union-attr]
+                self.transport.loseConnection()  # type: ignore[union-attr]  # connected: the transport is set
 
         port = yield serverEndpoint(reactor, Address("unix", path=path)).listen(Factory.forProtocol(Greeter))
         self.addCleanup(port.stopListening)
         lost: Deferred[None] = Deferred()
         client = Protocol()
-        client.connectionLost = lambda reason: lost.callback(None)  # type: ignore[method-assign, assignment, misc]
+        client.connectionLost = lambda reason: lost.callback(None)  # type: ignore[method-assign, assignment, misc]  # a spy on the method
         yield connectProtocol(clientEndpoint(reactor, Address("unix", path=path), 5.0), client)
         yield connected
         yield lost

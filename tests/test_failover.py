@@ -345,8 +345,8 @@ class StartTLSTests(FailoverTestCase):
 class AuthTests(FailoverTestCase):
     def auth(self, mechanism: str) -> DownstreamAuth:
         if mechanism in ("plain", "login"):
-            return DownstreamAuth(mechanism, "relay-user", Secret("pa55word"))  # type: ignore[arg-type]
-        return DownstreamAuth(mechanism)  # type: ignore[arg-type]
+            return DownstreamAuth(mechanism, "relay-user", Secret("pa55word"))  # type: ignore[arg-type]  # the tests pass the Literal's words
+        return DownstreamAuth(mechanism)  # type: ignore[arg-type]  # the tests pass the Literal's words
 
     def test_plainAfterTLS(self) -> None:
         first = self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}))
@@ -609,7 +609,7 @@ class ReuseTests(FailoverTestCase):
         failover = self.failover(makeTarget())
         session, _ = self.opened(failover)
         failover.release(session)
-        first.connections[0].transport.loseConnection()  # type: ignore[union-attr]
+        first.connections[0].transport.loseConnection()  # type: ignore[union-attr]  # connected: the transport is set
         self.net.flush()
         again, mailReply = self.opened(failover, mail=MAIL)
         self.assertIsNot(again, session)

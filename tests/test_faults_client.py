@@ -146,7 +146,7 @@ class ClientGoneTests(SynchronousTestCase):
         """
         stack = RelayStack(self, {FIRST: Script()})
         client = startBody(stack)
-        client.protocol.session.tls = object()  # type: ignore[assignment]
+        client.protocol.session.tls = object()  # type: ignore[assignment]  # only whether TLS is on matters on this path
         client.exchange(BODY, count=0)
         client.disconnect(Failure(ConnectionDone("TLS close_notify")))
         self.assertNoDot(stack)

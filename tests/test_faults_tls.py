@@ -42,7 +42,7 @@ class _ResetOnHandshake(FakeDownstream):
 
     def dataReceived(self, data: bytes) -> None:
         if self.tls:
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            self.transport.abortConnection()  # type: ignore[union-attr]  # connected: the transport is set
             return
         super().dataReceived(data)
 
@@ -68,7 +68,7 @@ def _issued(pki: PKI, commonName: str) -> CertificateOptions:
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)]))
         .issuer_name(caCert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
-        .sign(caKey, hashes.SHA256())  # type: ignore[arg-type]
+        .sign(caKey, hashes.SHA256())  # type: ignore[arg-type]  # trustme's CA key is RSA; the loader's type also lists keys that cannot sign
     )
     return CertificateOptions(privateKey=crypto.PKey.from_cryptography_key(key),
                               certificate=crypto.X509.from_cryptography(cert))

@@ -113,7 +113,7 @@ class AiosmtpdTests(TestCase):
         self.net = Loopback(self)
 
     def target(self, mechanism: str, password: str = "s3cret") -> Any:
-        auth = DownstreamAuth(mechanism, "relay", Secret(password))  # type: ignore[arg-type]
+        auth = DownstreamAuth(mechanism, "relay", Secret(password))  # type: ignore[arg-type]  # the tests pass the Literal's words
         return makeTarget(
             Address("tcp", HOST, self.port), auth=auth,
             tlsClient=self.pki.clientTLS(serverName="mx.example"),

@@ -141,7 +141,7 @@ class SIGHUPTests(SynchronousTestCase):
         def names() -> list[str]:
             with smtplib.SMTP(HOST, port, timeout=30) as client:
                 client.starttls(context=context)
-                peer = client.sock.getpeercert()  # type: ignore[union-attr]
+                peer = client.sock.getpeercert()  # type: ignore[union-attr]  # after starttls the socket is set and is an SSLSocket
                 return [v for k, v in peer["subjectAltName"]]
 
         self.assertIn("first.relay.test", names())

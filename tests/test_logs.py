@@ -230,7 +230,7 @@ class JSONTests(SynchronousTestCase):
         with open(path, "w") as f:
             f.write("earlier\n")
         observer = jsonObserver(environ={LOG_FILE_VARIABLE: path})
-        self.addCleanup(lambda: observer.wrapped._outFile.close())  # type: ignore[attr-defined]
+        self.addCleanup(lambda: observer.wrapped._outFile.close())  # type: ignore[attr-defined]  # the file the observer opened is private to it; closed for trial's temp dir
         observer(TRANSACTION)
         with open(path) as f:
             lines = f.read().split("\n")
@@ -529,7 +529,7 @@ class RedactingObserverTests(SynchronousTestCase):
     def test_textObserverEnvironment(self) -> None:
         path = self.mktemp()
         observer = textObserver(environ={LOG_FILE_VARIABLE: path})
-        self.addCleanup(lambda: observer.wrapped._outFile.close())  # type: ignore[attr-defined]
+        self.addCleanup(lambda: observer.wrapped._outFile.close())  # type: ignore[attr-defined]  # the file the observer opened is private to it; closed for trial's temp dir
         Logger(namespace="n", observer=observer).info("AUTH PLAIN " + PLAIN)
         with open(path) as f:
             text = f.read()

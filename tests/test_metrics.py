@@ -178,7 +178,7 @@ class MetricsTests(SynchronousTestCase):
         L{Metrics} says which extra to install.
         """
         saved = sys.modules["prometheus_client"]
-        sys.modules["prometheus_client"] = None  # type: ignore[assignment]
+        sys.modules["prometheus_client"] = None  # type: ignore[assignment]  # None in sys.modules makes the import fail, as when the extra is not installed
         self.addCleanup(sys.modules.__setitem__, "prometheus_client", saved)
         error = self.assertRaises(ImportError, Metrics)
         self.assertEqual(str(error), MISSING)

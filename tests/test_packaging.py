@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from typing import Any
 
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
@@ -28,8 +29,8 @@ from .test_tap import EXAMPLES
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def twistd(*args: str, **kw: object) -> subprocess.CompletedProcess:
-    return subprocess.run([TWISTD, *args], capture_output=True, timeout=120, cwd=ROOT, **kw)  # type: ignore[call-overload]
+def twistd(*args: str, **kw: Any) -> subprocess.CompletedProcess[Any]:
+    return subprocess.run([TWISTD, *args], capture_output=True, timeout=120, cwd=ROOT, **kw)
 
 
 class PluginTests(SynchronousTestCase):

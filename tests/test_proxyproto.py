@@ -360,7 +360,7 @@ class ProxyProtocolFactoryTests(SynchronousTestCase):
 
         class Checker(Recorder):
             def connectionMade(self) -> None:
-                seen.append(self.transport.hasPendingInput())  # type: ignore[union-attr]
+                seen.append(self.transport.hasPendingInput())  # type: ignore[union-attr]  # the PROXY wrapper's transport, which has it; Protocol types it as an optional ITransport
 
         for data, expected in [(V1_TCP4, False), (V1_TCP4 + b"EHLO x\r\n", True)]:
             connection = Connection(protocolClass=Checker)

@@ -7,7 +7,7 @@ C{/readyz} answers from them.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent
@@ -41,8 +41,10 @@ def makeTarget(*endpoints: Address, name: str = "smarthost", **kw: Any) -> Targe
     return Target(name=name, endpoints=endpoints or (MX1,), hostname="relay.example", **kw)
 
 
-def listenerFor(delivery: Target | Routing, kind: str = "smtp", address: Address = LISTEN) -> Listener:
-    return Listener(kind=kind, addresses=(address,), deliverTo=delivery)  # type: ignore[arg-type]
+def listenerFor(
+    delivery: Target | Routing, kind: Literal["smtp", "submission", "lmtp"] = "smtp", address: Address = LISTEN,
+) -> Listener:
+    return Listener(kind=kind, addresses=(address,), deliverTo=delivery)
 
 
 class ProberTestCase(SynchronousTestCase):

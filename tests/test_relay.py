@@ -29,6 +29,7 @@ from smtprelay.interfaces import (
     TLSInfo,
 )
 from smtprelay.relay.session import RelaySession
+from smtprelay.relay import routing
 from smtprelay.relay.routing import Releaser, Route, Router
 from smtprelay.protocol.replies import Reply, reply
 
@@ -139,7 +140,7 @@ class Opener:
         return self.downstream.mail(*mail, client).addCallback(lambda r: (self.downstream, r))
 
 
-def router(listener_: Listener, opener: Opener, release: Releaser | None = None) -> Router:
+def router(listener_: Listener, opener: routing.Opener, release: Releaser | None = None) -> Router:
     """
     The listener's one target reached through C{opener}; C{release} (by
     default QUIT) takes the downstreams the relay is done with.
@@ -148,7 +149,7 @@ def router(listener_: Listener, opener: Opener, release: Releaser | None = None)
     return Router.single(Route(listener_.deliverTo, opener, release or (lambda d: d.quit())))
 
 
-def relaySession(session: ClientSession, listener_: Listener, opener: Opener, clock: Clock,
+def relaySession(session: ClientSession, listener_: Listener, opener: routing.Opener, clock: Clock,
                  release: Releaser | None = None) -> RelaySession:
     return RelaySession(session, listener_, router(listener_, opener, release), "relay.test", clock)
 
@@ -560,8 +561,9 @@ class LMTPMappingTests(SynchronousTestCase):
         self.opener = Opener(ScriptedDownstream(lmtp=True))
         self.downstream = self.opener.downstream
 
-    def run_(self, protocol: str, target_: Target, rcpts: Sequence[bytes], end: object) -> tuple:
-        session = ClientSession(id="L1", protocol=protocol, clientHost="127.0.0.1")  # type: ignore[arg-type]
+    def run_(self, protocol: Literal["smtp", "lmtp"], target_: Target, rcpts: Sequence[bytes],
+             end: object) -> tuple[list[Reply], Sequence[Reply]]:
+        session = ClientSession(id="L1", protocol=protocol, clientHost="127.0.0.1")
         relay = relaySession(session, listener("lmtp" if protocol == "lmtp" else "smtp", deliverTo=target_),
                              self.opener, self.clock)
         self.downstream.script["end"] = end
@@ -854,7 +856,7 @@ class AuthForwardTests(SynchronousTestCase):
         opening: Deferred = Deferred()
         released: list[object] = []
         relay = relaySession(self.session, listener("submission", auth=ListenerAuth("forward")),
-                             lambda **kw: opening, Clock(), released.append)  # type: ignore[arg-type]
+                             lambda **kw: opening, Clock(), released.append)
         auth = relay.authenticate("PLAIN", "alice", "s3cret")
         relay.close()
         opening.callback((self.opener.downstream, None))

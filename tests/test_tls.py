@@ -120,7 +120,7 @@ class Loopback:
                         original(reason)
                         lost.callback(None)
 
-                    protocol.connectionLost = connectionLost  # type: ignore[method-assign]
+                    protocol.connectionLost = connectionLost  # type: ignore[method-assign]  # a spy on the method
                     loopback.clients.append((protocol, lost))
                     return protocol
 
@@ -142,7 +142,7 @@ class Loopback:
         for factory in self.factories:
             for connection in factory.connections:
                 if not connection.lost:
-                    connection.transport.abortConnection()  # type: ignore[union-attr]
+                    connection.transport.abortConnection()  # type: ignore[union-attr]  # connected: the transport is set
                 waits.append(connection.whenLost())
         yield DeferredList(waits)
         for port in self._ports:
@@ -469,14 +469,14 @@ class ServerOptionsTests(TestCase):
         address = Address("tls", "127.0.0.1", port.getHost().port)
         protocol = Protocol()
         done: Deferred[None] = Deferred()
-        protocol.connectionLost = lambda reason: done.callback(None)  # type: ignore[method-assign, assignment, misc]
+        protocol.connectionLost = lambda reason: done.callback(None)  # type: ignore[method-assign, assignment, misc]  # a spy on the method
         endpoint = clientEndpoint(reactor, address, 10, clientOptions(clientTLS, "127.0.0.1"))
         yield connectProtocol(endpoint, protocol)
         received: Deferred[None] = Deferred()
-        protocol.dataReceived = lambda data: received.callback(None) if not received.called else None  # type: ignore[method-assign]
+        protocol.dataReceived = lambda data: received.callback(None) if not received.called else None  # type: ignore[method-assign]  # a spy on the method
         yield received  # the greeting: the handshake is done
         peer = Certificate.peerFromTransport(protocol.transport)
-        protocol.transport.abortConnection()  # type: ignore[union-attr]
+        protocol.transport.abortConnection()  # type: ignore[union-attr]  # connected: the transport is set
         yield done
         return peer
 

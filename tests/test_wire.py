@@ -33,7 +33,7 @@ class _Writer(Protocol):
     def connectionMade(self) -> None:
         accepted, _ = self.peer.accept()
         if self.first is not None:
-            self.transport.write(self.first)  # type: ignore[union-attr]
+            self.transport.write(self.first)  # type: ignore[union-attr]  # connected: the transport is set
         before = _peek(accepted)
         writeNow(self.transport, self.data)
         watched = self.transport in reactor.getWriters()
@@ -96,7 +96,7 @@ class _Socketish(FileDescriptor):
     TLS = False
 
     def __init__(self, accept: int = 0) -> None:
-        super().__init__(_Reactor())  # type: ignore[arg-type]
+        super().__init__(_Reactor())  # type: ignore[arg-type]  # a stand-in with only the two methods FileDescriptor calls
         self.connected = True
         self.accept = accept
         self.calls: list[str] = []

@@ -85,7 +85,7 @@ class RelayService(MultiService):
         if factory is not None and factory not in self.factories:
             self.factories.append(factory)
         # A port we cannot bind must stop the process, not be logged and ignored.
-        service._raiseSynchronously = True  # type: ignore[attr-defined]
+        service._raiseSynchronously = True  # type: ignore[attr-defined]  # StreamServerEndpointService's private switch: listen errors raise
         self._listeners.append(service)
 
     def addReloadable(self, what: str, reloadable: _Reloadable) -> None:

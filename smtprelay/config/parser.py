@@ -323,12 +323,12 @@ def _targetAuth(node: Node, ctx: _Context) -> DownstreamAuth:
     usage = "off, plain USER PASSWORD, login USER PASSWORD, forward or external"
     args = _args(node, usage, 1, 3)
     if len(args) == 1 and args[0] in ("off", "forward", "external"):
-        return DownstreamAuth(mechanism=args[0])  # type: ignore[arg-type]
+        return DownstreamAuth(mechanism=args[0])  # type: ignore[arg-type]  # args[0] is one of the Literal's words, checked above
     if len(args) == 3 and args[0] in ("plain", "login"):
         if not args[1]:
             raise ValueError(f"{args[0]}: empty user name")
         return DownstreamAuth(
-            mechanism=args[0],  # type: ignore[arg-type]
+            mechanism=args[0],  # type: ignore[arg-type]  # args[0] is one of the Literal's words, checked above
             username=args[1],
             password=_password(args[2]),
         )
@@ -478,7 +478,7 @@ def _target(
         if "targets" not in seen:
             ctx.error(node, f"{node.name}: no endpoints (add targets ADDRESS...)")
         return None
-    return Target(name=name, protocol=protocol, endpoints=endpoints, **fields)  # type: ignore[arg-type]
+    return Target(name=name, protocol=protocol, endpoints=endpoints, **fields)  # type: ignore[arg-type]  # fields: each directive's value, of its field's type
 
 
 def _namedTarget(node: Node, ctx: _Context, named: dict[str, Target | None]) -> None:
@@ -633,7 +633,7 @@ def _handling(nodes: Sequence[Node], where: Node, ctx: _Context, resolve: _Resol
     default = _decision(fallback.children, fallback, ctx, resolve)
     if default is None or any(decision is None for _, decision in rules):
         return None
-    return Destinations(tuple(rules), default)  # type: ignore[arg-type]
+    return Destinations(tuple(rules), default)  # type: ignore[arg-type]  # no rule's decision is None, checked above
 
 
 def _delivery(
@@ -686,7 +686,7 @@ def _delivery(
                          "(or deliver_to or destination blocks for other senders)")
     if default is None or any(handling is None for _, handling in sources):
         return None
-    return Routing(tuple(sources), default)  # type: ignore[arg-type]
+    return Routing(tuple(sources), default)  # type: ignore[arg-type]  # no source's handling is None, checked above
 
 
 def _listener(
@@ -742,7 +742,7 @@ def _listener(
     if target is None:
         return None
     return Listener(
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,  # type: ignore[arg-type]  # kind is the block's name, one of the Literal's words
         addresses=tuple(addresses),
         deliverTo=target,
         endpoints=endpoints,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TypeVar
 
 import attrs
 
@@ -28,6 +29,8 @@ from .model import (
     Target,
 )
 from .values import formatBool, formatDuration, formatSize
+
+_V = TypeVar("_V")
 
 _PLAIN = re.compile(r'[^\s"#{}\\]+')
 _INDENT = "    "
@@ -140,12 +143,12 @@ def _decision(depth: int, config: Config, decision: Decision) -> list[str]:
     return _block(depth, ["deliver_to", decision.protocol], _targetBody(depth + 1, decision))
 
 
-def _rules(name: str, rules: Iterable[tuple[str, object]]) -> list[tuple[list[object], object]]:
+def _rules(name: str, rules: Iterable[tuple[str, _V]]) -> list[tuple[list[object], _V]]:
     """
     Rules in order, those next to each other with the same decision
     grouped into one C{name RULE... { }} head, as they were written.
     """
-    groups: list[tuple[list[object], object]] = []
+    groups: list[tuple[list[object], _V]] = []
     for key, value in rules:
         if groups and groups[-1][1] is value:
             groups[-1][0].append(key)
@@ -162,7 +165,7 @@ def _handling(depth: int, config: Config, handling: Handling) -> list[str]:
         return _decision(depth, config, handling)
     lines: list[str] = []
     for head, decision in _rules("destination", handling.rules):
-        lines += _block(depth, head, _decision(depth + 1, config, decision))  # type: ignore[arg-type]
+        lines += _block(depth, head, _decision(depth + 1, config, decision))
     return lines + _block(
         depth, ["default_destination"], _decision(depth + 1, config, handling.default)
     )
@@ -173,7 +176,7 @@ def _delivery(config: Config, delivery: Target | Routing) -> list[str]:
         return _decision(1, config, delivery)
     lines: list[str] = []
     for head, handling in _rules("source", delivery.sources):
-        lines += _block(1, head, _handling(2, config, handling))  # type: ignore[arg-type]
+        lines += _block(1, head, _handling(2, config, handling))
     return lines + _handling(1, config, delivery.default)
 
 

@@ -172,7 +172,7 @@ def parseAddress(text: str) -> Address:
     number = int(port)
     if not 1 <= number <= 65535:
         raise ValueError(f'"{text}": port {number} is out of range (1-65535)')
-    return Address(scheme, host=host, port=number)  # type: ignore[arg-type]
+    return Address(scheme, host=host, port=number)  # type: ignore[arg-type]  # scheme is one of the Literal's words, checked above
 
 
 def parseNetwork(text: str) -> IPNetwork:

@@ -193,7 +193,7 @@ class FakeDownstream(Protocol):
         """
         How many more bytes this server reads now; L{None}: any number.
         """
-        if self.lost or self.transport.disconnecting or self._stopped:  # type: ignore[union-attr]
+        if self.lost or self.transport.disconnecting or self._stopped:  # type: ignore[union-attr]  # connected: the transport is set
             return 0
         if self._body is None:
             return None
@@ -218,7 +218,7 @@ class FakeDownstream(Protocol):
             self._stopped = True
             self._send(script.bodyFault, "BODY")
             return
-        while self._buffer and not self.lost and not self.transport.disconnecting:  # type: ignore[union-attr]
+        while self._buffer and not self.lost and not self.transport.disconnecting:  # type: ignore[union-attr]  # connected: the transport is set
             if self._chunk:
                 taken, self._buffer = self._buffer[: self._chunk], self._buffer[self._chunk:]
                 self._chunked += taken
@@ -310,11 +310,11 @@ class FakeDownstream(Protocol):
                 self._buffer = b""
                 self.tls = True
                 if self.script.tlsOptions is not None:
-                    self.transport.startTLS(self.script.tlsOptions)  # type: ignore[union-attr]
+                    self.transport.startTLS(self.script.tlsOptions)  # type: ignore[union-attr]  # connected: the transport is set
         elif step in ("EHLO", "LHLO", "HELO", "RSET", "NOOP", "QUIT", "XFORWARD", "XCLIENT"):
             self._answer(step)
             if step == "QUIT":
-                self.transport.loseConnection()  # type: ignore[union-attr]
+                self.transport.loseConnection()  # type: ignore[union-attr]  # connected: the transport is set
         else:
             self._answer("*")
 
@@ -334,14 +334,14 @@ class FakeDownstream(Protocol):
         if answer == STALL:
             return
         if answer.endswith(CLOSE):
-            self.transport.write(answer[: -len(CLOSE)])  # type: ignore[union-attr]
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.transport.write(answer[: -len(CLOSE)])  # type: ignore[union-attr]  # connected: the transport is set
+            self.transport.loseConnection()  # type: ignore[union-attr]  # connected: the transport is set
             return
         if answer.endswith(RESET):
-            self.transport.write(answer[: -len(RESET)])  # type: ignore[union-attr]
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            self.transport.write(answer[: -len(RESET)])  # type: ignore[union-attr]  # connected: the transport is set
+            self.transport.abortConnection()  # type: ignore[union-attr]  # connected: the transport is set
             return
-        self.transport.write(answer)  # type: ignore[union-attr]
+        self.transport.write(answer)  # type: ignore[union-attr]  # connected: the transport is set
 
 
 class DownstreamFactory(ServerFactory):
@@ -445,7 +445,7 @@ class PretendTLSTransport(iosim.FakeTransport):
 
     def reportDisconnect(self) -> None:
         if getattr(self.peerTransport, "reset", False):
-            self.disconnectReason = ConnectionLost("reset by peer")  # type: ignore[assignment]
+            self.disconnectReason = ConnectionLost("reset by peer")  # type: ignore[assignment]  # iosim.FakeTransport's class default makes it a ConnectionDone; any exception goes
         producer, self.producer = self.producer, None
         if producer is not None:
             producer.stopProducing()
@@ -457,7 +457,7 @@ class PretendTLSTransport(iosim.FakeTransport):
             directlyProvides(self, ISSLTransport)
             self.protocol.handshakeCompleted()
         else:
-            self.disconnectReason = SSL.Error("pretend handshake failure")  # type: ignore[assignment]
+            self.disconnectReason = SSL.Error("pretend handshake failure")  # type: ignore[assignment]  # iosim.FakeTransport's class default makes it a ConnectionDone; any exception goes
             self.loseConnection()
 
 
