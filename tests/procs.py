@@ -14,12 +14,14 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, NamedTuple, Sequence, TypeVar
+from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
+import trustme
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 HOST = "127.0.0.1"
@@ -191,6 +193,42 @@ class Processes:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         waitForPath(os.path.join(directory, "lmtp"))
         return directory
+
+    def aiosmtpd(self, password: bytes) -> tuple[int, trustme.CA, str]:
+        """
+        An aiosmtpd downstream on a free port: STARTTLS required, with a
+        certificate for C{mx.example} from a new trustme CA; AUTH (after
+        STARTTLS) succeeds for any user with C{password}; every message is
+        accepted.  Stopped in cleanup.
+
+        @return: its port, the CA, and the CA's certificate file.
+        @raise SkipTest: aiosmtpd is not installed.
+        """
+        try:
+            from aiosmtpd.controller import Controller
+            from aiosmtpd.smtp import AuthResult, LoginPassword
+        except ImportError:
+            raise SkipTest("aiosmtpd is not installed (pip install .[test])")
+        ca = trustme.CA()
+        caFile = os.path.join(self.dir, "ca.pem")
+        ca.cert_pem.write_to_path(caFile)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("mx.example").configure_cert(context)
+
+        class Handler:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                return "250 2.0.0 accepted"
+
+        def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> Any:
+            ok = isinstance(data, LoginPassword) and data.password == password
+            return AuthResult(success=ok, handled=ok)
+
+        port = freePort()
+        controller = Controller(Handler(), hostname=HOST, port=port, tls_context=context,
+                                require_starttls=True, authenticator=authenticator, auth_require_tls=True)
+        controller.start()
+        self.case.addCleanup(controller.stop)
+        return port, ca, caFile
 
     def relayConfig(self, config: str) -> int:
         """

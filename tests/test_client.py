@@ -427,9 +427,7 @@ class BodyTests(SynchronousTestCase):
         producer = RecordingProducer()
         h.client.registerProducer(producer, True)
         h.pump.clientIO.producer.pauseProducing()
-        transport = h.server.transport
-        assert transport is not None
-        transport.loseConnection()
+        h.server.transport.loseConnection()
         h.flush()
         self.assertEqual(producer.events, ["pause", "stop"])
         h.client.write(b"more\r\n")
@@ -588,7 +586,7 @@ class MalformedTests(SynchronousTestCase):
         h = Harness()
         h.ready()
         d = h.client.greeting  # already fired; watch the connection instead
-        h.server.transport.write(b"250 surprise\r\n")  # type: ignore[union-attr]  # connected: the transport is set
+        h.server.transport.write(b"250 surprise\r\n")
         h.flush()
         self.assertTrue(h.server.lost)
         self.assertEqual(h.client._error.reply, replies.DOWNSTREAM_LOST)  # type: ignore[union-attr]  # the client has failed by now, so _error is set

@@ -11,7 +11,9 @@ from functools import partial
 import re
 from typing import Any, Literal
 
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.app.tls import clientOptions
@@ -20,7 +22,7 @@ from smtprelay.relay.failover import Failover
 from smtprelay.relay.session import RelaySession
 from smtprelay.relay.routing import Route, Router
 from smtprelay.inbound.session import SMTPServerFactory
-from smtprelay.testing.downstream import CLOSE, STALL, MemoryNetwork, Script
+from smtprelay.testing.downstream import CLOSE, STALL, FakeDownstream, MemoryNetwork, Script
 
 from .server_helpers import LOOPBACK, FakeTransport
 
@@ -85,8 +87,24 @@ class Stack:
         self.transport.clear()
         return out
 
-    def downstream(self, address: Address = FIRST, index: int = 0):
+    def clientGone(self) -> None:
+        """
+        The client's connection is lost; every connection moves until quiet.
+        """
+        self.protocol.connectionLost(Failure(ConnectionLost("client gone")))
+        self.received()
+
+    def downstream(self, address: Address = FIRST, index: int = 0) -> FakeDownstream:
         return self.servers[address].connections[index]
+
+
+def assertNoLastChunk(case: SynchronousTestCase, fake: FakeDownstream) -> None:
+    """
+    C{fake}, a BDAT downstream, was closed without a LAST chunk.
+    """
+    case.assertTrue(fake.lost)
+    case.assertNotIn(-1, fake.chunks)
+    case.assertNotIn(b"LAST", bytes(fake.received))
 
 
 class EndToEndTests(SynchronousTestCase):
@@ -158,9 +176,7 @@ class EndToEndTests(SynchronousTestCase):
         stack.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\n")
         stack.send(b"DATA\r\n")
         stack.send(b"Subject: x\r\n\r\nRSET\r\n")
-        stack.protocol.connectionLost(None)  # type: ignore[arg-type]  # the reason is not read on this path; None shows it
-        for _ in range(5):
-            stack.network.flush()
+        stack.clientGone()
         fake = stack.downstream()
         self.assertTrue(fake.lost)
         self.assertEqual(fake.messages, [])
@@ -423,12 +439,8 @@ class ChunkingEndToEndTests(SynchronousTestCase):
         stack = Stack(self, {FIRST: Script(replies={"EHLO": CHUNKING})})
         stack.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
         stack.send(b"x" * 70000 + b"\r\n" + b"y" * 100)
-        stack.protocol.connectionLost(None)  # type: ignore[arg-type]  # the reason is not read on this path; None shows it
-        stack.received()
-        fake = stack.downstream()
-        self.assertTrue(fake.lost)
-        self.assertNotIn(-1, fake.chunks)
-        self.assertNotIn(b"LAST", bytes(fake.received))
+        stack.clientGone()
+        assertNoLastChunk(self, stack.downstream())
 
 
 class InboundChunkingEndToEndTests(SynchronousTestCase):
@@ -467,9 +479,5 @@ class InboundChunkingEndToEndTests(SynchronousTestCase):
         stack = Stack(self, {FIRST: Script(replies={"EHLO": CHUNKING})})
         stack.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\n"
                    b"BDAT 80000 LAST\r\n" + b"x" * 70000)
-        stack.protocol.connectionLost(None)  # type: ignore[arg-type]  # the reason is not read on this path; None shows it
-        stack.received()
-        fake = stack.downstream()
-        self.assertTrue(fake.lost)
-        self.assertNotIn(-1, fake.chunks)
-        self.assertNotIn(b"LAST", bytes(fake.received))
+        stack.clientGone()
+        assertNoLastChunk(self, stack.downstream())

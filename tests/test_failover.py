@@ -609,7 +609,7 @@ class ReuseTests(FailoverTestCase):
         failover = self.failover(makeTarget())
         session, _ = self.opened(failover)
         failover.release(session)
-        first.connections[0].transport.loseConnection()  # type: ignore[union-attr]  # connected: the transport is set
+        first.connections[0].transport.loseConnection()
         self.net.flush()
         again, mailReply = self.opened(failover, mail=MAIL)
         self.assertIsNot(again, session)

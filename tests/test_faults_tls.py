@@ -42,7 +42,7 @@ class _ResetOnHandshake(FakeDownstream):
 
     def dataReceived(self, data: bytes) -> None:
         if self.tls:
-            self.transport.abortConnection()  # type: ignore[union-attr]  # connected: the transport is set
+            self.transport.abortConnection()
             return
         super().dataReceived(data)
 

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import os
 import smtplib
-import ssl
 import urllib.error
 import urllib.request
-from typing import Any
 
-import trustme
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from .procs import HOST, Processes, freePort, sinkMessages, waitFor, waitForPort
 from .test_integration_ops import scrape
@@ -93,31 +90,8 @@ smtp tcp://{HOST}:{listen} {{
         ready and C{/readyz} names that target and the refusal, while the
         same downstream with the right password is ready.
         """
-        try:
-            from aiosmtpd.controller import Controller
-            from aiosmtpd.smtp import AuthResult, LoginPassword
-        except ImportError:
-            raise SkipTest("aiosmtpd is not installed (pip install .[test])")
         procs = Processes(self)
-        ca = trustme.CA()
-        caFile = os.path.join(procs.dir, "ca.pem")
-        ca.cert_pem.write_to_path(caFile)
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert("mx.example").configure_cert(context)
-
-        class Handler:
-            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-                return "250 2.0.0 accepted"
-
-        def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> Any:
-            ok = isinstance(data, LoginPassword) and data.password == b"right"
-            return AuthResult(success=ok, handled=ok)
-
-        downstream = freePort()
-        controller = Controller(Handler(), hostname=HOST, port=downstream, tls_context=context,
-                                require_starttls=True, authenticator=authenticator, auth_require_tls=True)
-        controller.start()
-        self.addCleanup(controller.stop)
+        downstream, _, caFile = procs.aiosmtpd(password=b"right")
         metrics, good, bad = freePort(), freePort(), freePort()
         config = os.path.join(procs.dir, "relay.conf")
         with open(config, "w") as f:

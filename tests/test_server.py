@@ -18,9 +18,11 @@ from typing import Any, Sequence
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import fail
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import directlyProvides
 
@@ -1554,7 +1556,7 @@ class InboundChunkingTests(SynchronousTestCase):
     def test_clientGoneMidChunk(self) -> None:
         session = greeted()
         session.send(ENVELOPE + b"BDAT 100 LAST\r\nhalf")
-        session.protocol.connectionLost(None)  # type: ignore[arg-type]  # the reason is not read on this path; None shows it
+        session.protocol.connectionLost(Failure(ConnectionLost("client gone")))
         self.assertEqual([c[0] for c in session.handler.calls if c[0] != "dataChunk"],
                          ["mail", "rcpt", "data", "close"])
 

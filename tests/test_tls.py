@@ -142,7 +142,7 @@ class Loopback:
         for factory in self.factories:
             for connection in factory.connections:
                 if not connection.lost:
-                    connection.transport.abortConnection()  # type: ignore[union-attr]  # connected: the transport is set
+                    connection.transport.abortConnection()
                 waits.append(connection.whenLost())
         yield DeferredList(waits)
         for port in self._ports:

@@ -146,7 +146,12 @@ class FakeDownstream(Protocol):
     @ivar lmtp: answer end-of-data once per accepted recipient.
     @ivar tls: STARTTLS has been started on this connection.
     @ivar lost: the connection is gone.
+    @ivar transport: an C{iosim.FakeTransport} in memory, a TCP transport
+        on loopback: either writes, closes, aborts, starts TLS and says
+        whether it is C{disconnecting}, from C{makeConnection} on.
     """
+
+    transport: Any
 
     def __init__(self, script: Script, lmtp: bool = False, clock: IReactorTime | None = None) -> None:
         self.script = script
@@ -193,7 +198,7 @@ class FakeDownstream(Protocol):
         """
         How many more bytes this server reads now; L{None}: any number.
         """
-        if self.lost or self.transport.disconnecting or self._stopped:  # type: ignore[union-attr]  # connected: the transport is set
+        if self.lost or self.transport.disconnecting or self._stopped:
             return 0
         if self._body is None:
             return None
@@ -218,7 +223,7 @@ class FakeDownstream(Protocol):
             self._stopped = True
             self._send(script.bodyFault, "BODY")
             return
-        while self._buffer and not self.lost and not self.transport.disconnecting:  # type: ignore[union-attr]  # connected: the transport is set
+        while self._buffer and not self.lost and not self.transport.disconnecting:
             if self._chunk:
                 taken, self._buffer = self._buffer[: self._chunk], self._buffer[self._chunk:]
                 self._chunked += taken
@@ -310,11 +315,11 @@ class FakeDownstream(Protocol):
                 self._buffer = b""
                 self.tls = True
                 if self.script.tlsOptions is not None:
-                    self.transport.startTLS(self.script.tlsOptions)  # type: ignore[union-attr]  # connected: the transport is set
+                    self.transport.startTLS(self.script.tlsOptions)
         elif step in ("EHLO", "LHLO", "HELO", "RSET", "NOOP", "QUIT", "XFORWARD", "XCLIENT"):
             self._answer(step)
             if step == "QUIT":
-                self.transport.loseConnection()  # type: ignore[union-attr]  # connected: the transport is set
+                self.transport.loseConnection()
         else:
             self._answer("*")
 
@@ -334,14 +339,14 @@ class FakeDownstream(Protocol):
         if answer == STALL:
             return
         if answer.endswith(CLOSE):
-            self.transport.write(answer[: -len(CLOSE)])  # type: ignore[union-attr]  # connected: the transport is set
-            self.transport.loseConnection()  # type: ignore[union-attr]  # connected: the transport is set
+            self.transport.write(answer[: -len(CLOSE)])
+            self.transport.loseConnection()
             return
         if answer.endswith(RESET):
-            self.transport.write(answer[: -len(RESET)])  # type: ignore[union-attr]  # connected: the transport is set
-            self.transport.abortConnection()  # type: ignore[union-attr]  # connected: the transport is set
+            self.transport.write(answer[: -len(RESET)])
+            self.transport.abortConnection()
             return
-        self.transport.write(answer)  # type: ignore[union-attr]  # connected: the transport is set
+        self.transport.write(answer)
 
 
 class DownstreamFactory(ServerFactory):
