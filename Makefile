@@ -66,4 +66,4 @@ bench: venv
 	sh benchmarks/run.sh
 
 clean:
-	rm -rf $(VENV) run _trial_temp *.egg-info build dist
+	rm -rf $(VENV) run _trial_temp *.egg-info build dist .mypy_cache .import_linter_cache

@@ -115,7 +115,7 @@ def source() -> str:
     copy = os.path.join(scratch(), "src")
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "dist", "*.egg-info", "_trial_temp*", "run", "__pycache__",
-        ".hypothesis", ".mypy_cache"))
+        ".hypothesis", ".mypy_cache", ".import_linter_cache"))
     return copy
 
 
