@@ -3,11 +3,12 @@ Configuration: maddy's syntax (docs/configuration.md) parsed into the frozen tre
 L{smtprelay.config.model}.
 """
 
+from smtprelay.net.address import parseAddress
+
 from .lexer import ConfigError
 from .parser import defaultHostname, load, loadString
 from .permissions import secretFileWarnings
 from .show import show
-from .values import parseAddress
 
 __all__ = [
     "ConfigError", "defaultHostname", "load", "loadString", "parseAddress", "secretFileWarnings",

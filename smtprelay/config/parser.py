@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import attrs
 import idna
 
+from smtprelay.net.address import parseAddress
 from smtprelay.protocol.addresses import ruleKey
 from smtprelay.reading import readText
 from .lexer import ConfigError, Node, parseTree, readTree
@@ -41,7 +42,6 @@ from .model import (
     Target,
 )
 from .values import (
-    parseAddress,
     parseBool,
     parseDuration,
     parseNetwork,

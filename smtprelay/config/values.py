@@ -1,6 +1,7 @@
 """
 Scalar values of the configuration language: booleans, Go-style durations,
-sizes, endpoint addresses, networks and TLS protocol versions.
+sizes, networks and TLS protocol versions (endpoint addresses:
+L{smtprelay.net.address.parseAddress}).
 
 Each C{parseX} takes text and returns the model value or raises
 L{ValueError} with a message fit to follow C{FILE:LINE: directive:}; each
@@ -12,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from smtprelay.net.address import Address, IPNetwork
+from smtprelay.net.address import IPNetwork
 
 _TRUE = {"yes", "true", "on", "1"}
 _FALSE = {"no", "false", "off", "0"}
@@ -31,8 +32,6 @@ _NANOSECONDS = {
 
 _SIZE = re.compile(r"([0-9]+)([BKMGT]?)", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-_HOST = re.compile(r"[A-Za-z0-9_.\-\u0080-\U0010ffff]+")
 
 PROTOCOLS = ("tls1.0", "tls1.1", "tls1.2", "tls1.3")
 
@@ -120,59 +119,6 @@ def formatSize(size: int) -> str:
         if size and size % _SIZE_UNITS[unit] == 0:
             return f"{size // _SIZE_UNITS[unit]}{unit}"
     return str(size)
-
-
-def parseAddress(text: str) -> Address:
-    """
-    An endpoint address: C{tcp://HOST:PORT}, C{tls://HOST:PORT},
-    C{unix:///abs/path}, or the short forms C{tcp:HOST:PORT},
-    C{tls:HOST:PORT}, C{unix:/abs} and C{unix:relative}.  IPv6 literals go
-    in brackets (C{tcp://[::1]:25}); the port is mandatory.
-
-    @raise ValueError: with a message saying what is wrong.
-    """
-    scheme, colon, rest = text.partition(":")
-    if not colon or not scheme or rest.isdigit():
-        raise ValueError(f'"{text}": missing scheme (use tcp://, tls:// or unix://)')
-    scheme = scheme.lower()
-    if scheme == "unix":
-        if rest.startswith("//"):
-            if not rest.startswith("///"):
-                raise ValueError(f'"{text}": use unix:///absolute/path or unix:relative/path')
-            rest = rest[2:]
-        if not rest:
-            raise ValueError(f'"{text}": missing socket path')
-        return Address("unix", path=rest)
-    if scheme not in ("tcp", "tls"):
-        raise ValueError(f'"{text}": unsupported scheme "{scheme}" (use tcp://, tls:// or unix://)')
-    rest = rest.removeprefix("//")
-    if rest.startswith("["):
-        host, bracket, tail = rest[1:].partition("]")
-        if not bracket:
-            raise ValueError(f'"{text}": missing ] after the IPv6 address')
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f'"{text}": "{host}" is not an IPv6 address') from None
-        if not tail.startswith(":"):
-            raise ValueError(f'"{text}": missing port (as in {scheme}://[{host}]:25)')
-        port = tail[1:]
-    else:
-        host, sep, port = rest.rpartition(":")
-        if not sep:
-            raise ValueError(f'"{text}": missing port (as in {scheme}://{rest}:25)')
-        if ":" in host:
-            raise ValueError(f'"{text}": put IPv6 addresses in brackets, as in [::1]:25')
-        if not host:
-            raise ValueError(f'"{text}": missing host')
-        if not _HOST.fullmatch(host):
-            raise ValueError(f'"{text}": "{host}" is not a host name or IP address')
-    if not port.isdigit() or not port.isascii():
-        raise ValueError(f'"{text}": "{port}" is not a port number')
-    number = int(port)
-    if not 1 <= number <= 65535:
-        raise ValueError(f'"{text}": port {number} is out of range (1-65535)')
-    return Address(scheme, host=host, port=number)  # type: ignore[arg-type]  # scheme is one of the Literal's words, checked above
 
 
 def parseNetwork(text: str) -> IPNetwork:

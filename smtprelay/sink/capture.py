@@ -238,7 +238,7 @@ def makeSinkService(
     @param lmtp: speak LMTP instead of SMTP.
     @param script: scripted replies (see L{CaptureHandler}).
     """
-    from smtprelay.config import parseAddress
+    from smtprelay.net.address import parseAddress
 
     if reactor is None:
         from twisted.internet import reactor as globalReactor
@@ -282,7 +282,7 @@ class SinkOptions(usage.Options):
         Listen on ADDRESS (tcp://HOST:PORT or unix:///path); repeatable.
         Default: tcp://127.0.0.1:2525.
         """
-        from smtprelay.config import parseAddress
+        from smtprelay.net.address import parseAddress
 
         try:
             self["listen"].append(parseAddress(address))
