@@ -56,11 +56,14 @@ class ClientOptions:
     handshake.  So opportunistic TLS stays encrypted with a peer it cannot
     verify (Postfix's C{may} level), while C{require_tls} and credentials
     ask for a verified one.  Build them once per host and reuse them: they
-    hold the OpenSSL context.
+    hold the OpenSSL context (L{smtprelay.app.tls.clientOptions} builds
+    them from the configuration).
 
-    @param hostname: the host connected to (a name or IP literal).
-    @raise ValueError: an unknown curve name; a file that cannot be read
-        or does not hold what it should (C{PATH: reason}).
+    @param context: a context that does not abort a handshake over the
+        peer's certificate, with the trusted roots loaded unless
+        C{skipVerify}.
+    @param curves: the key-exchange groups to offer (C{b"X25519:P-256"}),
+        or None for OpenSSL's default.
 
     @ivar serverName: the name verified (DNS-ID or IP-ID, never the CN)
         and sent as SNI (unless an IP literal).
