@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener, Secret, Target
-from smtprelay.relay.failover import Failover
+from smtprelay.app.targets import makeFailover
 from smtprelay.relay.session import RelaySession
 from smtprelay.relay.routing import Route, Router
 from smtprelay.inbound.session import SMTPServerFactory
@@ -157,7 +157,7 @@ class RelayStack:
             **{"readTimeout": READ_TIMEOUT, "dataTimeout": LISTENER_DATA_TIMEOUT,
                **(listenerOptions or {})},
         )
-        self.failover = Failover(self.target, self.clock, endpointFactory=self.network)
+        self.failover = makeFailover(self.target, self.clock, endpointFactory=self.network)
         routes = Router.single(Route(self.target, self.failover.open, self.failover.release))
         self.factory = SMTPServerFactory(
             self.listener,

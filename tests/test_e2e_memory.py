@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener, Secret, Target
-from smtprelay.relay.failover import Failover
+from smtprelay.app.targets import makeFailover
 from smtprelay.relay.session import RelaySession
 from smtprelay.relay.routing import Route, Router
 from smtprelay.inbound.session import SMTPServerFactory
@@ -46,7 +46,7 @@ class Stack:
         )
         listener = Listener(kind=kind, addresses=(Address("tcp", "127.0.0.1", 2525),),  # type: ignore[arg-type]
                             deliverTo=target)
-        failover = Failover(target, self.clock, endpointFactory=self.network)
+        failover = makeFailover(target, self.clock, endpointFactory=self.network)
         routes = Router.single(Route(target, failover.open, lambda downstream: downstream.quit()))
         factory = SMTPServerFactory(
             listener,

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.protocol import replies
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Secret, Target
+from smtprelay.app.targets import makeFailover
 from smtprelay.relay.failover import Failover
 from smtprelay.interfaces import ClientSession, Credentials, DownstreamError, IDownstream
 from smtprelay.protocol.replies import Reply, reply
@@ -40,8 +41,8 @@ class FailoverTestCase(SynchronousTestCase):
         self.net = MemoryNetwork(self.clock)
 
     def failover(self, target: Target, loopToken: str = "") -> Failover:
-        return Failover(target, reactor=None, loopToken=loopToken, clock=self.clock,
-                        endpointFactory=self.net)
+        return makeFailover(target, reactor=None, loopToken=loopToken, clock=self.clock,
+                            endpointFactory=self.net)
 
     def open(self, failover: Failover, **kw: Any) -> Any:
         d = failover.open(**kw)
@@ -63,7 +64,7 @@ class OrderTests(FailoverTestCase):
         self.assertIsNone(mailReply)
         self.assertEqual(self.net.attempts, [str(MX1)])
         self.assertEqual(session.peer, "mx1.example[192.0.2.25]:25")
-        self.assertEqual(session.target.name, "t")
+        self.assertEqual(session.policy.name, "t")
         self.assertEqual(bytes(first.connections[0].received), b"EHLO relay.example\r\n")
 
     def test_refusedThenNext(self) -> None:

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtprelay.config.model import (
     Address, ClientTLS, Destinations, DownstreamAuth, Listener, Reject, Routing, Secret, Target,
 )
+from smtprelay.app.targets import makeFailover
 from smtprelay.relay.failover import Failover
 from smtprelay.observe.metrics import Metrics
 from smtprelay.app.readiness import Prober
@@ -62,7 +63,7 @@ class ProberTestCase(SynchronousTestCase):
         def failoverFor(target: Target) -> Failover:
             return failovers.setdefault(
                 id(target),
-                Failover(target, reactor=None, loopToken=TOKEN, clock=self.clock, endpointFactory=self.net),
+                makeFailover(target, reactor=None, loopToken=TOKEN, clock=self.clock, endpointFactory=self.net),
             )
 
         prober = Prober(listeners, failoverFor, self.clock, self.interval, self.metrics)

@@ -25,6 +25,7 @@ from smtprelay.protocol import replies
 from smtprelay.outbound.client import SMTPClientProtocol
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Secret, ServerTLS, Target
 from smtprelay.net.endpoints import clientEndpoint
+from smtprelay.app.targets import makeFailover
 from smtprelay.relay.failover import Failover
 from smtprelay.interfaces import Credentials, DownstreamError
 from smtprelay.observe.metrics import Metrics
@@ -128,7 +129,7 @@ class Loopback:
         return Recording()
 
     def failover(self, target: Target, **kw: Any) -> Failover:
-        return Failover(target, reactor, endpointFactory=self.endpointFactory, **kw)
+        return makeFailover(target, reactor, endpointFactory=self.endpointFactory, **kw)
 
     @inlineCallbacks
     def close(self) -> Any:

@@ -30,6 +30,7 @@ from smtprelay.observe.metrics import IMetrics, Metrics, NullMetrics, metricsSer
 from smtprelay.inbound.proxyproto import ProxyProtocolFactory
 from smtprelay.app.readiness import Prober
 from smtprelay.net.endpoints import serverEndpoint
+from smtprelay.app.targets import makeFailover
 from smtprelay.relay.failover import Failover
 from smtprelay.interfaces import ClientSession
 from smtprelay.relay.session import PasswordChecker, RelaySession
@@ -183,7 +184,7 @@ def makeService(config: Config, reactor: Any) -> RelayService:
     def failoverFor(target: Target) -> Failover:
         key = id(target)
         if key not in failovers:
-            failovers[key] = Failover(target, reactor, loopToken=token, metrics=metrics)
+            failovers[key] = makeFailover(target, reactor, loopToken=token, metrics=metrics)
         return failovers[key]
 
     def routeFor(target: Target) -> Route:

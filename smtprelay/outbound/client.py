@@ -36,35 +36,23 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from smtprelay.interfaces import ClientSession, Credentials, DownstreamError, IDownstream, Params, TLSInfo
+from smtprelay.net.tls import cipherBits
+from smtprelay.net.wire import writeNow
+from smtprelay.outbound.chunks import CHUNKS_READY, Chunks
+from smtprelay.outbound.clientinfo import advertised, xforwardCommands
+from smtprelay.outbound.policy import ClientPolicy, ClientTLSOptions, Endpoint
 from smtprelay.protocol import replies
 from smtprelay.protocol.addresses import downconvert
 from smtprelay.protocol.body import DotStuffer
-from smtprelay.outbound.clientinfo import advertised, xforwardCommands
-from smtprelay.config.model import Address, Target
-from smtprelay.interfaces import ClientSession, Credentials, DownstreamError, IDownstream, Params, TLSInfo
-from smtprelay.protocol.replies import MalformedReply, Reply, reply
-from smtprelay.net.tls import ClientOptions, cipherBits
-from smtprelay.net.wire import writeNow
+from smtprelay.protocol.parameters import Forwarded, finalReplies, mailParameters, rcptParameters
+from smtprelay.protocol.replies import MalformedReply, Reply
 
 MAX_REPLY_BYTES = 64 * 1024
 """The largest reply (all its lines) we accept from a downstream."""
 
 MAX_REPLY_LINES = 1000
 """The most lines one reply may have."""
-
-REQUIRETLS_UNAVAILABLE = reply(550, "5.7.30", "REQUIRETLS support required")
-"""MAIL with REQUIRETLS to a downstream that cannot honour it (RFC 8689)."""
-
-CHUNKS_READY = reply(354, None, "End data with <CR><LF>.<CR><LF>")
-"""The go-ahead for a body sent as BDAT chunks (the downstream has no
-C{DATA} step to answer)."""
-
-CHUNK_SIZE = 64 * 1024
-"""The size of a BDAT chunk: the body is sent whenever this much is
-buffered, the rest with C{LAST}."""
-
-_DSN_MAIL = ("RET", "ENVID")
-_DSN_RCPT = ("NOTIFY", "ORCPT")
 
 Check = Callable[[Reply], bool]
 
@@ -79,46 +67,21 @@ _DATA: Check = lambda r: r.code == 354 or r.code // 100 in (4, 5)
 _AUTH: Check = lambda r: r.code == 334 or r.code // 100 in (2, 4, 5)
 
 
-class AttemptFailed(Exception):
+class TLSFailed(Exception):
     """
-    A step before the transaction failed: the failover tries the next
-    target.
+    STARTTLS did not give a usable TLS connection; the connection is
+    closed.
 
     @ivar reason: log-safe description.
-    @ivar backoff: the target is unreachable (connect or greeting failed);
-        let it rest.
-    @ivar noTLS: the target could not give TLS (for C{require_tls}).
-    @ivar retryPlain: a TLS handshake failed; with C{attempt_starttls} and
-        without C{require_tls} the same target is retried on a new
-        connection without STARTTLS.
-    @ivar dns: the target's name did not resolve.
-    @ivar auth: the relay could not authenticate there with its own
-        configuration: its credentials were refused, the mechanism is not
-        offered, or no verified TLS carries the password.  A fault of the
-        relay's configuration, never the message's: a temporary failure.
-    @ivar stage: the step that failed, for logs: C{connect}, C{greeting},
-        C{tls} (implicit TLS), C{ehlo}, C{starttls}, C{xclient} or C{auth}.
+    @ivar retryPlain: the handshake failed or timed out (the peer may be
+        tried again without STARTTLS), rather than data being injected
+        after the C{220}.
     """
 
-    def __init__(
-        self,
-        reason: str,
-        *,
-        stage: str = "",
-        backoff: bool = False,
-        noTLS: bool = False,
-        retryPlain: bool = False,
-        dns: bool = False,
-        auth: bool = False,
-    ) -> None:
+    def __init__(self, reason: str, retryPlain: bool) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.stage = stage
-        self.backoff = backoff
-        self.noTLS = noTLS
         self.retryPlain = retryPlain
-        self.dns = dns
-        self.auth = auth
 
 
 def parseCapabilities(ehlo: Reply) -> dict[str, str]:
@@ -134,38 +97,11 @@ def parseCapabilities(ehlo: Reply) -> dict[str, str]:
     return caps
 
 
-def _formatParams(params: Params) -> bytes:
+def _formatParams(forwarded: Forwarded) -> bytes:
     return b"".join(
         b" " + key.encode("ascii") + (b"" if value is None else b"=" + value.encode("utf-8"))
-        for key, value in params.items()
+        for key, value in forwarded.params.items()
     )
-
-
-class _Chunks:
-    """
-    The body of a transaction sent as BDAT chunks.
-
-    @ivar pending: bytes not sent yet (less than L{CHUNK_SIZE}).
-    @ivar replies: the replies to the chunks sent, in order.
-    @ivar refused: the first chunk's reply that was not positive: nothing
-        more is sent (RFC 3030 §4), and it is the transaction's outcome.
-    """
-
-    def __init__(self) -> None:
-        self.pending: list[bytes] = []
-        self.size = 0
-        self.replies: list[Deferred[Reply]] = []
-        self.refused: Reply | None = None
-
-    def take(self) -> bytes:
-        data = b"".join(self.pending)
-        self.pending, self.size = [], 0
-        return data
-
-    def answered(self, r: Reply) -> Reply:
-        if not r.positive and self.refused is None:
-            self.refused = r
-        return r
 
 
 @implementer(IPushProducer)
@@ -192,19 +128,20 @@ class _Backpressure:
 @implementer(IDownstream, IHandshakeListener)
 class SMTPClientProtocol(LineReceiver):
     """
-    One downstream connection.  L{smtprelay.relay.failover.Failover} drives the
-    steps before the transaction (L{greeting}, L{hello}, L{startTLS},
-    L{authenticate}) and hands it to the relay as an L{IDownstream}.
+    One downstream connection.  L{smtprelay.outbound.handshake.Handshake}
+    drives the steps before the transaction (L{greeting}, L{hello},
+    L{startTLS}, L{authenticate}) and the relay uses it as an
+    L{IDownstream}.
+
+    @param address: the endpoint connected to; once connected, L{peer}
+        names it with the peer's IP address (C{host[ip]:port}).
+    @param tlsOptions: the options of implicit TLS (C{tls://}), which
+        judge the peer after the handshake.
 
     @ivar greeting: fires with the greeting reply.
     @ivar tls: the TLS of this connection once its handshake is complete.
-    @ivar tlsOptions: the options of this connection's TLS, which judge
-        the peer after the handshake (set by L{startTLS}, or before
-        connecting for implicit TLS).
     @ivar untrusted: why the TLS peer is not verified, or None.
     @ivar tlsFailed: the connection was lost to a TLS error.
-    @ivar address: the endpoint this connection goes to (set by
-        L{smtprelay.relay.failover.Failover}).
     @ivar connectedAt: when the connection was opened (C{clock} seconds).
     @ivar lastVerb: the verb of the last command sent (for logs), or
         C{b""}.
@@ -214,32 +151,39 @@ class SMTPClientProtocol(LineReceiver):
     MAX_LENGTH = MAX_REPLY_BYTES
     _log = Logger()
 
-    def __init__(self, target: Target, clock: IReactorTime, peer: str = "") -> None:
-        self.target = target
-        self.lmtp = target.protocol == "lmtp"
+    def __init__(
+        self,
+        policy: ClientPolicy,
+        clock: IReactorTime,
+        peer: str = "",
+        address: Endpoint | None = None,
+        tlsOptions: ClientTLSOptions | None = None,
+    ) -> None:
+        self.policy = policy
+        self.lmtp = policy.lmtp
         self.capabilities: dict[str, str] = {}
         self.tls: TLSInfo | None = None
-        self.tlsOptions: ClientOptions | None = None
+        self._tlsOptions = tlsOptions
         self.untrusted: str | None = None
-        self.peer = peer
+        self.peer = peer or str(address or "")
         self.tlsFailed = False
         self.greeting: Deferred[Reply] = Deferred()
-        self.address: Address | None = None
+        self.address = address
         self.connectedAt = clock.seconds()
         self.lastVerb = b""
         self._clock = clock
-        self._debug = target.debug
+        self._debug = policy.debug
         self._waiting: deque[tuple[Deferred[Reply], Check]] = deque()
         self._answerable = 0
         self._queued: deque[tuple[bytes, Deferred[Reply], Check, bool]] = deque()
         self._lines: list[bytes] = []
         self._replyBytes = 0
         self._timer: IDelayedCall | None = None
-        self._timeout = target.commandTimeout
+        self._timeout = policy.commandTimeout
         self._handshake: Deferred[None] | None = None
         self._accepted = 0
         self._downconvert = False
-        self._body: DotStuffer | _Chunks | None = None
+        self._body: DotStuffer | Chunks | None = None
         self._producer: IPushProducer | None = None
         self._paused = False
         self._stall: IDelayedCall | None = None
@@ -251,6 +195,14 @@ class SMTPClientProtocol(LineReceiver):
     # -- connection -------------------------------------------------------
 
     def connectionMade(self) -> None:
+        address = self.address
+        if address is not None:
+            if address.scheme == "unix":
+                self.peer = address.path
+            else:
+                ip = getattr(self.transport.getPeer(), "host", "?")  # type: ignore[union-attr]  # connected: a transport
+                host = f"[{address.host}]" if ":" in address.host else address.host
+                self.peer = f"{host}[{ip}]:{address.port}"
         # Small pipelined commands must not wait for Nagle.
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
         if setNoDelay is not None:
@@ -273,14 +225,7 @@ class SMTPClientProtocol(LineReceiver):
         self._failAll(error)
         if self._handshake is not None:
             handshake, self._handshake = self._handshake, None
-            handshake.errback(
-                AttemptFailed(
-                    f"TLS handshake with {self.peer} failed",
-                    stage="starttls",
-                    noTLS=True,
-                    retryPlain=True,
-                )
-            )
+            handshake.errback(TLSFailed(f"TLS handshake with {self.peer} failed", retryPlain=True))
 
     @property
     def idle(self) -> bool:
@@ -455,7 +400,7 @@ class SMTPClientProtocol(LineReceiver):
         self.capabilities = {}
         return self.command(verb + encoded).addCallback(learned)
 
-    def startTLS(self, options: ClientOptions) -> Deferred[Reply]:
+    def startTLS(self, options: ClientTLSOptions) -> Deferred[Reply]:
         """
         STARTTLS, then the handshake.  Fires with the STARTTLS reply: C{220}
         once the handshake succeeded, whether the peer could be verified or
@@ -466,7 +411,7 @@ class SMTPClientProtocol(LineReceiver):
         Bytes that arrive after the 220 and before the handshake are an
         injection attempt (or a confused server): abort.
 
-        @raise AttemptFailed: the handshake failed or timed out
+        @raise TLSFailed: the handshake failed or timed out
             (C{retryPlain}), or data was injected.
         """
 
@@ -475,13 +420,11 @@ class SMTPClientProtocol(LineReceiver):
                 return r
             if self._lines or self.clearLineBuffer():
                 self._abortWith(replies.DOWNSTREAM_LOST, f"data injected after STARTTLS by {self.peer}")
-                raise AttemptFailed(
-                    f"data injected after STARTTLS by {self.peer}", stage="starttls", noTLS=True
-                )
+                raise TLSFailed(f"data injected after STARTTLS by {self.peer}", retryPlain=False)
             handshake: Deferred[None] = Deferred()
             self._handshake = handshake
             self.capabilities = {}
-            self.tlsOptions = options
+            self._tlsOptions = options
             self._armTimer()
             self.transport.startTLS(options)  # type: ignore[union-attr]
             return handshake.addCallback(lambda _: r)
@@ -494,11 +437,11 @@ class SMTPClientProtocol(LineReceiver):
         peer (L{tls}, L{untrusted}).
         """
         connection = _sslConnection(self.transport)
-        if connection is None or self.tlsOptions is None:
+        if connection is None or self._tlsOptions is None:
             self.untrusted = "no certificate to check"
             self.tls = TLSInfo("unknown", "unknown")
         else:
-            self.untrusted = self.tlsOptions.verify(connection)
+            self.untrusted = self._tlsOptions.verify(connection)
             self.tls = TLSInfo(
                 str(connection.get_protocol_version_name()),
                 str(connection.get_cipher_name()),
@@ -539,7 +482,6 @@ class SMTPClientProtocol(LineReceiver):
 
     def mail(self, sender: bytes, params: Params, client: ClientSession | None = None) -> Deferred[Reply]:
         caps = self.capabilities
-        out: dict[str, str | None] = {}
         self._accepted = 0
         self._downconvert = "SMTPUTF8" in params and "SMTPUTF8" not in caps
         if self._downconvert:
@@ -547,33 +489,18 @@ class SMTPClientProtocol(LineReceiver):
             if converted is None:
                 return succeed(replies.UTF8_SENDER)
             sender = converted
-        dropped = []
-        for key, value in params.items():
-            if key == "BODY":
-                if (value or "").upper() == "8BITMIME" and "8BITMIME" not in caps:
-                    return succeed(replies.CONVERSION_REQUIRED)
-                out[key] = value
-            elif key == "REQUIRETLS":
-                if self.tls is None or "REQUIRETLS" not in caps:
-                    return succeed(REQUIRETLS_UNAVAILABLE)
-                out[key] = value
-            elif key in _DSN_MAIL:
-                if "DSN" in caps:
-                    out[key] = value
-                else:
-                    dropped.append(key)
-            elif key in ("SIZE", "SMTPUTF8", "AUTH"):
-                if key in caps:
-                    out[key] = value
-            else:
-                out[key] = value
-        if dropped:
+        forwarded = mailParameters(
+            params, caps, tls=self.tls is not None, authenticated=client is not None and client.user is not None
+        )
+        if isinstance(forwarded, Reply):
+            return succeed(forwarded)
+        if forwarded.droppedDSN:
             self._log.debug(
-                "{peer} does not advertise DSN: dropped {params}", peer=self.peer, params=dropped
+                "{peer} does not advertise DSN: dropped {params}", peer=self.peer, params=list(forwarded.droppedDSN)
             )
-        if client is not None and self.target.forwardClientInfo == "xforward":
+        if client is not None and self.policy.forwardClientInfo == "xforward":
             self._xforward(client)
-        return self.command(b"MAIL FROM:<" + sender + b">" + _formatParams(out)).addCallback(
+        return self.command(b"MAIL FROM:<" + sender + b">" + _formatParams(forwarded)).addCallback(
             self._transactionOpen
         )
 
@@ -607,9 +534,8 @@ class SMTPClientProtocol(LineReceiver):
             if converted is None:
                 return succeed(replies.UTF8_RECIPIENT)
             recipient = converted
-        dsn = "DSN" in self.capabilities
-        out = {k: v for k, v in params.items() if dsn or k not in _DSN_RCPT}
-        if len(out) != len(params):
+        forwarded = rcptParameters(params, self.capabilities)
+        if forwarded.droppedDSN:
             self._log.debug("{peer} does not advertise DSN: dropped NOTIFY/ORCPT", peer=self.peer)
 
         def counted(r: Reply) -> Reply:
@@ -617,7 +543,7 @@ class SMTPClientProtocol(LineReceiver):
                 self._accepted += 1
             return r
 
-        line = b"RCPT TO:<" + recipient + b">" + _formatParams(out)
+        line = b"RCPT TO:<" + recipient + b">" + _formatParams(forwarded)
         return self.command(line).addCallback(counted)
 
     @property
@@ -628,7 +554,7 @@ class SMTPClientProtocol(LineReceiver):
         the target's C{chunking} is on.
         """
         caps = self.capabilities
-        return self.target.chunking and "CHUNKING" in caps and "PIPELINING" in caps
+        return self.policy.chunking and "CHUNKING" in caps and "PIPELINING" in caps
 
     def data(self) -> Deferred[Reply]:
         """
@@ -638,7 +564,7 @@ class SMTPClientProtocol(LineReceiver):
         if self.chunking:
             if self._closed or self._error is not None:
                 return fail(self._error or DownstreamError(replies.DOWNSTREAM_LOST, "connection closed"))
-            self._startBody(_Chunks())
+            self._startBody(Chunks())
             return succeed(CHUNKS_READY)
 
         def started(r: Reply) -> Reply:
@@ -648,7 +574,7 @@ class SMTPClientProtocol(LineReceiver):
 
         return self.command(b"DATA", _DATA).addCallback(started)
 
-    def _startBody(self, body: DotStuffer | _Chunks) -> None:
+    def _startBody(self, body: DotStuffer | Chunks) -> None:
         self._body = body
         self.transport.registerProducer(_Backpressure(self), True)  # type: ignore[union-attr]
 
@@ -664,13 +590,11 @@ class SMTPClientProtocol(LineReceiver):
             return
         if body.refused is not None:
             return
-        body.pending.append(data)
-        body.size += len(data)
-        if body.size >= CHUNK_SIZE:
-            chunk = body.take()
+        chunk = body.add(data)
+        if chunk is not None:
             [answer] = self._expect(1)
             # A lost connection fails the end-of-data; nothing to add here.
-            body.replies.append(answer.addCallbacks(body.answered, lambda f: None))
+            body.replies.append(answer.addCallback(body.answered).addErrback(lambda f: None))
             if self._debug:
                 self._trace("C", b"BDAT %d" % len(chunk))
             self.transport.write(b"BDAT %d\r\n" % len(chunk) + chunk)  # type: ignore[union-attr]
@@ -706,7 +630,7 @@ class SMTPClientProtocol(LineReceiver):
         self.transport.unregisterProducer()  # type: ignore[union-attr]
         self._cancelStall()
         self._paused = False
-        self._timeout = self.target.submissionTimeout
+        self._timeout = self.policy.submissionTimeout
         if isinstance(body, DotStuffer):
             if self._debug:
                 self._trace("C", b"<end of data>")
@@ -718,7 +642,7 @@ class SMTPClientProtocol(LineReceiver):
                 if self._debug:
                     self._trace("C", b"BDAT %d LAST" % len(rest))
                 return self._final(b"BDAT %d LAST\r\n" % len(rest) + rest)
-            self._timeout = self.target.commandTimeout
+            self._timeout = self.policy.commandTimeout
             self.rset().addErrback(lambda f: None)
             return [body.refused]
 
@@ -731,7 +655,7 @@ class SMTPClientProtocol(LineReceiver):
         """
         if self._closed or self._error is not None:
             return fail(self._error or DownstreamError(replies.DOWNSTREAM_LOST, "connection closed"))
-        count = max(1, self._accepted) if self.lmtp else 1
+        count = finalReplies(self.lmtp, self._accepted)
         received: list[Reply] = []
 
         def arrived(r: Reply) -> Reply:
@@ -743,7 +667,7 @@ class SMTPClientProtocol(LineReceiver):
         writeNow(self.transport, end)
 
         def collected(results: list[Reply]) -> list[Reply]:
-            self._timeout = self.target.commandTimeout
+            self._timeout = self.policy.commandTimeout
             self._inTransaction = False
             return results
 
@@ -801,7 +725,7 @@ class SMTPClientProtocol(LineReceiver):
         if self._producer is not None:
             self._producer.pauseProducing()
         if self._stall is None or not self._stall.active():
-            self._stall = self._clock.callLater(self.target.dataTimeout, self._bodyStalled)
+            self._stall = self._clock.callLater(self.policy.dataTimeout, self._bodyStalled)
 
     def _bodyResumed(self) -> None:
         self._paused = False

@@ -45,6 +45,7 @@ from smtprelay.interfaces import (
     IRelayHandler,
     Params,
 )
+from smtprelay.protocol.parameters import finalReplies
 from smtprelay.protocol.replies import Reply
 from smtprelay.relay.routing import Route, Router
 
@@ -181,8 +182,6 @@ class RelaySession:
             return succeed(choice)
         self._sender = sender
         self._started = self._clock.seconds()
-        if self.session.user is None:
-            params = {k: v for k, v in params.items() if k != "AUTH"}
         self._mailParams = params
         if isinstance(choice, Destinations):
             self._destinations = choice
@@ -498,9 +497,7 @@ class RelaySession:
             route.release(downstream)
 
     def _perRecipient(self, reply: Reply) -> list[Reply]:
-        if self.session.protocol == "lmtp":
-            return [reply] * max(1, len(self._accepted))
-        return [reply]
+        return [reply] * finalReplies(self.session.protocol == "lmtp", len(self._accepted))
 
     def _mapFinal(self, results: Sequence[Reply]) -> list[Reply]:
         """
