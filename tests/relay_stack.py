@@ -161,7 +161,7 @@ class RelayStack:
         routes = Router.single(Route(self.target, self.failover.open, self.failover.release))
         self.factory = SMTPServerFactory(
             self.listener,
-            lambda session: RelaySession(session, self.listener, routes, "relay.test", self.clock),
+            lambda session: RelaySession(session, self.listener.auth.mode, routes, "relay.test", self.clock),
             "relay.test", self.clock,
         )
         ids = iter(range(1, 1_000_000))

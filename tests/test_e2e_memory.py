@@ -50,7 +50,7 @@ class Stack:
         routes = Router.single(Route(target, failover.open, lambda downstream: downstream.quit()))
         factory = SMTPServerFactory(
             listener,
-            lambda session: RelaySession(session, listener, routes, "relay.test", self.clock),
+            lambda session: RelaySession(session, listener.auth.mode, routes, "relay.test", self.clock),
             "relay.test", self.clock,
         )
         factory.newSessionId = lambda: "SID"

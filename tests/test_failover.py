@@ -322,6 +322,22 @@ class StartTLSTests(FailoverTestCase):
         self.assertEqual(len(first.connections), 1)
         self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
 
+    def test_injectionAfterStartTLS(self) -> None:
+        """
+        Bytes after the 220 to STARTTLS are an injection: that endpoint
+        cannot give TLS (C{require_tls} gets C{4.7.5} when none can), and
+        it is never retried in plain text.
+        """
+        injecting = Script(replies={"EHLO": TLS_EHLO, "STARTTLS": b"220 go\r\n250 injected\r\n"})
+        first = self.net.add(str(MX1), injecting)
+        self.net.add(str(MX2))
+        session, _ = self.opened(self.failover(makeTarget(attemptStartTLS=True)))
+        self.assertEqual(len(first.connections), 1)
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+        self.net.add(str(MX2), injecting)
+        error = self.failed(self.failover(makeTarget(requireTLS=True)))
+        self.assertEqual(error.reply, replies.DOWNSTREAM_NO_TLS)
+
     def test_handshakeFailureEveryTarget(self) -> None:
         for key in (MX1, MX2):
             self.net.add(str(key), Script(replies={"EHLO": TLS_EHLO}), handshake="fail")

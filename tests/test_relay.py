@@ -145,7 +145,7 @@ def router(listener_: Listener, opener: Opener, release: object = None) -> Route
 
 def relaySession(session: ClientSession, listener_: Listener, opener: Opener, clock: Clock,
                  release: object = None) -> RelaySession:
-    return RelaySession(session, listener_, router(listener_, opener, release), "relay.test", clock)
+    return RelaySession(session, listener_.auth.mode, router(listener_, opener, release), "relay.test", clock)
 
 
 def result(d: Deferred) -> object:
@@ -880,7 +880,7 @@ class RoutingTests(SynchronousTestCase):
         def routeFor(t: Target) -> Route:
             return Route(t, self.openers[t.name], lambda d: self.released.append((t.name, d)))
 
-        self.relay = RelaySession(self.session, listener(deliverTo=routing), Router(routing, routeFor),
+        self.relay = RelaySession(self.session, listener(deliverTo=routing).auth.mode, Router(routing, routeFor),
                                   "relay.test", self.clock)
 
     def calls(self, name: str) -> list[str]:

@@ -263,6 +263,6 @@ def _handlerFactory(
         checker = lambda user, password: succeed(users.check(user, password))
 
     def handlerFor(session: ClientSession) -> RelaySession:
-        return RelaySession(session, listener, router, config.hostname, reactor, checker, metrics)
+        return RelaySession(session, listener.auth.mode, router, config.hostname, reactor, checker, metrics)
 
     return handlerFor
