@@ -17,9 +17,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener, Secret, Target
-from smtprelay.app.targets import makeFailover
+from smtprelay.app.targets import makeFailover, targetRoute
 from smtprelay.relay.session import RelaySession
-from smtprelay.relay.routing import Route, Router
+from smtprelay.relay.routing import Router
 from smtprelay.inbound.session import SMTPServerFactory
 from smtprelay.testing.downstream import DEFAULT_EHLO, DownstreamFactory, MemoryNetwork, Script
 
@@ -158,7 +158,7 @@ class RelayStack:
                **(listenerOptions or {})},
         )
         self.failover = makeFailover(self.target, self.clock, endpointFactory=self.network)
-        routes = Router.single(Route(self.target, self.failover.open, self.failover.release))
+        routes = Router.single(targetRoute(self.target, self.failover.open, self.failover.release))
         self.factory = SMTPServerFactory(
             self.listener,
             lambda session: RelaySession(session, self.listener.auth.mode, routes, "relay.test", self.clock),

@@ -13,9 +13,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener, Secret, Target
-from smtprelay.app.targets import makeFailover
+from smtprelay.app.targets import makeFailover, targetRoute
 from smtprelay.relay.session import RelaySession
-from smtprelay.relay.routing import Route, Router
+from smtprelay.relay.routing import Router
 from smtprelay.inbound.session import SMTPServerFactory
 from smtprelay.testing.downstream import CLOSE, STALL, MemoryNetwork, Script
 
@@ -47,7 +47,7 @@ class Stack:
         listener = Listener(kind=kind, addresses=(Address("tcp", "127.0.0.1", 2525),),  # type: ignore[arg-type]
                             deliverTo=target)
         failover = makeFailover(target, self.clock, endpointFactory=self.network)
-        routes = Router.single(Route(target, failover.open, lambda downstream: downstream.quit()))
+        routes = Router.single(targetRoute(target, failover.open, lambda downstream: downstream.quit()))
         factory = SMTPServerFactory(
             listener,
             lambda session: RelaySession(session, listener.auth.mode, routes, "relay.test", self.clock),

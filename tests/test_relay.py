@@ -26,6 +26,7 @@ from smtprelay.interfaces import (
     TLSInfo,
 )
 from smtprelay.relay.session import RelaySession
+from smtprelay.app.targets import makeRouter, targetRoute
 from smtprelay.relay.routing import Route, Router
 from smtprelay.protocol.replies import Reply, reply
 
@@ -140,7 +141,7 @@ def router(listener_: Listener, opener: Opener, release: object = None) -> Route
     default QUIT) takes the downstreams the relay is done with.
     """
     assert isinstance(listener_.deliverTo, Target)
-    return Router.single(Route(listener_.deliverTo, opener, release or (lambda d: d.quit())))  # type: ignore[arg-type]
+    return Router.single(targetRoute(listener_.deliverTo, opener, release or (lambda d: d.quit())))  # type: ignore[arg-type]
 
 
 def relaySession(session: ClientSession, listener_: Listener, opener: Opener, clock: Clock,
@@ -878,9 +879,9 @@ class RoutingTests(SynchronousTestCase):
         )
 
         def routeFor(t: Target) -> Route:
-            return Route(t, self.openers[t.name], lambda d: self.released.append((t.name, d)))
+            return targetRoute(t, self.openers[t.name], lambda d: self.released.append((t.name, d)))
 
-        self.relay = RelaySession(self.session, listener(deliverTo=routing).auth.mode, Router(routing, routeFor),
+        self.relay = RelaySession(self.session, listener(deliverTo=routing).auth.mode, makeRouter(routing, routeFor),
                                   "relay.test", self.clock)
 
     def calls(self, name: str) -> list[str]:

@@ -30,7 +30,7 @@ from smtprelay.observe.metrics import IMetrics, Metrics, NullMetrics, metricsSer
 from smtprelay.inbound.proxyproto import ProxyProtocolFactory
 from smtprelay.app.readiness import Prober
 from smtprelay.net.endpoints import serverEndpoint
-from smtprelay.app.targets import makeFailover
+from smtprelay.app.targets import makeFailover, makeRouter, targetRoute
 from smtprelay.relay.failover import Failover
 from smtprelay.interfaces import ClientSession
 from smtprelay.relay.session import PasswordChecker, RelaySession
@@ -189,7 +189,7 @@ def makeService(config: Config, reactor: Any) -> RelayService:
 
     def routeFor(target: Target) -> Route:
         failover = failoverFor(target)
-        return Route(target, failover.open, failover.release)
+        return targetRoute(target, failover.open, failover.release)
 
     for listener in config.listeners:
         tlsOptions = None
@@ -198,7 +198,7 @@ def makeService(config: Config, reactor: Any) -> RelayService:
             root.addReloadable("TLS certificates", tlsOptions)
         factory = SMTPServerFactory(
             listener,
-            _handlerFactory(root, listener, Router(listener.deliverTo, routeFor), config, reactor, metrics),
+            _handlerFactory(root, listener, makeRouter(listener.deliverTo, routeFor), config, reactor, metrics),
             config.hostname,
             reactor,
             tlsOptions=tlsOptions,

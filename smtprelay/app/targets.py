@@ -1,19 +1,20 @@
 """
 A configured target → the plain policy values of the engines that reach it,
-and its L{Failover}.
+its L{Failover} and its L{Route}; a listener's routing blocks → its
+L{Router}.
 
-The outbound client, its handshake and the failover never see the
-configuration tree: this module is where a C{target} block becomes what
-each of them needs.
+The outbound client, its handshake, the failover and the relay session
+never see the configuration tree: this module is where a C{target} block
+and the routing blocks become what each of them needs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
-from smtprelay.config.model import Address, Target
+from smtprelay.config.model import Address, Decision, Destinations, Handling, Reject, Routing, Target
 from smtprelay.interfaces import Credentials
 from smtprelay.net.endpoints import clientEndpoint
 from smtprelay.net.tls import ClientOptions
@@ -21,7 +22,10 @@ from smtprelay.observe.metrics import IMetrics
 from smtprelay.outbound.handshake import EndpointFactory, Handshake
 from smtprelay.outbound.policy import ClientPolicy, Endpoint, HandshakePolicy
 from smtprelay.relay.failover import Failover, FailoverPolicy
+from smtprelay.protocol.replies import reply
 from smtprelay.relay.pool import ReusePolicy
+from smtprelay.relay import routing
+from smtprelay.relay.routing import Opener, Releaser, Route, Router
 
 
 def clientPolicy(target: Target) -> ClientPolicy:
@@ -107,3 +111,39 @@ def makeFailover(
         metrics,
     )
     return Failover(failoverPolicy(target), handshake, time, metrics)
+
+
+def targetRoute(target: Target, open: Opener, release: Releaser) -> Route:
+    """
+    The route to C{target} through its failover's C{open} and C{release}.
+    """
+    return Route(target.name, open, release, lmtp=target.protocol == "lmtp", lmtpSplit=target.lmtpSplit)
+
+
+def makeRouter(delivery: Target | Routing, routeFor: Callable[[Target], Route]) -> Router:
+    """
+    The router of a listener's C{deliver_to}: one target, or routing blocks
+    (a rule listed twice: the later one holds).
+
+    @param routeFor: the route of each target (the service keeps one
+        failover per target); called once per target, in file order.
+    """
+    if isinstance(delivery, Target):
+        delivery = Routing((), delivery)
+    routes: dict[int, Route] = {}
+
+    def decided(decision: Decision) -> routing.Decision:
+        if isinstance(decision, Reject):
+            return reply(decision.code, decision.enhanced, decision.text)
+        if id(decision) not in routes:
+            routes[id(decision)] = routeFor(decision)
+        return routes[id(decision)]
+
+    def handled(handling: Handling) -> routing.Handling:
+        if isinstance(handling, Destinations):
+            rules = [(rule, decided(decision)) for rule, decision in handling.rules]
+            return routing.ByRecipient(dict(rules), decided(handling.default))
+        return decided(handling)
+
+    sources = [(rule, handled(handling)) for rule, handling in delivery.sources]
+    return Router(dict(sources), handled(delivery.default))

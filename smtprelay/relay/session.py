@@ -33,7 +33,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtprelay.protocol import replies
-from smtprelay.config.model import Destinations
 from smtprelay.observe.metrics import IMetrics, NullMetrics
 from smtprelay.observe.logs import logReject
 from smtprelay.interfaces import (
@@ -46,7 +45,7 @@ from smtprelay.interfaces import (
 )
 from smtprelay.protocol.replies import Reply
 from smtprelay.relay.record import CLIENT_GONE, Transaction, TransactionLog, outcome, receivedHeader
-from smtprelay.relay.routing import Route, Router
+from smtprelay.relay.routing import ByRecipient, Route, Router
 from smtprelay.relay.verdicts import clientFinal, perRecipient
 
 PasswordChecker = Callable[[str, str], "Deferred[bool]"]
@@ -96,7 +95,7 @@ class RelaySession:
     _sender: bytes | None
     _mailParams: Params
     _route: Route | None
-    _destinations: Destinations | None
+    _destinations: ByRecipient | None
     _mailRefused: Reply | None
     _accepted: list[bytes]
     _size: int
@@ -185,7 +184,7 @@ class RelaySession:
         self._sender = sender
         self._started = self._clock.seconds()
         self._mailParams = params
-        if isinstance(choice, Destinations):
+        if isinstance(choice, ByRecipient):
             self._destinations = choice
             return succeed(replies.SENDER_OK)
         self._route = choice
@@ -354,12 +353,12 @@ class RelaySession:
 
     @property
     def _splitOneRecipient(self) -> bool:
-        target = self._route.target if self._route is not None else None
+        route = self._route
         return (
-            target is not None
-            and target.protocol == "lmtp"
+            route is not None
+            and route.lmtp
             and self.session.protocol == "smtp"
-            and target.lmtpSplit == "one_rcpt"
+            and route.lmtpSplit == "one_rcpt"
         )
 
     def _resetTransaction(self) -> None:
@@ -523,7 +522,7 @@ class RelaySession:
                 self._sender,
                 len(self._accepted),
                 self._size,
-                self._route.target.name if self._route else "none",
+                self._route.name if self._route else "none",
                 self._started,
             ),
             status, reply, downstream, endOfDataSeconds, recipients,
