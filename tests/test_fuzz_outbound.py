@@ -33,7 +33,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.app.targets import clientPolicy
-from smtprelay.outbound.client import MAX_REPLY_BYTES, MAX_REPLY_LINES, SMTPClientProtocol
+from smtprelay.outbound.client import SMTPClientProtocol
+from smtprelay.outbound.pipeline import MAX_REPLY_BYTES, MAX_REPLY_LINES
 from smtprelay.config.model import Address, Target
 from smtprelay.interfaces import DownstreamError
 from smtprelay.protocol.replies import Reply

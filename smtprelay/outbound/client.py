@@ -1,71 +1,41 @@
 """
 The outbound SMTP/LMTP client protocol: one connection to one downstream.
 
-Every command returns a Deferred that fires with the downstream's L{Reply};
-replies are matched to commands first in, first out.  Commands are written
-at once when the server offers PIPELINING and one at a time otherwise.
-Replies are parsed strictly: garbage, mixed codes, a reply over 64 KiB,
-endless continuation lines, a reply nobody asked for (one more than the
-commands written before its bytes arrived) or a reply of the wrong class
-abort the connection, and every outstanding Deferred fails with
-L{DownstreamError}.  The body goes as C{BDAT} chunks (RFC 3030, no
-dot-stuffing) to a downstream that advertises CHUNKING and PIPELINING,
-else after C{DATA}, dot-stuffed by L{DotStuffer} at every position,
-whatever the chunking; an aborted body never gets its end-of-data (the
-dot, or the C{LAST} chunk).  Secrets never reach a log line: the protocol trace (C{debug})
-shows AUTH payloads and C{334} challenges as C{****}.
+Commands and replies go through L{CommandPipeline} (first in, first out,
+strictly parsed).  This protocol adds the steps before the transaction
+(EHLO/LHLO, STARTTLS and the judgement of the peer, AUTH) and the
+transaction itself (L{IDownstream}).  The body goes as C{BDAT} chunks
+(RFC 3030, no dot-stuffing) to a downstream that advertises CHUNKING and
+PIPELINING, else after C{DATA}, dot-stuffed by L{DotStuffer} at every
+position, whatever the chunking; an aborted body never gets its
+end-of-data (the dot, or the C{LAST} chunk).
 """
 
 from __future__ import annotations
 
 import base64
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IHandshakeListener,
-    IPushProducer,
-    IReactorTime,
-)
-from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtprelay.interfaces import ClientSession, Credentials, DownstreamError, IDownstream, Params, TLSInfo
 from smtprelay.net.tls import cipherBits
 from smtprelay.net.wire import writeNow
+from smtprelay.outbound.backpressure import Backpressure
 from smtprelay.outbound.chunks import CHUNKS_READY, Chunks
 from smtprelay.outbound.clientinfo import advertised, xforwardCommands
+from smtprelay.outbound.pipeline import ANY, AUTH, DATA, CommandPipeline, classes
 from smtprelay.outbound.policy import ClientPolicy, ClientTLSOptions, Endpoint
 from smtprelay.protocol import replies
 from smtprelay.protocol.addresses import downconvert
 from smtprelay.protocol.body import DotStuffer
 from smtprelay.protocol.parameters import Forwarded, finalReplies, mailParameters, rcptParameters
-from smtprelay.protocol.replies import MalformedReply, Reply
-
-MAX_REPLY_BYTES = 64 * 1024
-"""The largest reply (all its lines) we accept from a downstream."""
-
-MAX_REPLY_LINES = 1000
-"""The most lines one reply may have."""
-
-Check = Callable[[Reply], bool]
-
-
-def _classes(*allowed: int) -> Check:
-    return lambda r: r.code // 100 in allowed
-
-
-_ANY: Check = lambda r: True
-_NORMAL = _classes(2, 4, 5)
-_DATA: Check = lambda r: r.code == 354 or r.code // 100 in (4, 5)
-_AUTH: Check = lambda r: r.code == 334 or r.code // 100 in (2, 4, 5)
-
+from smtprelay.protocol.replies import Reply
 
 class TLSFailed(Exception):
     """
@@ -104,29 +74,8 @@ def _formatParams(forwarded: Forwarded) -> bytes:
     )
 
 
-@implementer(IPushProducer)
-class _Backpressure:
-    """
-    Registered on the downstream transport while the body is written: when
-    its write buffer fills, pause the client's producer; when it does not
-    drain for C{data_timeout}, give up.
-    """
-
-    def __init__(self, client: SMTPClientProtocol) -> None:
-        self._client = client
-
-    def pauseProducing(self) -> None:
-        self._client._bodyPaused()
-
-    def resumeProducing(self) -> None:
-        self._client._bodyResumed()
-
-    def stopProducing(self) -> None:
-        self._client._cancelStall()
-
-
 @implementer(IDownstream, IHandshakeListener)
-class SMTPClientProtocol(LineReceiver):
+class SMTPClientProtocol(CommandPipeline):
     """
     One downstream connection.  L{smtprelay.outbound.handshake.Handshake}
     drives the steps before the transaction (L{greeting}, L{hello},
@@ -143,13 +92,7 @@ class SMTPClientProtocol(LineReceiver):
     @ivar untrusted: why the TLS peer is not verified, or None.
     @ivar tlsFailed: the connection was lost to a TLS error.
     @ivar connectedAt: when the connection was opened (C{clock} seconds).
-    @ivar lastVerb: the verb of the last command sent (for logs), or
-        C{b""}.
     """
-
-    delimiter = b"\r\n"
-    MAX_LENGTH = MAX_REPLY_BYTES
-    _log = Logger()
 
     def __init__(
         self,
@@ -159,38 +102,23 @@ class SMTPClientProtocol(LineReceiver):
         address: Endpoint | None = None,
         tlsOptions: ClientTLSOptions | None = None,
     ) -> None:
+        super().__init__(clock, policy.commandTimeout, peer or str(address or ""), policy.debug)
         self.policy = policy
         self.lmtp = policy.lmtp
-        self.capabilities: dict[str, str] = {}
         self.tls: TLSInfo | None = None
         self._tlsOptions = tlsOptions
         self.untrusted: str | None = None
-        self.peer = peer or str(address or "")
         self.tlsFailed = False
         self.greeting: Deferred[Reply] = Deferred()
         self.address = address
         self.connectedAt = clock.seconds()
-        self.lastVerb = b""
-        self._clock = clock
-        self._debug = policy.debug
-        self._waiting: deque[tuple[Deferred[Reply], Check]] = deque()
-        self._answerable = 0
-        self._queued: deque[tuple[bytes, Deferred[Reply], Check, bool]] = deque()
-        self._lines: list[bytes] = []
-        self._replyBytes = 0
-        self._timer: IDelayedCall | None = None
-        self._timeout = policy.commandTimeout
         self._handshake: Deferred[None] | None = None
         self._accepted = 0
         self._downconvert = False
         self._body: DotStuffer | Chunks | None = None
-        self._producer: IPushProducer | None = None
-        self._paused = False
-        self._stall: IDelayedCall | None = None
-        self._closed = False
-        self._error: DownstreamError | None = None
+        self._backpressure = Backpressure(clock, policy.dataTimeout, self._bodyStalled)
         self._inTransaction = False
-        self._waiting.append((self.greeting, _classes(2, 4, 5)))
+        self._waiting.append((self.greeting, classes(2, 4, 5)))
 
     # -- connection -------------------------------------------------------
 
@@ -203,20 +131,13 @@ class SMTPClientProtocol(LineReceiver):
                 ip = getattr(self.transport.getPeer(), "host", "?")  # type: ignore[union-attr]  # connected: a transport
                 host = f"[{address.host}]" if ":" in address.host else address.host
                 self.peer = f"{host}[{ip}]:{address.port}"
-        # Small pipelined commands must not wait for Nagle.
-        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
-        if setNoDelay is not None:
-            try:
-                setNoDelay(True)
-            except (OSError, AttributeError):
-                pass
-        self._armTimer()
+        super().connectionMade()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]  # also takes None, as LineReceiver callers may pass
         self._closed = True
         self._cancelTimer()
-        self._cancelStall()
-        self._releaseProducer()
+        self._backpressure.stopProducing()
+        self._backpressure.release()
         if reason is not None and reason.check(SSL.Error):
             self.tlsFailed = True
         error = self._error or DownstreamError(
@@ -241,143 +162,6 @@ class SMTPClientProtocol(LineReceiver):
             or self._handshake is not None
             or self._body is not None
             or self._inTransaction
-        )
-
-    def _failAll(self, error: DownstreamError) -> None:
-        waiting = [d for d, _ in self._waiting] + [q[1] for q in self._queued]
-        self._waiting.clear()
-        self._queued.clear()
-        for d in waiting:
-            d.errback(error)
-
-    def _abortWith(self, reply_: Reply, reason: str) -> DownstreamError:
-        """
-        Close the connection at once; everything outstanding fails with
-        C{reply_}.
-        """
-        if self._error is None:
-            self._error = DownstreamError(reply_, reason)
-            self._log.info("aborting downstream {peer}: {reason}", peer=self.peer, reason=reason)
-            self._cancelTimer()
-            self._releaseProducer()
-            if self.transport is not None:
-                self.transport.abortConnection()  # type: ignore[attr-defined]
-        return self._error
-
-    # -- timers -----------------------------------------------------------
-
-    def _armTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._timeout)
-        else:
-            self._timer = self._clock.callLater(self._timeout, self._timedOut)
-
-    def _cancelTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _timedOut(self) -> None:
-        self._timer = None
-        self._abortWith(replies.DOWNSTREAM_LOST, f"timeout waiting for {self.peer}")
-
-    # -- replies ----------------------------------------------------------
-
-    def dataReceived(self, data: bytes) -> None:
-        # These bytes left the downstream before any command that a reply
-        # among them makes us write (the next step, a queued command), so
-        # they can answer only the commands already waiting: one more reply
-        # is unrequested, however well it would fit the next command.
-        self._answerable = len(self._waiting)
-        super().dataReceived(data)
-
-    def lineReceived(self, line: bytes) -> None:
-        if self._error is not None:
-            return
-        if self._debug:
-            self._trace("S", b"334 ****" if line[:3] == b"334" else line)
-        if not self._lines and not self._answerable:
-            self._abortWith(replies.DOWNSTREAM_LOST, f"unrequested reply from {self.peer}")
-            return
-        if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
-            self._abortWith(replies.DOWNSTREAM_LOST, f"malformed reply from {self.peer}")
-            return
-        self._lines.append(line)
-        self._replyBytes += len(line) + 2
-        if len(self._lines) > MAX_REPLY_LINES or self._replyBytes > MAX_REPLY_BYTES:
-            self._abortWith(replies.DOWNSTREAM_LOST, f"reply from {self.peer} too long")
-            return
-        if line[3:4] == b"-":
-            return
-        lines, self._lines, self._replyBytes = self._lines, [], 0
-        try:
-            parsed = Reply.fromLines(lines)
-        except MalformedReply as e:
-            self._abortWith(replies.DOWNSTREAM_LOST, f"malformed reply from {self.peer}: {e}")
-            return
-        d, check = self._waiting[0]
-        if not check(parsed):
-            # Fail it with everything behind it, in order, whether the
-            # transport reports the loss now or later.
-            self._failAll(
-                self._abortWith(
-                    replies.DOWNSTREAM_CONFUSED, f"unexpected reply {parsed.code} from {self.peer}"
-                )
-            )
-            return
-        self._waiting.popleft()
-        self._answerable -= 1
-        if self._waiting:
-            self._armTimer()
-        else:
-            self._cancelTimer()
-        d.callback(parsed)
-        self._sendQueued()
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._abortWith(replies.DOWNSTREAM_LOST, f"reply line from {self.peer} too long")
-
-    # -- commands ---------------------------------------------------------
-
-    def command(self, line: bytes, check: Check = _NORMAL, secret: bool = False) -> Deferred[Reply]:
-        """
-        Send one command line; fire with its reply.  Without PIPELINING the
-        line waits until every earlier reply has arrived.
-
-        @param check: is a reply of this class expected?  Any other aborts
-            the connection with C{451 4.3.0}.
-        @param secret: show the line as C{****} in the protocol trace.
-        """
-        if self._closed or self._error is not None:
-            return fail(self._error or DownstreamError(replies.DOWNSTREAM_LOST, "connection closed"))
-        d: Deferred[Reply] = Deferred()
-        if self._waiting and "PIPELINING" not in self.capabilities:
-            self._queued.append((line, d, check, secret))
-        else:
-            self._write(line, d, check, secret)
-        return d
-
-    def _write(self, line: bytes, d: Deferred[Reply], check: Check, secret: bool) -> None:
-        if self._debug:
-            self._trace("C", _redactCommand(line) if line[:5].upper() == b"AUTH " else b"****" if secret else line)
-        if not secret or line[:5].upper() == b"AUTH ":  # never a 334 answer
-            self.lastVerb = line.split(b" ", 1)[0].upper()
-        if not self._waiting:
-            self._armTimer()
-        self._waiting.append((d, check))
-        writeNow(self.transport, line + b"\r\n")
-
-    def _sendQueued(self) -> None:
-        while self._queued and not self._waiting and self._error is None:
-            line, d, check, secret = self._queued.popleft()
-            self._write(line, d, check, secret)
-
-    def _trace(self, direction: str, line: bytes) -> None:
-        self._log.debug(
-            "{peer} {direction}: {line}",
-            peer=self.peer,
-            direction=direction,
-            line=line.decode("utf-8", "replace"),
         )
 
     # -- the steps before the transaction ---------------------------------
@@ -426,7 +210,7 @@ class SMTPClientProtocol(LineReceiver):
             self.capabilities = {}
             self._tlsOptions = options
             self._armTimer()
-            self.transport.startTLS(options)  # type: ignore[union-attr]
+            self.transport.startTLS(options)  # type: ignore[union-attr]  # connected: an ITLSTransport
             return handshake.addCallback(lambda _: r)
 
         return self.command(b"STARTTLS").addCallback(ready)
@@ -460,20 +244,20 @@ class SMTPClientProtocol(LineReceiver):
         EXTERNAL.  Fires with the final reply, whatever its code.
         """
         if mechanism == "external":
-            return self.command(b"AUTH EXTERNAL =", _AUTH)
+            return self.command(b"AUTH EXTERNAL =", AUTH)
         assert credentials is not None
         user = credentials.username.encode("utf-8")
         password = credentials.password.encode("utf-8")
         if mechanism == "plain":
             token = base64.b64encode(b"\0" + user + b"\0" + password)
-            return self.command(b"AUTH PLAIN " + token, _AUTH, secret=True)
+            return self.command(b"AUTH PLAIN " + token, AUTH, secret=True)
 
         def step(r: Reply, answer: bytes) -> Reply | Deferred[Reply]:
             if r.code != 334:
                 return r
-            return self.command(base64.b64encode(answer), _AUTH, secret=True)
+            return self.command(base64.b64encode(answer), AUTH, secret=True)
 
-        d = self.command(b"AUTH LOGIN", _AUTH)
+        d = self.command(b"AUTH LOGIN", AUTH)
         d.addCallback(step, user)
         d.addCallback(step, password)
         return d
@@ -562,8 +346,9 @@ class SMTPClientProtocol(LineReceiver):
         C{354} at once.
         """
         if self.chunking:
-            if self._closed or self._error is not None:
-                return fail(self._error or DownstreamError(replies.DOWNSTREAM_LOST, "connection closed"))
+            broken = self._broken
+            if broken is not None:
+                return fail(broken)
             self._startBody(Chunks())
             return succeed(CHUNKS_READY)
 
@@ -572,11 +357,11 @@ class SMTPClientProtocol(LineReceiver):
                 self._startBody(DotStuffer())
             return r
 
-        return self.command(b"DATA", _DATA).addCallback(started)
+        return self.command(b"DATA", DATA).addCallback(started)
 
     def _startBody(self, body: DotStuffer | Chunks) -> None:
         self._body = body
-        self.transport.registerProducer(_Backpressure(self), True)  # type: ignore[union-attr]
+        self.transport.registerProducer(self._backpressure, True)  # type: ignore[union-attr]  # connected: a transport
 
     def write(self, data: bytes) -> None:
         body = self._body
@@ -586,7 +371,7 @@ class SMTPClientProtocol(LineReceiver):
             # Buffered: the end-of-data's writeNow sends the tail in the
             # same segment as the dot; a long body goes out as the socket
             # drains.
-            self.transport.write(body.stuff(data))  # type: ignore[union-attr]
+            self.transport.write(body.stuff(data))  # type: ignore[union-attr]  # connected: a transport
             return
         if body.refused is not None:
             return
@@ -597,25 +382,13 @@ class SMTPClientProtocol(LineReceiver):
             body.replies.append(answer.addCallback(body.answered).addErrback(lambda f: None))
             if self._debug:
                 self._trace("C", b"BDAT %d" % len(chunk))
-            self.transport.write(b"BDAT %d\r\n" % len(chunk) + chunk)  # type: ignore[union-attr]
-
-    def _expect(self, count: int) -> list[Deferred[Reply]]:
-        """
-        Wait for C{count} replies to what is about to be written.
-        """
-        waits: list[Deferred[Reply]] = [Deferred() for _ in range(count)]
-        if not self._waiting:
-            self._armTimer()
-        self._waiting.extend((d, _NORMAL) for d in waits)
-        return waits
+            self.transport.write(b"BDAT %d\r\n" % len(chunk) + chunk)  # type: ignore[union-attr]  # connected: a transport
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
-        self._producer = producer
-        if self._paused:
-            producer.pauseProducing()
+        self._backpressure.register(producer)
 
     def unregisterProducer(self) -> None:
-        self._producer = None
+        self._backpressure.unregister()
 
     def endData(self) -> Deferred[Sequence[Reply]]:
         """
@@ -627,9 +400,8 @@ class SMTPClientProtocol(LineReceiver):
         body, self._body = self._body, None
         if body is None or self._closed or self._error is not None:
             return fail(self._error or DownstreamError(replies.DOWNSTREAM_LOST, "no body in progress"))
-        self.transport.unregisterProducer()  # type: ignore[union-attr]
-        self._cancelStall()
-        self._paused = False
+        self.transport.unregisterProducer()  # type: ignore[union-attr]  # connected: a transport
+        self._backpressure.settle()
         self._timeout = self.policy.submissionTimeout
         if isinstance(body, DotStuffer):
             if self._debug:
@@ -653,8 +425,9 @@ class SMTPClientProtocol(LineReceiver):
         Send C{end} (the dot, or the C{LAST} chunk); fire with its one reply
         (SMTP) or one per accepted recipient (LMTP).
         """
-        if self._closed or self._error is not None:
-            return fail(self._error or DownstreamError(replies.DOWNSTREAM_LOST, "connection closed"))
+        broken = self._broken
+        if broken is not None:
+            return fail(broken)
         count = finalReplies(self.lmtp, self._accepted)
         received: list[Reply] = []
 
@@ -678,7 +451,7 @@ class SMTPClientProtocol(LineReceiver):
                 # Replies come in RCPT order: those before the failure are
                 # verdicts the client must get (not to be delivered twice).
                 raise DownstreamError(error.reply, error.reason, received)
-            return f.value.subFailure  # type: ignore[no-any-return]
+            return f.value.subFailure  # type: ignore[no-any-return]  # FirstError.subFailure is untyped
 
         return gatherResults(waits, consumeErrors=True).addCallbacks(collected, firstError)
 
@@ -701,45 +474,16 @@ class SMTPClientProtocol(LineReceiver):
             if transport is not None:
                 transport.loseConnection()
 
-        self.command(b"QUIT", _ANY).addBoth(close)
+        self.command(b"QUIT", ANY).addBoth(close)
 
     def abort(self) -> None:
         if not self._closed:
             self._abortWith(replies.DOWNSTREAM_LOST, "aborted")
 
-    # -- back-pressure ------------------------------------------------------
-
-    def _releaseProducer(self) -> None:
-        """
-        The body can no longer reach the downstream: stop holding the
-        client's upload (a dead downstream must not hold it), which is then read to its end-of-data
-        and discarded here; the end-of-data gets the failure.
-        """
-        producer, self._producer = self._producer, None
-        self._paused = False
-        if producer is not None:
-            producer.stopProducing()
-
-    def _bodyPaused(self) -> None:
-        self._paused = True
-        if self._producer is not None:
-            self._producer.pauseProducing()
-        if self._stall is None or not self._stall.active():
-            self._stall = self._clock.callLater(self.policy.dataTimeout, self._bodyStalled)
-
-    def _bodyResumed(self) -> None:
-        self._paused = False
-        self._cancelStall()
-        if self._producer is not None:
-            self._producer.resumeProducing()
-
-    def _cancelStall(self) -> None:
-        if self._stall is not None and self._stall.active():
-            self._stall.cancel()
-        self._stall = None
+    def _aborting(self) -> None:
+        self._backpressure.release()
 
     def _bodyStalled(self) -> None:
-        self._stall = None
         self._abortWith(replies.DOWNSTREAM_LOST, f"body stalled writing to {self.peer}")
 
 
@@ -754,10 +498,3 @@ def _sslConnection(transport: Any) -> SSL.Connection | None:
         if isinstance(connection, SSL.Connection):
             return connection
     return None
-
-
-def _redactCommand(line: bytes) -> bytes:
-    if line[:5].upper() == b"AUTH ":
-        parts = line.split(b" ")
-        return b" ".join(parts[:2] + [b"****"] * (len(parts) > 2))
-    return line
