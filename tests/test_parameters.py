@@ -5,9 +5,12 @@ the downstream, and how many final replies a transaction gets.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.protocol import replies
+from smtprelay.protocol.replies import Reply
 from smtprelay.protocol.parameters import (
     REQUIRETLS_UNAVAILABLE,
     Forwarded,
@@ -26,7 +29,7 @@ class MailParameterTests(SynchronousTestCase):
         Each parameter against what the downstream advertises, over TLS or
         not, for an authenticated client or not.
         """
-        table = [
+        table: list[tuple[Mapping[str, str | None], dict[str, str], bool, bool, Forwarded | Reply]] = [
             # params, capabilities, tls, authenticated → forwarded | local reply
             ({"SIZE": "100"}, ALL, False, False, Forwarded({"SIZE": "100"})),
             ({"SIZE": "100"}, BARE, False, False, Forwarded({})),

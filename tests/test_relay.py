@@ -26,7 +26,7 @@ from smtprelay.interfaces import (
     TLSInfo,
 )
 from smtprelay.relay.session import RelaySession
-from smtprelay.app.targets import makeRouter, targetRoute
+from smtprelay.app.targets import clientPolicy, makeRouter, targetRoute
 from smtprelay.relay.routing import Route, Router
 from smtprelay.protocol.replies import Reply, reply
 
@@ -59,7 +59,10 @@ class ScriptedDownstream:
         self.capabilities: dict[str, str] = {}
         self.tls = None
         self.peer = "sink.test[127.0.0.1]:2526"
-        self.target = target()
+        self.policy = clientPolicy(target())
+        self.address = Address("tcp", "sink.test", 2526)
+        self.connectedAt = 0.0
+        self.idle = True
         self.producer: object = None
         self.aborted = False
         self.quitted = False

@@ -106,7 +106,7 @@ class Loopback:
         address = Address("tls" if implicitTLS else "tcp", "127.0.0.1", port.getHost().port)
         return address, factory
 
-    def endpointFactory(self, address: Address, timeout: float, options: Any) -> Any:
+    def endpointFactory(self, address: Any, timeout: float, options: Any) -> Any:
         endpoint = clientEndpoint(reactor, address, timeout, options)
         loopback = self
 
