@@ -46,26 +46,10 @@ from smtprelay.interfaces import (
 from smtprelay.protocol.replies import Reply
 from smtprelay.relay.record import CLIENT_GONE, Transaction, TransactionLog, outcome, receivedHeader
 from smtprelay.relay.routing import ByRecipient, Route, Router
-from smtprelay.relay.verdicts import clientFinal, perRecipient
+from smtprelay.relay.verdicts import authVerdict, clientFinal, failureReply, perRecipient
 
 PasswordChecker = Callable[[str, str], "Deferred[bool]"]
 """Checks a user name and password against local C{users FILE} entries."""
-
-_RELAY_REPLIES = frozenset(
-    {
-        replies.NO_DOWNSTREAM,
-        replies.DOWNSTREAM_LOST,
-        replies.DOWNSTREAM_DNS,
-        replies.DOWNSTREAM_NO_TLS,
-        replies.DOWNSTREAM_CONFUSED,
-        replies.DOWNSTREAM_AUTH,
-        replies.LOOP,
-        replies.CONVERSION_REQUIRED,
-        replies.UTF8_SENDER,
-        replies.UTF8_RECIPIENT,
-    }
-)
-
 
 @implementer(IRelayHandler)
 class RelaySession:
@@ -159,9 +143,7 @@ class RelaySession:
                 session=self.session.id,
                 reason=error.reason,
             )
-            if error.reply.permanent and error.reply not in _RELAY_REPLIES:
-                return error.reply.sanitized()
-            return self._local(replies.AUTH_TEMPFAIL)
+            return authVerdict(error.reply, self.session)
 
         return route.open(
             credentials=credentials, sessionId=self.session.id, client=self.session
@@ -484,10 +466,7 @@ class RelaySession:
             reason=error.reason,
         )
         self._dropDownstream(abort=True)
-        reply = error.reply
-        if reply in _RELAY_REPLIES:
-            return self._local(reply)
-        return self._relayed(reply)
+        return failureReply(error.reply, self.session)
 
     def _dropDownstream(self, abort: bool) -> None:
         downstream, self._downstream = self._downstream, None
