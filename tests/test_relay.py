@@ -748,6 +748,20 @@ class LogLineTests(SynchronousTestCase):
         [event] = [e for e in self.events if e.get("transaction")]
         self.assertEqual((event["status"], event["reply"]), ("bounced", "552 5.2.2 <b@x> Quota exceeded"))
 
+    def test_namespace(self) -> None:
+        """
+        The transaction and per-recipient lines keep the namespace that
+        JSON logs show for them.
+        """
+        self.session.protocol = "lmtp"
+        relay = self.relay(ScriptedDownstream(lmtp=True), kind="lmtp", deliverTo=target("lmtp"))
+        self.transaction(relay, [b"a@x"], [reply(250, "2.0.0", "<a@x> Saved")])
+        self.clock.advance(0)
+        events = [e for e in self.events if e.get("transaction") or e.get("delivery")]
+        self.assertEqual(
+            [e["log_namespace"] for e in events], ["smtprelay.relay.session.RelaySession"] * 2
+        )
+
     def test_tempfailSplitTellsWhoWasDelivered(self) -> None:
         """
         C{lmtp_split tempfail}: the client is told 451 (the transaction is

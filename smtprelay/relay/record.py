@@ -31,6 +31,9 @@ TRANSACTION_FORMAT = (
 )
 DELIVERY_FORMAT = "{session}: to=<{recipient}> relay={relay} status={status} reply={reply}"
 
+NAMESPACE = "smtprelay.relay.session.RelaySession"
+"""The log namespace of the transaction and per-recipient lines."""
+
 
 def receivedHeader(
     session: ClientSession, hostname: str, downstream: IDownstream, recipients: Sequence[bytes], now: float
@@ -106,12 +109,13 @@ class TransactionLog:
     Where transactions are logged and counted.
     """
 
-    # The namespace the transaction lines have always had (JSON logs show it).
-    _log = Logger(namespace="smtprelay.relay.session.RelaySession")
-
     def __init__(self, clock: IReactorTime, metrics: IMetrics) -> None:
         self._clock = clock
         self._metrics = metrics
+        # An instance's logger keeps the namespace the transaction lines
+        # have always had (JSON logs show it); a class attribute would take
+        # this class's name.
+        self._log = Logger(namespace=NAMESPACE)
 
     def record(
         self,
