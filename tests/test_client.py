@@ -20,7 +20,8 @@ from zope.interface.verify import verifyObject
 from smtprelay.protocol import replies
 from smtprelay.app.targets import clientPolicy
 from smtprelay.outbound.chunks import CHUNK_SIZE, CHUNKS_READY
-from smtprelay.outbound.client import SMTPClientProtocol, TLSFailed
+from smtprelay.outbound.client import SMTPClientProtocol
+from smtprelay.outbound.preamble import TLSFailed
 from smtprelay.protocol.parameters import REQUIRETLS_UNAVAILABLE
 from smtprelay.config.model import Address, Target
 from smtprelay.interfaces import ClientSession, Credentials, DownstreamError, IDownstream, TLSInfo

@@ -26,9 +26,10 @@ from twisted.logger import Logger
 
 from smtprelay.interfaces import ClientSession, Credentials, DownstreamError
 from smtprelay.observe.metrics import IMetrics, NullMetrics
-from smtprelay.outbound.client import SMTPClientProtocol, TLSFailed
+from smtprelay.outbound.client import SMTPClientProtocol
 from smtprelay.outbound.clientinfo import advertised, xclientCommands
 from smtprelay.outbound.policy import ClientPolicy, ClientTLSOptions, Endpoint, HandshakePolicy
+from smtprelay.outbound.preamble import TLSFailed
 
 EndpointFactory = Callable[[Endpoint, float, Any], IStreamClientEndpoint]
 """C{(endpoint, connectTimeout, tlsOptions or None) → client endpoint}."""

@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
 
 from smtprelay.interfaces import DownstreamError
 from smtprelay.net.wire import writeNow
@@ -94,6 +95,18 @@ class CommandPipeline(LineReceiver):
             except (OSError, AttributeError):
                 pass
         self._armTimer()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]  # also takes None, as LineReceiver callers may pass
+        self._closed = True
+        self._cancelTimer()
+        self._lost(reason)
+        self._failAll(self._error or DownstreamError(replies.DOWNSTREAM_LOST, f"connection to {self.peer} lost"))
+
+    def _lost(self, reason: Failure | None) -> None:
+        """
+        The connection is gone: let go of what waits for it, before its
+        outstanding commands fail.
+        """
 
     @property
     def _broken(self) -> DownstreamError | None:
