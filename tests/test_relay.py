@@ -216,7 +216,7 @@ class RelaySessionTests(SynchronousTestCase):
         C{AUTH=} reaches the downstream session with the client's session,
         which tells whether the client authenticated: the downstream session
         forwards it only then (L{smtprelay.protocol.parameters}; see
-        C{test_client.MailParameterTests.test_authOnlyForAuthenticatedClients}).
+        C{test_client.ParameterTests.test_authOnlyForAuthenticatedClients}).
         """
         relay = self.relay()
         result(relay.mail(b"s@example.org", {"AUTH": "<>", "SIZE": "5"}))
