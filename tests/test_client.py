@@ -343,7 +343,7 @@ class BodyTests(SynchronousTestCase):
         self.transaction(h)
         writes: list[bytes] = []
         original = h.pump.clientIO.write
-        h.pump.clientIO.write = lambda data: (writes.append(data), original(data))  # type: ignore[method-assign, func-returns-value]
+        h.pump.clientIO.write = lambda data: (writes.append(data), original(data))  # type: ignore[method-assign, func-returns-value]  # a recording write in place of the transport's
         h.client.write(b".first\r\nline\r\n.")
         h.client.write(b"second\r\n")
         d = h.client.endData()
@@ -509,7 +509,7 @@ class AuthTests(SynchronousTestCase):
 
     def harness(self, auth: list[bytes]) -> Harness:
         h = Harness(Script(replies={"EHLO": EHLO_ALL}, auth=auth), debug=True)
-        h.client._log = Logger(observer=self.events.append)  # type: ignore[arg-type]
+        h.client._log = Logger(observer=self.events.append)  # type: ignore[arg-type]  # a logger that records into this test
         h.ready()
         return h
 
@@ -590,10 +590,10 @@ class MalformedTests(SynchronousTestCase):
         h = Harness()
         h.ready()
         d = h.client.greeting  # already fired; watch the connection instead
-        h.server.transport.write(b"250 surprise\r\n")  # type: ignore[union-attr]
+        h.server.transport.write(b"250 surprise\r\n")  # type: ignore[union-attr]  # the fake server is connected
         h.flush()
         self.assertTrue(h.server.lost)
-        self.assertEqual(h.client._error.reply, replies.DOWNSTREAM_LOST)  # type: ignore[union-attr]
+        self.assertEqual(h.client._error.reply, replies.DOWNSTREAM_LOST)  # type: ignore[union-attr]  # the connection was aborted: an error is set
         self.failureResultOf(h.client.rset(), DownstreamError)
         del d
 
@@ -733,7 +733,7 @@ class TimeoutTests(SynchronousTestCase):
         After the dot the wait is submission_timeout, not command_timeout.
         """
         h = Harness(Script(replies={"END": STALL}), commandTimeout=30, submissionTimeout=600)
-        BodyTests.transaction(self, h)  # type: ignore[arg-type]
+        BodyTests.transaction(self, h)  # type: ignore[arg-type]  # BodyTests.transaction borrowed for this test case
         d = h.client.endData()
         h.flush()
         h.clock.advance(599)
@@ -749,7 +749,7 @@ class TimeoutTests(SynchronousTestCase):
         transaction; draining in time resets the clock.
         """
         h = Harness(dataTimeout=60)
-        BodyTests.transaction(self, h)  # type: ignore[arg-type]
+        BodyTests.transaction(self, h)  # type: ignore[arg-type]  # BodyTests.transaction borrowed for this test case
         transportProducer = h.pump.clientIO.producer
         transportProducer.pauseProducing()
         h.clock.advance(59)
@@ -799,7 +799,7 @@ class StartTLSTests(SynchronousTestCase):
         h = Harness(commandTimeout=30)
         h.ready()
         started: list[Any] = []
-        h.pump.clientIO.startTLS = started.append  # type: ignore[method-assign]
+        h.pump.clientIO.startTLS = started.append  # type: ignore[method-assign]  # a handshake that never completes
         d = h.client.startTLS("options")
         h.flush()
         self.assertEqual(started, ["options"])

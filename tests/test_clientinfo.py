@@ -23,7 +23,7 @@ def session(**kw: object) -> ClientSession:
     kw.setdefault("clientPort", 40123)
     kw.setdefault("heloName", "client.example")
     kw.setdefault("esmtp", True)
-    return ClientSession(**kw)  # type: ignore[arg-type]
+    return ClientSession(**kw)  # type: ignore[arg-type]  # keywords checked by attrs at run time
 
 
 def xtextDecode(text: str) -> bytes:

@@ -42,9 +42,9 @@ class Stack:
                         for a, s in scripts.items() if s is not None}
         self.target = target = Target(
             name="t", protocol="lmtp" if lmtp else "smtp", endpoints=endpoints, hostname="relay.test",
-            attemptStartTLS=False, **targetKw,  # type: ignore[arg-type]
+            attemptStartTLS=False, **targetKw,  # type: ignore[arg-type]  # keywords checked by attrs at run time
         )
-        listener = Listener(kind=kind, addresses=(Address("tcp", "127.0.0.1", 2525),),  # type: ignore[arg-type]
+        listener = Listener(kind=kind, addresses=(Address("tcp", "127.0.0.1", 2525),),  # type: ignore[arg-type]  # the kind from the test table
                             deliverTo=target)
         failover = makeFailover(target, self.clock, endpointFactory=self.network)
         routes = Router.single(targetRoute(target, failover.open, lambda downstream: downstream.quit()))
@@ -80,7 +80,7 @@ class Stack:
         self.transport.clear()
         return out
 
-    def downstream(self, address: Address = FIRST, index: int = 0):  # type: ignore[no-untyped-def]
+    def downstream(self, address: Address = FIRST, index: int = 0):  # type: ignore[no-untyped-def]  # returns whichever fake the test asks for
         return self.servers[address].connections[index]
 
 
@@ -153,7 +153,7 @@ class EndToEndTests(SynchronousTestCase):
         stack.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\n")
         stack.send(b"DATA\r\n")
         stack.send(b"Subject: x\r\n\r\nRSET\r\n")
-        stack.protocol.connectionLost(None)  # type: ignore[arg-type]
+        stack.protocol.connectionLost(None)  # type: ignore[arg-type]  # the client left without a reason
         for _ in range(5):
             stack.network.flush()
         fake = stack.downstream()
@@ -418,7 +418,7 @@ class ChunkingEndToEndTests(SynchronousTestCase):
         stack = Stack(self, {FIRST: Script(replies={"EHLO": CHUNKING})})
         stack.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
         stack.send(b"x" * 70000 + b"\r\n" + b"y" * 100)
-        stack.protocol.connectionLost(None)  # type: ignore[arg-type]
+        stack.protocol.connectionLost(None)  # type: ignore[arg-type]  # the client left without a reason
         stack.received()
         fake = stack.downstream()
         self.assertTrue(fake.lost)
@@ -462,7 +462,7 @@ class InboundChunkingEndToEndTests(SynchronousTestCase):
         stack = Stack(self, {FIRST: Script(replies={"EHLO": CHUNKING})})
         stack.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.net>\r\n"
                    b"BDAT 80000 LAST\r\n" + b"x" * 70000)
-        stack.protocol.connectionLost(None)  # type: ignore[arg-type]
+        stack.protocol.connectionLost(None)  # type: ignore[arg-type]  # the client left without a reason
         stack.received()
         fake = stack.downstream()
         self.assertTrue(fake.lost)

@@ -50,10 +50,10 @@ class FailoverTestCase(SynchronousTestCase):
         return d
 
     def opened(self, failover: Failover, **kw: Any) -> tuple[IDownstream, Reply | None]:
-        return self.successResultOf(self.open(failover, **kw))  # type: ignore[no-any-return]
+        return self.successResultOf(self.open(failover, **kw))  # type: ignore[no-any-return]  # successResultOf is untyped
 
     def failed(self, failover: Failover, **kw: Any) -> DownstreamError:
-        return self.failureResultOf(self.open(failover, **kw), DownstreamError).value  # type: ignore[no-any-return]
+        return self.failureResultOf(self.open(failover, **kw), DownstreamError).value  # type: ignore[no-any-return]  # failureResultOf is untyped
 
 
 class OrderTests(FailoverTestCase):
@@ -358,8 +358,8 @@ class StartTLSTests(FailoverTestCase):
 class AuthTests(FailoverTestCase):
     def auth(self, mechanism: str) -> DownstreamAuth:
         if mechanism in ("plain", "login"):
-            return DownstreamAuth(mechanism, "relay-user", Secret("pa55word"))  # type: ignore[arg-type]
-        return DownstreamAuth(mechanism)  # type: ignore[arg-type]
+            return DownstreamAuth(mechanism, "relay-user", Secret("pa55word"))  # type: ignore[arg-type]  # mechanism names from the test table
+        return DownstreamAuth(mechanism)  # type: ignore[arg-type]  # mechanism names from the test table
 
     def test_plainAfterTLS(self) -> None:
         first = self.net.add(str(MX1), Script(replies={"EHLO": TLS_EHLO}))
@@ -623,7 +623,7 @@ class ReuseTests(FailoverTestCase):
         failover = self.failover(makeTarget())
         session, _ = self.opened(failover)
         failover.release(session)
-        first.connections[0].transport.loseConnection()  # type: ignore[union-attr]
+        first.connections[0].transport.loseConnection()  # type: ignore[union-attr]  # the fake server is connected
         self.net.flush()
         again, mailReply = self.opened(failover, mail=MAIL)
         self.assertIsNot(again, session)

@@ -35,12 +35,12 @@ SINK = Address("tcp", "127.0.0.1", 2526)
 
 def target(protocol: str = "smtp", **kw: object) -> Target:
     kw.setdefault("name", "t")
-    return Target(protocol=protocol, endpoints=(SINK,), **kw)  # type: ignore[arg-type]
+    return Target(protocol=protocol, endpoints=(SINK,), **kw)  # type: ignore[arg-type]  # keywords checked by attrs at run time
 
 
 def listener(kind: str = "smtp", **kw: object) -> Listener:
     kw.setdefault("deliverTo", target())
-    return Listener(kind=kind, addresses=(Address("tcp", "127.0.0.1", 2525),), **kw)  # type: ignore[arg-type]
+    return Listener(kind=kind, addresses=(Address("tcp", "127.0.0.1", 2525),), **kw)  # type: ignore[arg-type]  # keywords checked by attrs at run time
 
 
 @implementer(IDownstream)
@@ -77,7 +77,7 @@ class ScriptedDownstream:
         return succeed(answer)
 
     def mail(self, sender: bytes, params: object, client: ClientSession | None = None) -> Deferred[Reply]:
-        self.calls.append(("mail", sender, dict(params)))  # type: ignore[call-overload]
+        self.calls.append(("mail", sender, dict(params)))  # type: ignore[call-overload]  # the scripted params are a mapping
         self.client = client
         return self._answer("mail", reply(250, "2.1.0", "Sender ok"))
 
@@ -144,7 +144,7 @@ def router(listener_: Listener, opener: Opener, release: object = None) -> Route
     default QUIT) takes the downstreams the relay is done with.
     """
     assert isinstance(listener_.deliverTo, Target)
-    return Router.single(targetRoute(listener_.deliverTo, opener, release or (lambda d: d.quit())))  # type: ignore[arg-type]
+    return Router.single(targetRoute(listener_.deliverTo, opener, release or (lambda d: d.quit())))  # type: ignore[arg-type]  # a single-target listener, asserted above
 
 
 def relaySession(session: ClientSession, listener_: Listener, opener: Opener, clock: Clock,
@@ -551,7 +551,7 @@ class LMTPMappingTests(SynchronousTestCase):
         self.downstream = self.opener.downstream
 
     def run_(self, protocol: str, target_: Target, rcpts: Sequence[bytes], end: object) -> tuple:
-        session = ClientSession(id="L1", protocol=protocol, clientHost="127.0.0.1")  # type: ignore[arg-type]
+        session = ClientSession(id="L1", protocol=protocol, clientHost="127.0.0.1")  # type: ignore[arg-type]  # protocol names from the test table
         relay = relaySession(session, listener("lmtp" if protocol == "lmtp" else "smtp", deliverTo=target_),
                              self.opener, self.clock)
         self.downstream.script["end"] = end
@@ -860,7 +860,7 @@ class AuthForwardTests(SynchronousTestCase):
         opening: Deferred = Deferred()
         released: list[object] = []
         relay = relaySession(self.session, listener("submission", auth=ListenerAuth("forward")),
-                             lambda **kw: opening, Clock(), released.append)  # type: ignore[arg-type]
+                             lambda **kw: opening, Clock(), released.append)  # type: ignore[arg-type]  # a stand-in opener
         auth = relay.authenticate("PLAIN", "alice", "s3cret")
         relay.close()
         opening.callback((self.opener.downstream, None))
@@ -918,7 +918,7 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual(result(self.relay.rcpt(b"r2@a.test", {})).code, 250)
         self.assertEqual(result(self.relay.data(Producer())).code, 354)
         self.relay.dataChunk(b"x\r\n")
-        self.assertEqual(result(self.relay.endData())[0].code, 250)  # type: ignore[index]
+        self.assertEqual(result(self.relay.endData())[0].code, 250)  # type: ignore[index]  # endData fired with a sequence
         self.assertEqual(self.openers["a"].downstream.calls[:3],
                          [("mail", b"s@x.test", {"SIZE": "10"}), ("rcpt", b"r1@A.test"), ("rcpt", b"r2@a.test")])
         self.assertEqual([len(o.calls) for o in self.openers.values()], [1, 0, 0, 0])
