@@ -197,7 +197,7 @@ class DownstreamError(Exception):
 class IDownstream(Interface):
     """
     One established downstream session (connected, greeted, EHLO/LHLO done,
-    TLS and AUTH done when configured), made by L{smtprelay.relay.failover}.
+    TLS and AUTH done when configured), made by L{smtprelay.outbound.handshake}.
 
     Methods that return Deferreds must be called one at a time in protocol
     order.  They fire with the downstream's reply (sanitizing is the
@@ -216,7 +216,13 @@ class IDownstream(Interface):
     capabilities = Attribute("Mapping of upper-cased EHLO keyword → argument string.")
     tls = Attribute("L{TLSInfo} of the downstream connection, or None.")
     peer = Attribute("C{host[ip]:port} or the unix path, for logs and metrics.")
-    target = Attribute("The L{smtprelay.config.model.Target} this session belongs to.")
+    policy = Attribute("The L{smtprelay.outbound.policy.ClientPolicy} of its target.")
+    address = Attribute("The endpoint it is connected to.")
+    connectedAt = Attribute("When it was connected (clock seconds).")
+    idle = Attribute(
+        "True while it is open, between transactions, with nothing outstanding:"
+        " it could serve another transaction as it is."
+    )
 
     def mail(sender: bytes, params: Params, client: ClientSession | None = None) -> Deferred[Reply]:
         """

@@ -19,9 +19,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.app.tls import clientOptions
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener, Secret, Target
-from smtprelay.relay.failover import Failover
+from smtprelay.app.targets import makeFailover, targetRoute
 from smtprelay.relay.session import RelaySession
-from smtprelay.relay.routing import Route, Router
+from smtprelay.relay.routing import Router
 from smtprelay.inbound.session import SMTPServerFactory
 from smtprelay.testing.downstream import DEFAULT_EHLO, DownstreamFactory, MemoryNetwork, Script
 
@@ -159,12 +159,11 @@ class RelayStack:
             **{"readTimeout": READ_TIMEOUT, "dataTimeout": LISTENER_DATA_TIMEOUT,
                **(listenerOptions or {})},
         )
-        self.failover = Failover(self.target, self.clock, endpointFactory=self.network,
-                                 tlsOptions=partial(clientOptions, self.target.tlsClient))
-        routes = Router.single(Route(self.target, self.failover.open, self.failover.release))
+        self.failover = makeFailover(self.target, self.clock, endpointFactory=self.network)
+        routes = Router.single(targetRoute(self.target, self.failover.open, self.failover.release))
         self.factory = SMTPServerFactory(
             self.listener,
-            lambda session: RelaySession(session, self.listener, routes, "relay.test", self.clock),
+            lambda session: RelaySession(session, self.listener.auth.mode, routes, "relay.test", self.clock),
             "relay.test", self.clock,
         )
         ids = iter(range(1, 1_000_000))

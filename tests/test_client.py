@@ -18,10 +18,14 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from smtprelay.protocol import replies
-from smtprelay.outbound.client import CHUNK_SIZE, CHUNKS_READY, REQUIRETLS_UNAVAILABLE, AttemptFailed, SMTPClientProtocol
+from smtprelay.app.targets import clientPolicy
+from smtprelay.outbound.chunks import CHUNK_SIZE, CHUNKS_READY
+from smtprelay.outbound.client import SMTPClientProtocol
+from smtprelay.outbound.preamble import TLSFailed
+from smtprelay.protocol.parameters import REQUIRETLS_UNAVAILABLE
 from smtprelay.config.model import Address, Target
 from smtprelay.net.tls import ClientOptions
-from smtprelay.interfaces import Credentials, DownstreamError, IDownstream, TLSInfo
+from smtprelay.interfaces import ClientSession, Credentials, DownstreamError, IDownstream, TLSInfo
 from smtprelay.protocol.replies import Reply, reply
 from smtprelay.testing.downstream import (
     CLOSE,
@@ -77,7 +81,7 @@ class Harness:
     def __init__(self, script: Script | None = None, lmtp: bool = False, **targetKw: Any) -> None:
         self.clock = Clock()
         self.target = makeTarget(protocol="lmtp" if lmtp else "smtp", **targetKw)
-        self.client = SMTPClientProtocol(self.target, self.clock, peer="mx.example[192.0.2.25]:25")
+        self.client = SMTPClientProtocol(clientPolicy(self.target), self.clock, peer="mx.example[192.0.2.25]:25")
         self.server = FakeDownstream(script or Script(), lmtp)
         self.pump = connectInMemory(self.client, self.server, self.clock)
 
@@ -208,15 +212,25 @@ class ParameterTests(SynchronousTestCase):
     """
 
     def mailLine(self, ehlo: bytes, params: dict[str, str | None], tls: bool = False,
-                 sender: bytes = b"a@example.org") -> tuple[Reply, bytes]:
+                 sender: bytes = b"a@example.org", user: str | None = "alice") -> tuple[Reply, bytes]:
         h = Harness(Script(replies={"EHLO": ehlo}))
         h.ready()
         if tls:
             h.client.tls = TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384")
         before = len(h.server.received)
-        d = h.client.mail(sender, params)
+        client = ClientSession(id="C1", protocol="smtp", clientHost="192.0.2.7", user=user)
+        d = h.client.mail(sender, params, client)
         h.flush()
         return result(self, d), bytes(h.server.received[before:])
+
+    def test_authOnlyForAuthenticatedClients(self) -> None:
+        """
+        C{AUTH=} is forwarded only for authenticated clients (and only to a
+        downstream that advertises AUTH).
+        """
+        for user, expected in ((None, b""), ("alice", b" AUTH=alice@example.org")):
+            _reply, wire = self.mailLine(EHLO_ALL, {"AUTH": "alice@example.org"}, user=user)
+            self.assertEqual(wire, b"MAIL FROM:<a@example.org>" + expected + b"\r\n")
 
     def test_allAdvertised(self) -> None:
         reply, wire = self.mailLine(
@@ -694,7 +708,7 @@ class UnrequestedReplyTests(SynchronousTestCase):
         behind it, even when the transport reports the loss at once.
         """
         transport = StringTransportWithDisconnection()
-        client = SMTPClientProtocol(makeTarget(), Clock(), peer="mx.example")
+        client = SMTPClientProtocol(clientPolicy(makeTarget()), Clock(), peer="mx.example")
         transport.protocol = client
         client.makeConnection(transport)
         order: list[str] = []
@@ -776,8 +790,7 @@ class StartTLSTests(SynchronousTestCase):
         h.ready()
         d = h.client.startTLS(UNUSED_OPTIONS)
         h.flush()
-        error = self.failureResultOf(d, AttemptFailed).value
-        self.assertTrue(error.noTLS)
+        error = self.failureResultOf(d, TLSFailed).value
         self.assertFalse(error.retryPlain)
         self.assertTrue(h.server.lost)
         self.assertTrue(h.server.received.endswith(b"STARTTLS\r\n"))
@@ -807,7 +820,7 @@ class StartTLSTests(SynchronousTestCase):
         self.assertEqual(started, [UNUSED_OPTIONS])
         h.clock.advance(30)
         h.flush()
-        error = self.failureResultOf(d, AttemptFailed).value
+        error = self.failureResultOf(d, TLSFailed).value
         self.assertTrue(error.retryPlain)
 
 

@@ -18,9 +18,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.app.tls import clientOptions
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener, Secret, Target
-from smtprelay.relay.failover import Failover
+from smtprelay.app.targets import makeFailover, targetRoute
 from smtprelay.relay.session import RelaySession
-from smtprelay.relay.routing import Route, Router
+from smtprelay.relay.routing import Router
 from smtprelay.inbound.session import SMTPServerFactory
 from smtprelay.testing.downstream import CLOSE, STALL, FakeDownstream, MemoryNetwork, Script
 
@@ -52,12 +52,11 @@ class Stack:
         )
         listener = Listener(kind=kind, addresses=(Address("tcp", "127.0.0.1", 2525),),
                             deliverTo=target)
-        failover = Failover(target, self.clock, endpointFactory=self.network,
-                            tlsOptions=partial(clientOptions, target.tlsClient))
-        routes = Router.single(Route(target, failover.open, lambda downstream: downstream.quit()))
+        failover = makeFailover(target, self.clock, endpointFactory=self.network)
+        routes = Router.single(targetRoute(target, failover.open, lambda downstream: downstream.quit()))
         factory = SMTPServerFactory(
             listener,
-            lambda session: RelaySession(session, listener, routes, "relay.test", self.clock),
+            lambda session: RelaySession(session, listener.auth.mode, routes, "relay.test", self.clock),
             "relay.test", self.clock,
         )
         factory.newSessionId = lambda: "SID"

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtprelay.app.tls import clientOptions
 from smtprelay.protocol import replies
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Secret, Target
+from smtprelay.app.targets import makeFailover
 from smtprelay.relay.failover import Failover
 from smtprelay.interfaces import ClientSession, Credentials, DownstreamError, IDownstream
 from smtprelay.protocol.replies import Reply, reply
@@ -44,8 +45,8 @@ class FailoverTestCase(SynchronousTestCase):
         self.net = MemoryNetwork(self.clock)
 
     def failover(self, target: Target, loopToken: str = "") -> Failover:
-        return Failover(target, reactor=None, loopToken=loopToken, clock=self.clock,
-                        endpointFactory=self.net, tlsOptions=partial(clientOptions, target.tlsClient))
+        return makeFailover(target, reactor=None, loopToken=loopToken, clock=self.clock,
+                            endpointFactory=self.net)
 
     def open(self, failover: Failover, **kw: Any) -> Any:
         d = failover.open(**kw)
@@ -67,7 +68,7 @@ class OrderTests(FailoverTestCase):
         self.assertIsNone(mailReply)
         self.assertEqual(self.net.attempts, [str(MX1)])
         self.assertEqual(session.peer, "mx1.example[192.0.2.25]:25")
-        self.assertEqual(session.target.name, "t")
+        self.assertEqual(session.policy.name, "t")
         self.assertEqual(bytes(first.connections[0].received), b"EHLO relay.example\r\n")
 
     def test_refusedThenNext(self) -> None:
@@ -324,6 +325,22 @@ class StartTLSTests(FailoverTestCase):
         session, _ = self.opened(self.failover(makeTarget(requireTLS=True)))
         self.assertEqual(len(first.connections), 1)
         self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+
+    def test_injectionAfterStartTLS(self) -> None:
+        """
+        Bytes after the 220 to STARTTLS are an injection: that endpoint
+        cannot give TLS (C{require_tls} gets C{4.7.5} when none can), and
+        it is never retried in plain text.
+        """
+        injecting = Script(replies={"EHLO": TLS_EHLO, "STARTTLS": b"220 go\r\n250 injected\r\n"})
+        first = self.net.add(str(MX1), injecting)
+        self.net.add(str(MX2))
+        session, _ = self.opened(self.failover(makeTarget(attemptStartTLS=True)))
+        self.assertEqual(len(first.connections), 1)
+        self.assertEqual(session.peer, "mx2.example[192.0.2.25]:25")
+        self.net.add(str(MX2), injecting)
+        error = self.failed(self.failover(makeTarget(requireTLS=True)))
+        self.assertEqual(error.reply, replies.DOWNSTREAM_NO_TLS)
 
     def test_handshakeFailureEveryTarget(self) -> None:
         for key in (MX1, MX2):

@@ -17,6 +17,7 @@ from smtprelay.app.tls import clientOptions
 from smtprelay.config.model import (
     Address, ClientTLS, Destinations, DownstreamAuth, Listener, Reject, Routing, Secret, Target,
 )
+from smtprelay.app.targets import makeFailover
 from smtprelay.relay.failover import Failover
 from smtprelay.observe.metrics import Metrics
 from smtprelay.app.readiness import Prober
@@ -65,8 +66,7 @@ class ProberTestCase(SynchronousTestCase):
         def failoverFor(target: Target) -> Failover:
             return failovers.setdefault(
                 id(target),
-                Failover(target, reactor=None, loopToken=TOKEN, clock=self.clock, endpointFactory=self.net,
-                         tlsOptions=partial(clientOptions, target.tlsClient)),
+                makeFailover(target, reactor=None, loopToken=TOKEN, clock=self.clock, endpointFactory=self.net),
             )
 
         prober = Prober(listeners, failoverFor, self.clock, self.interval, self.metrics)

@@ -29,6 +29,7 @@ from smtprelay.interfaces import (
     TLSInfo,
 )
 from smtprelay.relay.session import RelaySession
+from smtprelay.app.targets import clientPolicy, makeRouter, targetRoute
 from smtprelay.relay import routing
 from smtprelay.relay.routing import Releaser, Route, Router
 from smtprelay.protocol.replies import Reply, reply
@@ -64,7 +65,10 @@ class ScriptedDownstream:
         self.capabilities: dict[str, str] = {}
         self.tls: TLSInfo | None = None
         self.peer = "sink.test[127.0.0.1]:2526"
-        self.target = target()
+        self.policy = clientPolicy(target())
+        self.address = Address("tcp", "sink.test", 2526)
+        self.connectedAt = 0.0
+        self.idle = True
         self.producer: object = None
         self.aborted = False
         self.quitted = False
@@ -146,12 +150,12 @@ def router(listener_: Listener, opener: routing.Opener, release: Releaser | None
     default QUIT) takes the downstreams the relay is done with.
     """
     assert isinstance(listener_.deliverTo, Target)
-    return Router.single(Route(listener_.deliverTo, opener, release or (lambda d: d.quit())))
+    return Router.single(targetRoute(listener_.deliverTo, opener, release or (lambda d: d.quit())))
 
 
 def relaySession(session: ClientSession, listener_: Listener, opener: routing.Opener, clock: Clock,
                  release: Releaser | None = None) -> RelaySession:
-    return RelaySession(session, listener_, router(listener_, opener, release), "relay.test", clock)
+    return RelaySession(session, listener_.auth.mode, router(listener_, opener, release), "relay.test", clock)
 
 
 T = TypeVar("T")
@@ -221,18 +225,17 @@ class RelaySessionTests(SynchronousTestCase):
             {"credentials": None, "mail": (b"s@example.org", {"SIZE": "100", "BODY": "8BITMIME"}),
              "client": self.session}])
 
-    def test_authParameterOnlyFromAuthenticatedClients(self) -> None:
+    def test_authParameterGoesWithTheClientSession(self) -> None:
         """
-        C{AUTH=} is forwarded only for authenticated clients.
+        C{AUTH=} reaches the downstream session with the client's session,
+        which tells whether the client authenticated: the downstream session
+        forwards it only then (L{smtprelay.protocol.parameters}; see
+        C{test_client.ParameterTests.test_authOnlyForAuthenticatedClients}).
         """
         relay = self.relay()
         result(relay.mail(b"s@example.org", {"AUTH": "<>", "SIZE": "5"}))
-        self.assertEqual(self.downstream.calls[0], ("mail", b"s@example.org", {"SIZE": "5"}))
-        self.session.user = "alice"
-        relay.reset()
-        result(relay.mail(b"s@example.org", {"AUTH": "alice@example.org"}))
-        self.assertEqual(self.downstream.calls[-1],
-                         ("mail", b"s@example.org", {"AUTH": "alice@example.org"}))
+        self.assertEqual(self.downstream.calls[0], ("mail", b"s@example.org", {"AUTH": "<>", "SIZE": "5"}))
+        self.assertIs(self.downstream.client, self.session)
 
     def test_downstreamRepliesPassVerbatimButSanitized(self) -> None:
         """
@@ -758,6 +761,20 @@ class LogLineTests(SynchronousTestCase):
         [event] = [e for e in self.events if e.get("transaction")]
         self.assertEqual((event["status"], event["reply"]), ("bounced", "552 5.2.2 <b@x> Quota exceeded"))
 
+    def test_namespace(self) -> None:
+        """
+        The transaction and per-recipient lines keep the namespace that
+        JSON logs show for them.
+        """
+        self.session.protocol = "lmtp"
+        relay = self.relay(ScriptedDownstream(lmtp=True), kind="lmtp", deliverTo=target("lmtp"))
+        self.transaction(relay, [b"a@x"], [reply(250, "2.0.0", "<a@x> Saved")])
+        self.clock.advance(0)
+        events = [e for e in self.events if e.get("transaction") or e.get("delivery")]
+        self.assertEqual(
+            [e["log_namespace"] for e in events], ["smtprelay.relay.session.RelaySession"] * 2
+        )
+
     def test_tempfailSplitTellsWhoWasDelivered(self) -> None:
         """
         C{lmtp_split tempfail}: the client is told 451 (the transaction is
@@ -892,9 +909,9 @@ class RoutingTests(SynchronousTestCase):
         )
 
         def routeFor(t: Target) -> Route:
-            return Route(t, self.openers[t.name], lambda d: self.released.append((t.name, d)))
+            return targetRoute(t, self.openers[t.name], lambda d: self.released.append((t.name, d)))
 
-        self.relay = RelaySession(self.session, listener(deliverTo=routing), Router(routing, routeFor),
+        self.relay = RelaySession(self.session, listener(deliverTo=routing).auth.mode, makeRouter(routing, routeFor),
                                   "relay.test", self.clock)
 
     def calls(self, name: str) -> list[str]:

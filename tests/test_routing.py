@@ -1,5 +1,6 @@
 """
-Tests for L{smtprelay.relay.routing} and the routing keys of
+Tests for L{smtprelay.relay.routing} (its tables built by
+L{smtprelay.app.targets.makeRouter}) and the routing keys of
 L{smtprelay.protocol.addresses}: which rule an envelope address matches.
 """
 
@@ -12,7 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtprelay.protocol.addresses import domainKey, routingKeys, ruleKey
 from smtprelay.config.model import Address, Destinations, Reject, Routing, Target
 from smtprelay.protocol.replies import reply
-from smtprelay.relay.routing import Route, Router
+from smtprelay.app.targets import makeRouter, targetRoute
+from smtprelay.relay.routing import ByRecipient, Route, Router
 
 
 def target(name: str) -> Target:
@@ -80,7 +82,7 @@ class RouterTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.routes = {t.name: Route(t, self.fail, self.fail) for t in (CORP, LISTS, SMARTHOST)}
+        self.routes = {t.name: targetRoute(t, self.fail, self.fail) for t in (CORP, LISTS, SMARTHOST)}
         self.destinations = Destinations(
             (("lists.example.net", LISTS), ("boss@example.net", CORP),
              ("spam.test", Reject(550, "5.7.1", "no"))),
@@ -89,7 +91,7 @@ class RouterTests(SynchronousTestCase):
         routing = Routing(
             (("example.org", CORP), ("blocked.test", Reject())), self.destinations
         )
-        self.router = Router(routing, lambda t: self.routes[t.name])
+        self.router = makeRouter(routing, lambda t: self.routes[t.name])
 
     def test_bySender(self) -> None:
         """
@@ -101,15 +103,18 @@ class RouterTests(SynchronousTestCase):
             self.router.bySender(b"x@blocked.test"),
             reply(554, "5.7.0", "Message rejected due to a local policy"),
         )
-        self.assertIs(self.router.bySender(b"x@sub.example.org"), self.destinations)
-        self.assertIs(self.router.bySender(b""), self.destinations)
+        byRecipient = self.router.bySender(b"x@sub.example.org")
+        self.assertIsInstance(byRecipient, ByRecipient)
+        self.assertIs(self.router.bySender(b""), byRecipient)
         self.assertIsNone(self.router.only)
 
     def test_byRecipient(self) -> None:
         """
         The address rule beats its domain's; no parent-domain matching.
         """
-        byRecipient = lambda rcpt: self.router.byRecipient(self.destinations, rcpt)
+        table = self.router.bySender(b"")
+        assert isinstance(table, ByRecipient)
+        byRecipient = lambda rcpt: self.router.byRecipient(table, rcpt)
         self.assertIs(byRecipient(b"a@LISTS.example.net"), self.routes["lists"])
         self.assertIs(byRecipient(b"Boss@example.net"), self.routes["corp"])
         self.assertIs(byRecipient(b"other@example.net"), self.routes["smarthost"])
@@ -122,7 +127,7 @@ class RouterTests(SynchronousTestCase):
         One C{deliver_to}: every transaction goes to its route, chosen at
         MAIL, and it is the route C{auth forward} uses.
         """
-        route = Route(CORP, self.fail, self.fail)
+        route = targetRoute(CORP, self.fail, self.fail)
         router = Router.single(route)
         self.assertIs(router.bySender(b"a@b.test"), route)
         self.assertIs(router.bySender(b""), route)
@@ -137,7 +142,7 @@ class RouterTests(SynchronousTestCase):
 
         def routeFor(t: Target) -> Route:
             made.append(t)
-            return Route(t, self.fail, self.fail)
+            return targetRoute(t, self.fail, self.fail)
 
-        Router(Routing((("a.test", CORP),), Destinations((("b.test", CORP),), CORP)), routeFor)
+        makeRouter(Routing((("a.test", CORP),), Destinations((("b.test", CORP),), CORP)), routeFor)
         self.assertEqual(made, [CORP])

@@ -58,10 +58,10 @@ class StopTests(TestCase):
         root.startService()
         [failover] = root.failovers.values()
         closed: list[str] = []
-        failover.close = lambda: closed.append(failover.target.name)  # type: ignore[method-assign]  # a spy on the method
+        failover.close = lambda: closed.append(failover.policy.name)  # type: ignore[method-assign]  # a spy on the method
         self.assertEqual(closed, [])
         yield root.stopService()
-        self.assertEqual(closed, [failover.target.name])
+        self.assertEqual(closed, [failover.policy.name])
 
 
 class ReloadTests(TestCase):

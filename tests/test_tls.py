@@ -27,6 +27,7 @@ from smtprelay.protocol import replies
 from smtprelay.outbound.client import SMTPClientProtocol
 from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Secret, ServerTLS, Target
 from smtprelay.net.endpoints import clientEndpoint
+from smtprelay.app.targets import makeFailover
 from smtprelay.relay.failover import Failover
 from smtprelay.interfaces import Credentials, DownstreamError
 from smtprelay.observe.metrics import Metrics
@@ -106,7 +107,7 @@ class Loopback:
         address = Address("tls" if implicitTLS else "tcp", "127.0.0.1", port.getHost().port)
         return address, factory
 
-    def endpointFactory(self, address: Address, timeout: float, options: Any) -> Any:
+    def endpointFactory(self, address: Any, timeout: float, options: Any) -> Any:
         endpoint = clientEndpoint(reactor, address, timeout, options)
         loopback = self
 
@@ -129,8 +130,7 @@ class Loopback:
         return Recording()
 
     def failover(self, target: Target, **kw: Any) -> Failover:
-        return Failover(target, reactor, endpointFactory=self.endpointFactory,
-                        tlsOptions=partial(clientOptions, target.tlsClient), **kw)
+        return makeFailover(target, reactor, endpointFactory=self.endpointFactory, **kw)
 
     @inlineCallbacks
     def close(self) -> Any:

@@ -24,11 +24,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smtprelay.outbound.client import AttemptFailed
 from smtprelay.config.model import Listener, Target
-from smtprelay.net.address import Address
-from smtprelay.relay.failover import Failover
 from smtprelay.observe.metrics import IMetrics
+from smtprelay.outbound.handshake import AttemptFailed
+from smtprelay.outbound.policy import Endpoint
+from smtprelay.relay.failover import Failover
 
 
 @attrs.frozen
@@ -79,8 +79,8 @@ class Prober(Service):
             for target in targets:
                 self._failovers.setdefault(id(target), failoverFor(target))
         self._metrics = metrics
-        self._results: dict[tuple[int, Address], ProbeResult] = {}
-        self._pending: dict[tuple[int, Address], Deferred[None]] = {}
+        self._results: dict[tuple[int, Endpoint], ProbeResult] = {}
+        self._pending: dict[tuple[int, Endpoint], Deferred[None]] = {}
         self._unreadyBefore: list[str] | None = None
         self._loop = LoopingCall(self.probe)
         self._loop.clock = clock
@@ -107,18 +107,18 @@ class Prober(Service):
         for key, d in late.items():
             self._ended(key, ProbeResult("timeout", "no answer before the next probe"))
             d.cancel()
-        for failover in self._failovers.values():
-            for address in failover.target.endpoints:
-                key = (id(failover.target), address)
+        for targetId, failover in self._failovers.items():
+            for address in failover.policy.endpoints:
+                key = (targetId, address)
                 d = self._pending[key] = failover.probe(address)
                 d.addCallbacks(self._passed, self._failed, callbackArgs=(key, d), errbackArgs=(key, d))
 
-    def _passed(self, _: None, key: tuple[int, Address], d: Deferred[None]) -> None:
+    def _passed(self, _: None, key: tuple[int, Endpoint], d: Deferred[None]) -> None:
         if self._pending.get(key) is d:
             del self._pending[key]
             self._ended(key, ProbeResult())
 
-    def _failed(self, failure: Failure, key: tuple[int, Address], d: Deferred[None]) -> None:
+    def _failed(self, failure: Failure, key: tuple[int, Endpoint], d: Deferred[None]) -> None:
         if self._pending.get(key) is not d:
             return  # timed out or stopped: already accounted for
         del self._pending[key]
@@ -130,12 +130,12 @@ class Prober(Service):
             result = ProbeResult("connect", failure.getErrorMessage())
         self._ended(key, result)
 
-    def _ended(self, key: tuple[int, Address], result: ProbeResult) -> None:
+    def _ended(self, key: tuple[int, Endpoint], result: ProbeResult) -> None:
         """
         Record the probe of one endpoint: count it, log a change, and
         update the readiness.
         """
-        target = self._failovers[key[0]].target
+        target = self._failovers[key[0]].policy
         previous = self._results.get(key)
         self._results[key] = result
         self._metrics.probed(target.name, result.stage or "ok")
@@ -152,7 +152,7 @@ class Prober(Service):
                 )
         unready = self._unready()
         self._metrics.readiness(
-            {f.target.name: self._targetReady(f.target) for f in self._failovers.values()}, not unready
+            {f.policy.name: self._targetReady(targetId) for targetId, f in self._failovers.items()}, not unready
         )
         if unready != self._unreadyBefore:
             self._unreadyBefore = unready
@@ -161,10 +161,10 @@ class Prober(Service):
             else:
                 self._log.info("ready: every listener has a target that answered its latest probe")
 
-    def _targetReady(self, target: Target) -> bool:
+    def _targetReady(self, targetId: int) -> bool:
         return any(
-            (result := self._results.get((id(target), address))) is not None and result.ok
-            for address in target.endpoints
+            (result := self._results.get((targetId, address))) is not None and result.ok
+            for address in self._failovers[targetId].policy.endpoints
         )
 
     def _unready(self) -> list[str]:
@@ -175,7 +175,7 @@ class Prober(Service):
             f"{_name(listener)} has no target that answered its latest probe"
             f" ({', '.join(target.name for target in targets)})"
             for listener, targets in self._listeners
-            if targets and not any(self._targetReady(target) for target in targets)
+            if targets and not any(self._targetReady(id(target)) for target in targets)
         ]
 
     def ready(self) -> bool:
@@ -194,10 +194,10 @@ class Prober(Service):
         """
         ready = self.ready()
         lines = ["ready" if ready else "not ready", *self._unready()]
-        for failover in self._failovers.values():
-            target = failover.target
+        for targetId, failover in self._failovers.items():
+            target = failover.policy
             for address in target.endpoints:
-                result = self._results.get((id(target), address))
+                result = self._results.get((targetId, address))
                 lines.append(f"target {target.name}: {address} {result if result else 'not probed yet'}")
         return ready, "\n".join(lines) + "\n"
 

@@ -32,6 +32,7 @@ from smtprelay.observe.metrics import IMetrics, Metrics, NullMetrics, Readiness,
 from smtprelay.inbound.proxyproto import ProxyProtocolFactory
 from smtprelay.app.readiness import Prober
 from smtprelay.net.endpoints import serverEndpoint
+from smtprelay.app.targets import makeFailover, makeRouter, targetRoute
 from smtprelay.relay.failover import Failover
 from smtprelay.interfaces import ClientSession
 from smtprelay.relay.session import PasswordChecker, RelaySession
@@ -185,15 +186,12 @@ def makeService(config: Config, reactor: Any) -> RelayService:
     def failoverFor(target: Target) -> Failover:
         key = id(target)
         if key not in failovers:
-            failovers[key] = Failover(
-                target, reactor, loopToken=token, metrics=metrics,
-                tlsOptions=functools.partial(clientOptions, target.tlsClient),
-            )
+            failovers[key] = makeFailover(target, reactor, loopToken=token, metrics=metrics)
         return failovers[key]
 
     def routeFor(target: Target) -> Route:
         failover = failoverFor(target)
-        return Route(target, failover.open, failover.release)
+        return targetRoute(target, failover.open, failover.release)
 
     for listener in config.listeners:
         tlsOptions = None
@@ -202,7 +200,7 @@ def makeService(config: Config, reactor: Any) -> RelayService:
             root.addReloadable("TLS certificates", tlsOptions)
         factory = SMTPServerFactory(
             listener,
-            _handlerFactory(root, listener, Router(listener.deliverTo, routeFor), config, reactor, metrics),
+            _handlerFactory(root, listener, makeRouter(listener.deliverTo, routeFor), config, reactor, metrics),
             config.hostname,
             reactor,
             tlsOptions=tlsOptions,
@@ -287,6 +285,6 @@ def _handlerFactory(
         checker = lambda user, password: succeed(users.check(user, password))
 
     def handlerFor(session: ClientSession) -> RelaySession:
-        return RelaySession(session, listener, router, config.hostname, reactor, checker, metrics)
+        return RelaySession(session, listener.auth.mode, router, config.hostname, reactor, checker, metrics)
 
     return handlerFor

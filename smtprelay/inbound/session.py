@@ -37,6 +37,7 @@ from zope.interface import implementer
 from smtprelay.protocol import replies
 from smtprelay.protocol.addresses import EnvelopeError, parseMail, parseRcpt
 from smtprelay.protocol.body import DataScanner
+from smtprelay.protocol.parameters import finalReplies
 from smtprelay.config.model import Listener
 from smtprelay.interfaces import ClientSession, IRelayHandler, TLSInfo
 from smtprelay.observe.logs import logReject
@@ -968,7 +969,7 @@ class SMTPServerProtocol(Protocol):
         per recipient for LMTP.
         """
         self._closeBody()
-        count = self._accepted if self._listener.lmtp else 1
+        count = finalReplies(self._listener.lmtp, self._accepted)
         handler = self.handler
         assert handler is not None
         verdict = scanner.verdict

@@ -1,27 +1,27 @@
 """
 Choosing the target of each transaction (maddy's pipeline blocks, a subset).
 
-A listener delivers either to one target or through routing blocks: the
-sender's address or domain picks a C{source} block, whose recipients'
-addresses or domains pick a C{destination} block.  L{Router} answers those
-two questions for L{smtprelay.relay.session.RelaySession} with a L{Route} (a target
-and the failover that reaches it), a rejection, or, at MAIL, the
-L{Destinations} that will decide at each RCPT.  Lookups are exact: the
-whole address first, then its domain, both without case, domains in IDNA
-A-labels (L{smtprelay.protocol.addresses.routingKeys}).
+A listener delivers either to one target or through routing tables: the
+sender's address or domain picks a sender rule, whose recipients'
+addresses or domains may pick their own (L{ByRecipient}).  L{Router}
+answers those two questions for L{smtprelay.relay.session.RelaySession}
+with a L{Route} (a target and the failover that reaches it), a rejection,
+or, at MAIL, the L{ByRecipient} table that will decide at each RCPT.
+Lookups are exact: the whole address first, then its domain, both without
+case, domains in IDNA A-labels (L{smtprelay.protocol.addresses.routingKeys}).
+L{smtprelay.app.targets} builds the tables from the configuration.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, TypeVar, Union
+from typing import Callable, Literal, Mapping, TypeVar, Union
 
 import attrs
 from twisted.internet.defer import Deferred
 
-from smtprelay.protocol.addresses import routingKeys
-from smtprelay.config.model import Decision, Destinations, Handling, Reject, Routing, Target
 from smtprelay.interfaces import IDownstream
-from smtprelay.protocol.replies import Reply, reply
+from smtprelay.protocol.addresses import routingKeys
+from smtprelay.protocol.replies import Reply
 
 Opener = Callable[..., "Deferred[tuple[IDownstream, Reply | None]]"]
 """C{Failover.open}: C{(credentials=, mail=)} → (session, MAIL reply)."""
@@ -37,40 +37,62 @@ class Route:
     """
     A target and how to reach it: its failover's C{open} and C{release}.
     Routes are compared by identity: one per target.
+
+    @ivar name: the target's name, for logs and metrics.
+    @ivar lmtp: the target speaks LMTP.
+    @ivar lmtpSplit: how an SMTP client's recipients reach an LMTP target
+        (C{lmtp_split}): C{one_rcpt} per transaction, or all, with
+        C{tempfail} when their outcomes differ.
     """
 
-    target: Target
+    name: str
     open: Opener
     release: Releaser
+    lmtp: bool = False
+    lmtpSplit: Literal["one_rcpt", "tempfail"] = "one_rcpt"
 
 
-SenderChoice = Union[Route, Reply, Destinations]
-"""At MAIL: the transaction's route, its rejection, or routing by recipient."""
+Decision = Union[Route, Reply]
+"""Where a transaction or a recipient goes: a route, or a rejection."""
+
+
+@attrs.frozen(eq=False)
+class ByRecipient:
+    """
+    Routing by recipient: each recipient goes where its address's rule,
+    else its domain's rule, else C{default} says.
+
+    @ivar rules: a lower-case domain in A-labels or a lower-case
+        C{local@domain} → its decision.
+    """
+
+    rules: Mapping[str, Decision]
+    default: Decision
+
+
+Handling = Union[Route, Reply, ByRecipient]
+"""What a sender's transactions get: one route, a rejection, or routing by
+recipient."""
 
 
 class Router:
     """
-    The routing of one listener, with each target's L{Route}.
+    The routing of one listener.
 
-    @param delivery: the listener's C{deliverTo}.
-    @param routeFor: the route of each target (the service keeps one
-        failover per target).
+    @param sources: a sender's address or domain rule → its handling.
+    @param default: the handling of every other sender.
     """
 
-    def __init__(self, delivery: Target | Routing, routeFor: Callable[[Target], Route]) -> None:
-        if isinstance(delivery, Target):
-            delivery = Routing((), delivery)
-        self._routing = delivery
-        self._routes = {id(t): routeFor(t) for t in delivery.targets()}
-        self._sources = dict(delivery.sources)
-        self._destinations: dict[int, dict[str, Decision]] = {}
+    def __init__(self, sources: Mapping[str, Handling], default: Handling) -> None:
+        self._sources = sources
+        self._default = default
 
     @classmethod
     def single(cls, route: Route) -> Router:
         """
         Every transaction goes to C{route}.
         """
-        return cls(route.target, lambda target: route)
+        return cls({}, route)
 
     @property
     def only(self) -> Route | None:
@@ -78,34 +100,22 @@ class Router:
         The route of every transaction when the envelope does not matter
         (a listener with one C{deliver_to}), else L{None}.
         """
-        default = self._routing.default
-        if not self._routing.sources and isinstance(default, Target):
-            return self._routes[id(default)]
+        if not self._sources and isinstance(self._default, Route):
+            return self._default
         return None
 
-    def bySender(self, sender: bytes) -> SenderChoice:
+    def bySender(self, sender: bytes) -> Handling:
         """
         What MAIL FROM:<C{sender}> gets.
         """
-        handling: Handling = _lookup(self._sources, sender, self._routing.default)
-        if isinstance(handling, Destinations):
-            return handling
-        return self._decided(handling)
+        return _lookup(self._sources, sender, self._default)
 
-    def byRecipient(self, destinations: Destinations, recipient: bytes) -> Route | Reply:
+    def byRecipient(self, table: ByRecipient, recipient: bytes) -> Decision:
         """
-        Where RCPT TO:<C{recipient}> goes, under the C{destinations} that
+        Where RCPT TO:<C{recipient}> goes, under the C{table} that
         L{bySender} gave.
         """
-        table = self._destinations.get(id(destinations))
-        if table is None:
-            table = self._destinations[id(destinations)] = dict(destinations.rules)
-        return self._decided(_lookup(table, recipient, destinations.default))
-
-    def _decided(self, decision: Decision) -> Route | Reply:
-        if isinstance(decision, Reject):
-            return reply(decision.code, decision.enhanced, decision.text)
-        return self._routes[id(decision)]
+        return _lookup(table.rules, recipient, table.default)
 
 
 def _lookup(table: Mapping[str, _T], address: bytes, default: _T) -> _T:

@@ -24,8 +24,7 @@ One L{RelaySession} serves one client connection (L{IRelayHandler}).
 
 from __future__ import annotations
 
-import email.utils
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -34,7 +33,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtprelay.protocol import replies
-from smtprelay.config.model import Destinations, Listener
 from smtprelay.observe.metrics import IMetrics, NullMetrics
 from smtprelay.observe.logs import logReject
 from smtprelay.interfaces import (
@@ -46,26 +44,12 @@ from smtprelay.interfaces import (
     Params,
 )
 from smtprelay.protocol.replies import Reply
-from smtprelay.relay.routing import Route, Router
+from smtprelay.relay.record import CLIENT_GONE, Transaction, TransactionLog, outcome, receivedHeader
+from smtprelay.relay.routing import ByRecipient, Route, Router
+from smtprelay.relay.verdicts import authVerdict, clientFinal, failureReply, perRecipient
 
 PasswordChecker = Callable[[str, str], "Deferred[bool]"]
 """Checks a user name and password against local C{users FILE} entries."""
-
-_RELAY_REPLIES = frozenset(
-    {
-        replies.NO_DOWNSTREAM,
-        replies.DOWNSTREAM_LOST,
-        replies.DOWNSTREAM_DNS,
-        replies.DOWNSTREAM_NO_TLS,
-        replies.DOWNSTREAM_CONFUSED,
-        replies.DOWNSTREAM_AUTH,
-        replies.LOOP,
-        replies.CONVERSION_REQUIRED,
-        replies.UTF8_SENDER,
-        replies.UTF8_RECIPIENT,
-    }
-)
-
 
 @implementer(IRelayHandler)
 class RelaySession:
@@ -74,7 +58,9 @@ class RelaySession:
     (L{IRelayHandler}).
 
     @param session: the client's session, kept current by the server.
-    @param listener: the listener the client came in on.
+    @param auth: the listener's C{auth}: C{users} (checked with
+        C{checkPassword}), C{forward} (to the one route's downstream) or
+        C{off}.
     @param router: the listener's routing: the target of each transaction,
         with the L{smtprelay.relay.failover.Failover} that opens sessions to it
         and may keep those this relay is done with for another client.
@@ -93,7 +79,7 @@ class RelaySession:
     _sender: bytes | None
     _mailParams: Params
     _route: Route | None
-    _destinations: Destinations | None
+    _destinations: ByRecipient | None
     _mailRefused: Reply | None
     _accepted: list[bytes]
     _size: int
@@ -105,7 +91,7 @@ class RelaySession:
     def __init__(
         self,
         session: ClientSession,
-        listener: Listener,
+        auth: Literal["off", "forward", "users"],
         router: Router,
         hostname: str,
         clock: IReactorTime,
@@ -113,8 +99,8 @@ class RelaySession:
         metrics: IMetrics | None = None,
     ) -> None:
         self.session = session
-        self._metrics: IMetrics = metrics if metrics is not None else NullMetrics()
-        self._listener = listener
+        self._transactions = TransactionLog(clock, metrics if metrics is not None else NullMetrics())
+        self._auth = auth
         self._router = router
         self._hostname = hostname
         self._clock = clock
@@ -134,12 +120,12 @@ class RelaySession:
         chosen downstream now (at AUTH time) and pass its verdict on; a
         downstream that gives no verdict is a temporary failure, never 535.
         """
-        if self._listener.auth.mode == "users" and self._checkPassword is not None:
+        if self._auth == "users" and self._checkPassword is not None:
             return self._checkPassword(username, password).addCallback(
                 lambda ok: replies.AUTH_OK if ok else replies.AUTH_FAILED
             )
         route = self._router.only
-        if self._listener.auth.mode != "forward" or route is None:
+        if self._auth != "forward" or route is None:
             return succeed(replies.AUTH_TEMPFAIL)
         credentials = Credentials(username, password)
         self._dropDownstream(abort=True)
@@ -157,9 +143,7 @@ class RelaySession:
                 session=self.session.id,
                 reason=error.reason,
             )
-            if error.reply.permanent and error.reply not in _RELAY_REPLIES:
-                return error.reply.sanitized()
-            return self._local(replies.AUTH_TEMPFAIL)
+            return authVerdict(error.reply, self.session)
 
         return route.open(
             credentials=credentials, sessionId=self.session.id, client=self.session
@@ -181,10 +165,8 @@ class RelaySession:
             return succeed(choice)
         self._sender = sender
         self._started = self._clock.seconds()
-        if self.session.user is None:
-            params = {k: v for k, v in params.items() if k != "AUTH"}
         self._mailParams = params
-        if isinstance(choice, Destinations):
+        if isinstance(choice, ByRecipient):
             self._destinations = choice
             return succeed(replies.SENDER_OK)
         self._route = choice
@@ -259,7 +241,9 @@ class RelaySession:
             if reply.code == 354:
                 self._inBody = True
                 downstream.registerProducer(producer, True)
-                downstream.write(self._receivedHeader(downstream))
+                downstream.write(
+                    receivedHeader(self.session, self._hostname, downstream, self._accepted, self._clock.seconds())
+                )
             return self._relayed(reply)
 
         return downstream.data().addCallbacks(started, self._failed)
@@ -291,7 +275,7 @@ class RelaySession:
             # An LMTP target's one reply per recipient is each one's status.
             perRecipient = downstream.lmtp and len(relayed) == len(self._accepted)
             self._logTransaction(
-                *_outcome(final), downstream, self._clock.seconds() - self._dotSent,
+                *outcome(final), downstream, self._clock.seconds() - self._dotSent,
                 list(zip(self._accepted, relayed)) if perRecipient else (),
             )
             if self._closed:
@@ -308,7 +292,7 @@ class RelaySession:
             # The recipients the downstream answered keep their verdict;
             # only the missing ones are temporary failures.
             final = self._mapFinal(received + [reply] * (len(self._accepted) - len(received)))
-            self._logTransaction(_outcome(final)[0], reply, downstream)
+            self._logTransaction(outcome(final)[0], reply, downstream)
             return final
 
         return downstream.endData().addCallbacks(finished, failed)
@@ -351,12 +335,12 @@ class RelaySession:
 
     @property
     def _splitOneRecipient(self) -> bool:
-        target = self._route.target if self._route is not None else None
+        route = self._route
         return (
-            target is not None
-            and target.protocol == "lmtp"
+            route is not None
+            and route.lmtp
             and self.session.protocol == "smtp"
-            and target.lmtpSplit == "one_rcpt"
+            and route.lmtpSplit == "one_rcpt"
         )
 
     def _resetTransaction(self) -> None:
@@ -482,10 +466,7 @@ class RelaySession:
             reason=error.reason,
         )
         self._dropDownstream(abort=True)
-        reply = error.reply
-        if reply in _RELAY_REPLIES:
-            return self._local(reply)
-        return self._relayed(reply)
+        return failureReply(error.reply, self.session)
 
     def _dropDownstream(self, abort: bool) -> None:
         downstream, self._downstream = self._downstream, None
@@ -498,50 +479,10 @@ class RelaySession:
             route.release(downstream)
 
     def _perRecipient(self, reply: Reply) -> list[Reply]:
-        if self.session.protocol == "lmtp":
-            return [reply] * max(1, len(self._accepted))
-        return [reply]
+        return perRecipient(reply, self.session.protocol == "lmtp", len(self._accepted))
 
     def _mapFinal(self, results: Sequence[Reply]) -> list[Reply]:
-        """
-        The downstream's final reply(ies) → this client's, per recipient for LMTP.
-        """
-        if self.session.protocol == "lmtp":
-            if len(results) == len(self._accepted):
-                return list(results)
-            return self._perRecipient(results[0])
-        # lmtp_split tempfail: the recipients agree when their outcomes
-        # have one class (texts differ: "<a@x> Saved", "delivered"); the
-        # first recipient's reply then speaks for all.
-        first = results[0]
-        if all(r.code // 100 == first.code // 100 for r in results):
-            return [first]
-        return [self._local(replies.LMTP_MIXED)]
-
-    def _receivedHeader(self, downstream: IDownstream) -> bytes:
-        """
-        The C{Received:} header we prepend (RFC 5321 §4.4), Postfix-like,
-        with a comment on the TLS the message leaves by, if any.
-        """
-        session = self.session
-        helo = session.heloName or "unknown"
-        address = f"[{session.clientHost}]" if session.clientHost else "unix socket"
-        lines = [f"Received: from {helo} ({address})"]
-        if session.tls is not None:
-            lines.append(f"\t(using {session.tls.description})")
-        lines.append(
-            f"\tby {self._hostname} (smtprelay) with {session.withProtocol} id {session.id}"
-        )
-        if downstream.tls is not None:
-            lines.append(f"\t(relayed using {downstream.tls.description}, {_trust(downstream)})")
-        date = email.utils.formatdate(self._clock.seconds(), localtime=True)
-        if len(self._accepted) == 1:
-            forward = self._accepted[0].decode("utf-8", "replace")
-            lines.append(f"\tfor <{forward}>; {date}")
-        else:
-            lines[-1] += ";"
-            lines.append(f"\t{date}")
-        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+        return clientFinal(results, self.session.protocol == "lmtp", len(self._accepted), self.session.id)
 
     def _logTransaction(
         self,
@@ -552,81 +493,16 @@ class RelaySession:
         recipients: Sequence[tuple[bytes, Reply]] = (),
     ) -> None:
         """
-        The one log event per transaction (docs/operations.md), then one per recipient
-        in C{recipients}, and the metrics.  The events are taken now and
-        emitted on the next reactor turn, after the client's reply has been
-        sent: formatting them is not the client's wait.
-
-        @param reply: the reply that shows C{status}, or the cause of an
-            abort that no reply tells.
-        @param recipients: each recipient with its own final reply, when
-            the downstream gave one per recipient (LMTP).
+        Log and count the current transaction (L{TransactionLog.record}).
         """
-        session = self.session
-        self._metrics.transaction(
-            status, self._size, self._route.target.name if self._route else "none", endOfDataSeconds
+        self._transactions.record(
+            Transaction(
+                self.session,
+                self._sender,
+                len(self._accepted),
+                self._size,
+                self._route.name if self._route else "none",
+                self._started,
+            ),
+            status, reply, downstream, endOfDataSeconds, recipients,
         )
-        fields = dict(
-            session=session.id,
-            client=session.clientHost,
-            helo=session.heloName,
-            sender=(self._sender or b"").decode("utf-8", "replace"),
-            to=len(self._accepted),
-            size=self._size,
-            relay=downstream.peer if downstream is not None else "none",
-            tls=_trust(downstream),
-            delay=self._clock.seconds() - self._started,
-            status=status,
-            reply=reply if isinstance(reply, str) else reply.summary,
-            transaction=True,
-        )
-        self._clock.callLater(0, self._emitTransaction, fields, recipients)
-
-    def _emitTransaction(self, fields: dict[str, object], recipients: Sequence[tuple[bytes, Reply]]) -> None:
-        self._log.info(_TRANSACTION_FORMAT, **fields)
-        for recipient, reply in recipients:
-            self._log.info(
-                _DELIVERY_FORMAT,
-                delivery=True,
-                session=fields["session"],
-                recipient=recipient.decode("utf-8", "replace"),
-                relay=fields["relay"],
-                status=_outcome([reply])[0],
-                reply=reply.summary,
-            )
-
-
-_TRANSACTION_FORMAT = (
-    "{session}: from=<{sender}> to={to} size={size} relay={relay} "
-    "tls={tls} delay={delay:.3f} status={status} reply={reply}"
-)
-_DELIVERY_FORMAT = "{session}: to=<{recipient}> relay={relay} status={status} reply={reply}"
-
-CLIENT_GONE = "client connection closed during DATA"
-"""The cause logged for a body the client did not finish."""
-
-
-def _trust(downstream: IDownstream | None) -> str:
-    """
-    The downstream connection's TLS in one word: C{verified} (a
-    certificate chain to a trusted root, for the target's name),
-    C{untrusted} (encrypted, the peer not verified) or C{no}.
-    """
-    if downstream is None or downstream.tls is None:
-        return "no"
-    return "verified" if downstream.tls.verified else "untrusted"
-
-
-def _outcome(final: Sequence[Reply]) -> tuple[str, Reply]:
-    """
-    Postfix's word for the outcome of replies to one transaction (deferred
-    if any is temporary, else bounced if any is permanent, else sent) and
-    the first reply that shows it.
-    """
-    for reply in final:
-        if reply.transient:
-            return "deferred", reply
-    for reply in final:
-        if reply.permanent:
-            return "bounced", reply
-    return "sent", final[0]
