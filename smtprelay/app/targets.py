@@ -10,14 +10,16 @@ and the routing blocks become what each of them needs.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
-from smtprelay.config.model import Address, Decision, Destinations, Handling, Reject, Routing, Target
+from smtprelay.config.model import Decision, Destinations, Handling, Reject, Routing, Target
+from smtprelay.net.address import Address
 from smtprelay.interfaces import Credentials
 from smtprelay.net.endpoints import clientEndpoint
-from smtprelay.net.tls import ClientOptions
+from smtprelay.app.tls import clientOptions
 from smtprelay.observe.metrics import IMetrics
 from smtprelay.outbound.handshake import EndpointFactory, Handshake
 from smtprelay.outbound.policy import ClientPolicy, Endpoint, HandshakePolicy
@@ -106,7 +108,7 @@ def makeFailover(
         handshakePolicy(target),
         time,
         endpointFactory or connect,
-        lambda host: ClientOptions(target.tlsClient, host),
+        functools.partial(clientOptions, target.tlsClient),
         loopToken,
         metrics,
     )
