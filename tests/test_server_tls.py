@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smtprelay.config.model import Listener, ListenerAuth
+from smtprelay.net.tlsinfo import readTLSInfo
 from smtprelay.observe.metrics import Metrics
 from smtprelay.inbound.session import SMTPServerFactory, SMTPServerProtocol
 from smtprelay.protocol import replies
@@ -212,6 +213,11 @@ class ImplicitTLSTests(SynchronousTestCase):
         tls = pair.smtp.session.tls
         assert tls is not None
         self.assertTrue(tls.version.startswith("TLSv1."), tls.version)
+        # With its cipher's bits, for the Received: line.
+        self.assertEqual(tls, readTLSInfo(pair.server))
+        self.assertIsNotNone(tls.bits)
+        self.assertEqual(_sample(pair.metrics, "smtprelay_tls_handshakes_total",
+                                 side="inbound", result="ok", verified="no"), 1.0)
         self.assertEqual(pair.send(b"NOOP\r\n"), b"250 2.0.0 OK\r\n")
         self.assertEqual(pair.send(b"QUIT\r\n"), b"221 2.0.0 Bye\r\n")
         self.assertFalse(pair.serverWire.connected)

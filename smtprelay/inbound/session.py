@@ -38,11 +38,12 @@ from smtprelay.protocol import replies
 from smtprelay.protocol.addresses import EnvelopeError, parseMail, parseRcpt
 from smtprelay.protocol.body import DataScanner
 from smtprelay.config.model import Listener
-from smtprelay.interfaces import ClientSession, IRelayHandler, TLSInfo
+from smtprelay.interfaces import ClientSession, IRelayHandler
 from smtprelay.observe.logs import logReject
 from smtprelay.observe.metrics import IMetrics, NullMetrics
 from smtprelay.inbound.ratelimit import ListenerRates
 from smtprelay.protocol.replies import Refusal, Reply, reply
+from smtprelay.net.tlsinfo import readTLSInfo
 from smtprelay.net.wire import writeNow
 
 MAX_INPUT_BUFFER = 1024 * 1024
@@ -273,11 +274,11 @@ class SMTPServerProtocol(Protocol):
         """
         self._tlsActive = True
         self._handshaking = False
-        self.session.tls = _tlsInfo(self.transport)
-        self.factory.metrics.tlsHandshake("inbound", True)
+        self.session.tls = tls = readTLSInfo(self.transport)
+        self.factory.metrics.tlsHandshake("inbound", True, tls.verified)
         self._log.info(
             "TLS in {session}: {version} {cipher}", session=self.session.id,
-            version=self.session.tls.version, cipher=self.session.tls.cipher,
+            version=tls.version, cipher=tls.cipher,
         )
         if self._closing:
             return
@@ -1295,15 +1296,3 @@ def _hasPendingInput(transport: Any) -> bool:
     except OSError:
         return False
 
-
-def _tlsInfo(transport: Any) -> TLSInfo:
-    """
-    The version and cipher an OpenSSL connection negotiated.
-    """
-    try:
-        connection = transport.getHandle()
-        version = connection.get_protocol_version_name()
-        cipher = connection.get_cipher_name()
-    except Exception:
-        return TLSInfo("unknown", "unknown")
-    return TLSInfo(str(version), str(cipher))

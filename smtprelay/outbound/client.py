@@ -43,7 +43,8 @@ from smtprelay.outbound.clientinfo import advertised, xforwardCommands
 from smtprelay.config.model import Address, Target
 from smtprelay.interfaces import ClientSession, Credentials, DownstreamError, IDownstream, Params, TLSInfo
 from smtprelay.protocol.replies import MalformedReply, Reply, reply
-from smtprelay.net.tls import ClientOptions, cipherBits
+from smtprelay.net.tls import ClientOptions
+from smtprelay.net.tlsinfo import cipherBits
 from smtprelay.net.wire import writeNow
 
 MAX_REPLY_BYTES = 64 * 1024
