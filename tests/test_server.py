@@ -31,6 +31,7 @@ from smtprelay.protocol.replies import reply
 from smtprelay.inbound.session import MAX_INPUT_BUFFER, SMTPServerFactory, randomSessionId
 from smtprelay.testing.handler import RecordingHandlerFactory
 
+from .test_tlsinfo import PINNED, PINNED_INFO, handshake
 from .server_helpers import (
     EHLO_REPLY,
     GREETING,
@@ -883,20 +884,16 @@ class StartTLSTests(SynchronousTestCase):
                          b"503 5.5.1 Error: MAIL transaction in progress [S1]\r\n")
 
     def test_handshakeInfo(self) -> None:
-        class Connection:
-            def get_protocol_version_name(self) -> str:
-                return "TLSv1.3"
-
-            def get_cipher_name(self) -> str:
-                return "TLS_AES_256_GCM_SHA384"
-
+        """
+        After the STARTTLS handshake the session knows what it negotiated
+        (read from the transport's OpenSSL connection), cipher bits included.
+        """
+        server, _ = handshake(**PINNED)
         session = greeted(tlsOptions=object())
-        session.transport.getHandle = Connection  # type: ignore[attr-defined]
+        session.transport.getHandle = server.getHandle  # type: ignore[attr-defined]  # StringTransport has no TLS
         session.send(b"STARTTLS\r\n")
         session.protocol.handshakeCompleted()
-        tls = session.protocol.session.tls
-        assert tls is not None
-        self.assertEqual((tls.version, tls.cipher), ("TLSv1.3", "TLS_AES_256_GCM_SHA384"))
+        self.assertEqual(session.protocol.session.tls, PINNED_INFO)
 
 
 class AuthTests(SynchronousTestCase):

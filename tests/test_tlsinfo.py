@@ -43,50 +43,56 @@ class _Recorder(Protocol):
         self.done = True
 
 
-class ReadTLSInfoTests(SynchronousTestCase):
-    def _connect(self, **serverOptions: Any) -> tuple[Any, Any]:
-        """
-        A real TLS handshake in memory between a server made with
-        C{serverOptions} and a client trusting its certificate: return the
-        server's and the client's TLS protocols (transports of the wrapped
-        protocols).
-        """
-        ca = trustme.CA()
-        pem = ca.issue_cert(HOST).private_key_and_cert_chain_pem.bytes()
-        key = PrivateCertificate.loadPEM(pem)
-        options = CertificateOptions(
-            privateKey=key.privateKey.original, certificate=key.original, **serverOptions
-        )
-        trust = Certificate.loadPEM(ca.cert_pem.bytes())
-        clock = Clock()
-        serverTLS = TLSMemoryBIOFactory(options, False, ServerFactory.forProtocol(_Recorder),
-                                        clock=clock)
-        clientTLS = TLSMemoryBIOFactory(
-            optionsForClientTLS(HOST, trustRoot=trust), True, ClientFactory.forProtocol(_Recorder),
-            clock=clock,
-        )
-        server: Any = serverTLS.buildProtocol(None)
-        client: Any = clientTLS.buildProtocol(None)
-        pump = connect(server, makeFakeServer(server), client, makeFakeClient(client), clock=clock)
-        pump.flush()
-        self.assertTrue(server.wrappedProtocol.done)
-        self.assertTrue(client.wrappedProtocol.done)
-        return server, client
+def handshake(**serverOptions: Any) -> tuple[Any, Any]:
+    """
+    A real TLS handshake in memory between a server made with
+    C{serverOptions} and a client trusting its certificate: return the
+    server's and the client's TLS protocols (transports of the wrapped
+    protocols).
+    """
+    ca = trustme.CA()
+    pem = ca.issue_cert(HOST).private_key_and_cert_chain_pem.bytes()
+    key = PrivateCertificate.loadPEM(pem)
+    options = CertificateOptions(
+        privateKey=key.privateKey.original, certificate=key.original, **serverOptions
+    )
+    trust = Certificate.loadPEM(ca.cert_pem.bytes())
+    clock = Clock()
+    serverTLS = TLSMemoryBIOFactory(options, False, ServerFactory.forProtocol(_Recorder),
+                                    clock=clock)
+    clientTLS = TLSMemoryBIOFactory(
+        optionsForClientTLS(HOST, trustRoot=trust), True, ClientFactory.forProtocol(_Recorder),
+        clock=clock,
+    )
+    server: Any = serverTLS.buildProtocol(None)
+    client: Any = clientTLS.buildProtocol(None)
+    pump = connect(server, makeFakeServer(server), client, makeFakeClient(client), clock=clock)
+    pump.flush()
+    assert server.wrappedProtocol.done and client.wrappedProtocol.done
+    return server, client
 
+
+PINNED: dict[str, Any] = {
+    "raiseMinimumTo": TLSVersion.TLSv1_2,
+    "lowerMaximumSecurityTo": TLSVersion.TLSv1_2,
+    "acceptableCiphers": AcceptableCiphers.fromOpenSSLCipherString("ECDHE-ECDSA-AES128-GCM-SHA256"),
+}
+"""Server options that make L{handshake} negotiate L{PINNED_INFO}."""
+
+PINNED_INFO = TLSInfo("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", (128, 128))
+
+
+class ReadTLSInfoTests(SynchronousTestCase):
     def test_tls12(self) -> None:
         """
         The version, cipher and its secret/algorithm bits of a TLS 1.2
         handshake pinned to one cipher, read the same on both sides.
         """
-        server, client = self._connect(
-            raiseMinimumTo=TLSVersion.TLSv1_2, lowerMaximumSecurityTo=TLSVersion.TLSv1_2,
-            acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString("ECDHE-ECDSA-AES128-GCM-SHA256"),
-        )
-        expected = TLSInfo("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", (128, 128))
-        self.assertEqual(readTLSInfo(server.wrappedProtocol.transport), expected)
-        self.assertEqual(readTLSInfo(client.wrappedProtocol.transport), expected)
+        server, client = handshake(**PINNED)
+        self.assertEqual(readTLSInfo(server.wrappedProtocol.transport), PINNED_INFO)
+        self.assertEqual(readTLSInfo(client.wrappedProtocol.transport), PINNED_INFO)
         self.assertEqual(
-            expected.description,
+            PINNED_INFO.description,
             "TLSv1.2 with cipher ECDHE-ECDSA-AES128-GCM-SHA256 (128/128 bits)",
         )
 
@@ -94,7 +100,7 @@ class ReadTLSInfoTests(SynchronousTestCase):
         """
         A TLS 1.3 handshake: its suite's bits are those of its cipher.
         """
-        server, client = self._connect(raiseMinimumTo=TLSVersion.TLSv1_3)
+        server, client = handshake(raiseMinimumTo=TLSVersion.TLSv1_3)
         tls = readTLSInfo(server.wrappedProtocol.transport)
         bits = {
             "TLS_AES_256_GCM_SHA384": (256, 256),
@@ -108,7 +114,7 @@ class ReadTLSInfoTests(SynchronousTestCase):
         """
         The caller's verdict on the peer is carried along.
         """
-        server, _ = self._connect()
+        server, _ = handshake()
         self.assertTrue(readTLSInfo(server.wrappedProtocol.transport, verified=True).verified)
         self.assertFalse(readTLSInfo(server.wrappedProtocol.transport).verified)
 
@@ -117,7 +123,7 @@ class ReadTLSInfoTests(SynchronousTestCase):
         Under STARTTLS the transport carries the TLS protocol as its
         C{protocol}: its connection is found there.
         """
-        server, _ = self._connect()
+        server, _ = handshake()
 
         class Outer:
             protocol = server
