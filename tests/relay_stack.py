@@ -20,7 +20,8 @@ from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener,
 from smtprelay.relay.failover import Failover
 from smtprelay.relay.session import RelaySession
 from smtprelay.relay.routing import Route, Router
-from smtprelay.inbound.session import SMTPServerFactory
+from smtprelay.app.listeners import sessionPolicy
+from smtprelay.inbound.factory import SMTPServerFactory
 from smtprelay.testing.downstream import DEFAULT_EHLO, DownstreamFactory, MemoryNetwork, Script
 
 from .server_helpers import LOOPBACK, FakeTransport
@@ -160,7 +161,7 @@ class RelayStack:
         self.failover = Failover(self.target, self.clock, endpointFactory=self.network)
         routes = Router.single(Route(self.target, self.failover.open, self.failover.release))
         self.factory = SMTPServerFactory(
-            self.listener,
+            sessionPolicy(self.listener),
             lambda session: RelaySession(session, self.listener, routes, "relay.test", self.clock),
             "relay.test", self.clock,
         )

@@ -16,7 +16,8 @@ from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener,
 from smtprelay.relay.failover import Failover
 from smtprelay.relay.session import RelaySession
 from smtprelay.relay.routing import Route, Router
-from smtprelay.inbound.session import SMTPServerFactory
+from smtprelay.app.listeners import sessionPolicy
+from smtprelay.inbound.factory import SMTPServerFactory
 from smtprelay.testing.downstream import CLOSE, STALL, MemoryNetwork, Script
 
 from .server_helpers import LOOPBACK, FakeTransport
@@ -49,7 +50,7 @@ class Stack:
         failover = Failover(target, self.clock, endpointFactory=self.network)
         routes = Router.single(Route(target, failover.open, lambda downstream: downstream.quit()))
         factory = SMTPServerFactory(
-            listener,
+            sessionPolicy(listener),
             lambda session: RelaySession(session, listener, routes, "relay.test", self.clock),
             "relay.test", self.clock,
         )

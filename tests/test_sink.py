@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smtprelay.config.model import Address
-from smtprelay.sink.capture import SinkOptions, makeSinkFactory, makeSinkService, sinkListener
+from smtprelay.sink.capture import SinkOptions, makeSinkFactory, makeSinkService, sinkPolicy
 
 from .server_helpers import STRANGER
 
@@ -26,8 +26,7 @@ class CaptureTests(SynchronousTestCase):
     def session(self, lmtp: bool = False, script: dict[str, str] | None = None) -> tuple[object, str]:
         directory = self.mktemp()
         os.makedirs(directory)
-        listener = sinkListener([Address("tcp", "127.0.0.1", 2525)], lmtp)
-        factory = makeSinkFactory(listener, directory, script, Clock(), hostname="sink.test")
+        factory = makeSinkFactory(sinkPolicy(lmtp), directory, script, Clock(), hostname="sink.test")
         factory.newSessionId = lambda: "SID"
         from smtprelay.inbound.session import SMTPServerProtocol
         from .server_helpers import FakeTransport

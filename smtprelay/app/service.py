@@ -28,13 +28,14 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from smtprelay.config.model import Address, Config, Listener, Target
 from smtprelay.observe.metrics import IMetrics, Metrics, NullMetrics, metricsService
 from smtprelay.inbound.proxyproto import ProxyProtocolFactory
+from smtprelay.app.listeners import sessionPolicy
 from smtprelay.app.readiness import Prober
 from smtprelay.net.endpoints import serverEndpoint
 from smtprelay.relay.failover import Failover
 from smtprelay.interfaces import ClientSession
 from smtprelay.relay.session import PasswordChecker, RelaySession
 from smtprelay.relay.routing import Route, Router
-from smtprelay.inbound.session import SMTPServerFactory
+from smtprelay.inbound.factory import SMTPServerFactory
 from smtprelay.net.tls import serverOptions
 
 _log = Logger()
@@ -196,7 +197,7 @@ def makeService(config: Config, reactor: Any) -> RelayService:
             tlsOptions = serverOptions(listener.tls)
             root.addReloadable("TLS certificates", tlsOptions)
         factory = SMTPServerFactory(
-            listener,
+            sessionPolicy(listener),
             _handlerFactory(root, listener, Router(listener.deliverTo, routeFor), config, reactor, metrics),
             config.hostname,
             reactor,

@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
-from smtprelay.config.model import IPNetwork
+from smtprelay.inbound.policy import IPNetwork
 
 IPAddress = Union[IPv4Address, IPv6Address]
 
