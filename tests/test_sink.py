@@ -5,6 +5,7 @@ loopback socket with Python's C{smtplib}.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import smtplib
@@ -16,7 +17,8 @@ from twisted.internet.threads import deferToThread
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from smtprelay.config.model import Address
+from smtprelay.app.listeners import sessionPolicy
+from smtprelay.config.model import Address, Listener, Target
 from smtprelay.sink.capture import SinkOptions, makeSinkFactory, makeSinkService, sinkPolicy
 
 from .server_helpers import STRANGER
@@ -93,6 +95,20 @@ class CaptureTests(SynchronousTestCase):
         self.send(b"partial\r\n")
         self.transport.loseConnection()
         self.assertEqual(os.listdir(directory), [])
+
+
+class PolicyTests(SynchronousTestCase):
+    def test_asTheListenerItReplaces(self) -> None:
+        """
+        The sink's own policy is what a listener relaying from anywhere with
+        default limits gave it (the sink used to build such a listener).
+        """
+        anywhere = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+        for kind in ("smtp", "lmtp"):
+            with self.subTest(kind):
+                listener = Listener(kind=kind, addresses=(Address("tcp", "127.0.0.1", 2525),),  # type: ignore[arg-type]  # kind is one of the Literal's values
+                                    deliverTo=Target("sink", "smtp", ()), allow=anywhere)
+                self.assertEqual(sinkPolicy(kind == "lmtp"), sessionPolicy(listener))
 
 
 class OptionsTests(SynchronousTestCase):
