@@ -114,7 +114,7 @@ class RecorderFactory(Factory):
         self.protocolClass = protocolClass
         self.refuse = False
 
-    def buildProtocol(self, addr: Any) -> Recorder | None:  # type: ignore[override]
+    def buildProtocol(self, addr: Any) -> Recorder | None:  # type: ignore[override]  # None refuses, as Twisted allows
         self.addresses.append(addr)
         if self.refuse:
             return None
@@ -360,7 +360,7 @@ class ProxyProtocolFactoryTests(SynchronousTestCase):
 
         class Checker(Recorder):
             def connectionMade(self) -> None:
-                seen.append(self.transport.hasPendingInput())  # type: ignore[union-attr]
+                seen.append(self.transport.hasPendingInput())  # type: ignore[union-attr]  # the PROXY reader's transport
 
         for data, expected in [(V1_TCP4, False), (V1_TCP4 + b"EHLO x\r\n", True)]:
             connection = Connection(protocolClass=Checker)

@@ -56,7 +56,7 @@ def greeted(**kwargs: object) -> Session:
     """
     A session that has read the greeting and sent EHLO.
     """
-    session = Session(**kwargs)  # type: ignore[arg-type]
+    session = Session(**kwargs)  # type: ignore[arg-type]  # Session's own keywords, passed through untyped
     session.read()
     session.send(b"EHLO client.example\r\n")
     return session
@@ -94,7 +94,7 @@ class GreetingTests(SynchronousTestCase):
         self.assertEqual(session.protocol.session.protocol, "lmtp")
 
     def test_noToken(self) -> None:
-        factory = SMTPServerFactory(makePolicy(), RecordingHandlerFactory(), HOST, None)  # type: ignore[arg-type]
+        factory = SMTPServerFactory(makePolicy(), RecordingHandlerFactory(), HOST, None)  # type: ignore[arg-type]  # no clock: the greeting needs none
         self.assertEqual(factory.greeting, b"220 mx.example.org ESMTP smtprelay\r\n")
 
     def test_sessionIds(self) -> None:
@@ -112,7 +112,7 @@ class GreetingTests(SynchronousTestCase):
         self.addCleanup(theirs.close)
         theirs.sendall(b"EHLO x\r\n")
         transport = FakeTransport(LOOPBACK)
-        transport.getHandle = lambda: ours  # type: ignore[attr-defined]
+        transport.getHandle = lambda: ours  # type: ignore[attr-defined]  # a socket under the fake transport
         session = Session(transport=transport)
         self.assertEqual(session.read(), b"554 5.5.0 Error: SMTP protocol synchronization [S1]\r\n")
         self.assertTrue(session.closed)
@@ -123,7 +123,7 @@ class GreetingTests(SynchronousTestCase):
         self.addCleanup(ours.close)
         self.addCleanup(theirs.close)
         transport = FakeTransport(LOOPBACK)
-        transport.getHandle = lambda: ours  # type: ignore[attr-defined]
+        transport.getHandle = lambda: ours  # type: ignore[attr-defined]  # a socket under the fake transport
         session = Session(transport=transport)
         self.assertEqual(session.read(), GREETING)
 
@@ -390,7 +390,7 @@ class EnvelopeTests(SynchronousTestCase):
         def broken(argument: bytes) -> None:
             raise RuntimeError("defect")
 
-        session.protocol.do_VRFY = broken  # type: ignore[method-assign]
+        session.protocol.do_VRFY = broken  # type: ignore[method-assign]  # a defect planted in one command
         self.assertEqual(session.send(b"NOOP\r\nVRFY x\r\nNOOP\r\n"),
                          b"250 2.0.0 OK\r\n451 4.3.0 Local error in processing [S1]\r\n"
                          b"250 2.0.0 OK\r\n")
@@ -445,7 +445,7 @@ class EnvelopeTests(SynchronousTestCase):
         goes on.
         """
         session = greeted()
-        session.handler.mail = lambda *a: fail(RuntimeError("boom"))  # type: ignore[method-assign]
+        session.handler.mail = lambda *a: fail(RuntimeError("boom"))  # type: ignore[method-assign]  # a handler that fails
         self.assertEqual(session.send(b"MAIL FROM:<a@example.com>\r\n"),
                          b"451 4.3.0 Local error in processing [S1]\r\n")
         self.flushLoggedErrors(RuntimeError)
@@ -1553,7 +1553,7 @@ class InboundChunkingTests(SynchronousTestCase):
     def test_clientGoneMidChunk(self) -> None:
         session = greeted()
         session.send(ENVELOPE + b"BDAT 100 LAST\r\nhalf")
-        session.protocol.connectionLost(None)  # type: ignore[arg-type]
+        session.protocol.connectionLost(None)  # type: ignore[arg-type]  # a reason is never read
         self.assertEqual([c[0] for c in session.handler.calls if c[0] != "dataChunk"],
                          ["mail", "rcpt", "data", "close"])
 

@@ -296,4 +296,4 @@ class AuthOverTLSTests(SynchronousTestCase):
 
 
 def _sample(metrics: Metrics, name: str, **labels: str) -> float | None:
-    return metrics.registry.get_sample_value(name, labels)  # type: ignore[no-any-return]
+    return metrics.registry.get_sample_value(name, labels)  # type: ignore[no-any-return]  # prometheus_client is untyped

@@ -150,7 +150,7 @@ class LoopbackTests(TestCase):
             listening.callback(port)
             return port
 
-        endpointService._waitingForPort.addCallback(started)  # type: ignore[attr-defined]
+        endpointService._waitingForPort.addCallback(started)  # type: ignore[attr-defined]  # the private Deferred of the listening port
         port = yield listening
         portNumber = port.getHost().port
 
