@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import socket
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -96,6 +98,40 @@ class InputBufferTests(SynchronousTestCase):
         buffer.feed(b"rest")
         buffer.clear()
         self.assertFalse(buffer)
+
+
+def _frames(pieces: list[bytes], maxLength: int) -> list[bytes | None]:
+    """
+    Feed C{pieces} one by one, taking every line as it completes: the
+    lines, with L{None} for each overlong one.
+    """
+    buffer = InputBuffer()
+    frames: list[bytes | None] = []
+    for piece in pieces:
+        buffer.feed(piece)
+        while True:
+            try:
+                line = buffer.nextLine(maxLength)
+            except LineTooLong:
+                frames.append(None)
+                continue
+            if line is None:
+                break
+            frames.append(line)
+    return frames
+
+
+class FramingPropertyTests(SynchronousTestCase):
+    @given(st.binary(max_size=300).map(lambda b: b.replace(b"x", b"\r\n")),
+           st.lists(st.integers(0, 300), max_size=20), st.integers(1, 20))
+    def test_anySplit(self, data: bytes, cuts: list[int], maxLength: int) -> None:
+        """
+        However the input is split into reads, the same lines (and
+        overlong lines) come out as from one read.
+        """
+        points = sorted({min(c, len(data)) for c in cuts})
+        pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
+        self.assertEqual(_frames(pieces, maxLength), _frames([data], maxLength))
 
 
 class ChunkTests(SynchronousTestCase):
