@@ -14,7 +14,7 @@ from ipaddress import ip_network
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import fail
@@ -477,11 +477,13 @@ class RelayAccessTests(SynchronousTestCase):
         Postfix logs C{NOQUEUE: reject: RCPT from ...: 554 5.7.1 ... Relay
         access denied; from=<...> to=<...>}.
         """
-        from twisted.logger import formatEvent, globalLogPublisher
+        from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 
         events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        # Any callable taking an event is an observer; the stubs want the interface.
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         session = greeted(peer=STRANGER)
         session.send(b"MAIL FROM:<a@example.com>\r\n")
         session.send(b"RCPT TO:<b@example.net>\r\n")

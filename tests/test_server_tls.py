@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
-from typing import Any, Mapping
+from typing import Any, Generator, Mapping
 
 import trustme
 from twisted.internet import reactor
@@ -53,7 +53,7 @@ def readReply(stream: socket.socket) -> bytes:
 
 class StartTLSLoopbackTests(TestCase):
     @inlineCallbacks
-    def test_injectionDiscarded(self) -> Deferred[None]:
+    def test_injectionDiscarded(self) -> Generator[Deferred[Any], Any, None]:
         ca = trustme.CA()
         cert = ca.issue_cert("mx.example.org")
         pem = cert.private_key_and_cert_chain_pem.bytes()
@@ -65,7 +65,7 @@ class StartTLSLoopbackTests(TestCase):
         )
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        portNumber = port.getHost().port
+        portNumber = port.getHost().port  # type: ignore[attr-defined]  # a TCP port's host is an IPv4Address
         context = ssl.create_default_context()
         ca.configure_trust(context)
 
@@ -127,13 +127,13 @@ class _TLSPair:
         self.clock = MemoryReactorClock()
         self.handlers = RecordingHandlerFactory(script)
         self.metrics = Metrics()
+        tlsOptions = PrivateCertificate.loadPEM(pem).options()
         self.factory = SMTPServerFactory(
             policy or makePolicy(), self.handlers, HOST, self.clock,
-            tlsOptions=PrivateCertificate.loadPEM(pem).options(), greetingToken=TOKEN,
-            metrics=self.metrics,
+            tlsOptions=tlsOptions, greetingToken=TOKEN, metrics=self.metrics,
         )
         self.factory.newSessionId = lambda: "S1"
-        serverTLS = TLSMemoryBIOFactory(self.factory.tlsOptions, False, self.factory,
+        serverTLS = TLSMemoryBIOFactory(tlsOptions, False, self.factory,
                                         clock=self.clock)
         self.server = serverTLS.buildProtocol(LOOPBACK)
         self.serverWire = _Wire(LOOPBACK)
@@ -160,7 +160,9 @@ class _TLSPair:
 
     @property
     def smtp(self) -> SMTPServerProtocol:
-        return self.server.wrappedProtocol
+        protocol = self.server.wrappedProtocol
+        assert isinstance(protocol, SMTPServerProtocol)
+        return protocol
 
     def pump(self) -> None:
         """

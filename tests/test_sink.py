@@ -9,6 +9,7 @@ import ipaddress
 import json
 import os
 import smtplib
+from typing import Any, Generator
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -138,7 +139,7 @@ class LoopbackTests(TestCase):
     """
 
     @inlineCallbacks
-    def test_smtplib(self) -> Deferred[None]:
+    def test_smtplib(self) -> Generator[Deferred[Any], Any, None]:
         directory = self.mktemp()
         service = makeSinkService([Address("tcp", "127.0.0.1", 0)], directory, reactor=reactor)
         service.startService()
@@ -168,8 +169,8 @@ class LoopbackTests(TestCase):
         eml, envelopeFile = names
         with open(os.path.join(directory, eml), "rb") as f:
             self.assertEqual(f.read(), b"Subject: loopback\r\n\r\n.leading dot\r\nbody\r\n")
-        with open(os.path.join(directory, envelopeFile)) as f:
-            envelope = json.load(f)
+        with open(os.path.join(directory, envelopeFile), encoding="utf-8") as text:
+            envelope = json.load(text)
         self.assertEqual(envelope["rcpt_to"], ["b@example.net", "c@example.net"])
         self.assertEqual(envelope["mail_from"], "a@example.com")
         self.assertEqual(envelope["client"], "127.0.0.1")
