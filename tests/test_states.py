@@ -10,8 +10,25 @@ from typing import Any
 import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay.inbound.states import TLS, Facts, Stage, commandRefusal
+from smtprelay.inbound.states import TLS, Stage, commandRefusal
 from smtprelay.protocol import replies
+
+
+@attrs.frozen
+class Facts:
+    """
+    A session's state, as L{smtprelay.inbound.states.Facts} reads it.
+    """
+
+    stage: Stage
+    tls: TLS
+    esmtp: bool
+    secure: bool
+    authenticated: bool
+    rcptTried: bool
+    tlsOffered: bool
+    authOffered: bool
+
 
 GREETED = Facts(stage=Stage.READY, tls=TLS.PLAIN, esmtp=True, secure=False, authenticated=False,
                 rcptTried=False, tlsOffered=True, authOffered=True)

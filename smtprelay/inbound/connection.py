@@ -205,21 +205,17 @@ class ServerConnection(Protocol):
         Graceful stop: say C{421 4.3.2} and close now if the session is idle,
         or right after the transaction in progress.
         """
-        if self._closing:
+        if self._phase.closing:
             return
         if self._idle():
             self._disconnect(replies.SHUTTING_DOWN)
         else:
             self._shutdownPending = True
 
-    @property
-    def _closing(self) -> bool:
-        return self._phase is Phase.CLOSING or self._phase is Phase.CLOSED
-
     # -- input --------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
+        if self._phase.closing:
             return
         if not self._input.feed(data):
             self._log.warn("input overflow in {session}", session=self.session.id)
@@ -236,7 +232,7 @@ class ServerConnection(Protocol):
             return
         self._processing = True
         try:
-            while self._input and not self._busy and not self._pauses and not self._closing:
+            while self._input and not self._busy and not self._pauses and not self._phase.closing:
                 if not self._consume():
                     break
                 # Input was consumed (a whole line, or body bytes): the next
@@ -251,7 +247,7 @@ class ServerConnection(Protocol):
 
     def _afterInput(self) -> None:
         self._flush()
-        if self._closing:
+        if self._phase.closing:
             return
         # Back-pressure: while a reply is pending, what the client sends
         # ahead waits in our buffer, and the socket is not read meanwhile.
@@ -283,7 +279,7 @@ class ServerConnection(Protocol):
         handler is closed at once.  A refusal counts as a rejection for its
         reason.
         """
-        if self._closing:
+        if self._phase.closing:
             return
         if isinstance(r, Refusal):
             self.factory.metrics.rejected(r.reason)
@@ -374,7 +370,7 @@ class ServerConnection(Protocol):
         in, however its bytes trickle.
         """
         timer = self._readTimer
-        if not on or self._closing:
+        if not on or self._phase.closing:
             if timer is not None:
                 if timer.active():
                     timer.cancel()

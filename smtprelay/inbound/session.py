@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from smtprelay.inbound.connection import ServerConnection
 from smtprelay.inbound.framing import Chunk, LineTooLong, Pauser
 from smtprelay.inbound.sasl import MAX_RESPONSE_LINE, Challenge, Credentials, Denied, Outcome, SASLExchange
-from smtprelay.inbound.states import TLS, TRANSACTION, Facts, Stage, commandRefusal
+from smtprelay.inbound.states import TLS, Stage, commandRefusal
 from smtprelay.observe.logs import logReject
 from smtprelay.protocol import replies
 from smtprelay.protocol.addresses import EnvelopeError, parseMail, parseRcpt
@@ -67,6 +67,7 @@ class SMTPServerProtocol(ServerConnection):
         self._scanner: DataScanner | None = None
         self._bodyPauser: Pauser | None = None
         self._chunk: Chunk | None = None
+        self._facts = _Facts(self)
         self._resetTransaction()
 
     # -- input --------------------------------------------------------------
@@ -87,7 +88,8 @@ class SMTPServerProtocol(ServerConnection):
         @return: False when no complete line is buffered.
         """
         maxLength = self._policy.maxCommandLength
-        if self._sasl.waiting:
+        response = self._sasl.waiting
+        if response:
             maxLength = max(maxLength, MAX_RESPONSE_LINE)
         try:
             line = self._input.nextLine(maxLength)
@@ -96,7 +98,7 @@ class SMTPServerProtocol(ServerConnection):
             return True
         if line is None:
             return False
-        if self._sasl.waiting:
+        if response:
             self._saslStep(self._sasl.respond(line))
             return True
         if self._errors >= self._policy.maxErrors:
@@ -142,12 +144,7 @@ class SMTPServerProtocol(ServerConnection):
         """
         Whether C{verb} may run in this state (L{commandRefusal}).
         """
-        return commandRefusal(verb, argument, Facts(
-            stage=self._stage, tls=self._tls, esmtp=self.session.esmtp,
-            secure=self._tls is not TLS.PLAIN or self._unix,
-            authenticated=self.session.user is not None, rcptTried=self._rcptTried,
-            tlsOffered=self.factory.tlsOptions is not None, authOffered=self._policy.auth,
-        ))
+        return commandRefusal(verb, argument, self._facts)
 
     def _error(self, refusal: Refusal) -> None:
         """
@@ -193,7 +190,7 @@ class SMTPServerProtocol(ServerConnection):
         self.session.smtputf8 = False
 
     def _idle(self) -> bool:
-        return self._stage not in TRANSACTION and not self._busy and not self._sasl.waiting
+        return not self._stage.transaction and not self._busy and not self._sasl.waiting
 
     def _transactionEnded(self) -> None:
         self._resetTransaction()
@@ -231,7 +228,7 @@ class SMTPServerProtocol(ServerConnection):
             return
         self.session.heloName = argument.decode("utf-8", "replace")
         self.session.esmtp = esmtp
-        if self._stage in TRANSACTION:
+        if self._stage.transaction:
             # RFC 5321 §4.1.4: a new greeting ends the transaction.
             self._resetHandler()
             self._resetTransaction()
@@ -606,3 +603,47 @@ class SMTPServerProtocol(ServerConnection):
         self._reply(r)
         if self._sasl.failed():
             self._disconnect(replies.TOO_MANY_AUTH_FAILURES)
+
+
+class _Facts:
+    """
+    A session's state as L{commandRefusal} reads it: a live view, so that
+    no record is built per command.
+    """
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: SMTPServerProtocol) -> None:
+        self._protocol = protocol
+
+    @property
+    def stage(self) -> Stage:
+        return self._protocol._stage
+
+    @property
+    def tls(self) -> TLS:
+        return self._protocol._tls
+
+    @property
+    def esmtp(self) -> bool:
+        return self._protocol.session.esmtp
+
+    @property
+    def secure(self) -> bool:
+        return self._protocol._tls is not TLS.PLAIN or self._protocol._unix
+
+    @property
+    def authenticated(self) -> bool:
+        return self._protocol.session.user is not None
+
+    @property
+    def rcptTried(self) -> bool:
+        return self._protocol._rcptTried
+
+    @property
+    def tlsOffered(self) -> bool:
+        return self._protocol.factory.tlsOptions is not None
+
+    @property
+    def authOffered(self) -> bool:
+        return self._protocol._policy.auth

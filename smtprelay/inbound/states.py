@@ -8,8 +8,7 @@ may run in which state, and what the client gets otherwise.
 from __future__ import annotations
 
 import enum
-
-import attrs
+from typing import Protocol
 
 from smtprelay.protocol import replies
 from smtprelay.protocol.replies import Refusal
@@ -18,6 +17,9 @@ from smtprelay.protocol.replies import Refusal
 class Phase(enum.Enum):
     """
     The connection's life.
+
+    @ivar closing: nothing more is read or answered (L{CLOSING}, L{CLOSED});
+        a plain attribute, as the input loop asks at every step.
     """
 
     CONNECTING = "connecting"
@@ -28,6 +30,9 @@ class Phase(enum.Enum):
     """The last reply is on its way; nothing more is read."""
     CLOSED = "closed"
     """The connection is gone."""
+
+    def __init__(self, name: str) -> None:
+        self.closing = name in ("closing", "closed")
 
 
 class TLS(enum.Enum):
@@ -44,6 +49,9 @@ class TLS(enum.Enum):
 class Stage(enum.Enum):
     """
     Where the mail transaction is.
+
+    @ivar transaction: a sender was accepted (L{MAIL}, L{RCPT}, L{DATA},
+        L{BDAT}).
     """
 
     HELLO = "hello"
@@ -59,33 +67,46 @@ class Stage(enum.Enum):
     BDAT = "bdat"
     """The body comes in BDAT chunks."""
 
+    def __init__(self, name: str) -> None:
+        self.transaction = name not in ("hello", "ready")
 
-TRANSACTION = frozenset({Stage.MAIL, Stage.RCPT, Stage.DATA, Stage.BDAT})
-"""The stages of a mail transaction (after a sender was accepted)."""
 
-
-@attrs.frozen
-class Facts:
+class Facts(Protocol):
     """
     What a session knows when a command comes, as far as it decides whether
-    the command may run.
-
-    @ivar esmtp: the client greeted with EHLO or LHLO.
-    @ivar secure: TLS is active, or the client is on a unix socket.
-    @ivar authenticated: the client authenticated.
-    @ivar rcptTried: a RCPT of this transaction came (accepted or not).
-    @ivar tlsOffered: STARTTLS is offered on this listener.
-    @ivar authOffered: AUTH is enabled on this listener.
+    the command may run.  The session passes a live view of itself (nothing
+    is copied per command).
     """
 
-    stage: Stage
-    tls: TLS
-    esmtp: bool
-    secure: bool
-    authenticated: bool
-    rcptTried: bool
-    tlsOffered: bool
-    authOffered: bool
+    @property
+    def stage(self) -> Stage: ...
+
+    @property
+    def tls(self) -> TLS: ...
+
+    @property
+    def esmtp(self) -> bool:
+        """The client greeted with EHLO or LHLO."""
+
+    @property
+    def secure(self) -> bool:
+        """TLS is active, or the client is on a unix socket."""
+
+    @property
+    def authenticated(self) -> bool:
+        """The client authenticated."""
+
+    @property
+    def rcptTried(self) -> bool:
+        """A RCPT of this transaction came (accepted or not)."""
+
+    @property
+    def tlsOffered(self) -> bool:
+        """STARTTLS is offered on this listener."""
+
+    @property
+    def authOffered(self) -> bool:
+        """AUTH is enabled on this listener."""
 
 
 def commandRefusal(verb: bytes, argument: bytes, facts: Facts) -> Refusal | None:
@@ -101,10 +122,10 @@ def commandRefusal(verb: bytes, argument: bytes, facts: Facts) -> Refusal | None
     if verb == b"MAIL":
         if stage is Stage.HELLO:
             return replies.NEED_GREETING
-        if stage in TRANSACTION:
+        if stage.transaction:
             return replies.NESTED_MAIL
     elif verb == b"RCPT":
-        if stage not in TRANSACTION:
+        if not stage.transaction:
             return replies.NEED_MAIL
     elif verb == b"DATA":
         if argument:
@@ -123,7 +144,7 @@ def commandRefusal(verb: bytes, argument: bytes, facts: Facts) -> Refusal | None
             return replies.TLS_ACTIVE
         if argument:
             return replies.STARTTLS_SYNTAX
-        if stage in TRANSACTION:
+        if stage.transaction:
             return replies.IN_TRANSACTION
     elif verb == b"AUTH":
         if not facts.authOffered:
@@ -134,7 +155,7 @@ def commandRefusal(verb: bytes, argument: bytes, facts: Facts) -> Refusal | None
             return replies.AUTH_NEEDS_TLS
         if facts.authenticated:
             return replies.AUTH_TWICE
-        if stage in TRANSACTION:
+        if stage.transaction:
             return replies.IN_TRANSACTION
     return None
 
@@ -143,7 +164,7 @@ def _needRecipients(facts: Facts) -> Refusal | None:
     """
     A body needs a transaction with an accepted recipient.
     """
-    if facts.stage not in TRANSACTION:
+    if not facts.stage.transaction:
         return replies.NEED_MAIL
     if facts.stage is Stage.MAIL:
         return replies.NO_RECIPIENT_ACCEPTED if facts.rcptTried else replies.NEED_RCPT
