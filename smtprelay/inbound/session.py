@@ -259,7 +259,7 @@ class SMTPServerProtocol(ServerConnection):
         try:
             sender, params = parseMail(argument)
         except EnvelopeError as e:
-            self._refuse("MAIL", Refusal(e.reply, "syntax"))
+            self._refuse("MAIL", e.refusal)
             return
         size = params.get("SIZE")
         if size is not None and int(size) > self._policy.maxMessageSize:
@@ -301,7 +301,7 @@ class SMTPServerProtocol(ServerConnection):
         try:
             recipient, params = parseRcpt(argument, self.session.smtputf8)
         except EnvelopeError as e:
-            self._refuse("RCPT", Refusal(e.reply, "syntax"), self._sender)
+            self._refuse("RCPT", e.refusal, self._sender)
             return
         self._rcptTried = True
         if not self._relayAllowed():
