@@ -22,7 +22,8 @@ from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener,
 from smtprelay.app.targets import makeFailover, targetRoute
 from smtprelay.relay.session import RelaySession
 from smtprelay.relay.routing import Router
-from smtprelay.inbound.session import SMTPServerFactory
+from smtprelay.app.listeners import sessionPolicy
+from smtprelay.inbound.factory import SMTPServerFactory
 from smtprelay.testing.downstream import DEFAULT_EHLO, DownstreamFactory, MemoryNetwork, Script
 
 from .server_helpers import LOOPBACK, FakeTransport
@@ -162,7 +163,7 @@ class RelayStack:
         self.failover = makeFailover(self.target, self.clock, endpointFactory=self.network)
         routes = Router.single(targetRoute(self.target, self.failover.open, self.failover.release))
         self.factory = SMTPServerFactory(
-            self.listener,
+            sessionPolicy(self.listener),
             lambda session: RelaySession(session, self.listener.auth.mode, routes, "relay.test", self.clock),
             "relay.test", self.clock,
         )

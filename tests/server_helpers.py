@@ -12,8 +12,11 @@ from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 
+from smtprelay.app.listeners import sessionPolicy
 from smtprelay.config.model import Address, Listener, Target
-from smtprelay.inbound.session import SMTPServerFactory, SMTPServerProtocol
+from smtprelay.inbound.factory import SMTPServerFactory
+from smtprelay.inbound.policy import SessionPolicy
+from smtprelay.inbound.session import SMTPServerProtocol
 from smtprelay.testing.handler import RecordingHandler, RecordingHandlerFactory, ScriptEntry
 
 HOST = "mx.example.org"
@@ -43,6 +46,14 @@ def makeListener(**kwargs: Any) -> Listener:
         deliverTo=Target("t", "smtp", (Address("tcp", "127.0.0.1", 2526),)),
         **kwargs,
     )
+
+
+def makePolicy(**kwargs: Any) -> SessionPolicy:
+    """
+    The session policy of a listener configured with C{kwargs} (the
+    directives' defaults otherwise), as the service builds it.
+    """
+    return sessionPolicy(makeListener(**kwargs))
 
 
 class FakeTransport(StringTransportWithDisconnection):
@@ -86,7 +97,7 @@ class Session:
 
     def __init__(
         self,
-        listener: Listener | None = None,
+        policy: SessionPolicy | None = None,
         peer: Any = LOOPBACK,
         script: Mapping[str, ScriptEntry] | None = None,
         manual: Collection[str] = (),
@@ -99,7 +110,7 @@ class Session:
         self.handlers = RecordingHandlerFactory(script, manual)
         if factory is None:
             factory = SMTPServerFactory(
-                listener or makeListener(), self.handlers, HOST, self.clock,
+                policy or makePolicy(), self.handlers, HOST, self.clock,
                 tlsOptions=tlsOptions, greetingToken=TOKEN,
             )
             ids = iter(f"S{i}" for i in range(1, 1000))

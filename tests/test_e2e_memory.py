@@ -21,7 +21,8 @@ from smtprelay.config.model import Address, ClientTLS, DownstreamAuth, Listener,
 from smtprelay.app.targets import makeFailover, targetRoute
 from smtprelay.relay.session import RelaySession
 from smtprelay.relay.routing import Router
-from smtprelay.inbound.session import SMTPServerFactory
+from smtprelay.app.listeners import sessionPolicy
+from smtprelay.inbound.factory import SMTPServerFactory
 from smtprelay.testing.downstream import CLOSE, STALL, FakeDownstream, MemoryNetwork, Script
 
 from .server_helpers import LOOPBACK, FakeTransport
@@ -55,7 +56,7 @@ class Stack:
         failover = makeFailover(target, self.clock, endpointFactory=self.network)
         routes = Router.single(targetRoute(target, failover.open, lambda downstream: downstream.quit()))
         factory = SMTPServerFactory(
-            listener,
+            sessionPolicy(listener),
             lambda session: RelaySession(session, listener.auth.mode, routes, "relay.test", self.clock),
             "relay.test", self.clock,
         )

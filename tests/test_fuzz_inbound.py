@@ -24,7 +24,7 @@ from hypothesis.stateful import (
 )
 from twisted.trial.unittest import SynchronousTestCase
 
-from smtprelay.inbound.session import MAX_INPUT_BUFFER
+from smtprelay.inbound.framing import MAX_INPUT_BUFFER
 from smtprelay.testing.downstream import Script
 
 from .fuzz_helpers import FUZZ_SETTINGS, FailureCatcher, collectEarlierGarbage, parseReplies
@@ -184,7 +184,7 @@ class InboundMachine(RuleBasedStateMachine):
 
     @invariant()
     def bounded(self) -> None:
-        assert len(self.client.protocol._buffer) <= MAX_INPUT_BUFFER
+        assert len(self.client.protocol._input) <= MAX_INPUT_BUFFER
 
     @invariant()
     def nothingLogged(self) -> None:

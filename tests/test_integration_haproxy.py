@@ -21,12 +21,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from smtprelay.inbound.proxyproto import ProxyProtocolFactory
-from smtprelay.inbound.session import SMTPServerFactory
+from smtprelay.inbound.factory import SMTPServerFactory
 
 from smtprelay.testing.handler import RecordingHandlerFactory
 
 from .procs import HOST, Processes, freePort, need, waitForPort
-from .server_helpers import GREETING, TOKEN, makeListener
+from .server_helpers import GREETING, TOKEN, makePolicy
 from .server_helpers import HOST as RELAY_HOST
 
 reactor: Any = globalReactor
@@ -83,7 +83,7 @@ class HAProxyTests(TestCase):
         need("haproxy")
         self.handlers = RecordingHandlerFactory()
         server = SMTPServerFactory(
-            makeListener(), self.handlers, RELAY_HOST, reactor, greetingToken=TOKEN
+            makePolicy(), self.handlers, RELAY_HOST, reactor, greetingToken=TOKEN
         )
         trusted = (ipaddress.ip_network("127.0.0.0/8"),)
         port = reactor.listenTCP(

@@ -5,14 +5,16 @@ bounded memory, whose events count.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtprelay.interfaces import ClientSession
+from smtprelay.inbound.policy import RateLimits
 from smtprelay.inbound.ratelimit import ListenerRates, RateCounter
-from smtprelay.protocol.replies import reply
+from smtprelay.protocol.replies import Refusal, reply
 
-from .server_helpers import makeListener
 
 
 def client(host: str = "192.0.2.7", user: str | None = None) -> ClientSession:
@@ -58,31 +60,32 @@ class RateCounterTests(SynchronousTestCase):
 
 
 class ListenerRatesTests(SynchronousTestCase):
-    def rates(self, exempt: frozenset[str] = frozenset(), **kw: object) -> tuple[ListenerRates, Clock]:
+    def rates(self, exempt: frozenset[str] = frozenset(), **kw: Any) -> tuple[ListenerRates, Clock]:
         clock = Clock()
-        return ListenerRates(makeListener(**kw), clock, lambda host: host in exempt), clock
+        return ListenerRates(RateLimits(**kw), clock, lambda host: host in exempt), clock
 
     def test_userCountsApartFromAddress(self) -> None:
         """
         An authenticated session's messages count against its user, wherever
         it connects from; an unauthenticated one's against its address.
         """
-        rates, _ = self.rates(maxMessageRate=1)
+        rates, _ = self.rates(messages=1)
         self.assertIsNone(rates.message(client(user="alice")))
         self.assertIsNone(rates.message(client("192.0.2.8", user="bob")))
         self.assertIsNone(rates.message(client()))
         self.assertEqual(rates.message(client("192.0.2.9", user="alice")),
-                         reply(450, "4.7.1", "Error: too much mail from alice"))
-        self.assertEqual(rates.message(client()), reply(450, "4.7.1", "Error: too much mail from 192.0.2.7"))
+                         Refusal(reply(450, "4.7.1", "Error: too much mail from alice"), "rate_messages"))
+        self.assertEqual(rates.message(client()),
+                         Refusal(reply(450, "4.7.1", "Error: too much mail from 192.0.2.7"), "rate_messages"))
 
     def test_offExemptAndUnix(self) -> None:
         """
         0 is no limit; exempt addresses and unix-socket clients are never
         counted.
         """
-        rates, _ = self.rates(maxRecipientRate=0)
+        rates, _ = self.rates(recipients=0)
         self.assertTrue(all(rates.recipient(client()) is None for _ in range(1000)))
-        rates, _ = self.rates(frozenset({"192.0.2.7"}), maxRecipientRate=1, maxConnectionRate=1)
+        rates, _ = self.rates(frozenset({"192.0.2.7"}), recipients=1, connections=1)
         for _ in range(3):
             self.assertIsNone(rates.recipient(client()))
             self.assertIsNone(rates.connection(client()))
@@ -93,7 +96,7 @@ class ListenerRatesTests(SynchronousTestCase):
         Refused attempts count too, as anvil counts them: the client stays
         refused until its window is over.
         """
-        rates, clock = self.rates(maxConnectionRate=1, rateLimitWindow=10)
+        rates, clock = self.rates(connections=1, window=10)
         self.assertIsNone(rates.connection(client()))
         for _ in range(5):
             clock.advance(1)

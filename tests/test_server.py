@@ -14,7 +14,7 @@ from ipaddress import ip_network
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import fail
@@ -30,10 +30,12 @@ from smtprelay.protocol import replies
 from smtprelay.observe.metrics import REJECTION_REASONS, NullMetrics
 from smtprelay.config.model import ListenerAuth
 from smtprelay.protocol.replies import reply
-from smtprelay.inbound.session import MAX_INPUT_BUFFER, SMTPServerFactory, randomSessionId
+from smtprelay.inbound.factory import SMTPServerFactory, randomSessionId
+from smtprelay.inbound.framing import MAX_INPUT_BUFFER
 from smtprelay.testing.handler import RecordingHandlerFactory
 
 from .logcapture import captureEvents
+from .test_tlsinfo import PINNED, PINNED_INFO, handshake
 from .server_helpers import (
     EHLO_REPLY,
     GREETING,
@@ -43,7 +45,7 @@ from .server_helpers import (
     UNIX,
     FakeTransport,
     Session,
-    makeListener,
+    makePolicy,
 )
 
 START = b"354 End data with <CR><LF>.<CR><LF>\r\n"
@@ -90,12 +92,12 @@ class GreetingTests(SynchronousTestCase):
         self.assertEqual(session.protocol.session.protocol, "smtp")
 
     def test_lmtp(self) -> None:
-        session = Session(makeListener(kind="lmtp"))
+        session = Session(makePolicy(kind="lmtp"))
         self.assertEqual(session.read(), b"220 mx.example.org LMTP smtprelay tok123\r\n")
         self.assertEqual(session.protocol.session.protocol, "lmtp")
 
     def test_noToken(self) -> None:
-        factory = SMTPServerFactory(makeListener(), RecordingHandlerFactory(), HOST, None)  # type: ignore[arg-type]  # the greeting needs no reactor
+        factory = SMTPServerFactory(makePolicy(), RecordingHandlerFactory(), HOST, None)  # type: ignore[arg-type]  # no clock: the greeting needs none
         self.assertEqual(factory.greeting, b"220 mx.example.org ESMTP smtprelay\r\n")
 
     def test_sessionIds(self) -> None:
@@ -146,7 +148,7 @@ class HelloTests(SynchronousTestCase):
         )
 
     def test_ehloAuthOnUnix(self) -> None:
-        session = Session(makeListener(auth=ListenerAuth("users", "/dev/null")), peer=UNIX)
+        session = Session(makePolicy(auth=ListenerAuth("users", "/dev/null")), peer=UNIX)
         session.read()
         self.assertEqual(
             session.send(b"EHLO c\r\n"),
@@ -154,7 +156,7 @@ class HelloTests(SynchronousTestCase):
         )
 
     def test_noAuthBeforeTLS(self) -> None:
-        session = Session(makeListener(auth=ListenerAuth("forward")), tlsOptions=object())
+        session = Session(makePolicy(auth=ListenerAuth("forward")), tlsOptions=object())
         session.read()
         self.assertNotIn(b"AUTH", session.send(b"EHLO c\r\n"))
 
@@ -164,7 +166,7 @@ class HelloTests(SynchronousTestCase):
         """
         transport = FakeTransport(LOOPBACK)
         directlyProvides(transport, ISSLTransport)
-        session = Session(makeListener(auth=ListenerAuth("forward")), tlsOptions=object(),
+        session = Session(makePolicy(auth=ListenerAuth("forward")), tlsOptions=object(),
                           transport=transport)
         self.assertEqual(session.read(), b"", "the greeting waits for the handshake")
         session.protocol.handshakeCompleted()
@@ -186,7 +188,7 @@ class HelloTests(SynchronousTestCase):
         self.assertEqual(session.send(b"EHLO\r\n"), b"501 5.5.4 Syntax: EHLO hostname [S1]\r\n")
 
     def test_lmtpRefusesEhloHelo(self) -> None:
-        session = Session(makeListener(kind="lmtp"))
+        session = Session(makePolicy(kind="lmtp"))
         session.read()
         for command in (b"EHLO c\r\n", b"HELO c\r\n"):
             self.assertEqual(
@@ -369,7 +371,7 @@ class EnvelopeTests(SynchronousTestCase):
         Any bytes as ESMTP parameters of MAIL and RCPT, pipelined: no
         exception escapes and every command gets exactly one reply.
         """
-        session = greeted(listener=makeListener(maxErrors=1000))
+        session = greeted(policy=makePolicy(maxErrors=1000))
         commands = []
         for value in values:
             for keyword in (b"BODY", b"RET", b"NOTIFY", b"ENVID", b"ORCPT", b"SIZE", b"AUTH", b""):
@@ -433,7 +435,7 @@ class EnvelopeTests(SynchronousTestCase):
         self.assertEqual(session.send(b"DATA\r\n"), b"503 5.5.1 Error: need RCPT command [S1]\r\n")
 
     def test_maxRecipients(self) -> None:
-        session = greeted(listener=makeListener(maxRecipients=2))
+        session = greeted(policy=makePolicy(maxRecipients=2))
         session.send(b"MAIL FROM:<a@example.com>\r\n")
         out = session.send(b"RCPT TO:<b@example.net>\r\nRCPT TO:<c@example.net>\r\n"
                            b"RCPT TO:<d@example.net>\r\n")
@@ -497,8 +499,8 @@ class RelayAccessTests(SynchronousTestCase):
     def test_allowedNetwork(self) -> None:
         import ipaddress
 
-        listener = makeListener(allow=(ipaddress.ip_network("192.0.2.0/24"),))
-        session = greeted(listener=listener, peer=STRANGER)
+        listener = makePolicy(allow=(ipaddress.ip_network("192.0.2.0/24"),))
+        session = greeted(policy=listener, peer=STRANGER)
         session.send(b"MAIL FROM:<a@example.com>\r\n")
         self.assertEqual(session.send(b"RCPT TO:<b@example.net>\r\n"), RCPT_OK)
 
@@ -515,24 +517,24 @@ class RelayAccessTests(SynchronousTestCase):
         self.assertEqual(session.send(b"RCPT TO:<b@example.net>\r\n"), RCPT_OK)
 
     def test_submissionNeedsAuth(self) -> None:
-        listener = makeListener(kind="submission", auth=ListenerAuth("forward"))
-        session = greeted(listener=listener, peer=STRANGER)
+        listener = makePolicy(kind="submission", auth=ListenerAuth("forward"))
+        session = greeted(policy=listener, peer=STRANGER)
         self.assertEqual(session.send(b"MAIL FROM:<a@example.com>\r\n"),
                          b"530 5.7.0 Authentication required [S1]\r\n")
         self.assertEqual(session.handler.calls, [])
 
     def test_authenticatedMayRelay(self) -> None:
-        listener = makeListener(auth=ListenerAuth("forward"))
+        listener = makePolicy(auth=ListenerAuth("forward"))
         transport = FakeTransport(STRANGER)
         directlyProvides(transport, ISSLTransport)
-        session = greeted(listener=listener, peer=STRANGER, transport=transport)
+        session = greeted(policy=listener, peer=STRANGER, transport=transport)
         self.assertEqual(session.send(b"AUTH PLAIN " + b64("\0u\0p") + b"\r\n"),
                          b"235 2.7.0 Authentication successful\r\n")
         session.send(b"MAIL FROM:<a@example.com>\r\n")
         self.assertEqual(session.send(b"RCPT TO:<b@example.net>\r\n"), RCPT_OK)
 
     def test_requireTLS(self) -> None:
-        session = greeted(listener=makeListener(requireTLS=True), tlsOptions=object())
+        session = greeted(policy=makePolicy(requireTLS=True), tlsOptions=object())
         self.assertEqual(session.send(b"MAIL FROM:<a@example.com>\r\n"),
                          b"530 5.7.0 Must issue a STARTTLS command first [S1]\r\n")
         self.assertEqual(session.handler.calls, [])
@@ -555,7 +557,7 @@ class DataTests(SynchronousTestCase):
         self.assertEqual(session.send(b"MAIL FROM:<a@example.com>\r\n"), MAIL_OK)
 
     def test_lmtpRepliesPerRecipient(self) -> None:
-        session = Session(makeListener(kind="lmtp"), script={
+        session = Session(makePolicy(kind="lmtp"), script={
             "rcpt:bad@example.net": reply(550, "5.1.1", "unknown"),
             "endData": [reply(250, "2.0.0", "one"), reply(452, "4.2.2", "full")],
         })
@@ -583,12 +585,12 @@ class DataTests(SynchronousTestCase):
         self.assertNotIn(b"\n", session.handler.body.replace(b"\r\n", b""))
 
     def test_bareLFNormalized(self) -> None:
-        session = greeted(listener=makeListener(bareLF="normalize"))
+        session = greeted(policy=makePolicy(bareLF="normalize"))
         self.assertEqual(self.transaction(session, b"a\nb\rc\r\n.\r\n"), QUEUED)
         self.assertEqual(session.handler.body, b"a\r\nb\r\nc\r\n")
 
     def test_tooBig(self) -> None:
-        session = greeted(listener=makeListener(maxMessageSize=10))
+        session = greeted(policy=makePolicy(maxMessageSize=10))
         out = self.transaction(session, b"0123456789\r\nmore\r\n.\r\n")
         self.assertEqual(out, b"552 5.3.4 Message size exceeds fixed limit [S1]\r\n")
         self.assertEqual(session.handler.aborted, replies.MESSAGE_TOO_BIG.withSession("S1"))
@@ -600,7 +602,7 @@ class DataTests(SynchronousTestCase):
         after its end-of-data with C{552 5.3.4}; the handler never gets
         the end-of-data.
         """
-        session = greeted(listener=makeListener(maxLineLength=1000))
+        session = greeted(policy=makePolicy(maxLineLength=1000))
         out = self.transaction(session, b"a\r\n" + b"x" * 999 + b"\r\nb\r\n.\r\n")
         self.assertEqual(out, b"552 5.3.4 Message has a line longer than allowed [S1]\r\n")
         self.assertEqual(session.handler.aborted,
@@ -615,7 +617,7 @@ class DataTests(SynchronousTestCase):
         self.assertEqual(session.handler.body, line)
 
     def test_tooManyHops(self) -> None:
-        session = greeted(listener=makeListener(maxHops=2))
+        session = greeted(policy=makePolicy(maxHops=2))
         out = self.transaction(session, b"Received: a\r\nReceived: b\r\nReceived: c\r\n\r\nx\r\n")
         self.assertEqual(out, b"")
         self.assertEqual(session.send(b".\r\n"), b"554 5.4.6 Too many hops [S1]\r\n")
@@ -818,7 +820,7 @@ class PipeliningTests(SynchronousTestCase):
         self.assertEqual(session.transport.producerState, "paused")
         written = len(session.transport.value())
         self.assertLess(written, FakeTransport.highWater + 20 * 1024)
-        self.assertLessEqual(len(session.protocol._buffer), len(flood))
+        self.assertLessEqual(len(session.protocol._input), len(flood))
         # The client reads: the rest is answered.
         total = 0
         while session.transport.producerState == "paused":
@@ -832,7 +834,7 @@ class PipeliningTests(SynchronousTestCase):
         its read deadline while the socket is paused for it: it is closed
         when the deadline expires.
         """
-        session = greeted(listener=makeListener(readTimeout=60))
+        session = greeted(policy=makePolicy(readTimeout=60))
         session.read()
         session.protocol.dataReceived(b"NOOP\r\n" * 10000)
         self.assertEqual(session.transport.producerState, "paused")
@@ -884,25 +886,21 @@ class StartTLSTests(SynchronousTestCase):
                          b"503 5.5.1 Error: MAIL transaction in progress [S1]\r\n")
 
     def test_handshakeInfo(self) -> None:
-        class Connection:
-            def get_protocol_version_name(self) -> str:
-                return "TLSv1.3"
-
-            def get_cipher_name(self) -> str:
-                return "TLS_AES_256_GCM_SHA384"
-
+        """
+        After the STARTTLS handshake the session knows what it negotiated
+        (read from the transport's OpenSSL connection), cipher bits included.
+        """
+        server, _ = handshake(**PINNED)
         session = greeted(tlsOptions=object())
-        session.transport.getHandle = Connection  # type: ignore[attr-defined]  # StringTransport has no getHandle; the test gives it one
+        session.transport.getHandle = server.getHandle  # type: ignore[attr-defined]  # StringTransport has no TLS
         session.send(b"STARTTLS\r\n")
         session.protocol.handshakeCompleted()
-        tls = session.protocol.session.tls
-        assert tls is not None
-        self.assertEqual((tls.version, tls.cipher), ("TLSv1.3", "TLS_AES_256_GCM_SHA384"))
+        self.assertEqual(session.protocol.session.tls, PINNED_INFO)
 
 
 class AuthTests(SynchronousTestCase):
     def authSession(self, **kwargs: object) -> Session:
-        kwargs.setdefault("listener", makeListener(auth=ListenerAuth("users", "/dev/null"),
+        kwargs.setdefault("policy", makePolicy(auth=ListenerAuth("users", "/dev/null"),
                                                    maxAuthFailures=2))
         return greeted(peer=UNIX, **kwargs)
 
@@ -962,7 +960,7 @@ class AuthTests(SynchronousTestCase):
                          b"503 5.5.1 Error: MAIL transaction in progress [S1]\r\n")
 
     def test_needsTLS(self) -> None:
-        session = greeted(listener=makeListener(auth=ListenerAuth("forward")), tlsOptions=object())
+        session = greeted(policy=makePolicy(auth=ListenerAuth("forward")), tlsOptions=object())
         self.assertEqual(
             session.send(b"AUTH PLAIN " + b64("\0user\0secret") + b"\r\n"),
             b"538 5.7.11 Encryption required for requested authentication mechanism [S1]\r\n",
@@ -989,7 +987,7 @@ class AuthTests(SynchronousTestCase):
         self.assertEqual(session.handler.calls, [])
 
     def test_requiresEhlo(self) -> None:
-        session = Session(makeListener(auth=ListenerAuth("users", "/dev/null")), peer=UNIX)
+        session = Session(makePolicy(auth=ListenerAuth("users", "/dev/null")), peer=UNIX)
         session.read()
         session.send(b"HELO c\r\n")
         self.assertEqual(session.send(b"AUTH PLAIN " + b64("\0u\0p") + b"\r\n"),
@@ -998,7 +996,7 @@ class AuthTests(SynchronousTestCase):
 
 class LimitTests(SynchronousTestCase):
     def test_lineTooLong(self) -> None:
-        session = greeted(listener=makeListener(maxCommandLength=100))
+        session = greeted(policy=makePolicy(maxCommandLength=100))
         out = session.send(b"NOOP " + b"x" * 200 + b"\r\nNOOP\r\n")
         self.assertEqual(out, b"500 5.5.2 Line too long [S1]\r\n250 2.0.0 OK\r\n")
 
@@ -1007,22 +1005,22 @@ class LimitTests(SynchronousTestCase):
         An endless line without CRLF is discarded as it comes, never
         buffered, and the session stays in step.
         """
-        session = greeted(listener=makeListener(maxCommandLength=100))
+        session = greeted(policy=makePolicy(maxCommandLength=100))
         for _ in range(50):
             self.assertEqual(session.send(b"MAIL FROM:<" + b"x" * 999 + b"\r"), b"")
-            self.assertLessEqual(len(session.protocol._buffer), 1)
+            self.assertLessEqual(len(session.protocol._input), 1)
         self.assertEqual(session.send(b"\nNOOP\r\n"), b"500 5.5.2 Line too long [S1]\r\n250 2.0.0 OK\r\n")
         self.assertEqual(session.handler.calls, [])
 
     def test_tooManyErrors(self) -> None:
-        session = greeted(listener=makeListener(maxErrors=3))
+        session = greeted(policy=makePolicy(maxErrors=3))
         out = session.send(b"FOO\r\n" * 3)
         self.assertEqual(out, b"500 5.5.2 Error: command not recognized [S1]\r\n" * 3)
         self.assertEqual(session.send(b"NOOP\r\n"), b"421 4.7.0 Too many errors [S1]\r\n")
         self.assertTrue(session.closed)
 
     def test_connectionLimit(self) -> None:
-        first = Session(makeListener(maxConnections=1))
+        first = Session(makePolicy(maxConnections=1))
         second = Session(factory=first.factory, clock=first.clock)
         self.assertEqual(second.read(), b"421 4.7.0 Too many connections [S2]\r\n")
         self.assertTrue(second.closed)
@@ -1032,7 +1030,7 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(third.read(), GREETING)
 
     def test_perHostLimit(self) -> None:
-        first = Session(makeListener(maxConnectionsPerIP=1, limitExceptions=()))
+        first = Session(makePolicy(maxConnectionsPerIP=1, limitExceptions=()))
         other = Session(factory=first.factory, clock=first.clock, peer=STRANGER)
         self.assertEqual(other.read(), GREETING)
         second = Session(factory=first.factory, clock=first.clock)
@@ -1046,7 +1044,7 @@ class LimitTests(SynchronousTestCase):
         120 concurrent sessions from 127.0.0.1 are all served; a client
         outside the exceptions is still limited.
         """
-        first = Session(makeListener(maxConnectionsPerIP=2))
+        first = Session(makePolicy(maxConnectionsPerIP=2))
         sessions = [first] + [Session(factory=first.factory, clock=first.clock) for _ in range(119)]
         for session in sessions:
             self.assertEqual(session.read(), GREETING)
@@ -1060,7 +1058,7 @@ class LimitTests(SynchronousTestCase):
         C{limit_exceptions} replaces the default: an allowed client outside
         it is limited, a client in it is not (allowed to relay or not).
         """
-        listener = makeListener(maxConnectionsPerIP=1,
+        listener = makePolicy(maxConnectionsPerIP=1,
                                 limitExceptions=(ip_network("192.0.2.0/24"),))
         first = Session(listener)
         second = Session(factory=first.factory, clock=first.clock)
@@ -1070,7 +1068,7 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual([s.read() for s in strangers], [GREETING] * 3)
 
     def test_readTimeout(self) -> None:
-        session = greeted(listener=makeListener(readTimeout=60))
+        session = greeted(policy=makePolicy(readTimeout=60))
         session.clock.advance(59)
         session.send(b"NOOP\r\n")
         session.clock.advance(59)
@@ -1086,7 +1084,7 @@ class LimitTests(SynchronousTestCase):
         timeout: the line must be complete within it (Postfix's
         smtpd_per_record_deadline), or the client gets C{421 4.4.2}.
         """
-        session = greeted(listener=makeListener(readTimeout=10), clock=MemoryReactorClock())
+        session = greeted(policy=makePolicy(readTimeout=10), clock=MemoryReactorClock())
         command = b"MAIL FROM:<a@example.com>\r\n"
         for byte in command[:3]:
             session.clock.advance(3)
@@ -1102,7 +1100,7 @@ class LimitTests(SynchronousTestCase):
         A line completed within the timeout is served, and the next one has
         a whole timeout of its own.
         """
-        session = greeted(listener=makeListener(readTimeout=10))
+        session = greeted(policy=makePolicy(readTimeout=10))
         out = b""
         for byte in b"NOOP\r\n":
             session.clock.advance(1)
@@ -1120,7 +1118,7 @@ class LimitTests(SynchronousTestCase):
         (they held their sessions for as long as they trickled).
         """
         clock = MemoryReactorClock()
-        first = greeted(listener=makeListener(readTimeout=10, maxConnectionsPerIP=500), clock=clock)
+        first = greeted(policy=makePolicy(readTimeout=10, maxConnectionsPerIP=500), clock=clock)
         sessions = [first] + [Session(factory=first.factory, clock=clock) for _ in range(199)]
         for session in sessions[1:]:
             session.read()
@@ -1140,7 +1138,7 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(first.factory.sessions, set())
 
     def test_noTimeoutWhileHandlerBusy(self) -> None:
-        session = greeted(listener=makeListener(readTimeout=60), manual=("mail",))
+        session = greeted(policy=makePolicy(readTimeout=60), manual=("mail",))
         session.send(b"MAIL FROM:<a@example.com>\r\n")
         session.clock.advance(600)
         self.assertFalse(session.closed)
@@ -1154,7 +1152,7 @@ class LimitTests(SynchronousTestCase):
         The DATA phase deadline runs from the 354 and a byte trickle does
         not extend it; the handler is closed without an end-of-data.
         """
-        session = greeted(listener=makeListener(readTimeout=30, dataTimeout=100))
+        session = greeted(policy=makePolicy(readTimeout=30, dataTimeout=100))
         session.send(TRANSACTION)
         for _ in range(99):
             session.clock.advance(1)
@@ -1213,7 +1211,7 @@ class _RecordingMetrics(NullMetrics):
         self.reasons.append(reason)
 
 
-def _rejections(listener: Any = None, peer: Any = LOOPBACK, steps: Sequence[bytes | float] = (),
+def _rejections(policy: Any = None, peer: Any = LOOPBACK, steps: Sequence[bytes | float] = (),
                 script: Any = None, tlsOptions: Any = None, sessions: int = 1) -> list[str]:
     """
     The rejection reasons counted while C{sessions} clients connect and the
@@ -1221,7 +1219,7 @@ def _rejections(listener: Any = None, peer: Any = LOOPBACK, steps: Sequence[byte
     """
     metrics = _RecordingMetrics()
     clock = Clock()
-    factory = SMTPServerFactory(listener or makeListener(), RecordingHandlerFactory(), HOST, clock,
+    factory = SMTPServerFactory(policy or makePolicy(), RecordingHandlerFactory(), HOST, clock,
                                 tlsOptions=tlsOptions, metrics=metrics)
     for _ in range(sessions):
         session = Session(factory=factory, clock=clock, peer=peer, script=script)
@@ -1252,7 +1250,7 @@ class RateLimitTests(SynchronousTestCase):
         Past the rate, a new connection gets C{421 4.7.0} and is closed
         before the greeting; once the window is over it is served again.
         """
-        listener = makeListener(maxConnectionRate=2, rateLimitWindow=60)
+        listener = makePolicy(maxConnectionRate=2, rateLimitWindow=60)
         first = Session(listener, peer=STRANGER)
         Session(factory=first.factory, clock=first.clock, peer=STRANGER)
         third = Session(factory=first.factory, clock=first.clock, peer=STRANGER)
@@ -1270,10 +1268,10 @@ class RateLimitTests(SynchronousTestCase):
         Clients in C{allow} are exempt by default, as from
         C{max_connections_per_ip}; C{limit_exceptions} decides when given.
         """
-        first = Session(makeListener(maxConnectionRate=1))
+        first = Session(makePolicy(maxConnectionRate=1))
         second = Session(factory=first.factory, clock=first.clock)
         self.assertEqual(second.read(), GREETING)
-        first = Session(makeListener(maxConnectionRate=1, limitExceptions=()))
+        first = Session(makePolicy(maxConnectionRate=1, limitExceptions=()))
         second = Session(factory=first.factory, clock=first.clock)
         self.assertEqual(second.read(), b"421 4.7.0 Error: too many connections from 127.0.0.1 [S2]\r\n")
 
@@ -1282,7 +1280,7 @@ class RateLimitTests(SynchronousTestCase):
         Past the rate, C{MAIL} gets C{450 4.7.1}, before the handler is
         asked; the session goes on, and the next window accepts again.
         """
-        session = greeted(listener=makeListener(maxMessageRate=1, limitExceptions=()))
+        session = greeted(policy=makePolicy(maxMessageRate=1, limitExceptions=()))
         self.assertEqual(session.send(b"MAIL FROM:<a@x.example>\r\nRSET\r\n"),
                          MAIL_OK + b"250 2.0.0 OK\r\n")
         self.assertEqual(session.send(b"MAIL FROM:<a@x.example>\r\n"),
@@ -1296,7 +1294,7 @@ class RateLimitTests(SynchronousTestCase):
         Past the rate, C{RCPT} gets C{450 4.7.1}; the recipients accepted
         before stay in the transaction.
         """
-        session = greeted(listener=makeListener(maxRecipientRate=2, limitExceptions=()))
+        session = greeted(policy=makePolicy(maxRecipientRate=2, limitExceptions=()))
         out = session.send(b"MAIL FROM:<a@x.example>\r\n" + b"".join(
             b"RCPT TO:<%d@x.example>\r\n" % i for i in range(3)) + b"DATA\r\n")
         self.assertEqual(out, MAIL_OK + RCPT_OK * 2
@@ -1315,45 +1313,45 @@ class RejectionReasonTests(SynchronousTestCase):
         ("relay denied", dict(peer=STRANGER, steps=[_EHLO, _MAIL, b"RCPT TO:<b@y.example>\r\n"]),
          ["relay_denied"]),
         ("submission without AUTH",
-         dict(listener=makeListener(kind="submission", auth=_USERS), peer=STRANGER,
+         dict(policy=makePolicy(kind="submission", auth=_USERS), peer=STRANGER,
               steps=[_EHLO, _MAIL]),
          ["auth_required"]),
         ("MAIL before STARTTLS",
-         dict(listener=makeListener(requireTLS=True), tlsOptions=object(), steps=[_EHLO, _MAIL]),
+         dict(policy=makePolicy(requireTLS=True), tlsOptions=object(), steps=[_EHLO, _MAIL]),
          ["tls_required"]),
         ("AUTH without TLS",
-         dict(listener=makeListener(auth=_USERS), tlsOptions=object(), steps=[_EHLO, _AUTH]),
+         dict(policy=makePolicy(auth=_USERS), tlsOptions=object(), steps=[_EHLO, _AUTH]),
          ["tls_required"]),
         ("SIZE too big", dict(steps=[_EHLO, b"MAIL FROM:<a@x.example> SIZE=99999999999\r\n"]),
          ["too_big"]),
         ("body too big",
-         dict(listener=makeListener(maxMessageSize=10),
+         dict(policy=makePolicy(maxMessageSize=10),
               steps=[_EHLO, _BODY, b"0123456789ab\r\n.\r\n"]),
          ["too_big"]),
         ("bare LF in body", dict(steps=[_EHLO, _BODY, b"a\nb\r\n.\r\n"]), ["bare_lf"]),
         ("too many hops",
-         dict(listener=makeListener(maxHops=1),
+         dict(policy=makePolicy(maxHops=1),
               steps=[_EHLO, _BODY, b"Received: a\r\nReceived: b\r\n\r\n.\r\n"]),
          ["too_many_hops"]),
         ("too many recipients",
-         dict(listener=makeListener(maxRecipients=1),
+         dict(policy=makePolicy(maxRecipients=1),
               steps=[_EHLO, _MAIL, b"RCPT TO:<b@x.example>\r\n", b"RCPT TO:<c@x.example>\r\n"]),
          ["too_many_recipients"]),
         ("AUTH failures",
-         dict(listener=makeListener(auth=_USERS, maxAuthFailures=2), peer=UNIX,
+         dict(policy=makePolicy(auth=_USERS, maxAuthFailures=2), peer=UNIX,
               script={"authenticate": replies.AUTH_FAILED}, steps=[_EHLO, _AUTH, _AUTH]),
          ["auth_failed", "auth_failed", "too_many_auth_failures"]),
         ("AUTH cancelled",
-         dict(listener=makeListener(auth=_USERS), peer=UNIX,
+         dict(policy=makePolicy(auth=_USERS), peer=UNIX,
               steps=[_EHLO, b"AUTH PLAIN\r\n", b"*\r\n"]),
          ["auth_aborted"]),
         ("pipelining without EHLO", dict(steps=[b"HELO c\r\n", b"NOOP\r\nNOOP\r\n"]), ["sync"]),
         ("body line too long",
-         dict(listener=makeListener(maxLineLength=1000),
+         dict(policy=makePolicy(maxLineLength=1000),
               steps=[_EHLO, _BODY, b"x" * 1000 + b"\r\n.\r\n"]),
          ["line_too_long"]),
         ("command line too long",
-         dict(listener=makeListener(maxCommandLength=100), steps=[b"NOOP " + b"x" * 200 + b"\r\n"]),
+         dict(policy=makePolicy(maxCommandLength=100), steps=[b"NOOP " + b"x" * 200 + b"\r\n"]),
          ["line_too_long"]),
         ("input overflow", dict(steps=[_EHLO, _MAIL * 50000]), ["too_much_input"]),
         ("unknown command", dict(steps=[b"FOO\r\n"]), ["unknown_command"]),
@@ -1361,18 +1359,18 @@ class RejectionReasonTests(SynchronousTestCase):
         ("bare CR in a command", dict(steps=[b"NO\rOP\r\n"]), ["syntax"]),
         ("bad address", dict(steps=[_EHLO, b"MAIL FROM:<a b@x.example>\r\n"]), ["syntax"]),
         ("RCPT before MAIL", dict(steps=[_EHLO, b"RCPT TO:<b@x.example>\r\n"]), ["bad_sequence"]),
-        ("read timeout", dict(listener=makeListener(readTimeout=5), steps=[5.0]), ["timeout"]),
-        ("connection limit", dict(listener=makeListener(maxConnections=1), sessions=2),
+        ("read timeout", dict(policy=makePolicy(readTimeout=5), steps=[5.0]), ["timeout"]),
+        ("connection limit", dict(policy=makePolicy(maxConnections=1), sessions=2),
          ["too_many_connections"]),
-        ("error limit", dict(listener=makeListener(maxErrors=1), steps=[b"FOO\r\n", b"FOO\r\n"]),
+        ("error limit", dict(policy=makePolicy(maxErrors=1), steps=[b"FOO\r\n", b"FOO\r\n"]),
          ["unknown_command", "too_many_errors"]),
-        ("connection rate", dict(listener=makeListener(maxConnectionRate=1), peer=STRANGER, sessions=2),
+        ("connection rate", dict(policy=makePolicy(maxConnectionRate=1), peer=STRANGER, sessions=2),
          ["rate_connections"]),
         ("message rate",
-         dict(listener=makeListener(maxMessageRate=1), peer=STRANGER, steps=[_EHLO, _MAIL, b"RSET\r\n", _MAIL]),
+         dict(policy=makePolicy(maxMessageRate=1), peer=STRANGER, steps=[_EHLO, _MAIL, b"RSET\r\n", _MAIL]),
          ["rate_messages"]),
         ("recipient rate",
-         dict(listener=makeListener(maxRecipientRate=1, limitExceptions=()),
+         dict(policy=makePolicy(maxRecipientRate=1, limitExceptions=()),
               steps=[_EHLO, _MAIL, b"RCPT TO:<b@x.example>\r\n", b"RCPT TO:<c@x.example>\r\n"]),
          ["rate_recipients"]),
     ]
@@ -1510,7 +1508,7 @@ class InboundChunkingTests(SynchronousTestCase):
         the body is aborted at the handler (the downstream never gets its
         end), every later chunk is read, discarded and gets the same reply.
         """
-        session = greeted(listener=makeListener(maxMessageSize=5))
+        session = greeted(policy=makePolicy(maxMessageSize=5))
         out = session.send(ENVELOPE + b"BDAT 8\r\n12345678BDAT 2\r\n\r\nBDAT 0 LAST\r\n")
         tooBig = b"552 5.3.4 Message size exceeds fixed limit [S1]\r\n"
         self.assertEqual(out, MAIL_OK + RCPT_OK + tooBig * 3)
@@ -1561,7 +1559,7 @@ class InboundChunkingTests(SynchronousTestCase):
                          ["mail", "rcpt", "data", "close"])
 
     def test_lmtpRepliesPerRecipient(self) -> None:
-        session = Session(makeListener(kind="lmtp"))
+        session = Session(makePolicy(kind="lmtp"))
         session.read()
         session.send(b"LHLO c\r\n")
         out = session.send(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@x.example>\r\nRCPT TO:<c@x.example>\r\n"

@@ -24,13 +24,16 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from smtprelay.config.model import Listener, ListenerAuth
+from smtprelay.config.model import ListenerAuth
+from smtprelay.inbound.policy import SessionPolicy
+from smtprelay.net.tlsinfo import readTLSInfo
 from smtprelay.observe.metrics import Metrics
-from smtprelay.inbound.session import SMTPServerFactory, SMTPServerProtocol
+from smtprelay.inbound.factory import SMTPServerFactory
+from smtprelay.inbound.session import SMTPServerProtocol
 from smtprelay.protocol import replies
 from smtprelay.testing.handler import RecordingHandlerFactory, ScriptEntry
 
-from .server_helpers import GREETING, HOST, LOOPBACK, TOKEN, makeListener
+from .server_helpers import GREETING, HOST, LOOPBACK, TOKEN, makePolicy
 
 
 def readReply(stream: socket.socket) -> bytes:
@@ -57,7 +60,7 @@ class StartTLSLoopbackTests(TestCase):
         options = PrivateCertificate.loadPEM(pem).options()
         handlers = RecordingHandlerFactory()
         factory = SMTPServerFactory(
-            makeListener(auth=ListenerAuth("forward")), handlers, "mx.example.org", reactor,
+            makePolicy(auth=ListenerAuth("forward")), handlers, "mx.example.org", reactor,
             tlsOptions=options,
         )
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -117,7 +120,7 @@ class _TLSPair:
     L{_Wire}s and moved by L{pump} on a fake clock.
     """
 
-    def __init__(self, listener: Listener | None = None, clientTLS: bool = True,
+    def __init__(self, policy: SessionPolicy | None = None, clientTLS: bool = True,
                  script: Mapping[str, ScriptEntry] | None = None) -> None:
         ca = trustme.CA()
         pem = ca.issue_cert(HOST).private_key_and_cert_chain_pem.bytes()
@@ -126,7 +129,7 @@ class _TLSPair:
         self.metrics = Metrics()
         tlsOptions = PrivateCertificate.loadPEM(pem).options()
         self.factory = SMTPServerFactory(
-            listener or makeListener(), self.handlers, HOST, self.clock,
+            policy or makePolicy(), self.handlers, HOST, self.clock,
             tlsOptions=tlsOptions, greetingToken=TOKEN, metrics=self.metrics,
         )
         self.factory.newSessionId = lambda: "S1"
@@ -214,6 +217,11 @@ class ImplicitTLSTests(SynchronousTestCase):
         tls = pair.smtp.session.tls
         assert tls is not None
         self.assertTrue(tls.version.startswith("TLSv1."), tls.version)
+        # With its cipher's bits, for the Received: line.
+        self.assertEqual(tls, readTLSInfo(pair.server))
+        self.assertIsNotNone(tls.bits)
+        self.assertEqual(_sample(pair.metrics, "smtprelay_tls_handshakes_total",
+                                 side="inbound", result="ok", verified="no"), 1.0)
         self.assertEqual(pair.send(b"NOOP\r\n"), b"250 2.0.0 OK\r\n")
         self.assertEqual(pair.send(b"QUIT\r\n"), b"221 2.0.0 Bye\r\n")
         self.assertFalse(pair.serverWire.connected)
@@ -224,7 +232,7 @@ class ImplicitTLSTests(SynchronousTestCase):
         An SMTP client speaking plain text to the TLS port is closed at once,
         without a reply, and no longer counts as a session.
         """
-        pair = _TLSPair(makeListener(maxConnections=1), clientTLS=False)
+        pair = _TLSPair(makePolicy(maxConnections=1), clientTLS=False)
         self.assertEqual(pair.send(b"EHLO client.example\r\n"), b"")
         self.assertFalse(pair.serverWire.connected)
         self.assertEqual(pair.factory.sessions, set())
@@ -243,7 +251,7 @@ class ImplicitTLSTests(SynchronousTestCase):
         A client that never finishes its handshake is dropped when the
         listener's read timeout expires, without any plaintext reply.
         """
-        pair = _TLSPair(makeListener(readTimeout=30), clientTLS=False)
+        pair = _TLSPair(makePolicy(readTimeout=30), clientTLS=False)
         pair.send(b"\x16\x03")
         pair.clock.advance(29)
         pair.pump()
@@ -273,7 +281,7 @@ class AuthOverTLSTests(SynchronousTestCase):
         C{421} is followed by the close of the connection (the TLS layer
         used to wait for our producer, keeping it open until the abort).
         """
-        pair = _TLSPair(makeListener(auth=ListenerAuth("users", "/dev/null"), maxAuthFailures=2),
+        pair = _TLSPair(makePolicy(auth=ListenerAuth("users", "/dev/null"), maxAuthFailures=2),
                         script={"authenticate": replies.AUTH_FAILED})
         pair.send(b"EHLO client.example\r\n")
         bad = b"AUTH PLAIN " + base64.b64encode(b"\0user\0wrong") + b"\r\n"

@@ -5,6 +5,7 @@ loopback socket with Python's C{smtplib}.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import smtplib
@@ -17,8 +18,9 @@ from twisted.internet.threads import deferToThread
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from smtprelay.config.model import Address
-from smtprelay.sink.capture import SinkOptions, makeSinkFactory, makeSinkService, sinkListener
+from smtprelay.app.listeners import sessionPolicy
+from smtprelay.config.model import Address, Listener, Target
+from smtprelay.sink.capture import SinkOptions, makeSinkFactory, makeSinkService, sinkPolicy
 
 from .server_helpers import STRANGER
 
@@ -27,8 +29,7 @@ class CaptureTests(SynchronousTestCase):
     def session(self, lmtp: bool = False, script: dict[str, str] | None = None) -> tuple[object, str]:
         directory = self.mktemp()
         os.makedirs(directory)
-        listener = sinkListener([Address("tcp", "127.0.0.1", 2525)], lmtp)
-        factory = makeSinkFactory(listener, directory, script, Clock(), hostname="sink.test")
+        factory = makeSinkFactory(sinkPolicy(lmtp), directory, script, Clock(), hostname="sink.test")
         factory.newSessionId = lambda: "SID"
         from smtprelay.inbound.session import SMTPServerProtocol
         from .server_helpers import FakeTransport
@@ -97,6 +98,20 @@ class CaptureTests(SynchronousTestCase):
         self.assertEqual(os.listdir(directory), [])
 
 
+class PolicyTests(SynchronousTestCase):
+    def test_asTheListenerItReplaces(self) -> None:
+        """
+        The sink's own policy is what a listener relaying from anywhere with
+        default limits gave it (the sink used to build such a listener).
+        """
+        anywhere = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+        for kind in ("smtp", "lmtp"):
+            with self.subTest(kind):
+                listener = Listener(kind=kind, addresses=(Address("tcp", "127.0.0.1", 2525),),  # type: ignore[arg-type]  # kind is one of the Literal's values
+                                    deliverTo=Target("sink", "smtp", ()), allow=anywhere)
+                self.assertEqual(sinkPolicy(kind == "lmtp"), sessionPolicy(listener))
+
+
 class OptionsTests(SynchronousTestCase):
     def test_parse(self) -> None:
         script = self.mktemp()
@@ -154,7 +169,7 @@ class LoopbackTests(TestCase):
         eml, envelopeFile = names
         with open(os.path.join(directory, eml), "rb") as f:
             self.assertEqual(f.read(), b"Subject: loopback\r\n\r\n.leading dot\r\nbody\r\n")
-        with open(os.path.join(directory, envelopeFile)) as text:
+        with open(os.path.join(directory, envelopeFile), encoding="utf-8") as text:
             envelope = json.load(text)
         self.assertEqual(envelope["rcpt_to"], ["b@example.net", "c@example.net"])
         self.assertEqual(envelope["mail_from"], "a@example.com")

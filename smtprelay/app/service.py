@@ -30,6 +30,7 @@ from smtprelay.config.model import Config, Listener, Target
 from smtprelay.net.address import Address
 from smtprelay.observe.metrics import IMetrics, Metrics, NullMetrics, Readiness, metricsResource
 from smtprelay.inbound.proxyproto import ProxyProtocolFactory
+from smtprelay.app.listeners import sessionPolicy
 from smtprelay.app.readiness import Prober
 from smtprelay.net.endpoints import serverEndpoint
 from smtprelay.app.targets import makeFailover, makeRouter, targetRoute
@@ -37,7 +38,7 @@ from smtprelay.relay.failover import Failover
 from smtprelay.interfaces import ClientSession
 from smtprelay.relay.session import PasswordChecker, RelaySession
 from smtprelay.relay.routing import Route, Router
-from smtprelay.inbound.session import SMTPServerFactory
+from smtprelay.inbound.factory import SMTPServerFactory
 from smtprelay.app.tls import clientOptions, serverOptions
 
 _log = Logger()
@@ -199,7 +200,7 @@ def makeService(config: Config, reactor: Any) -> RelayService:
             tlsOptions = serverOptions(listener.tls)
             root.addReloadable("TLS certificates", tlsOptions)
         factory = SMTPServerFactory(
-            listener,
+            sessionPolicy(listener),
             _handlerFactory(root, listener, makeRouter(listener.deliverTo, routeFor), config, reactor, metrics),
             config.hostname,
             reactor,

@@ -1,3 +1,10 @@
 """
-The inbound side: the SMTP/LMTP server session, its limits, PROXY protocol, local users.
+The inbound side: one client connection, from listener policy to the relay
+handler.
+
+C{policy} (plain values the app builds from the configuration) → C{factory}
+(admits under C{limits} and C{ratelimit}; C{proxyproto} in front) →
+C{connection} (the wire: framing and back-pressure in C{framing}) →
+C{session} (the dialogue: C{states}, C{sasl}) → L{smtprelay.interfaces.IRelayHandler};
+C{users} checks local AUTH passwords.
 """

@@ -137,10 +137,11 @@ def parseV2(header: bytes) -> ProxyHeader:
     block = header[_V2_FIXED:]
     if family == _V2_UNSPEC:
         return ProxyHeader(2)
+    cls: type[IPv4Address | IPv6Address]
     if family == _V2_TCP4:
         size, cls = 4, IPv4Address
     elif family == _V2_TCP6:
-        size, cls = 16, IPv6Address  # type: ignore[assignment]
+        size, cls = 16, IPv6Address
     else:
         raise InvalidProxyHeader("unsupported PROXY v2 family")
     if len(block) < 2 * size + 4:
@@ -272,8 +273,9 @@ class ProxyProtocol(Protocol):
         TLS started over this connection (STARTTLS): tell the wrapped
         protocol, as a TLS transport would.
         """
-        if IHandshakeListener.providedBy(self.wrappedProtocol):
-            self.wrappedProtocol.handshakeCompleted()  # type: ignore[union-attr]
+        wrapped = self.wrappedProtocol
+        if IHandshakeListener.providedBy(wrapped):
+            IHandshakeListener(wrapped).handshakeCompleted()
 
     def _connectWrapped(self, rest: bytes) -> None:
         self._cancelTimer()

@@ -7,7 +7,7 @@ L{RateCounter} counts events per key in fixed windows that start at a key's
 first event and last C{rate_limit_window} (anvil's C{anvil_rate_time_unit}),
 in memory and bounded: at most L{MAX_KEYS} keys, the least recently used
 forgotten first.  L{ListenerRates} applies a listener's limits to a client
-session and says what to refuse with.  The counts are per process: several
+session and says what to refuse with (a L{Refusal} with its metric reason).  The counts are per process: several
 processes (C{reuse_port}, replicas behind a load balancer) each count their
 own share of a client's connections and mail.
 """
@@ -19,9 +19,9 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime
 
-from smtprelay.config.model import Listener
+from smtprelay.inbound.policy import RateLimits
 from smtprelay.interfaces import ClientSession
-from smtprelay.protocol.replies import Reply, reply
+from smtprelay.protocol.replies import Refusal, reply
 
 MAX_KEYS = 50_000
 """The most (event, client) pairs counted at once; about 200 bytes each."""
@@ -64,8 +64,8 @@ class RateCounter:
 
 class ListenerRates:
     """
-    One listener's C{max_connection_rate}, C{max_message_rate} and
-    C{max_recipient_rate} (0: no limit).  Exempt clients and those on unix
+    One listener's L{RateLimits} (its C{max_connection_rate},
+    C{max_message_rate} and C{max_recipient_rate}; 0: no limit).  Exempt clients and those on unix
     sockets are not limited.  Every attempt counts, refused ones included,
     as anvil counts them: a client that keeps trying stays refused until
     its window ends.
@@ -77,43 +77,45 @@ class ListenerRates:
 
     def __init__(
         self,
-        listener: Listener,
+        limits: RateLimits,
         clock: IReactorTime,
         exempt: Callable[[str], bool],
         maxKeys: int = MAX_KEYS,
     ) -> None:
-        self._listener = listener
+        self._limits = limits
         self._exempt = exempt
-        self._counter = RateCounter(listener.rateLimitWindow, clock, maxKeys)
+        self._counter = RateCounter(limits.window, clock, maxKeys)
 
-    def connection(self, session: ClientSession) -> Reply | None:
+    def connection(self, session: ClientSession) -> Refusal | None:
         """
         A new connection: C{421 4.7.0} if its address made more than
         C{max_connection_rate} in the window.
         """
         host = session.clientHost
-        if self._exceeds("connection", host, self._listener.maxConnectionRate, session):
-            return reply(421, "4.7.0", f"Error: too many connections from {host}")
+        if self._exceeds("connection", host, self._limits.connections, session):
+            return Refusal(reply(421, "4.7.0", f"Error: too many connections from {host}"),
+                           "rate_connections")
         return None
 
-    def message(self, session: ClientSession) -> Reply | None:
+    def message(self, session: ClientSession) -> Refusal | None:
         """
         C{MAIL}: C{450 4.7.1} past C{max_message_rate} for the client's
         user, else its address.
         """
         who = _who(session)
-        if self._exceeds("message", who, self._listener.maxMessageRate, session):
-            return reply(450, "4.7.1", f"Error: too much mail from {who}")
+        if self._exceeds("message", who, self._limits.messages, session):
+            return Refusal(reply(450, "4.7.1", f"Error: too much mail from {who}"), "rate_messages")
         return None
 
-    def recipient(self, session: ClientSession) -> Reply | None:
+    def recipient(self, session: ClientSession) -> Refusal | None:
         """
         C{RCPT}: C{450 4.7.1} past C{max_recipient_rate} for the client's
         user, else its address.
         """
         who = _who(session)
-        if self._exceeds("recipient", who, self._listener.maxRecipientRate, session):
-            return reply(450, "4.7.1", f"Error: too many recipients from {who}")
+        if self._exceeds("recipient", who, self._limits.recipients, session):
+            return Refusal(reply(450, "4.7.1", f"Error: too many recipients from {who}"),
+                           "rate_recipients")
         return None
 
     def _exceeds(self, event: str, key: str, limit: int, session: ClientSession) -> bool:

@@ -116,19 +116,6 @@ class ClientOptions:
         return None
 
 
-def cipherBits(connection: SSL.Connection) -> tuple[int, int]:
-    """
-    The secret bits and the algorithm bits of C{connection}'s cipher, as
-    Postfix logs them (C{256/256 bits}).
-    """
-    cipher = _lib.SSL_get_current_cipher(connection._ssl)
-    if cipher == _ffi.NULL:
-        return (0, 0)
-    algorithm = _ffi.new("int *")
-    used = _lib.SSL_CIPHER_get_bits(cipher, algorithm)
-    return (int(used), int(algorithm[0]))
-
-
 @implementer(IOpenSSLContextFactory, IOpenSSLServerConnectionCreator)
 class ReloadableServerOptions:
     """

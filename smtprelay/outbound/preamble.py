@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtprelay.interfaces import Credentials, TLSInfo
-from smtprelay.net.tls import cipherBits
+from smtprelay.net.tlsinfo import cipherBits
 from smtprelay.outbound.pipeline import AUTH, CommandPipeline, classes
 from smtprelay.outbound.policy import ClientPolicy, ClientTLSOptions, Endpoint
 from smtprelay.protocol import replies

@@ -13,7 +13,7 @@ import re
 
 import idna
 
-from smtprelay.protocol.replies import Reply, reply
+from smtprelay.protocol.replies import Refusal, Reply, reply
 
 
 def downconvert(address: bytes) -> bytes | None:
@@ -94,6 +94,13 @@ class EnvelopeError(ValueError):
     def __init__(self, reply: Reply) -> None:
         super().__init__(reply.text)
         self.reply = reply
+
+    @property
+    def refusal(self) -> Refusal:
+        """
+        The refusal, counted as a C{syntax} rejection.
+        """
+        return Refusal(self.reply, "syntax")
 
 
 MAIL_PARAMETERS = frozenset(

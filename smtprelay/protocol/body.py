@@ -155,13 +155,13 @@ class DataScanner:
         that the verdict does not depend on how the body was chunked.
         """
         if self._bare:
-            return Refusal(replies.BARE_LF, "bare_lf")
+            return replies.BARE_LF_IN_BODY
         if self.size > self._maxSize:
-            return Refusal(replies.MESSAGE_TOO_BIG, "too_big")
+            return replies.TOO_BIG
         if self.hops > self._maxHops:
-            return Refusal(replies.TOO_MANY_HOPS, "too_many_hops")
+            return replies.HOPS_EXCEEDED
         if self._longLine:
-            return Refusal(replies.LINE_TOO_LONG_IN_BODY, "line_too_long")
+            return replies.BODY_LINE_TOO_LONG
         return None
 
     def feed(self, data: bytes) -> bytes | None:

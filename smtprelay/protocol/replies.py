@@ -236,6 +236,8 @@ def joinReplies(replies: Iterable[Reply]) -> bytes:
 # internals.  Callers add the session id with Reply.withSession.
 OK = reply(250, "2.0.0", "OK")
 SENDER_OK = reply(250, "2.1.0", "OK")
+MAIL_OK = reply(250, "2.1.0", "Ok")
+RCPT_OK = reply(250, "2.1.5", "Ok")
 ROUTED_ELSEWHERE = reply(
     451, "4.5.3", "Recipient routed elsewhere, send it in a separate transaction"
 )
@@ -251,16 +253,12 @@ DOWNSTREAM_AUTH = reply(454, "4.7.0", "Relay cannot authenticate downstream, try
 LOOP = reply(554, "5.4.6", "Mail loops back to myself")
 TOO_MANY_HOPS = reply(554, "5.4.6", "Too many hops")
 NO_VALID_RECIPIENTS = reply(554, "5.5.1", "No valid recipients")
-RELAY_DENIED = reply(554, "5.7.1", "Relay access denied")
-AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")
-STARTTLS_FIRST = reply(530, "5.7.0", "Must issue a STARTTLS command first")
 AUTH_TEMPFAIL = reply(454, "4.7.0", "Temporary authentication failure")
 AUTH_FAILED = reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_OK = reply(235, "2.7.0", "Authentication successful")
 BARE_LF = reply(550, "5.5.2", "Bare LF/CR not allowed")
 MESSAGE_TOO_BIG = reply(552, "5.3.4", "Message size exceeds fixed limit")
 LINE_TOO_LONG_IN_BODY = reply(552, "5.3.4", "Message has a line longer than allowed")
-TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Too many recipients")
 LMTP_SPLIT = reply(
     452, "4.5.3", "Too many recipients, send the rest in a new transaction"
 )
@@ -268,9 +266,67 @@ LMTP_MIXED = reply(451, "4.3.0", "Recipients had different results, try again la
 CONVERSION_REQUIRED = reply(554, "5.6.3", "Conversion required but not supported")
 UTF8_SENDER = reply(550, "5.6.7", "SMTPUTF8 is required but not supported downstream")
 UTF8_RECIPIENT = reply(553, "5.6.7", "SMTPUTF8 is required but not supported downstream")
-SYNC_ERROR = reply(554, "5.5.0", "Error: SMTP protocol synchronization")
-LINE_TOO_LONG = reply(500, "5.5.2", "Line too long")
-TOO_MANY_ERRORS = reply(421, "4.7.0", "Too many errors")
-TOO_MANY_CONNECTIONS = reply(421, "4.7.0", "Too many connections")
-TIMEOUT = reply(421, "4.4.2", "Timeout exceeded")
 LOCAL_ERROR = reply(451, "4.3.0", "Local error in processing")
+CANNOT_VRFY = reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
+HELP = reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP STARTTLS AUTH")
+TLS_READY = reply(220, "2.0.0", "Ready to start TLS")
+BDAT_RESET = reply(554, "5.5.0", "Transaction reset by the client before its last chunk")
+
+
+def chunkReceived(size: int) -> Reply:
+    """
+    The reply to a BDAT chunk that is not the last: C{250 2.0.0 Ok: 11 octets}.
+    """
+    return reply(250, "2.0.0", f"Ok: {size} octets")
+
+
+# Refusals the inbound session decides itself: each reply with its metric
+# reason (REJECTION_REASONS), so that the two cannot drift apart.
+NEED_GREETING = Refusal(reply(503, "5.5.1", "Error: send HELO/EHLO first"), "bad_sequence")
+NEED_EHLO = Refusal(reply(503, "5.5.1", "Error: send EHLO first"), "bad_sequence")
+NESTED_MAIL = Refusal(reply(503, "5.5.1", "Error: nested MAIL command"), "bad_sequence")
+NEED_MAIL = Refusal(reply(503, "5.5.1", "Error: need MAIL command"), "bad_sequence")
+NEED_RCPT = Refusal(reply(503, "5.5.1", "Error: need RCPT command"), "bad_sequence")
+NO_RECIPIENT_ACCEPTED = Refusal(NO_VALID_RECIPIENTS, "bad_sequence")
+IN_TRANSACTION = Refusal(reply(503, "5.5.1", "Error: MAIL transaction in progress"), "bad_sequence")
+BDAT_IN_PROGRESS = Refusal(reply(503, "5.5.1", "Error: BDAT transaction in progress"), "bad_sequence")
+TLS_ACTIVE = Refusal(reply(554, "5.5.1", "Error: TLS already active"), "bad_sequence")
+AUTH_TWICE = Refusal(reply(503, "5.5.1", "Error: already authenticated"), "bad_sequence")
+UNKNOWN_COMMAND = Refusal(reply(500, "5.5.2", "Error: command not recognized"), "unknown_command")
+LMTP_ONLY = Refusal(reply(500, "5.5.1", "Error: this is an LMTP service, use LHLO"), "unknown_command")
+NOT_IMPLEMENTED = Refusal(reply(502, "5.5.1", "Error: command not implemented"), "not_implemented")
+AUTH_DISABLED = Refusal(reply(503, "5.5.1", "Error: authentication not enabled"), "not_implemented")
+AUTH_MECHANISM = Refusal(reply(504, "5.5.4", "Unsupported authentication mechanism"), "not_implemented")
+BAD_SYNTAX = Refusal(reply(500, "5.5.2", "Error: bad syntax"), "syntax")
+BARE_IN_COMMAND = Refusal(reply(500, "5.5.2", "Error: bare <CR> or <LF> in command"), "syntax")
+STARTTLS_SYNTAX = Refusal(reply(501, "5.5.4", "Syntax: STARTTLS"), "syntax")
+DATA_SYNTAX = Refusal(reply(501, "5.5.4", "Syntax: DATA"), "syntax")
+AUTH_SYNTAX = Refusal(reply(501, "5.5.4", "Syntax: AUTH mechanism"), "syntax")
+BDAT_SYNTAX = Refusal(reply(501, "5.5.4", "Syntax: BDAT count [LAST]"), "syntax")
+AUTH_UNDECODABLE = Refusal(reply(501, "5.5.2", "Cannot decode response"), "syntax")
+AUTH_ABORTED = Refusal(reply(501, "5.7.0", "Authentication aborted"), "auth_aborted")
+AUTH_NEEDS_TLS = Refusal(
+    reply(538, "5.7.11", "Encryption required for requested authentication mechanism"), "tls_required"
+)
+STARTTLS_FIRST = Refusal(reply(530, "5.7.0", "Must issue a STARTTLS command first"), "tls_required")
+AUTH_REQUIRED = Refusal(reply(530, "5.7.0", "Authentication required"), "auth_required")
+RELAY_DENIED = Refusal(reply(554, "5.7.1", "Relay access denied"), "relay_denied")
+TOO_BIG = Refusal(MESSAGE_TOO_BIG, "too_big")
+BARE_LF_IN_BODY = Refusal(BARE_LF, "bare_lf")
+HOPS_EXCEEDED = Refusal(TOO_MANY_HOPS, "too_many_hops")
+BODY_LINE_TOO_LONG = Refusal(LINE_TOO_LONG_IN_BODY, "line_too_long")
+TOO_MANY_RECIPIENTS = Refusal(reply(452, "4.5.3", "Too many recipients"), "too_many_recipients")
+SYNC_ERROR = Refusal(reply(554, "5.5.0", "Error: SMTP protocol synchronization"), "sync")
+LINE_TOO_LONG = Refusal(reply(500, "5.5.2", "Line too long"), "line_too_long")
+TOO_MANY_ERRORS = Refusal(reply(421, "4.7.0", "Too many errors"), "too_many_errors")
+TOO_MUCH_INPUT = Refusal(reply(421, "4.7.0", "Too much unread input"), "too_much_input")
+TOO_MANY_AUTH_FAILURES = Refusal(reply(421, "4.7.0", "Too many authentication failures"), "too_many_auth_failures")
+TOO_MANY_CONNECTIONS = Refusal(reply(421, "4.7.0", "Too many connections"), "too_many_connections")
+TIMEOUT = Refusal(reply(421, "4.4.2", "Timeout exceeded"), "timeout")
+
+
+def helloSyntax(verb: str) -> Refusal:
+    """
+    The refusal of C{EHLO}, C{HELO} or C{LHLO} without a hostname.
+    """
+    return Refusal(reply(501, "5.5.4", f"Syntax: {verb} hostname"), "syntax")

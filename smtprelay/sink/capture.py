@@ -25,11 +25,11 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from smtprelay.protocol import replies
-from smtprelay.config.model import Listener, Target
 from smtprelay.net.address import Address
 from smtprelay.interfaces import ClientSession, IRelayHandler, Params
 from smtprelay.protocol.replies import Reply, reply
-from smtprelay.inbound.session import SMTPServerFactory
+from smtprelay.inbound.factory import SMTPServerFactory
+from smtprelay.inbound.policy import ConnectionLimits, SessionPolicy
 
 ScriptValue = Union[str, Reply]
 """A scripted reply: a L{Reply} or its text (C{"451 4.3.0 try later"})."""
@@ -92,7 +92,7 @@ class CaptureHandler:
 
     def mail(self, sender: bytes, params: Params) -> Deferred[Reply]:
         self._reset()
-        result = self._scripted("mail", reply(250, "2.1.0", "Ok"))
+        result = self._scripted("mail", replies.MAIL_OK)
         if result.positive:
             self._sender = sender
             self._mailParams = dict(params)
@@ -100,7 +100,7 @@ class CaptureHandler:
 
     def rcpt(self, recipient: bytes, params: Params) -> Deferred[Reply]:
         address = recipient.decode("utf-8", "replace")
-        result = self._scripted("rcpt:" + address, self._scripted("rcpt", reply(250, "2.1.5", "Ok")))
+        result = self._scripted("rcpt:" + address, self._scripted("rcpt", replies.RCPT_OK))
         if result.positive:
             self._recipients.append((recipient, dict(params)))
         return succeed(result)
@@ -182,15 +182,15 @@ class CaptureHandler:
         self._reset()
 
 
-def sinkListener(addresses: Sequence[Address], lmtp: bool = False) -> Listener:
+def sinkPolicy(lmtp: bool = False) -> SessionPolicy:
     """
-    The listener settings of a sink: relay from anywhere, default limits.
+    The session rules of a sink: relay from anywhere, default limits, which
+    spare every client as they spare a listener's C{allow} networks.
     """
-    return Listener(
+    return SessionPolicy(
         kind="lmtp" if lmtp else "smtp",
-        addresses=tuple(addresses),
-        deliverTo=Target("sink", "smtp", ()),
         allow=_ANYWHERE,
+        limits=ConnectionLimits(exceptions=_ANYWHERE),
     )
 
 
@@ -205,7 +205,7 @@ def _endpoint(reactor: Any, address: Address) -> IStreamServerEndpoint:
 
 
 def makeSinkFactory(
-    listener: Listener,
+    policy: SessionPolicy,
     directory: str,
     script: Mapping[str, ScriptValue] | None,
     reactor: Any,
@@ -218,7 +218,7 @@ def makeSinkFactory(
     handlerFactory: Callable[[ClientSession], IRelayHandler] = (
         lambda session: CaptureHandler(session, directory, script)
     )
-    return SMTPServerFactory(listener, handlerFactory, hostname, reactor)
+    return SMTPServerFactory(policy, handlerFactory, hostname, reactor)
 
 
 def makeSinkService(
@@ -246,7 +246,7 @@ def makeSinkService(
         reactor = globalReactor
     addresses = [a if isinstance(a, Address) else parseAddress(a) for a in listenAddresses]
     os.makedirs(directory, exist_ok=True)
-    factory = makeSinkFactory(sinkListener(addresses, lmtp), directory, script, reactor, hostname)
+    factory = makeSinkFactory(sinkPolicy(lmtp), directory, script, reactor, hostname)
     service = MultiService()
     for address in addresses:
         StreamServerEndpointService(_endpoint(reactor, address), factory).setServiceParent(service)

@@ -22,14 +22,12 @@ from smtprelay.protocol.replies import Reply, reply
 
 ScriptEntry = Union[Reply, Sequence[Reply]]
 
-MAIL_OK = reply(250, "2.1.0", "Ok")
-RCPT_OK = reply(250, "2.1.5", "Ok")
 QUEUED = reply(250, "2.0.0", "Ok: queued")
 
 _DEFAULTS: dict[str, ScriptEntry] = {
     "authenticate": replies.AUTH_OK,
-    "mail": MAIL_OK,
-    "rcpt": RCPT_OK,
+    "mail": replies.MAIL_OK,
+    "rcpt": replies.RCPT_OK,
     "data": replies.START_INPUT,
     "endData": QUEUED,
 }
@@ -185,7 +183,7 @@ class RecordingHandler:
 
 class RecordingHandlerFactory:
     """
-    A handler factory for L{smtprelay.inbound.session.SMTPServerFactory} that makes
+    A handler factory for L{smtprelay.inbound.factory.SMTPServerFactory} that makes
     L{RecordingHandler}s and keeps them.
 
     @ivar handlers: every handler made, in order.
