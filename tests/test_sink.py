@@ -107,7 +107,7 @@ class PolicyTests(SynchronousTestCase):
         anywhere = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
         for kind in ("smtp", "lmtp"):
             with self.subTest(kind):
-                listener = Listener(kind=kind, addresses=(Address("tcp", "127.0.0.1", 2525),),  # type: ignore[arg-type]  # kind is one of the Literal's values
+                listener = Listener(kind=kind, addresses=(Address("tcp", "127.0.0.1", 2525),),
                                     deliverTo=Target("sink", "smtp", ()), allow=anywhere)
                 self.assertEqual(sinkPolicy(kind == "lmtp"), sessionPolicy(listener))
 

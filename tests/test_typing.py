@@ -15,9 +15,6 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _IGNORE = re.compile(r"#\s*type:\s*ignore\b(.*)$")
 _EXPLAINED = re.compile(r"\[[\w, -]+\]  # \S")
 
-# Rooms being split (issue 15) give their reasons with that work; then this goes.
-_PENDING = ("smtprelay/inbound/", "smtprelay/outbound/", "smtprelay/relay/")
-
 
 def unexplained(root: str) -> list[str]:
     """
@@ -32,8 +29,6 @@ def unexplained(root: str) -> list[str]:
                     continue
                 path = os.path.join(directory, name)
                 relative = os.path.relpath(path, root)
-                if relative.startswith(_PENDING):
-                    continue
                 with open(path, encoding="utf-8") as f:
                     for number, line in enumerate(f, 1):
                         match = _IGNORE.search(line)

@@ -24,10 +24,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from smtprelay.net.address import Address
 from smtprelay.config.model import Listener, Target
 from smtprelay.observe.metrics import IMetrics
 from smtprelay.outbound.handshake import AttemptFailed
-from smtprelay.outbound.policy import Endpoint
 from smtprelay.relay.failover import Failover
 
 
@@ -79,8 +79,8 @@ class Prober(Service):
             for target in targets:
                 self._failovers.setdefault(id(target), failoverFor(target))
         self._metrics = metrics
-        self._results: dict[tuple[int, Endpoint], ProbeResult] = {}
-        self._pending: dict[tuple[int, Endpoint], Deferred[None]] = {}
+        self._results: dict[tuple[int, Address], ProbeResult] = {}
+        self._pending: dict[tuple[int, Address], Deferred[None]] = {}
         self._unreadyBefore: list[str] | None = None
         self._loop = LoopingCall(self.probe)
         self._loop.clock = clock
@@ -113,12 +113,12 @@ class Prober(Service):
                 d = self._pending[key] = failover.probe(address)
                 d.addCallbacks(self._passed, self._failed, callbackArgs=(key, d), errbackArgs=(key, d))
 
-    def _passed(self, _: None, key: tuple[int, Endpoint], d: Deferred[None]) -> None:
+    def _passed(self, _: None, key: tuple[int, Address], d: Deferred[None]) -> None:
         if self._pending.get(key) is d:
             del self._pending[key]
             self._ended(key, ProbeResult())
 
-    def _failed(self, failure: Failure, key: tuple[int, Endpoint], d: Deferred[None]) -> None:
+    def _failed(self, failure: Failure, key: tuple[int, Address], d: Deferred[None]) -> None:
         if self._pending.get(key) is not d:
             return  # timed out or stopped: already accounted for
         del self._pending[key]
@@ -130,7 +130,7 @@ class Prober(Service):
             result = ProbeResult("connect", failure.getErrorMessage())
         self._ended(key, result)
 
-    def _ended(self, key: tuple[int, Endpoint], result: ProbeResult) -> None:
+    def _ended(self, key: tuple[int, Address], result: ProbeResult) -> None:
         """
         Record the probe of one endpoint: count it, log a change, and
         update the readiness.

@@ -22,7 +22,7 @@ from smtprelay.net.endpoints import clientEndpoint
 from smtprelay.app.tls import clientOptions
 from smtprelay.observe.metrics import IMetrics
 from smtprelay.outbound.handshake import EndpointFactory, Handshake
-from smtprelay.outbound.policy import ClientPolicy, Endpoint, HandshakePolicy
+from smtprelay.outbound.policy import ClientPolicy, HandshakePolicy
 from smtprelay.relay.failover import Failover, FailoverPolicy
 from smtprelay.protocol.replies import reply
 from smtprelay.relay.pool import ReusePolicy
@@ -98,8 +98,7 @@ def makeFailover(
     """
     time: IReactorTime = clock if clock is not None else reactor
 
-    def connect(address: Endpoint, timeout: float, options: Any) -> IStreamClientEndpoint:
-        assert isinstance(address, Address)  # the endpoints of failoverPolicy(target)
+    def connect(address: Address, timeout: float, options: Any) -> IStreamClientEndpoint:
         return clientEndpoint(reactor, address, timeout, options)
 
     handshake = Handshake(

@@ -38,7 +38,7 @@ class SMTPServerFactory(ServerFactory):
     @ivar rates: the listener's rate limits, counted on C{reactor}'s clock.
     """
 
-    protocol = SMTPServerProtocol  # type: ignore[assignment]  # ServerFactory types it as a bare Protocol class
+    protocol = SMTPServerProtocol
 
     def __init__(
         self,

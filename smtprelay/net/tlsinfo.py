@@ -31,7 +31,7 @@ def cipherBits(connection: SSL.Connection) -> tuple[int, int]:
     The secret bits and the algorithm bits of C{connection}'s cipher, as
     Postfix logs them (C{256/256 bits}).
     """
-    cipher = _lib.SSL_get_current_cipher(connection._ssl)  # type: ignore[attr-defined]  # pyOpenSSL keeps the SSL* private
+    cipher = _lib.SSL_get_current_cipher(connection._ssl)
     if cipher == _ffi.NULL:
         return (0, 0)
     algorithm = _ffi.new("int *")

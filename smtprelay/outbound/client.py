@@ -22,13 +22,14 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from smtprelay.net.address import Address
 from smtprelay.interfaces import ClientSession, DownstreamError, IDownstream, Params
 from smtprelay.net.wire import writeNow
 from smtprelay.outbound.backpressure import Backpressure
 from smtprelay.outbound.chunks import CHUNKS_READY, Chunks
 from smtprelay.outbound.clientinfo import advertised, xforwardCommands
 from smtprelay.outbound.pipeline import ANY, DATA
-from smtprelay.outbound.policy import ClientPolicy, ClientTLSOptions, Endpoint
+from smtprelay.outbound.policy import ClientPolicy, ClientTLSOptions
 from smtprelay.outbound.preamble import Preamble
 from smtprelay.protocol import replies
 from smtprelay.protocol.addresses import downconvert
@@ -57,7 +58,7 @@ class SMTPClientProtocol(Preamble):
         policy: ClientPolicy,
         clock: IReactorTime,
         peer: str = "",
-        address: Endpoint | None = None,
+        address: Address | None = None,
         tlsOptions: ClientTLSOptions | None = None,
     ) -> None:
         super().__init__(policy, clock, peer, address, tlsOptions)
@@ -277,7 +278,7 @@ class SMTPClientProtocol(Preamble):
                 # Replies come in RCPT order: those before the failure are
                 # verdicts the client must get (not to be delivered twice).
                 raise DownstreamError(error.reply, error.reason, received)
-            return f.value.subFailure  # type: ignore[no-any-return]  # FirstError.subFailure is untyped
+            return f.value.subFailure
 
         return gatherResults(waits, consumeErrors=True).addCallbacks(collected, firstError)
 

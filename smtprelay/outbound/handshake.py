@@ -24,14 +24,15 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from smtprelay.net.address import Address
 from smtprelay.interfaces import ClientSession, Credentials, DownstreamError
 from smtprelay.observe.metrics import IMetrics, NullMetrics
 from smtprelay.outbound.client import SMTPClientProtocol
 from smtprelay.outbound.clientinfo import advertised, xclientCommands
-from smtprelay.outbound.policy import ClientPolicy, ClientTLSOptions, Endpoint, HandshakePolicy
+from smtprelay.outbound.policy import ClientPolicy, ClientTLSOptions, HandshakePolicy
 from smtprelay.outbound.preamble import TLSFailed
 
-EndpointFactory = Callable[[Endpoint, float, Any], IStreamClientEndpoint]
+EndpointFactory = Callable[[Address, float, Any], IStreamClientEndpoint]
 """C{(endpoint, connectTimeout, tlsOptions or None) → client endpoint}."""
 
 TLSOptionsFactory = Callable[[str], ClientTLSOptions]
@@ -141,7 +142,7 @@ class Handshake:
         self._loopToken = loopToken
         self._metrics: IMetrics = metrics if metrics is not None else NullMetrics()
 
-    def retriesPlain(self, address: Endpoint, failure: AttemptFailed) -> bool:
+    def retriesPlain(self, address: Address, failure: AttemptFailed) -> bool:
         """
         Whether a connection that failed so is tried again without STARTTLS
         (the seed's rule: a failed handshake, when neither C{require_tls}
@@ -151,7 +152,7 @@ class Handshake:
 
     def open(
         self,
-        address: Endpoint,
+        address: Address,
         starttls: bool = True,
         credentials: Credentials | None = None,
         client: ClientSession | None = None,
@@ -172,9 +173,9 @@ class Handshake:
         @raise DownstreamError: the downstream refused the client's own
             credentials for good.
         """
-        return self._open(address, starttls, credentials, client, probe)  # type: ignore[return-value]  # inlineCallbacks is untyped
+        return self._open(address, starttls, credentials, client, probe)
 
-    def _options(self, address: Endpoint) -> ClientTLSOptions:
+    def _options(self, address: Address) -> ClientTLSOptions:
         """
         The client TLS options for C{address}, built once per host name.
         """
@@ -184,7 +185,7 @@ class Handshake:
         return options
 
     @inlineCallbacks
-    def _connect(self, address: Endpoint, protocol: SMTPClientProtocol, options: Any) -> Generator[Deferred[Any], Any, None]:
+    def _connect(self, address: Address, protocol: SMTPClientProtocol, options: Any) -> Generator[Deferred[Any], Any, None]:
         timeout = self.policy.connectTimeout
         endpoint = self._endpointFactory(address, timeout, options)
         connecting = endpoint.connect(_OneConnection(protocol))
@@ -202,7 +203,7 @@ class Handshake:
     @inlineCallbacks
     def _open(
         self,
-        address: Endpoint,
+        address: Address,
         starttls: bool,
         credentials: Credentials | None,
         client: ClientSession | None,

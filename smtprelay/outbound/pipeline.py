@@ -96,7 +96,7 @@ class CommandPipeline(LineReceiver):
                 pass
         self._armTimer()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]  # also takes None, as LineReceiver callers may pass
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._closed = True
         self._cancelTimer()
         self._lost(reason)

@@ -16,26 +16,6 @@ from OpenSSL import SSL
 from smtprelay.interfaces import Credentials
 
 
-class Endpoint(Protocol):
-    """
-    Where a downstream listens: C{tcp://host:port}, C{tls://host:port}
-    (implicit TLS) or C{unix:///path}.  Hashable, and C{str()} gives that
-    form.  (The configuration's C{Address} is one.)
-    """
-
-    @property
-    def scheme(self) -> str: ...
-
-    @property
-    def host(self) -> str: ...
-
-    @property
-    def port(self) -> int: ...
-
-    @property
-    def path(self) -> str: ...
-
-
 class ClientTLSOptions(Protocol):
     """
     Client TLS options (an C{IOpenSSLClientConnectionCreator}) that judge

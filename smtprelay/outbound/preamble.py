@@ -10,7 +10,6 @@ fires with the downstream's reply and leaves the decision to it.
 from __future__ import annotations
 
 import base64
-from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
@@ -18,10 +17,11 @@ from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from smtprelay.net.address import Address
 from smtprelay.interfaces import Credentials, TLSInfo
-from smtprelay.net.tlsinfo import cipherBits
+from smtprelay.net.tlsinfo import readTLSInfo, sslConnection
 from smtprelay.outbound.pipeline import AUTH, CommandPipeline, classes
-from smtprelay.outbound.policy import ClientPolicy, ClientTLSOptions, Endpoint
+from smtprelay.outbound.policy import ClientPolicy, ClientTLSOptions
 from smtprelay.protocol import replies
 from smtprelay.protocol.replies import Reply
 
@@ -80,7 +80,7 @@ class Preamble(CommandPipeline):
         policy: ClientPolicy,
         clock: IReactorTime,
         peer: str = "",
-        address: Endpoint | None = None,
+        address: Address | None = None,
         tlsOptions: ClientTLSOptions | None = None,
     ) -> None:
         super().__init__(clock, policy.commandTimeout, peer or str(address or ""), policy.debug)
@@ -107,7 +107,7 @@ class Preamble(CommandPipeline):
                 self.peer = f"{host}[{ip}]:{address.port}"
         super().connectionMade()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]  # also takes None, as LineReceiver callers may pass
+    def connectionLost(self, reason: Failure | None = None) -> None:
         super().connectionLost(reason)
         if self._handshake is not None:
             handshake, self._handshake = self._handshake, None
@@ -171,18 +171,13 @@ class Preamble(CommandPipeline):
         The TLS handshake (STARTTLS or implicit TLS) succeeded: judge the
         peer (L{tls}, L{untrusted}).
         """
-        connection = _sslConnection(self.transport)
+        connection = sslConnection(self.transport)
         if connection is None or self._tlsOptions is None:
             self.untrusted = "no certificate to check"
             self.tls = TLSInfo("unknown", "unknown")
         else:
             self.untrusted = self._tlsOptions.verify(connection)
-            self.tls = TLSInfo(
-                str(connection.get_protocol_version_name()),
-                str(connection.get_cipher_name()),
-                cipherBits(connection),
-                verified=self.untrusted is None,
-            )
+            self.tls = readTLSInfo(self.transport, verified=self.untrusted is None)
         if self._handshake is not None:
             if not self._waiting:
                 self._cancelTimer()
@@ -212,16 +207,3 @@ class Preamble(CommandPipeline):
         d.addCallback(step, user)
         d.addCallback(step, password)
         return d
-
-
-def _sslConnection(transport: Any) -> SSL.Connection | None:
-    """
-    The OpenSSL connection of a TLS transport (implicit TLS wraps the
-    transport; STARTTLS puts the TLS protocol inside it).
-    """
-    for candidate in (transport, getattr(transport, "protocol", None)):
-        getHandle = getattr(candidate, "getHandle", None)
-        connection = getHandle() if getHandle is not None else None
-        if isinstance(connection, SSL.Connection):
-            return connection
-    return None

@@ -32,10 +32,10 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from smtprelay.net.address import Address
 from smtprelay.interfaces import ClientSession, Credentials, DownstreamError, IDownstream, Params
 from smtprelay.observe.metrics import IMetrics, NullMetrics
 from smtprelay.outbound.handshake import AttemptFailed, Handshake, LoopDetected
-from smtprelay.outbound.policy import Endpoint
 from smtprelay.protocol import replies
 from smtprelay.protocol.replies import Reply
 from smtprelay.relay.pool import Pool, ReusePolicy
@@ -53,7 +53,7 @@ class FailoverPolicy:
     """
 
     name: str
-    endpoints: tuple[Endpoint, ...]
+    endpoints: tuple[Address, ...]
     backoff: float = 30.0
     reuse: ReusePolicy = ReusePolicy()
 
@@ -81,12 +81,12 @@ class Failover:
         self._handshake = handshake
         self._metrics: IMetrics = metrics if metrics is not None else NullMetrics()
         self._clock = clock
-        self._restingUntil: dict[Endpoint, float] = {}
+        self._restingUntil: dict[Address, float] = {}
         # A connection that carries a client's identity serves that client only.
         personal = handshake.policy.auth == "forward" or handshake.client.forwardClientInfo == "xclient"
         self._pool = Pool(None if personal else policy.reuse, clock)
 
-    def order(self) -> list[Endpoint]:
+    def order(self) -> list[Address]:
         """
         The endpoints to try now: those not resting, in configured order;
         if all rest, all of them.
@@ -120,7 +120,7 @@ class Failover:
             the client's credentials refused (C{auth forward});
             C{554 5.4.6} when a target is ourselves.
         """
-        return self._open(credentials, mail, sessionId, client)  # type: ignore[return-value]  # inlineCallbacks is untyped
+        return self._open(credentials, mail, sessionId, client)
 
     def release(self, session: IDownstream) -> None:
         """
@@ -239,7 +239,7 @@ class Failover:
             raise DownstreamError(replies.DOWNSTREAM_AUTH, reason)
         raise DownstreamError(replies.NO_DOWNSTREAM, reason)
 
-    def probe(self, address: Endpoint) -> Deferred[None]:
+    def probe(self, address: Address) -> Deferred[None]:
         """
         Check that C{address} would take a transaction now: the steps a
         transaction takes before MAIL (connect, greeting, EHLO/LHLO,
@@ -252,10 +252,10 @@ class Failover:
         @raise AttemptFailed: the step that failed (a target that greets
             with our own loop token fails at C{greeting}).
         """
-        return self._probe(address)  # type: ignore[return-value]  # inlineCallbacks is untyped
+        return self._probe(address)
 
     @inlineCallbacks
-    def _probe(self, address: Endpoint) -> Generator[Deferred[Any], Any, None]:
+    def _probe(self, address: Address) -> Generator[Deferred[Any], Any, None]:
         starttls = True
         while True:
             try:
@@ -270,7 +270,7 @@ class Failover:
             protocol.quit()
             return
 
-    def _logFailure(self, sessionId: str, address: Endpoint, stage: str, reason: str) -> None:
+    def _logFailure(self, sessionId: str, address: Address, stage: str, reason: str) -> None:
         """
         One line per failed attempt, as Postfix logs each MX it could not
         use: the target, the endpoint, the step that failed and why.
@@ -285,6 +285,6 @@ class Failover:
             reason=reason,
         )
 
-    def _rest(self, address: Endpoint) -> None:
+    def _rest(self, address: Address) -> None:
         if self.policy.backoff > 0:
             self._restingUntil[address] = self._clock.seconds() + self.policy.backoff
