@@ -1,6 +1,6 @@
 """
-Tests for L{smtprelay.config.values}: booleans, durations, sizes, addresses,
-networks and TLS versions.
+Tests for L{smtprelay.config.values}: booleans, numbers, durations, sizes,
+addresses, networks, host names and TLS versions.
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ from smtprelay.config.model import Address
 from smtprelay.config.values import (
     formatDuration,
     formatSize,
+    isNumber,
     parseBool,
+    parseCount,
     parseDuration,
     parseNetwork,
     parseProtocols,
     parseSize,
+    toALabel,
 )
 
 
@@ -40,6 +43,47 @@ class BoolTests(SynchronousTestCase):
                 with self.assertRaises(ValueError) as e:
                     parseBool(text)
                 self.assertEqual(str(e.exception), f'"{text}" is not a boolean (use yes or no)')
+
+
+class CountTests(SynchronousTestCase):
+    def test_valid(self) -> None:
+        for text, number in (("0", 0), ("7", 7), ("0100", 100), ("1000000", 1000000)):
+            with self.subTest(text):
+                self.assertTrue(isNumber(text))
+                self.assertEqual(parseCount(text), number)
+
+    def test_invalid(self) -> None:
+        """
+        Only ASCII digits: not the signs, underscores, spaces and other
+        scripts' digits that L{int} takes.
+        """
+        for text in ("", "+1", "-1", "1_000", " 1", "1 ", "٣", "²", "1.0", "0x10"):
+            with self.subTest(text):
+                self.assertFalse(isNumber(text))
+                with self.assertRaises(ValueError) as e:
+                    parseCount(text)
+                self.assertEqual(str(e.exception), f'"{text}" is not a number')
+
+
+class HostNameTests(SynchronousTestCase):
+    def test_valid(self) -> None:
+        for name, label in (
+            ("relay.example.com", "relay.example.com"),
+            ("bücher.example", "xn--bcher-kva.example"),
+            ("Relay.Example", "relay.example"),
+        ):
+            with self.subTest(name):
+                self.assertEqual(toALabel(name), label)
+
+    def test_invalid(self) -> None:
+        for name in ("", "a..b", "-relay.example"):
+            with self.subTest(name):
+                with self.assertRaises(ValueError) as e:
+                    toALabel(name)
+                self.assertTrue(
+                    str(e.exception).startswith(f'"{name}" is not a valid host name ('),
+                    str(e.exception),
+                )
 
 
 class DurationTests(SynchronousTestCase):

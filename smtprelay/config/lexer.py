@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 import attrs
@@ -41,6 +41,20 @@ class ConfigError(Exception):
 
     def __str__(self) -> str:
         return "\n".join(self.errors)
+
+    @classmethod
+    def at(cls, problems: Iterable[tuple[str, int, str]]) -> ConfigError:
+        """
+        The error of C{(FILE, LINE, message)} problems, in the order given.
+        """
+        return cls([f"{where(file, line)}: {message}" for file, line, message in problems])
+
+
+def where(file: str, line: int) -> str:
+    """
+    @return: C{FILE:LINE}, the prefix of every configuration error.
+    """
+    return f"{file}:{line}"
 
 
 @attrs.frozen
@@ -81,7 +95,7 @@ class Node:
         """
         @return: C{FILE:LINE}, the prefix of this node's error messages.
         """
-        return f"{self.file}:{self.line}"
+        return where(self.file, self.line)
 
 
 def tokenize(text: str, filename: str) -> list[Token]:
@@ -163,7 +177,7 @@ def tokenize(text: str, filename: str) -> list[Token]:
                 continue
         word.append(ch)
     if quoted:
-        raise ConfigError([f"{filename}:{quoteLine}: unterminated quoted string"])
+        raise ConfigError.at([(filename, quoteLine, "unterminated quoted string")])
     endWord()
     endLine()
     return tokens
@@ -175,6 +189,14 @@ def expandEnv(text: str, env: Mapping[str, str]) -> str:
     when it is not set).  An incomplete C{{env:NAME} stays as it is.
     """
     return _ENV.sub(lambda m: env.get(m.group(1), ""), text)
+
+
+def fromEnvironment(raw: str) -> bool:
+    """
+    Whether an argument as written (one of L{Node.rawArgs}) takes its value,
+    or part of it, from C{{env:...}}.
+    """
+    return "{env:" in raw
 
 
 @attrs.define
@@ -190,7 +212,7 @@ class _Reader:
     pos: int = 0
 
     def fail(self, line: int, message: str) -> ConfigError:
-        return ConfigError([f"{self.filename}:{line}: {message}"])
+        return ConfigError.at([(self.filename, line, message)])
 
     def peek(self) -> Token | None:
         return self.tokens[self.pos] if self.pos < len(self.tokens) else None

@@ -14,16 +14,18 @@ import os
 import stat
 from collections.abc import Iterable, Iterator
 
-from .lexer import ConfigError, Node, readTree
+from .lexer import ConfigError, Node, fromEnvironment, readTree
+from .targets import PASSWORD_MECHANISMS, passwordFile
 
 
 def _secretFiles(nodes: Iterable[Node]) -> Iterator[str]:
     for node in nodes:
         args = node.args
-        if node.name == "auth" and len(args) == 3 and args[0] in ("plain", "login"):
-            if args[2].startswith("file:"):
-                yield args[2][len("file:") :]
-            elif "{env:" not in node.rawArgs[2]:
+        if node.name == "auth" and len(args) == 3 and args[0] in PASSWORD_MECHANISMS:
+            path = passwordFile(args[2])
+            if path is not None:
+                yield path
+            elif not fromEnvironment(node.rawArgs[2]):
                 yield node.file
         elif node.name == "auth" and len(args) == 2 and args[0] == "users":
             yield args[1]  # the users file

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import attrs
 
+from .lexer import fromEnvironment
 from .model import (
     ClientTLS,
     Config,
@@ -37,7 +38,7 @@ _INDENT = "    "
 
 
 def _quote(word: str) -> str:
-    if _PLAIN.fullmatch(word) and "{env:" not in word:
+    if _PLAIN.fullmatch(word) and not fromEnvironment(word):
         return word
     return '"' + word.replace('"', '\\"') + '"'
 

@@ -1,7 +1,7 @@
 """
-Scalar values of the configuration language: booleans, Go-style durations,
-sizes, networks and TLS protocol versions (endpoint addresses:
-L{smtprelay.net.address.parseAddress}).
+Scalar values of the configuration language: booleans, numbers, Go-style
+durations, sizes, networks, host names and TLS protocol versions (endpoint
+addresses: L{smtprelay.net.address.parseAddress}).
 
 Each C{parseX} takes text and returns the model value or raises
 L{ValueError} with a message fit to follow C{FILE:LINE: directive:}; each
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+
+import idna
 
 from smtprelay.net.address import IPNetwork
 
@@ -50,6 +52,23 @@ def parseBool(text: str) -> bool:
 
 def formatBool(value: bool) -> str:
     return "yes" if value else "no"
+
+
+def isNumber(text: str) -> bool:
+    """
+    Whether C{text} is a whole number in ASCII digits only (L{int} would
+    also take C{+1}, C{1_000} or C{٣}).
+    """
+    return text.isascii() and text.isdigit()
+
+
+def parseCount(text: str) -> int:
+    """
+    A whole number, as L{isNumber} spells one.
+    """
+    if not isNumber(text):
+        raise ValueError(f'"{text}" is not a number')
+    return int(text)
 
 
 def parseDuration(text: str) -> float:
@@ -145,3 +164,15 @@ def parseProtocols(args: tuple[str, ...]) -> tuple[str, str | None]:
             raise ValueError(f"{args[0]} is newer than {args[1]}")
         return (args[0], args[1])
     return (args[0], None)
+
+
+def toALabel(name: str) -> str:
+    """
+    A host name as an IDNA A-label (C{bücher.example} → C{xn--bcher-kva.example}).
+
+    @raise ValueError: C{name} is not a valid host name.
+    """
+    try:
+        return idna.encode(name, uts46=True).decode("ascii")
+    except idna.IDNAError as e:
+        raise ValueError(f'"{name}" is not a valid host name ({e})') from None
