@@ -11,6 +11,7 @@ certificate.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import get_args
 
 import attrs
 
@@ -34,10 +35,19 @@ from .directives import (
     word,
 )
 from .lexer import Node
-from .model import DownstreamAuth, Listener, ListenerAuth, Routing, ServerTLS, Target
+from .model import (
+    BareLF,
+    DownstreamAuth,
+    Listener,
+    ListenerAuth,
+    ListenerKind,
+    Routing,
+    ServerTLS,
+    Target,
+)
 from .routing import ROUTING, delivery
 
-LISTENER_KINDS = ("smtp", "submission", "lmtp")
+LISTENER_KINDS: tuple[str, ...] = get_args(ListenerKind)
 
 
 def serverTLS(node: Node, ctx: Context) -> ServerTLS | None:
@@ -100,7 +110,7 @@ LISTENER = {
     "proxy_timeout": Directive("proxyTimeout", timeout),
     "max_hops": Directive("maxHops", count(1)),
     "proxy_protocol": Directive("proxyProtocol", networks),
-    "bare_lf": Directive("bareLF", choice("reject", "normalize")),
+    "bare_lf": Directive("bareLF", choice(*get_args(BareLF))),
     "endpoint": Directive("endpoints", _endpoint, repeatable=True),
     "reuse_port": Directive("reusePort", flag),
 }

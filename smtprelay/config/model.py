@@ -15,6 +15,21 @@ import attrs
 
 from smtprelay.net.address import Address, IPNetwork
 
+ListenerKind = Literal["smtp", "submission", "lmtp"]
+"""The kinds of listener block."""
+
+TargetProtocol = Literal["smtp", "lmtp"]
+"""What a target speaks (C{target.smtp}, C{target.lmtp}, C{deliver_to smtp|lmtp})."""
+
+LMTPSplit = Literal["one_rcpt", "tempfail"]
+"""The words of C{lmtp_split}."""
+
+ClientInfo = Literal["off", "xforward", "xclient"]
+"""The words of C{forward_client_info}."""
+
+BareLF = Literal["reject", "normalize"]
+"""The words of C{bare_lf}."""
+
 LOOPBACK: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),
     ipaddress.ip_network("::1/128"),
@@ -98,7 +113,7 @@ class Target:
     """
 
     name: str
-    protocol: Literal["smtp", "lmtp"]
+    protocol: TargetProtocol
     endpoints: tuple[Address, ...]
     hostname: str = "localhost"
     debug: bool = False
@@ -110,12 +125,12 @@ class Target:
     commandTimeout: float = 300.0
     submissionTimeout: float = 720.0
     dataTimeout: float = 180.0
-    lmtpSplit: Literal["one_rcpt", "tempfail"] = "one_rcpt"
+    lmtpSplit: LMTPSplit = "one_rcpt"
     backoff: float = 30.0
     reuseConnections: bool = True
     reuseIdleTime: float = 2.0
     reuseTimeLimit: float = 300.0
-    forwardClientInfo: Literal["off", "xforward", "xclient"] = "off"
+    forwardClientInfo: ClientInfo = "off"
     chunking: bool = True
 
 
@@ -225,7 +240,7 @@ class Listener:
         and window (0: no limit).
     """
 
-    kind: Literal["smtp", "submission", "lmtp"]
+    kind: ListenerKind
     addresses: tuple[Address, ...]
     deliverTo: Target | Routing
     endpoints: tuple[str, ...] = ()
@@ -246,7 +261,7 @@ class Listener:
     proxyTimeout: float = 5.0
     maxHops: int = 50
     proxyProtocol: tuple[IPNetwork, ...] = ()
-    bareLF: Literal["reject", "normalize"] = "reject"
+    bareLF: BareLF = "reject"
     reusePort: bool = False
     limitExceptions: tuple[IPNetwork, ...] = attrs.field(
         default=attrs.Factory(lambda self: self.allow, takes_self=True)

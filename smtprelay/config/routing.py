@@ -10,7 +10,7 @@ error.  Inline targets are built by L{smtprelay.config.targets.target}.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import TypeVar, get_args
 
 import attrs
 
@@ -18,7 +18,16 @@ from smtprelay.net.address import parseAddress
 from smtprelay.protocol.addresses import ruleKey
 from .directives import Context, arguments, items
 from .lexer import Node
-from .model import Address, Decision, Destinations, Handling, Reject, Routing, Target
+from .model import (
+    Address,
+    Decision,
+    Destinations,
+    Handling,
+    Reject,
+    Routing,
+    Target,
+    TargetProtocol,
+)
 from .targets import target
 from .values import isNumber
 
@@ -52,7 +61,7 @@ def _deliverTo(node: Node, ctx: Context) -> str | _Inline:
         if len(node.args) != 1 or node.block or first == "&":
             raise ValueError("expected &NAME alone")
         return first[1:]
-    if first not in ("smtp", "lmtp"):
+    if first not in get_args(TargetProtocol):
         raise ValueError(f'expected {usage}, not "{first}"')
     found = items(node.args[1:], node.rawArgs[1:])
     return _Inline(first, tuple(parseAddress(item) for item in found), node)

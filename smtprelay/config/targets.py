@@ -9,7 +9,7 @@ Passwords become L{Secret}s and never appear in a message.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 from smtprelay.reading import readText
 from .directives import (
@@ -29,9 +29,18 @@ from .directives import (
     words,
 )
 from .lexer import Node
-from .model import Address, ClientTLS, DownstreamAuth, Secret, Target
+from .model import (
+    Address,
+    ClientInfo,
+    ClientTLS,
+    DownstreamAuth,
+    LMTPSplit,
+    Secret,
+    Target,
+    TargetProtocol,
+)
 
-TARGET_KINDS = ("target.smtp", "target.lmtp")
+TARGET_KINDS = tuple(f"target.{protocol}" for protocol in get_args(TargetProtocol))
 
 PASSWORD_MECHANISMS = ("plain", "login")
 """The C{auth} mechanisms of a target that take C{USER PASSWORD}."""
@@ -112,12 +121,12 @@ TARGET = {
     "command_timeout": Directive("commandTimeout", timeout),
     "submission_timeout": Directive("submissionTimeout", timeout),
     "data_timeout": Directive("dataTimeout", timeout),
-    "lmtp_split": Directive("lmtpSplit", choice("one_rcpt", "tempfail")),
+    "lmtp_split": Directive("lmtpSplit", choice(*get_args(LMTPSplit))),
     "backoff": Directive("backoff", duration),
     "reuse_connections": Directive("reuseConnections", flag),
     "reuse_idle_time": Directive("reuseIdleTime", timeout),
     "reuse_time_limit": Directive("reuseTimeLimit", timeout),
-    "forward_client_info": Directive("forwardClientInfo", choice("off", "xforward", "xclient")),
+    "forward_client_info": Directive("forwardClientInfo", choice(*get_args(ClientInfo))),
     "chunking": Directive("chunking", flag),
 }
 
