@@ -8,7 +8,8 @@ L{smtprelay.config.targets}, L{smtprelay.config.listeners} and, through
 them, L{smtprelay.config.routing}; L{smtprelay.config.directives} holds
 what they share.  Unknown and duplicate directives, wrong argument counts
 and bad values are all collected and raised together as one
-L{smtprelay.config.lexer.ConfigError}, one C{FILE:LINE: message} each, in file order.
+L{smtprelay.config.lexer.ConfigError}, one C{FILE:LINE: message} each, in
+file order.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def _metrics(node: Node, ctx: Context) -> Address:
 
 
 def _keep(node: Node, ctx: Context) -> Node:
+    # Listener and target blocks are read after the globals they default to.
     return node
 
 
