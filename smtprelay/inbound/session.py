@@ -7,14 +7,14 @@ Over its connection (L{smtprelay.inbound.connection}), the protocol parses comma
 (syntax, sequence, relay access, TLS/AUTH requirements, limits, pipelining
 synchronization) and only then asks its L{IRelayHandler}, one call at a
 time; replies leave strictly in command order, batched into one write per
-group.  The DATA body goes through L{smtprelay.protocol.body.DataScanner} in whole
-chunks and streams to the handler with back-pressure, so that no body line
-can ever be read as a command and memory per session stays bounded.
+group.
 
 Its states are explicit (L{smtprelay.inbound.states}, where one table says
 which command may run when); input framing and back-pressure
-(L{smtprelay.inbound.framing}) and the SASL exchange
-(L{smtprelay.inbound.sasl}) are units of their own.
+(L{smtprelay.inbound.framing}), the message body of C{DATA} and C{BDAT}
+(L{smtprelay.inbound.transfer}, so that no body line can ever be read as a
+command) and the SASL exchange (L{smtprelay.inbound.sasl}) are units of
+their own.
 """
 
 from __future__ import annotations
