@@ -69,8 +69,8 @@ class RecordingDialogue:
     def disconnect(self, refusal: Refusal) -> None:
         self.events.append(("disconnect", refusal))
 
-    def ended(self, reset: bool) -> None:
-        self.events.append(("ended", reset))
+    def ended(self) -> None:
+        self.events.append(("ended", None))
         self.stage = Stage.READY
 
 
@@ -143,7 +143,7 @@ class DataTests(SynchronousTestCase):
         self.assertEqual(body.input.takeAll(), b"NOOP\r\n")
         self.assertFalse(body.transfer.open)
         self.assertEqual(body.dialogue.events, [
-            ("timeBody", True), ("timeBody", False), ("resume", "body"), ("ended", False),
+            ("timeBody", True), ("timeBody", False), ("resume", "body"), ("ended", None),
         ])
 
     def test_commandsAfterTheEnd(self) -> None:
@@ -208,7 +208,7 @@ class DataTests(SynchronousTestCase):
         self.assertEqual(body.handler.aborted, replies.MESSAGE_TOO_BIG.withSession("S1"))
         self.assertNotIn("endData", body.handler.methods)
         self.assertEqual(body.metrics.reasons, ["too_big"])
-        self.assertEqual(body.dialogue.events[-1], ("ended", False))
+        self.assertEqual(body.dialogue.events[-1], ("ended", None))
         refused = [e for e in events if e.get("log_format", "").startswith("body refused")]
         self.assertEqual([(e["session"], e["reply"]) for e in refused],
                          [("S1", "Message size exceeds fixed limit")])
@@ -273,7 +273,7 @@ class ChunkTests(SynchronousTestCase):
         self.assertEqual(body.handler.body, b".a\r\nb\r\n.\r\n")
         self.assertEqual(body.input.takeAll(), b"RSET\r\n")
         self.assertEqual(body.handler.methods[0], "data")
-        self.assertEqual(body.dialogue.events[-1], ("ended", False))
+        self.assertEqual(body.dialogue.events[-1], ("ended", None))
 
     def test_emptyLastChunk(self) -> None:
         """
@@ -312,7 +312,8 @@ class ChunkTests(SynchronousTestCase):
         self.assertEqual(body.bdat(b"1 LAST"), b"")
         self.assertEqual(body.send(b"c"), b"451 4.4.2 down\r\n" * 2)
         self.assertEqual(body.handler.body, b"")
-        self.assertEqual(body.dialogue.events, [("resume", "body"), ("ended", True)])
+        self.assertEqual(body.handler.methods, ["data", "reset"])
+        self.assertEqual(body.dialogue.events, [("resume", "body"), ("ended", None)])
 
     def test_verdictFailsTheRest(self) -> None:
         """
@@ -328,8 +329,7 @@ class ChunkTests(SynchronousTestCase):
         self.assertEqual(body.send(b"ef"), tooBig)
         self.assertEqual([m for m in body.handler.methods if m == "abortData"], ["abortData"])
         self.assertEqual(body.metrics.reasons, ["too_big"])
-        self.assertEqual(body.dialogue.events[-1], ("ended", True))
-        body.transfer.reset()
+        self.assertEqual(body.dialogue.events[-1], ("ended", None))
         body.dialogue.stage = Stage.RCPT
         body.bdat(b"1 LAST")
         self.assertEqual(body.send(b"g"), b"250 2.0.0 Ok: queued\r\n")
@@ -347,3 +347,18 @@ class ChunkTests(SynchronousTestCase):
         self.assertFalse(body.transfer.open)
         self.assertEqual(body.dialogue.events[-2:], [("timeBody", False), ("resume", "body")])
         self.assertFalse(body.transfer.abandon())
+
+    def test_abandonForgetsAFailure(self) -> None:
+        """
+        A reset after a failed chunk: the next transaction's chunks are
+        read into a new body.
+        """
+        body = Body(script={"data": DOWN})
+        body.bdat(b"1")
+        self.assertEqual(body.send(b"a"), b"451 4.4.2 down\r\n")
+        self.assertFalse(body.transfer.abandon())
+        body.handler.script["data"] = replies.START_INPUT
+        body.dialogue.stage = Stage.RCPT
+        body.bdat(b"1 LAST")
+        self.assertEqual(body.send(b"b"), b"250 2.0.0 Ok: queued\r\n")
+        self.assertEqual(body.handler.body, b"b")

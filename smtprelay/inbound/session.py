@@ -173,7 +173,6 @@ class SMTPServerProtocol(ServerConnection):
 
     def _resetTransaction(self) -> None:
         self._stage = Stage.HELLO if self.session.heloName is None else Stage.READY
-        self._body.reset()
         self._sender: bytes | None = None
         # A transaction of a client that may not relay: answered here,
         # never opened downstream.
@@ -443,7 +442,9 @@ class _Dialogue:
     the protocol's own methods, bound once.
     """
 
-    __slots__ = ("_protocol", "reply", "wait", "answer", "pause", "resume", "timeBody", "disconnect")
+    __slots__ = (
+        "_protocol", "reply", "wait", "answer", "pause", "resume", "timeBody", "disconnect", "ended",
+    )
 
     def __init__(self, protocol: SMTPServerProtocol) -> None:
         self._protocol = protocol
@@ -454,6 +455,7 @@ class _Dialogue:
         self.resume = protocol._resume
         self.timeBody = protocol._setDataTimer
         self.disconnect = protocol._disconnect
+        self.ended = protocol._transactionEnded
 
     @property
     def handler(self) -> IRelayHandler:
@@ -472,11 +474,6 @@ class _Dialogue:
     @property
     def recipients(self) -> int:
         return self._protocol._accepted
-
-    def ended(self, reset: bool) -> None:
-        if reset:
-            self._protocol._resetHandler()
-        self._protocol._transactionEnded()
 
 
 class _Facts:

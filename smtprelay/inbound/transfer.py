@@ -72,11 +72,8 @@ class Dialogue(Protocol):
     def disconnect(self, refusal: Refusal) -> None:
         """Send C{refusal} and close the session."""
 
-    def ended(self, reset: bool) -> None:
-        """
-        The transaction is over, its replies queued; C{reset}: the handler
-        must forget it first (it failed before its body was open).
-        """
+    def ended(self) -> None:
+        """The transaction is over, its replies queued."""
 
 
 class BodyTransfer:
@@ -131,7 +128,8 @@ class BodyTransfer:
             return False
         rest = scanner.feed(self._input.takeAll())
         if rest is not None:
-            self._input.unread(rest)
+            if rest:
+                self._input.unread(rest)
             self._end(scanner)
         return True
 
@@ -141,6 +139,7 @@ class BodyTransfer:
         refuses it.
         """
         dialogue = self._dialogue
+        handler = dialogue.handler
         pauser = Pauser(dialogue.pause, dialogue.resume, "body")
 
         def done(result: Reply | None) -> None:
@@ -155,10 +154,10 @@ class BodyTransfer:
                 dialogue.disconnect(replies.SYNC_ERROR)
                 return
             dialogue.stage = Stage.DATA
-            self._open(pauser, stuffed=True)
+            self._open(handler, pauser, stuffed=True)
             dialogue.reply(r)
 
-        dialogue.wait(dialogue.handler.data, pauser, then=done)
+        dialogue.wait(handler.data, pauser, then=done)
 
     def bdat(self, chunk: Chunk) -> None:
         """
@@ -173,44 +172,40 @@ class BodyTransfer:
             chunk.refusal = self._failed
         elif chunk.refusal is None and dialogue.stage is not Stage.BDAT:
             dialogue.stage = Stage.BDAT
+            handler = dialogue.handler
             pauser = Pauser(dialogue.pause, dialogue.resume, "body")
 
             def opened(result: Reply | None) -> None:
                 r = dialogue.answer(result)
                 if r.code == 354:
-                    self._open(pauser, stuffed=False)
+                    self._open(handler, pauser, stuffed=False)
                 else:
                     pauser.detach()
                     self._failed = chunk.refusal = r
                 if not chunk.left:
                     self._chunkRead(chunk)
 
-            dialogue.wait(dialogue.handler.data, pauser, then=opened)
+            dialogue.wait(handler.data, pauser, then=opened)
             return
         if not chunk.left:
             self._chunkRead(chunk)
 
     def abandon(self) -> bool:
         """
-        The client resets the transaction: between BDAT chunks the body is
-        open at the handler, abandon it (the downstream never gets its last
-        chunk).
+        The client resets the transaction: forget a failed chunk, and
+        abandon a body open at the handler between BDAT chunks (the
+        downstream never gets its last chunk).
 
-        @return: whether a body was open.
+        @return: whether a body was open: the handler has its abort.
         """
+        self._failed = None
         if self._dialogue.stage is not Stage.BDAT or self._scanner is None:
             return False
         self._close()
         self._dialogue.handler.abortData(replies.BDAT_RESET.withSession(self._session.id))
         return True
 
-    def reset(self) -> None:
-        """
-        A new transaction: no BDAT chunk has failed.
-        """
-        self._failed = None
-
-    def _open(self, pauser: Pauser, stuffed: bool) -> None:
+    def _open(self, handler: IRelayHandler, pauser: Pauser, stuffed: bool) -> None:
         """
         The handler takes the body (its C{354}): scan what comes, under the
         listener's rules and C{data_timeout}.
@@ -218,7 +213,7 @@ class BodyTransfer:
         self._pauser = pauser
         policy = self._policy
         self._scanner = DataScanner(
-            self._dialogue.handler.dataChunk,
+            handler.dataChunk,
             policy.maxMessageSize,
             policy.maxHops,
             normalize=policy.bareLF == "normalize",
@@ -257,7 +252,9 @@ class BodyTransfer:
                 dialogue.reply(chunk.refusal)
             if last:
                 # The failed transaction ends here, at the handler too.
-                dialogue.ended(reset=True)
+                self._failed = None
+                dialogue.handler.reset()
+                dialogue.ended()
             return
         scanner = self._scanner
         assert scanner is not None
@@ -303,7 +300,7 @@ class BodyTransfer:
             local = self._refuse(verdict)
             for _ in range(count):
                 dialogue.reply(local)
-            dialogue.ended(reset=False)
+            dialogue.ended()
             return
 
         def done(result: Sequence[Reply] | None) -> None:
@@ -315,6 +312,6 @@ class BodyTransfer:
             final = (final + [final[-1]] * count)[:count]
             for r in final:
                 dialogue.reply(r)
-            dialogue.ended(reset=False)
+            dialogue.ended()
 
         dialogue.wait(dialogue.handler.endData, then=done)
