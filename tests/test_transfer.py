@@ -105,8 +105,8 @@ class Body:
         replies since the last call.
         """
         self.input.feed(data)
-        while self.input and self.transfer.read():
-            pass
+        while self.input and self.transfer.read is not None:
+            self.transfer.read()
         return self.read()
 
     def read(self) -> bytes:
@@ -154,7 +154,7 @@ class DataTests(SynchronousTestCase):
         body.transfer.data()
         body.send(b"x\r\n.\r\n")
         body.input.feed(b"QUIT\r\n")
-        self.assertFalse(body.transfer.read())
+        self.assertIsNone(body.transfer.read)
         self.assertEqual(body.input.takeAll(), b"QUIT\r\n")
 
     def test_refusedByHandler(self) -> None:
@@ -267,7 +267,7 @@ class ChunkTests(SynchronousTestCase):
         self.assertEqual(body.bdat(b"5"), b"")
         self.assertIs(body.dialogue.stage, Stage.BDAT)
         self.assertEqual(body.send(b".a\r\nb"), b"250 2.0.0 Ok: 5 octets\r\n")
-        self.assertFalse(body.transfer.read())
+        self.assertIsNone(body.transfer.read)
         self.assertEqual(body.bdat(b"5 LAST"), b"")
         self.assertEqual(body.send(b"\r\n.\r\nRSET\r\n"), b"250 2.0.0 Ok: queued\r\n")
         self.assertEqual(body.handler.body, b".a\r\nb\r\n.\r\n")

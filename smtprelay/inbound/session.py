@@ -73,7 +73,11 @@ class SMTPServerProtocol(ServerConnection):
     # -- input --------------------------------------------------------------
 
     def _consume(self) -> bool:
-        return self._body.read() or self._nextLine()
+        read = self._body.read
+        if read is None:
+            return self._nextLine()
+        read()
+        return True
 
     def _nextLine(self) -> bool:
         """

@@ -81,7 +81,10 @@ class BodyTransfer:
     The bodies of one session's transactions: C{DATA}'s, or the chunks of
     C{BDAT}.
 
-    @ivar open: a body is open at the handler (from its C{354} to its end).
+    @ivar read: when the client's next bytes are the body's (a C{DATA} body
+        after its C{354}, or the rest of a C{BDAT} chunk), takes them from
+        the input (what follows a C{DATA} body's end stays there); L{None}
+        when they are a command line.
     """
 
     def __init__(self, policy: SessionPolicy, session: ClientSession, input: InputBuffer,
@@ -101,6 +104,7 @@ class BodyTransfer:
         self._dialogue = dialogue
         self._metrics = metrics
         self._log = log
+        self.read: Callable[[], None] | None = None
         self._scanner: DataScanner | None = None
         self._pauser: Pauser | None = None
         # The BDAT chunk being read.
@@ -110,28 +114,10 @@ class BodyTransfer:
 
     @property
     def open(self) -> bool:
+        """
+        Whether a body is open at the handler (from its C{354} to its end).
+        """
         return self._scanner is not None
-
-    def read(self) -> bool:
-        """
-        Take the body's bytes from the input: the rest of a BDAT chunk, or a
-        DATA body up to its end (what follows stays in the input).
-
-        @return: False when the next bytes are a command line.
-        """
-        chunk = self._chunk
-        if chunk is not None and chunk.left:
-            self._readChunk(chunk)
-            return True
-        scanner = self._scanner
-        if scanner is None or self._dialogue.stage is not Stage.DATA:
-            return False
-        rest = scanner.feed(self._input.takeAll())
-        if rest is not None:
-            if rest:
-                self._input.unread(rest)
-            self._end(scanner)
-        return True
 
     def data(self) -> None:
         """
@@ -155,6 +141,7 @@ class BodyTransfer:
                 return
             dialogue.stage = Stage.DATA
             self._open(handler, pauser, stuffed=True)
+            self.read = self._readData
             dialogue.reply(r)
 
         dialogue.wait(handler.data, pauser, then=done)
@@ -167,10 +154,13 @@ class BodyTransfer:
         @param chunk: its C{refusal} is set when C{BDAT} may not run now.
         """
         self._chunk = chunk
+        if chunk.left:
+            self.read = self._readChunk
         dialogue = self._dialogue
         if chunk.refusal is None and self._failed is not None:
             chunk.refusal = self._failed
-        elif chunk.refusal is None and dialogue.stage is not Stage.BDAT:
+        elif chunk.refusal is None and self._scanner is None:
+            # Neither open nor failed: the transaction's first chunk.
             dialogue.stage = Stage.BDAT
             handler = dialogue.handler
             pauser = Pauser(dialogue.pause, dialogue.resume, "body")
@@ -226,13 +216,25 @@ class BodyTransfer:
         """
         The body is complete or abandoned: stop scanning and timing it.
         """
+        self.read = None
         self._scanner = None
         self._dialogue.timeBody(False)
         if self._pauser is not None:
             self._pauser.detach()
             self._pauser = None
 
-    def _readChunk(self, chunk: Chunk) -> None:
+    def _readData(self) -> None:
+        scanner = self._scanner
+        assert scanner is not None
+        rest = scanner.feed(self._input.takeAll())
+        if rest is not None:
+            if rest:
+                self._input.unread(rest)
+            self._end(scanner)
+
+    def _readChunk(self) -> None:
+        chunk = self._chunk
+        assert chunk is not None
         data = self._input.take(chunk.left)
         chunk.left -= len(data)
         if chunk.refusal is None and self._scanner is not None:
@@ -244,7 +246,7 @@ class BodyTransfer:
         """
         A chunk is in: its reply, or the end of the body after C{LAST}.
         """
-        self._chunk = None
+        self._chunk = self.read = None
         dialogue = self._dialogue
         last = chunk.last and dialogue.stage is Stage.BDAT
         if chunk.refusal is not None:
