@@ -553,7 +553,7 @@ class DataTests(SynchronousTestCase):
         self.assertEqual(out, QUEUED)
         self.assertEqual(session.handler.body, b"Subject: x\r\n\r\n.dot\r\nbody\r\n")
         self.assertEqual(session.handler.methods[-1], "endData")
-        self.assertIs(session.protocol._scanner, None)
+        self.assertFalse(session.protocol._body.open)
         self.assertEqual(session.send(b"MAIL FROM:<a@example.com>\r\n"), MAIL_OK)
 
     def test_lmtpRepliesPerRecipient(self) -> None:
@@ -634,7 +634,7 @@ class DataTests(SynchronousTestCase):
             smuggled = (b"body" + fake + b"MAIL FROM:<evil@example.com>\r\n"
                         b"RCPT TO:<victim@example.net>\r\nDATA\r\nevil\r\n")
             self.assertEqual(self.transaction(session, smuggled), b"", fake)
-            self.assertIsNot(session.protocol._scanner, None)
+            self.assertTrue(session.protocol._body.open)
             out = session.send(b".\r\n")
             self.assertEqual(session.handler.methods.count("mail"), 1, fake)
             if b"\x00" in fake:

@@ -7,29 +7,29 @@ Over its connection (L{smtprelay.inbound.connection}), the protocol parses comma
 (syntax, sequence, relay access, TLS/AUTH requirements, limits, pipelining
 synchronization) and only then asks its L{IRelayHandler}, one call at a
 time; replies leave strictly in command order, batched into one write per
-group.  The DATA body goes through L{smtprelay.protocol.body.DataScanner} in whole
-chunks and streams to the handler with back-pressure, so that no body line
-can ever be read as a command and memory per session stays bounded.
+group.
 
 Its states are explicit (L{smtprelay.inbound.states}, where one table says
 which command may run when); input framing and back-pressure
-(L{smtprelay.inbound.framing}) and the SASL exchange
-(L{smtprelay.inbound.sasl}) are units of their own.
+(L{smtprelay.inbound.framing}), the message body of C{DATA} and C{BDAT}
+(L{smtprelay.inbound.transfer}, so that no body line can ever be read as a
+command) and the SASL exchange (L{smtprelay.inbound.sasl}) are units of
+their own.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from smtprelay.inbound.connection import ServerConnection
-from smtprelay.inbound.framing import Chunk, LineTooLong, Pauser
+from smtprelay.inbound.framing import Chunk, LineTooLong
 from smtprelay.inbound.sasl import MAX_RESPONSE_LINE, Challenge, Credentials, Denied, Outcome, SASLExchange
 from smtprelay.inbound.states import TLS, Stage, commandRefusal
+from smtprelay.inbound.transfer import BodyTransfer
+from smtprelay.interfaces import IRelayHandler
 from smtprelay.observe.logs import logReject
 from smtprelay.protocol import replies
 from smtprelay.protocol.addresses import EnvelopeError, parseMail, parseRcpt
-from smtprelay.protocol.parameters import finalReplies
-from smtprelay.protocol.body import DataScanner
 from smtprelay.protocol.replies import Refusal, Reply, reply
 
 if TYPE_CHECKING:
@@ -65,21 +65,18 @@ class SMTPServerProtocol(ServerConnection):
         self._stage = Stage.HELLO
         self._sasl = SASLExchange(self._policy.maxAuthFailures)
         self._errors = 0
-        self._scanner: DataScanner | None = None
-        self._bodyPauser: Pauser | None = None
-        self._chunk: Chunk | None = None
+        self._body = BodyTransfer(self._policy, self.session, self._input, _Dialogue(self),
+                                  factory.metrics, self._log)
         self._facts = _Facts(self)
         self._resetTransaction()
 
     # -- input --------------------------------------------------------------
 
     def _consume(self) -> bool:
-        if self._chunk is not None and self._chunk.left:
-            self._readChunk(self._chunk)
-        elif self._scanner is not None and self._stage is Stage.DATA:
-            self._feedBody(self._scanner, self._input.takeAll())
-        else:
+        read = self._body.read
+        if read is None:
             return self._nextLine()
+        read()
         return True
 
     def _nextLine(self) -> bool:
@@ -180,8 +177,6 @@ class SMTPServerProtocol(ServerConnection):
 
     def _resetTransaction(self) -> None:
         self._stage = Stage.HELLO if self.session.heloName is None else Stage.READY
-        # The reply to every later BDAT chunk once one failed (RFC 3030 §2).
-        self._chunksFailed: Reply | None = None
         self._sender: bytes | None = None
         # A transaction of a client that may not relay: answered here,
         # never opened downstream.
@@ -335,178 +330,21 @@ class SMTPServerProtocol(ServerConnection):
         if refusal is not None:
             self._error(refusal)
             return
-        assert self.handler is not None
-        pauser = Pauser(self._pause, self._resume, "body")
-
-        def done(result: Reply | None) -> None:
-            r = self._handlerReply(result)
-            if r.code != 354:
-                pauser.detach()
-                self._reply(r)
-                return
-            if self._input:
-                # The body came before our 354: out of step.
-                pauser.detach()
-                self._disconnect(replies.SYNC_ERROR)
-                return
-            self._stage = Stage.DATA
-            self._openBody(pauser, stuffed=True)
-            self._reply(r)
-
-        self._await(self.handler.data, pauser, then=done)
-
-    def _openBody(self, pauser: Pauser, stuffed: bool) -> None:
-        """
-        The handler takes the body (its C{354}): scan what comes, under the
-        listener's rules and C{data_timeout}.
-        """
-        self._bodyPauser = pauser
-        assert self.handler is not None
-        self._scanner = DataScanner(
-            self.handler.dataChunk,
-            self._policy.maxMessageSize,
-            self._policy.maxHops,
-            normalize=self._policy.bareLF == "normalize",
-            maxLineLength=self._policy.maxLineLength,
-            stuffed=stuffed,
-        )
-        self._setDataTimer(True)
-
-    def _closeBody(self) -> None:
-        """
-        The body is complete or abandoned: stop scanning and timing it.
-        """
-        self._scanner = None
-        self._setDataTimer(False)
-        if self._bodyPauser is not None:
-            self._bodyPauser.detach()
-            self._bodyPauser = None
+        self._body.data()
 
     def do_BDAT(self, argument: bytes) -> None:
         """
-        RFC 3030: a chunk of C{count} bytes follows, read exactly whatever
-        the reply; the first chunk of a transaction opens the body at the
-        handler as DATA does.  A malformed count cannot be skipped: the
-        session is closed.
+        RFC 3030: a chunk of C{count} bytes follows (L{BodyTransfer.bdat}).
+        A malformed count cannot be skipped: the session is closed.
         """
-        chunk = self._chunk = Chunk.parse(argument)
+        chunk = Chunk.parse(argument)
         if chunk is None:
             self._disconnect(replies.BDAT_SYNTAX)
             return
-        if self._chunksFailed is not None:
-            chunk.refusal = self._chunksFailed
-        elif (refusal := self._refusal(b"BDAT")) is not None:
+        refusal = self._refusal(b"BDAT")
+        if refusal is not None:
             chunk.refusal = self._counted(refusal)
-        elif self._stage is not Stage.BDAT:
-            self._stage = Stage.BDAT
-            assert self.handler is not None
-            pauser = Pauser(self._pause, self._resume, "body")
-
-            def opened(result: Reply | None) -> None:
-                r = self._handlerReply(result)
-                if r.code == 354:
-                    self._openBody(pauser, stuffed=False)
-                else:
-                    pauser.detach()
-                    self._chunksFailed = chunk.refusal = r
-                if not chunk.left:
-                    self._chunkRead(chunk)
-
-            self._await(self.handler.data, pauser, then=opened)
-            return
-        if not chunk.left:
-            self._chunkRead(chunk)
-
-    def _readChunk(self, chunk: Chunk) -> None:
-        data = self._input.take(chunk.left)
-        chunk.left -= len(data)
-        if chunk.refusal is None and self._scanner is not None:
-            self._scanner.feed(data)
-        if not chunk.left:
-            self._chunkRead(chunk)
-
-    def _chunkRead(self, chunk: Chunk) -> None:
-        """
-        A chunk is in: its reply, or the end of the body after C{LAST}.
-        """
-        self._chunk = None
-        last = chunk.last and self._stage is Stage.BDAT
-        if chunk.refusal is not None:
-            for _ in range(self._accepted if last and self._policy.lmtp else 1):
-                self._reply(chunk.refusal)
-            if last:
-                # The failed transaction ends here, at the handler too.
-                self._resetHandler()
-                self._transactionEnded()
-            return
-        scanner = self._scanner
-        assert scanner is not None
-        if last:
-            scanner.finish()
-            self._endBody(scanner)
-            return
-        verdict = scanner.verdict
-        if verdict is None:
-            self._reply(replies.chunkReceived(chunk.size))
-            return
-        # A refused chunk fails the transaction: the rest is read and
-        # discarded, each chunk gets this reply.
-        self._closeBody()
-        self._chunksFailed = self._refuseBody(verdict)
-        self._reply(self._chunksFailed)
-
-    def _refuseBody(self, verdict: Refusal) -> Reply:
-        """
-        The body broke a local rule: the downstream never gets its end, and
-        the client gets the returned reply.
-        """
-        self._log.info(
-            "body refused in {session}: {reply}", session=self.session.id,
-            reply=verdict.reply.text,
-        )
-        self.factory.metrics.rejected(verdict.reason)
-        local = verdict.reply.withSession(self.session.id)
-        assert self.handler is not None
-        self.handler.abortData(local)
-        return local
-
-    def _feedBody(self, scanner: DataScanner, data: bytes) -> None:
-        rest = scanner.feed(data)
-        if rest is None:
-            return
-        self._input.unread(rest)
-        self._endBody(scanner)
-
-    def _endBody(self, scanner: DataScanner) -> None:
-        """
-        The whole body is in (the dot, or the C{LAST} chunk): refuse it
-        under a local rule, or end it at the handler; either way one reply
-        per recipient for LMTP.
-        """
-        self._closeBody()
-        count = finalReplies(self._policy.lmtp, self._accepted)
-        handler = self.handler
-        assert handler is not None
-        verdict = scanner.verdict
-        if verdict is not None:
-            local = self._refuseBody(verdict)
-            for _ in range(count):
-                self._reply(local)
-            self._transactionEnded()
-            return
-
-        def done(result: Sequence[Reply] | None) -> None:
-            final = list(result or ())
-            if not final:
-                final = [replies.LOCAL_ERROR.withSession(self.session.id)]
-            # Exactly one reply per accepted recipient keeps an LMTP client
-            # in step, whatever the handler returned.
-            final = (final + [final[-1]] * count)[:count]
-            for r in final:
-                self._reply(r)
-            self._transactionEnded()
-
-        self._await(handler.endData, then=done)
+        self._body.bdat(chunk)
 
     def do_RSET(self, argument: bytes) -> None:
         self._resetHandler()
@@ -516,13 +354,9 @@ class SMTPServerProtocol(ServerConnection):
             self._disconnect(replies.SHUTTING_DOWN)
 
     def _resetHandler(self) -> None:
-        if self._stage is Stage.BDAT and self._scanner is not None:
-            # Between chunks the body is open at the handler: abandon it,
-            # the downstream never gets its last chunk.
-            self._closeBody()
-            assert self.handler is not None
-            self.handler.abortData(replies.BDAT_RESET.withSession(self.session.id))
-        elif self.handler is not None and not self._localTransaction:
+        if self._body.abandon():
+            return
+        if self.handler is not None and not self._localTransaction:
             self.handler.reset()
 
     def do_NOOP(self, argument: bytes) -> None:
@@ -604,6 +438,46 @@ class SMTPServerProtocol(ServerConnection):
         self._reply(r)
         if self._sasl.failed():
             self._disconnect(replies.TOO_MANY_AUTH_FAILURES)
+
+
+class _Dialogue:
+    """
+    The session as its body sees it (L{smtprelay.inbound.transfer.Dialogue}):
+    the protocol's own methods, bound once.
+    """
+
+    __slots__ = (
+        "_protocol", "reply", "wait", "answer", "pause", "resume", "timeBody", "disconnect", "ended",
+    )
+
+    def __init__(self, protocol: SMTPServerProtocol) -> None:
+        self._protocol = protocol
+        self.reply = protocol._reply
+        self.wait = protocol._await
+        self.answer = protocol._handlerReply
+        self.pause = protocol._pause
+        self.resume = protocol._resume
+        self.timeBody = protocol._setDataTimer
+        self.disconnect = protocol._disconnect
+        self.ended = protocol._transactionEnded
+
+    @property
+    def handler(self) -> IRelayHandler:
+        handler = self._protocol.handler
+        assert handler is not None
+        return handler
+
+    @property
+    def stage(self) -> Stage:
+        return self._protocol._stage
+
+    @stage.setter
+    def stage(self, stage: Stage) -> None:
+        self._protocol._stage = stage
+
+    @property
+    def recipients(self) -> int:
+        return self._protocol._accepted
 
 
 class _Facts:
