@@ -54,6 +54,7 @@ class ScriptedDownstream:
         self.script = script or {}
         self.calls: list[tuple] = []
         self.body = b""
+        self.writes: list[bytes] = []
         self.lmtp = lmtp
         self.capabilities: dict[str, str] = {}
         self.tls = None
@@ -88,6 +89,7 @@ class ScriptedDownstream:
 
     def write(self, data: bytes) -> None:
         self.body += data
+        self.writes.append(data)
 
     def registerProducer(self, producer: object, streaming: bool) -> None:
         self.producer = producer
@@ -252,6 +254,28 @@ class RelaySessionTests(SynchronousTestCase):
             + self.downstreamDate(),
         )
         self.assertEqual([c[0] for c in self.downstream.calls], ["mail", "rcpt", "data", "end"])
+
+    def test_receivedHeaderGoesWithTheFirstBodyWrite(self) -> None:
+        """
+        The C{Received:} header is written with the first piece of the body,
+        not alone at 354 (one send() fewer per message); an empty body
+        still gets it before the end of data.
+        """
+        relay = self.relay()
+        self.transaction(relay, body=b"Subject: hi\r\n\r\nbody\r\n")
+        [first] = self.downstream.writes
+        self.assertTrue(first.startswith(b"Received: from client.test"))
+        self.assertTrue(first.endswith(b"\r\nSubject: hi\r\n\r\nbody\r\n"))
+
+        self.downstream.writes.clear()
+        result(relay.mail(b"sender@example.org", {}))
+        result(relay.rcpt(b"rcpt@example.org", {}))
+        result(relay.data(Producer()))
+        self.assertEqual(self.downstream.writes, [])
+        result(relay.endData())
+        [header] = self.downstream.writes
+        self.assertTrue(header.startswith(b"Received: from client.test"))
+        self.assertEqual(self.downstream.calls[-1], ("end",))
 
     def downstreamDate(self) -> bytes:
         import email.utils

@@ -101,6 +101,7 @@ class RelaySession:
     _dotSent: float
     _inBody: bool
     _ending: bool
+    _header: bytes  # our Received: header, until the body's first write
 
     def __init__(
         self,
@@ -259,7 +260,9 @@ class RelaySession:
             if reply.code == 354:
                 self._inBody = True
                 downstream.registerProducer(producer, True)
-                downstream.write(self._receivedHeader(downstream))
+                # Sent with the first piece of the body: one write (and
+                # one send()) fewer per message.
+                self._header = self._receivedHeader(downstream)
             return self._relayed(reply)
 
         return downstream.data().addCallbacks(started, self._failed)
@@ -267,7 +270,8 @@ class RelaySession:
     def dataChunk(self, chunk: bytes) -> None:
         self._size += len(chunk)
         if self._downstream is not None:
-            self._downstream.write(chunk)
+            self._downstream.write(self._header + chunk)
+            self._header = b""
 
     def endData(self) -> Deferred[Sequence[Reply]]:
         """
@@ -280,6 +284,8 @@ class RelaySession:
             reply = self._local(replies.DOWNSTREAM_LOST)
             self._logTransaction("deferred", reply)
             return succeed(self._perRecipient(reply))
+        if self._header:
+            self.dataChunk(b"")
         downstream.unregisterProducer()
         self._ending = True
         self._dotSent = self._clock.seconds()
@@ -371,6 +377,7 @@ class RelaySession:
         self._dotSent = 0.0
         self._inBody = False
         self._ending = False
+        self._header = b""
 
     def _mailWhenIdle(self) -> Deferred[Reply]:
         """
