@@ -25,7 +25,7 @@ One L{RelaySession} serves one client connection (L{IRelayHandler}).
 from __future__ import annotations
 
 import email.utils
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -36,7 +36,7 @@ from zope.interface import implementer
 from smtprelay.protocol import replies
 from smtprelay.config.model import Destinations, Listener
 from smtprelay.observe.metrics import IMetrics, NullMetrics
-from smtprelay.observe.logs import logReject
+from smtprelay.observe.logs import logFormatted, logReject
 from smtprelay.interfaces import (
     ClientSession,
     Credentials,
@@ -589,25 +589,28 @@ class RelaySession:
         )
         self._clock.callLater(0, self._emitTransaction, fields, recipients)
 
-    def _emitTransaction(self, fields: dict[str, object], recipients: Sequence[tuple[bytes, Reply]]) -> None:
-        self._log.info(_TRANSACTION_FORMAT, **fields)
+    def _emitTransaction(self, fields: dict[str, Any], recipients: Sequence[tuple[bytes, Reply]]) -> None:
+        f = fields
+        logFormatted(
+            self._log,
+            f"{f['session']}: from=<{f['sender']}> to={f['to']} size={f['size']} relay={f['relay']} "
+            f"tls={f['tls']} delay={f['delay']:.3f} status={f['status']} reply={f['reply']}",
+            **fields,
+        )
         for recipient, reply in recipients:
-            self._log.info(
-                _DELIVERY_FORMAT,
+            to = recipient.decode("utf-8", "replace")
+            status = _outcome([reply])[0]
+            logFormatted(
+                self._log,
+                f"{f['session']}: to=<{to}> relay={f['relay']} status={status} reply={reply.summary}",
                 delivery=True,
-                session=fields["session"],
-                recipient=recipient.decode("utf-8", "replace"),
-                relay=fields["relay"],
-                status=_outcome([reply])[0],
+                session=f["session"],
+                recipient=to,
+                relay=f["relay"],
+                status=status,
                 reply=reply.summary,
             )
 
-
-_TRANSACTION_FORMAT = (
-    "{session}: from=<{sender}> to={to} size={size} relay={relay} "
-    "tls={tls} delay={delay:.3f} status={status} reply={reply}"
-)
-_DELIVERY_FORMAT = "{session}: to=<{recipient}> relay={relay} status={status} reply={reply}"
 
 CLIENT_GONE = "client connection closed during DATA"
 """The cause logged for a body the client did not finish."""
