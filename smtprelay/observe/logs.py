@@ -22,8 +22,9 @@ import os
 import re
 import sys
 from collections import OrderedDict
+from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import IO, Any, Callable, Hashable, Iterator, Mapping
+from typing import IO, Any, Callable, Hashable, Iterator
 
 from twisted.logger import (
     FileLogObserver,
@@ -215,6 +216,8 @@ def _strings(value: Any, depth: int = 0) -> Iterator[str]:
         yield value
     elif isinstance(value, bytes):
         yield value.decode("latin-1")
+    elif value is None or isinstance(value, (int, float)):
+        return  # most values: no text, and no container to look into
     elif depth < _MAX_DEPTH and isinstance(value, Mapping):
         for item in value.values():
             yield from _strings(item, depth + 1)
