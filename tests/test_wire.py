@@ -224,10 +224,10 @@ class _TLSWriter(Protocol):
         if self.left.called:
             return
         transport: Any = self.transport
-        self.transport.write(b"queued ")  # type: ignore[union-attr]
+        transport.write(b"queued ")
         writeNow(transport, b"now\r\n")
         tls: Any = transport if isinstance(transport, TLSMemoryBIOProtocol) else transport.protocol
-        socket_ = transport.transport if isinstance(transport, TLSMemoryBIOProtocol) else transport
+        socket_: Any = transport.transport if isinstance(transport, TLSMemoryBIOProtocol) else transport
         self.left.callback({
             "gathered": list(tls._aggregator._buffer),
             "queued": bytes(socket_.dataBuffer) + b"".join(socket_._tempDataBuffer),

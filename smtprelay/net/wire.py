@@ -85,7 +85,7 @@ def _tlsOverSocket(transport: Any) -> tuple[TLSMemoryBIOProtocol, FileDescriptor
     """
     if isinstance(transport, TLSMemoryBIOProtocol):
         socket = transport.transport
-        if _open(socket) and getattr(socket, "TLS", None) is False:
+        if isinstance(socket, FileDescriptor) and _open(socket) and getattr(socket, "TLS", None) is False:
             return transport, socket
         return None
     protocol = getattr(transport, "protocol", None)
