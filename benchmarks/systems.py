@@ -136,9 +136,18 @@ class DovecotSink(Counted):
                                stdin=subprocess.DEVNULL, timeout=60)
         pidfile = os.path.join(self.dir, 'run', 'master.pid')
         self.pid = None
-        if os.path.exists(pidfile):
-            with open(pidfile) as f:
-                self.pid = int(f.read().strip())
+        # the master may have created its pid file but not written it yet
+        deadline = time.monotonic() + (10 if r.returncode == 0 else 0)
+        while True:
+            try:
+                with open(pidfile) as f:
+                    self.pid = int(f.read().strip() or 0) or None
+            except OSError:
+                pass
+            if self.pid or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        if self.pid:
             self.entry = reg.add(self.pid, 'popen', ['dovecot', '-c', self.dir])
         if r.returncode != 0 or not self.pid:
             if self.pid:
