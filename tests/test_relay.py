@@ -277,6 +277,22 @@ class RelaySessionTests(SynchronousTestCase):
         self.assertTrue(header.startswith(b"Received: from client.test"))
         self.assertEqual(self.downstream.calls[-1], ("end",))
 
+    def test_receivedHeaderDateFollowsTheClock(self) -> None:
+        """
+        The header's date is the time of each message, also when the date
+        string is made once per second: a second later, the next header
+        says so.
+        """
+        relay = self.relay()
+        dates = []
+        for _ in range(2):
+            self.downstream.body = b""
+            self.transaction(relay)
+            dates.append(self.downstream.body.split(b"Subject:")[0].rsplit(b"; ", 1)[1])
+            self.assertEqual(dates[-1], self.downstreamDate() + b"\r\n")
+            self.clock.advance(1)
+        self.assertNotEqual(dates[0], dates[1])
+
     def downstreamDate(self) -> bytes:
         import email.utils
         return email.utils.formatdate(self.clock.seconds(), localtime=True).encode()

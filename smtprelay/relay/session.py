@@ -25,6 +25,7 @@ One L{RelaySession} serves one client connection (L{IRelayHandler}).
 from __future__ import annotations
 
 import email.utils
+import functools
 from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, succeed
@@ -541,7 +542,7 @@ class RelaySession:
         )
         if downstream.tls is not None:
             lines.append(f"\t(relayed using {downstream.tls.description}, {_trust(downstream)})")
-        date = email.utils.formatdate(self._clock.seconds(), localtime=True)
+        date = _headerDate(int(self._clock.seconds()))
         if len(self._accepted) == 1:
             forward = self._accepted[0].decode("utf-8", "replace")
             lines.append(f"\tfor <{forward}>; {date}")
@@ -614,6 +615,15 @@ class RelaySession:
 
 CLIENT_GONE = "client connection closed during DATA"
 """The cause logged for a body the client did not finish."""
+
+
+@functools.lru_cache(maxsize=4)
+def _headerDate(second: int) -> str:
+    """
+    The C{Received:} header's date (RFC 5322, local time), made once per
+    second: C{formatdate} costs more than the rest of the header.
+    """
+    return email.utils.formatdate(second, localtime=True)
 
 
 def _trust(downstream: IDownstream | None) -> str:
