@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -127,8 +128,8 @@ class DovecotSink(Counted):
         if not shutil.which('dovecot') or not os.path.exists(self.SCRIPT):
             raise Skip('dovecot (or tests/dovecot-lmtp.sh) not installed')
         self.port, self.reg = port, reg
-        self.dir = os.path.join(run_dir, f'dovecot-{port}')
-        os.makedirs(self.dir)
+        self.dir = tempfile.mkdtemp(prefix=f'dovecot-{port}-', dir=run_dir)
+        os.chmod(self.dir, 0o755)  # its services drop root
         # the daemon keeps its stdout: a file, not a pipe to wait on
         with open(os.path.join(self.dir, 'start.log'), 'wb') as out:
             r = subprocess.run(['sh', self.SCRIPT, self.dir, str(port)],
@@ -236,7 +237,8 @@ class PostfixRelay(Relay):
         if not shutil.which('postfix'):
             raise Skip('postfix not installed: run benchmarks/setup.sh')
         self.reg = reg
-        d = os.path.join(run_dir, f'postfix-{listen_port}')
+        d = tempfile.mkdtemp(prefix=f'postfix-{listen_port}-', dir=run_dir)
+        os.chmod(d, 0o755)  # its daemons run as the postfix user
         self.dir = d
         self.conf = os.path.join(d, 'etc')
         self.queue = os.path.join(d, 'spool')
@@ -365,8 +367,8 @@ class CommandRelay(Relay):
                  tls=None, reuse_port=False, tag=''):
         self.name = name
         self.reg = reg
-        d = os.path.join(run_dir, f'{name}-{listen_port}{tag}')
-        os.makedirs(d)
+        # a port can come back in a later run of the same harness run
+        d = tempfile.mkdtemp(prefix=f'{name}-{listen_port}{tag}-', dir=run_dir)
         values = dict(
             listen_port=listen_port, sink_port=sink_port, listen_host=HOST,
             sink_host=HOST, sink_proto='lmtp' if lmtp else 'smtp', work_dir=d,
