@@ -27,6 +27,7 @@ from smtprelay.observe.logs import (
     eventAsJSONLine,
     jsonFileObserver,
     jsonObserver,
+    logFormatted,
     logReject,
     redact,
     textObserver,
@@ -263,6 +264,24 @@ class JSONTests(SynchronousTestCase):
         self.assertTrue(ILogObserver.providedBy(observer))
         observer(TRANSACTION)
         self.assertEqual(json.loads(out.getvalue())["status"], "sent")
+
+
+class FormattedTests(SynchronousTestCase):
+    """
+    L{logFormatted}: a line formatted by the caller is the event's message
+    as given, braces included, and its keys are the JSON fields.
+    """
+
+    def test_textAndKeys(self) -> None:
+        events: list[LogEvent] = []
+        log = Logger(namespace="test", observer=_Observer(events.append))
+        logFormatted(log, "S1: from=<{a}@x> to=1 {0} {}", session="S1", to=1)
+        [event] = events
+        self.assertEqual(formatEvent(event), "S1: from=<{a}@x> to=1 {0} {}")
+        self.assertEqual(event["log_level"], LogLevel.info)
+        record = json.loads(eventAsJSONLine(event))
+        self.assertEqual((record["message"], record["session"], record["to"]),
+                         ("S1: from=<{a}@x> to=1 {0} {}", "S1", 1))
 
 
 class RejectLineTests(SynchronousTestCase):

@@ -61,6 +61,7 @@ class ScriptedDownstream:
         self.script = script or {}
         self.calls: list[tuple] = []
         self.body = b""
+        self.writes: list[bytes] = []
         self.lmtp = lmtp
         self.capabilities: dict[str, str] = {}
         self.tls: TLSInfo | None = None
@@ -98,6 +99,7 @@ class ScriptedDownstream:
 
     def write(self, data: bytes) -> None:
         self.body += data
+        self.writes.append(data)
 
     def registerProducer(self, producer: object, streaming: bool) -> None:
         self.producer = producer
@@ -269,6 +271,44 @@ class RelaySessionTests(SynchronousTestCase):
             + self.downstreamDate(),
         )
         self.assertEqual([c[0] for c in self.downstream.calls], ["mail", "rcpt", "data", "end"])
+
+    def test_receivedHeaderGoesWithTheFirstBodyWrite(self) -> None:
+        """
+        The C{Received:} header is written with the first piece of the body,
+        not alone at 354 (one send() fewer per message); an empty body
+        still gets it before the end of data.
+        """
+        relay = self.relay()
+        self.transaction(relay, body=b"Subject: hi\r\n\r\nbody\r\n")
+        [first] = self.downstream.writes
+        self.assertTrue(first.startswith(b"Received: from client.test"))
+        self.assertTrue(first.endswith(b"\r\nSubject: hi\r\n\r\nbody\r\n"))
+
+        self.downstream.writes.clear()
+        result(relay.mail(b"sender@example.org", {}))
+        result(relay.rcpt(b"rcpt@example.org", {}))
+        result(relay.data(Producer()))
+        self.assertEqual(self.downstream.writes, [])
+        result(relay.endData())
+        [header] = self.downstream.writes
+        self.assertTrue(header.startswith(b"Received: from client.test"))
+        self.assertEqual(self.downstream.calls[-1], ("end",))
+
+    def test_receivedHeaderDateFollowsTheClock(self) -> None:
+        """
+        The header's date is the time of each message, also when the date
+        string is made once per second: a second later, the next header
+        says so.
+        """
+        relay = self.relay()
+        dates = []
+        for _ in range(2):
+            self.downstream.body = b""
+            self.transaction(relay)
+            dates.append(self.downstream.body.split(b"Subject:")[0].rsplit(b"; ", 1)[1])
+            self.assertEqual(dates[-1], self.downstreamDate() + b"\r\n")
+            self.clock.advance(1)
+        self.assertNotEqual(dates[0], dates[1])
 
     def downstreamDate(self) -> bytes:
         import email.utils

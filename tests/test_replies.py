@@ -35,6 +35,22 @@ class ParseTests(SynchronousTestCase):
                       [b"600 x"], [b"2500 x"], []):
             self.assertRaises(MalformedReply, Reply.fromLines, lines)
 
+    def test_repeatedReplies(self) -> None:
+        """
+        A reply seen again (the parse is remembered) is the same value,
+        whether its lines come as a list or a tuple, with and without
+        enhanced codes; a malformed one is refused every time.
+        """
+        for _ in range(2):
+            self.assertEqual(Reply.fromLines([b"250 2.1.0 Ok"]), Reply(250, "2.1.0", ("Ok",)))
+            self.assertEqual(Reply.fromLines((b"250 2.1.0 Ok",)), Reply(250, "2.1.0", ("Ok",)))
+            self.assertEqual(Reply.fromLines([b"250 2.1.0 Ok"], enhancedCodes=False),
+                             Reply(250, None, ("2.1.0 Ok",)))
+            self.assertRaises(MalformedReply, Reply.fromLines, [b"25 ok"])
+            self.assertEqual(Reply(250, None, ("a\x1b",)).sanitized(), Reply(250, "2.0.0", ("a?",)))
+            self.assertEqual(Reply(250, None, ("é",)).sanitized(utf8=True), Reply(250, "2.0.0", ("é",)))
+            self.assertEqual(Reply(250, "2.0.0", ("a", "b")).toBytes(), b"250-2.0.0 a\r\n250 2.0.0 b\r\n")
+
 
 class FormatTests(SynchronousTestCase):
     def test_multiLine(self) -> None:

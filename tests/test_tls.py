@@ -13,7 +13,9 @@ import socket
 import subprocess
 from typing import Any
 
+import attrs
 import trustme
+from OpenSSL import SSL
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import connectProtocol
@@ -504,6 +506,22 @@ class ServerOptionsTests(TestCase):
             Certificate.loadPEM(newLeaf.cert_chain_pems[0].bytes()).serialNumber(),
         )
 
+    def test_sessionResumption(self) -> None:
+        """
+        The listener issues session tickets: a client that comes back with
+        its session resumes it (an abbreviated handshake), with TLS 1.3
+        and with TLS 1.2, and also when client certificates are asked for.
+        """
+        for protocols, clientCA in (
+            (("tls1.3", None), None), (("tls1.2", "tls1.2"), None), (("tls1.3", None), self.pki.caFile)
+        ):
+            tls = attrs.evolve(self.pki.server("127.0.0.1"), protocols=protocols, clientCA=clientCA)
+            options = serverOptions(tls)
+            clientContext = SSL.Context(SSL.TLS_CLIENT_METHOD)  # tickets on, as in OpenSSL's clients
+            first = _memoryHandshake(options, clientContext, None)
+            second = _memoryHandshake(options, clientContext, first.get_session())
+            self.assertEqual((_reused(first), _reused(second)), (False, True), protocols)
+
     def test_reloadErrorKeepsOld(self) -> None:
         tls = self.pki.server("127.0.0.1")
         options = serverOptions(tls)
@@ -511,6 +529,43 @@ class ServerOptionsTests(TestCase):
         write(self.pki.dir, "server.pem", b"garbage")
         self.assertRaises(ValueError, options.reload)
         self.assertIs(options.getContext(), before)
+
+
+def _memoryHandshake(server: Any, client: SSL.Context, session: Any) -> Any:
+    """
+    A TLS handshake between C{server}'s and C{client}'s connections in
+    memory, C{session} offered for resumption; the client reads what the
+    server sends after it (TLS 1.3 tickets).  Returns the client's
+    connection.
+    """
+    serverSide = server.serverConnectionForTLS(None)
+    serverSide.set_accept_state()
+    clientSide = SSL.Connection(client, None)
+    clientSide.set_connect_state()
+    if session is not None:
+        clientSide.set_session(session)
+    for _ in range(10):
+        for side in (clientSide, serverSide):
+            try:
+                side.do_handshake()
+            except SSL.WantReadError:
+                pass
+        for source, sink in ((clientSide, serverSide), (serverSide, clientSide)):
+            try:
+                sink.bio_write(source.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+    try:
+        clientSide.recv(1)
+    except SSL.WantReadError:
+        pass
+    return clientSide
+
+
+def _reused(connection: Any) -> bool:
+    from OpenSSL._util import lib
+
+    return bool(lib.SSL_session_reused(connection._ssl))
 
 
 class ClientOptionsTests(SynchronousTestCase):

@@ -6,11 +6,15 @@ leave within the same reactor turn; elsewhere it is a plain write.
 from __future__ import annotations
 
 import socket
+from typing import Any
 
+import trustme
 from twisted.internet import reactor
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.ssl import CertificateOptions, PrivateCertificate
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -148,9 +152,9 @@ class OtherTransportTests(SynchronousTestCase):
 
     def test_closingOrTLSLeftToTheReactor(self) -> None:
         """
-        A socket that is closing, or speaks TLS, is written to as usual and
-        flushed by the reactor: the end of the connection follows its
-        buffer; TLS has its own path.
+        A socket that is closing, or speaks TLS through no TLS layer that
+        L{writeNow} knows, is written to as usual and flushed by the
+        reactor: the end of the connection follows its buffer.
         """
         for attribute, value in (("disconnecting", True), ("TLS", True)):
             transport = _Socketish(accept=100)
@@ -168,3 +172,109 @@ class OtherTransportTests(SynchronousTestCase):
         wrapper = _Wrapper(inner)
         writeNow(wrapper, b"MAIL FROM:<a@b>\r\n")
         self.assertEqual((wrapper.written, inner.sent, inner.calls), (b"MAIL FROM:<a@b>\r\n", b"", []))
+
+
+class _TLSServer(Protocol):
+    """
+    Greets (so that the client knows the handshake is done) and collects
+    what it is sent until C{expected} arrived.
+    """
+
+    def __init__(self, expected: bytes, startTLS: Any = None) -> None:
+        self.expected = expected
+        self.startTLS = startTLS
+        self.received = b""
+        self.done: Deferred[bytes] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost.callback(None)
+
+    def connectionMade(self) -> None:
+        if self.startTLS is not None:
+            self.transport.startTLS(self.startTLS)  # type: ignore[union-attr]  # the transport is set once connected (TLS-capable TCP)
+        self.transport.write(b"220 hi\r\n")  # type: ignore[union-attr]  # the transport is set once connected
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if len(self.received) >= len(self.expected) and not self.done.called:
+            self.done.callback(self.received)
+
+
+class _TLSWriter(Protocol):
+    """
+    Once the server's greeting arrived over TLS: a plain C{write} (gathered
+    by Twisted's TLS transport for the next turn), then L{writeNow}; then
+    whether anything is left for a later turn.
+    """
+
+    def __init__(self, startTLS: Any = None) -> None:
+        self.startTLS = startTLS
+        self.left: Deferred[dict[str, object]] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost.callback(None)
+
+    def connectionMade(self) -> None:
+        if self.startTLS is not None:
+            self.transport.startTLS(self.startTLS)  # type: ignore[union-attr]  # the transport is set once connected (TLS-capable TCP)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.left.called:
+            return
+        transport: Any = self.transport
+        transport.write(b"queued ")
+        writeNow(transport, b"now\r\n")
+        tls: Any = transport if isinstance(transport, TLSMemoryBIOProtocol) else transport.protocol
+        socket_: Any = transport.transport if isinstance(transport, TLSMemoryBIOProtocol) else transport
+        self.left.callback({
+            "gathered": list(tls._aggregator._buffer),
+            "queued": bytes(socket_.dataBuffer) + b"".join(socket_._tempDataBuffer),
+            "watched": socket_ in reactor.getWriters(),
+        })
+
+
+class RealTLSTests(TestCase):
+    """
+    Over TLS, L{writeNow} encrypts and sends in the turn: nothing is left
+    gathered in Twisted's TLS transport or queued on the socket beneath,
+    and the peer gets the bytes in order.
+    """
+
+    def setUp(self) -> None:
+        ca = trustme.CA()
+        leaf = ca.issue_cert("127.0.0.1")
+        self.serverOptions = PrivateCertificate.loadPEM(leaf.private_key_and_cert_chain_pem.bytes()).options()
+        self.clientOptions = CertificateOptions()
+
+    @inlineCallbacks
+    def run_(self, implicit: bool) -> Any:
+        server = _TLSServer(b"queued now\r\n", None if implicit else self.serverOptions)
+        client = _TLSWriter(None if implicit else self.clientOptions)
+        serverFactory: Any = Factory.forProtocol(lambda: server)
+        clientFactory: Any = ClientFactory.forProtocol(lambda: client)
+        if implicit:
+            serverFactory = TLSMemoryBIOFactory(self.serverOptions, False, serverFactory)
+            clientFactory = TLSMemoryBIOFactory(self.clientOptions, True, clientFactory)
+        port = reactor.listenTCP(0, serverFactory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        reactor.connectTCP("127.0.0.1", port.getHost().port, clientFactory)  # type: ignore[attr-defined]  # the global reactor provides IReactorTCP; its stub does not say so
+        left = yield client.left
+        received = yield server.done
+        client.transport.abortConnection()  # type: ignore[union-attr]  # the transport is set once connected
+        yield client.lost
+        yield server.lost
+        self.assertEqual((left, received), ({"gathered": [], "queued": b"", "watched": False}, b"queued now\r\n"))
+
+    def test_implicitTLS(self) -> Deferred[object]:
+        """
+        The TLS wrapper is the transport (C{tls://}).
+        """
+        return self.run_(implicit=True)
+
+    def test_startTLS(self) -> Deferred[object]:
+        """
+        The socket is the transport, its protocol the TLS layer (STARTTLS).
+        """
+        return self.run_(implicit=False)

@@ -138,6 +138,9 @@ def serverOptions(tls: ServerTLS) -> ReloadableServerOptions:
             privateKey=key.original,
             certificate=chain[0].original,
             extraCertChain=[c.original for c in chain[1:]],
+            # A client that comes back resumes its session from a ticket
+            # (an abbreviated handshake), as with Postfix's smtpd.
+            enableSessionTickets=True,
             **extra,
         )
         options.getContext()  # the context's errors come now, not in a handshake

@@ -9,6 +9,7 @@ bounded reply with C{NNN-} continuation lines and a CRLF after each line.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Iterable, Sequence
 
@@ -36,6 +37,12 @@ class MalformedReply(ValueError):
     A reply line from a peer is not C{NNN[ -]text}, or a multi-line reply
     mixes codes.
     """
+
+
+_REMEMBERED = 512
+"""Replies repeat (a downstream's C{250 2.1.0 Ok} to every MAIL, our own
+C{354}): the parse, the sanitized copy and the wire bytes of the last few
+hundred distinct ones are kept (a reply is a frozen value)."""
 
 
 @attrs.frozen
@@ -101,6 +108,7 @@ class Reply:
         lines[-1] = f"{lines[-1]} {tag}" if lines[-1] else tag
         return attrs.evolve(self, lines=tuple(lines))
 
+    @functools.lru_cache(maxsize=_REMEMBERED)
     def sanitized(self, utf8: bool = False) -> Reply:
         """
         Return a copy fit to relay to a client: printable text (ASCII, or
@@ -119,6 +127,7 @@ class Reply:
         lines = [piece for line in self.lines for piece in _wrap(pattern.sub("?", line), budget)]
         return attrs.evolve(bounded, lines=tuple(lines[:MAX_REPLY_LINES]))
 
+    @functools.lru_cache(maxsize=_REMEMBERED)
     def toBytes(self) -> bytes:
         """
         Format as wire bytes: every line C{NNN-}, the last C{NNN }, each with
@@ -144,6 +153,11 @@ class Reply:
         @raise MalformedReply: a line is not C{NNN[ -]...}, codes differ, or a
             continuation marker is wrong.
         """
+        return cls._parse(tuple(raw), enhancedCodes)
+
+    @classmethod
+    @functools.lru_cache(maxsize=_REMEMBERED)
+    def _parse(cls, raw: tuple[bytes, ...], enhancedCodes: bool) -> Reply:
         if not raw:
             raise MalformedReply("empty reply")
         code: bytes | None = None

@@ -12,24 +12,21 @@ reply has been sent, so that formatting them is not the client's wait.
 from __future__ import annotations
 
 import email.utils
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from smtprelay.interfaces import ClientSession, IDownstream
+from smtprelay.observe.logs import logFormatted
 from smtprelay.observe.metrics import IMetrics
 from smtprelay.protocol.replies import Reply
 
 CLIENT_GONE = "client connection closed during DATA"
 """The cause logged for a body the client did not finish."""
-
-TRANSACTION_FORMAT = (
-    "{session}: from=<{sender}> to={to} size={size} relay={relay} "
-    "tls={tls} delay={delay:.3f} status={status} reply={reply}"
-)
-DELIVERY_FORMAT = "{session}: to=<{recipient}> relay={relay} status={status} reply={reply}"
 
 NAMESPACE = "smtprelay.relay.session.RelaySession"
 """The log namespace of the transaction and per-recipient lines."""
@@ -51,7 +48,7 @@ def receivedHeader(
     lines.append(f"\tby {hostname} (smtprelay) with {session.withProtocol} id {session.id}")
     if downstream.tls is not None:
         lines.append(f"\t(relayed using {downstream.tls.description}, {trust(downstream)})")
-    date = email.utils.formatdate(now, localtime=True)
+    date = _headerDate(int(now))
     if len(recipients) == 1:
         forward = recipients[0].decode("utf-8", "replace")
         lines.append(f"\tfor <{forward}>; {date}")
@@ -59,6 +56,15 @@ def receivedHeader(
         lines[-1] += ";"
         lines.append(f"\t{date}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+@functools.lru_cache(maxsize=4)
+def _headerDate(second: int) -> str:
+    """
+    The C{Received:} header's date (RFC 5322, local time), made once per
+    second: C{formatdate} costs more than the rest of the header.
+    """
+    return email.utils.formatdate(second, localtime=True)
 
 
 def trust(downstream: IDownstream | None) -> str:
@@ -154,15 +160,25 @@ class TransactionLog:
         )
         self._clock.callLater(0, self._emit, fields, recipients)
 
-    def _emit(self, fields: dict[str, object], recipients: Sequence[tuple[bytes, Reply]]) -> None:
-        self._log.info(TRANSACTION_FORMAT, **fields)
+    def _emit(self, fields: dict[str, Any], recipients: Sequence[tuple[bytes, Reply]]) -> None:
+        f = fields
+        logFormatted(
+            self._log,
+            f"{f['session']}: from=<{f['sender']}> to={f['to']} size={f['size']} relay={f['relay']} "
+            f"tls={f['tls']} delay={f['delay']:.3f} status={f['status']} reply={f['reply']}",
+            **fields,
+        )
         for recipient, reply in recipients:
-            self._log.info(
-                DELIVERY_FORMAT,
+            to = recipient.decode("utf-8", "replace")
+            status = outcome([reply])[0]
+            logFormatted(
+                self._log,
+                f"{f['session']}: to=<{to}> relay={f['relay']} status={status} reply={reply.summary}",
                 delivery=True,
-                session=fields["session"],
-                recipient=recipient.decode("utf-8", "replace"),
-                relay=fields["relay"],
-                status=outcome([reply])[0],
+                session=f["session"],
+                recipient=to,
+                relay=f["relay"],
+                status=status,
                 reply=reply.summary,
             )
+

@@ -87,6 +87,7 @@ class RelaySession:
     _dotSent: float
     _inBody: bool
     _ending: bool
+    _header: bytes  # our Received: header, until the body's first write
 
     def __init__(
         self,
@@ -241,8 +242,10 @@ class RelaySession:
             if reply.code == 354:
                 self._inBody = True
                 downstream.registerProducer(producer, True)
-                downstream.write(
-                    receivedHeader(self.session, self._hostname, downstream, self._accepted, self._clock.seconds())
+                # Sent with the first piece of the body: one write (and
+                # one send()) fewer per message.
+                self._header = receivedHeader(
+                    self.session, self._hostname, downstream, self._accepted, self._clock.seconds()
                 )
             return self._relayed(reply)
 
@@ -251,7 +254,8 @@ class RelaySession:
     def dataChunk(self, chunk: bytes) -> None:
         self._size += len(chunk)
         if self._downstream is not None:
-            self._downstream.write(chunk)
+            self._downstream.write(self._header + chunk)
+            self._header = b""
 
     def endData(self) -> Deferred[Sequence[Reply]]:
         """
@@ -264,6 +268,8 @@ class RelaySession:
             reply = self._local(replies.DOWNSTREAM_LOST)
             self._logTransaction("deferred", reply)
             return succeed(self._perRecipient(reply))
+        if self._header:
+            self.dataChunk(b"")
         downstream.unregisterProducer()
         self._ending = True
         self._dotSent = self._clock.seconds()
@@ -355,6 +361,7 @@ class RelaySession:
         self._dotSent = 0.0
         self._inBody = False
         self._ending = False
+        self._header = b""
 
     def _mailWhenIdle(self) -> Deferred[Reply]:
         """
