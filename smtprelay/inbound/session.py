@@ -65,6 +65,9 @@ class SMTPServerProtocol(ServerConnection):
         self._stage = Stage.HELLO
         self._sasl = SASLExchange(self._policy.maxAuthFailures)
         self._errors = 0
+        # Whether the client's address may relay: decided at its first
+        # MAIL or RCPT, as the address is fixed for the session.
+        self._hostAllowed: bool | None = None
         self._body = BodyTransfer(self._policy, self.session, self._input, _Dialogue(self),
                                   factory.metrics, self._log)
         self._facts = _Facts(self)
@@ -196,7 +199,9 @@ class SMTPServerProtocol(ServerConnection):
     def _relayAllowed(self) -> bool:
         if self._unix or self.session.user is not None:
             return True
-        return self.factory.isAllowed(self.session.clientHost)
+        if self._hostAllowed is None:
+            self._hostAllowed = self.factory.isAllowed(self.session.clientHost)
+        return self._hostAllowed
 
     # -- commands -----------------------------------------------------------
 
