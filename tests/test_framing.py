@@ -35,7 +35,7 @@ class InputBufferTests(SynchronousTestCase):
         self.assertIsNone(buffer.nextLine(100))
         buffer.feed(b"IT\r\n")
         self.assertEqual(buffer.nextLine(100), b"QUIT")
-        self.assertFalse(buffer)
+        self.assertFalse(buffer.data)
 
     def test_bareLFStaysInTheLine(self) -> None:
         """
@@ -64,10 +64,10 @@ class InputBufferTests(SynchronousTestCase):
         buffer = InputBuffer()
         buffer.feed(b"x" * 11)
         self.assertIsNone(buffer.nextLine(10))
-        self.assertEqual(len(buffer), 0)
+        self.assertEqual(len(buffer.data), 0)
         buffer.feed(b"x" * 50 + b"\r")
         self.assertIsNone(buffer.nextLine(10))
-        self.assertEqual(len(buffer), 1)
+        self.assertEqual(len(buffer.data), 1)
         buffer.feed(b"\nNOOP\r\n")
         self.assertRaises(LineTooLong, buffer.nextLine, 10)
         self.assertEqual(buffer.nextLine(10), b"NOOP")
@@ -97,7 +97,7 @@ class InputBufferTests(SynchronousTestCase):
         self.assertEqual(buffer.nextLine(100), b"NOOP")
         buffer.feed(b"rest")
         buffer.clear()
-        self.assertFalse(buffer)
+        self.assertFalse(buffer.data)
 
 
 def _frames(pieces: list[bytes], maxLength: int) -> list[bytes | None]:
@@ -161,9 +161,9 @@ class PausesTests(SynchronousTestCase):
         self.assertFalse(pauses.release("busy"))
         self.assertFalse(pauses.release("busy"))
         self.assertFalse(pauses.besides("write"))
-        self.assertIn("write", pauses)
+        self.assertIn("write", pauses.reasons)
         self.assertTrue(pauses.release("write"))
-        self.assertFalse(pauses)
+        self.assertFalse(pauses.reasons)
         self.assertEqual(transport.producerState, "paused")
         pauses.resumeTransport()
         self.assertEqual(transport.producerState, "producing")

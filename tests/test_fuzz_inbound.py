@@ -184,7 +184,7 @@ class InboundMachine(RuleBasedStateMachine):
 
     @invariant()
     def bounded(self) -> None:
-        assert len(self.client.protocol._input) <= MAX_INPUT_BUFFER
+        assert len(self.client.protocol._input.data) <= MAX_INPUT_BUFFER
 
     @invariant()
     def nothingLogged(self) -> None:

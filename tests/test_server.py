@@ -820,7 +820,7 @@ class PipeliningTests(SynchronousTestCase):
         self.assertEqual(session.transport.producerState, "paused")
         written = len(session.transport.value())
         self.assertLess(written, FakeTransport.highWater + 20 * 1024)
-        self.assertLessEqual(len(session.protocol._input), len(flood))
+        self.assertLessEqual(len(session.protocol._input.data), len(flood))
         # The client reads: the rest is answered.
         total = 0
         while session.transport.producerState == "paused":
@@ -1008,7 +1008,7 @@ class LimitTests(SynchronousTestCase):
         session = greeted(policy=makePolicy(maxCommandLength=100))
         for _ in range(50):
             self.assertEqual(session.send(b"MAIL FROM:<" + b"x" * 999 + b"\r"), b"")
-            self.assertLessEqual(len(session.protocol._input), 1)
+            self.assertLessEqual(len(session.protocol._input.data), 1)
         self.assertEqual(session.send(b"\nNOOP\r\n"), b"500 5.5.2 Line too long [S1]\r\n250 2.0.0 OK\r\n")
         self.assertEqual(session.handler.calls, [])
 

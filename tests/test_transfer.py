@@ -105,7 +105,7 @@ class Body:
         replies since the last call.
         """
         self.input.feed(data)
-        while self.input and self.transfer.read is not None:
+        while self.input.data and self.transfer.read is not None:
             self.transfer.read()
         return self.read()
 

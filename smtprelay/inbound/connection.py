@@ -232,7 +232,7 @@ class ServerConnection(Protocol):
             return
         self._processing = True
         try:
-            while self._input and not self._busy and not self._pauses and not self._phase.closing:
+            while self._input.data and not self._busy and not self._pauses.reasons and not self._phase.closing:
                 if not self._consume():
                     break
                 # Input was consumed (a whole line, or body bytes): the next
@@ -251,9 +251,9 @@ class ServerConnection(Protocol):
             return
         # Back-pressure: while a reply is pending, what the client sends
         # ahead waits in our buffer, and the socket is not read meanwhile.
-        if self._busy and self._input:
+        if self._busy and self._input.data:
             self._pause("busy")
-        elif "busy" in self._pauses:
+        elif "busy" in self._pauses.reasons:
             self._resume("busy")
         # A client that does not read our replies (the "write" pause) keeps
         # its deadline: it must read and send its next line in time.

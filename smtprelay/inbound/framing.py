@@ -39,18 +39,15 @@ class InputBuffer:
     The client's bytes not yet used.
 
     @param limit: the most bytes held (see L{feed}).
+    @ivar data: the bytes held, to test or measure (an attribute, not a
+        method: it is read several times per command); only the methods
+        below change it.
     """
 
     def __init__(self, limit: int = MAX_INPUT_BUFFER) -> None:
         self._limit = limit
-        self._data = b""
+        self.data = b""
         self._discarding = False
-
-    def __bool__(self) -> bool:
-        return bool(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
 
     def feed(self, data: bytes) -> bool:
         """
@@ -59,8 +56,8 @@ class InputBuffer:
         @return: False when more than the limit is now held: the client
             did not stop when its socket was paused.
         """
-        self._data = self._data + data if self._data else data
-        return len(self._data) <= self._limit
+        self.data = self.data + data if self.data else data
+        return len(self.data) <= self._limit
 
     def nextLine(self, maxLength: int) -> bytes | None:
         """
@@ -71,22 +68,22 @@ class InputBuffer:
         @raise LineTooLong: a line longer than C{maxLength} ended (its
             bytes are gone; the next line is read normally).
         """
-        buf = self._data
+        buf = self.data
         end = buf.find(_CRLF)
         if self._discarding:
             if end < 0:
-                self._data = self._keepCR(buf)
+                self.data = self._keepCR(buf)
                 return None
-            self._data = buf[end + 2:]
+            self.data = buf[end + 2:]
             self._discarding = False
             raise LineTooLong()
         if end < 0:
             if len(buf) > maxLength:
                 # Dropped as it comes; only a CR that may start the CRLF stays.
                 self._discarding = True
-                self._data = self._keepCR(buf)
+                self.data = self._keepCR(buf)
             return None
-        self._data = buf[end + 2:]
+        self.data = buf[end + 2:]
         if end > maxLength:
             raise LineTooLong()
         return buf[:end]
@@ -99,28 +96,28 @@ class InputBuffer:
         """
         Take at most C{size} bytes (of a BDAT chunk).
         """
-        data = self._data[:size]
-        self._data = self._data[len(data):]
+        data = self.data[:size]
+        self.data = self.data[len(data):]
         return data
 
     def takeAll(self) -> bytes:
         """
         Take everything held (body bytes for the scanner).
         """
-        data, self._data = self._data, b""
+        data, self.data = self.data, b""
         return data
 
     def unread(self, data: bytes) -> None:
         """
         Put C{data} back in front: bytes after the end of a body.
         """
-        self._data = data + self._data
+        self.data = data + self.data
 
     def clear(self) -> None:
         """
         Forget everything held (plaintext after STARTTLS, a closed session).
         """
-        self._data = b""
+        self.data = b""
 
 
 @attrs.define
@@ -155,32 +152,30 @@ class Pauses:
     """
     Why the client's socket is paused: a set of reasons.  The transport is
     paused while any reason holds, and resumed when the last one goes.
+
+    @ivar reasons: the reasons that hold, to test (an attribute, not a
+        method: it is read several times per command); only L{pause} and
+        L{release} change it.
     """
 
     def __init__(self) -> None:
-        self._reasons: set[str] = set()
+        self.reasons: set[str] = set()
         self._paused: Any = None
-
-    def __bool__(self) -> bool:
-        return bool(self._reasons)
-
-    def __contains__(self, reason: str) -> bool:
-        return reason in self._reasons
 
     def besides(self, reason: str) -> bool:
         """
         Whether a reason other than C{reason} holds.
         """
-        return bool(self._reasons - {reason})
+        return bool(self.reasons - {reason})
 
     def pause(self, reason: str, transport: Any) -> None:
         """
         Pause C{transport} (if it is not yet) for C{reason}.
         """
-        if not self._reasons and self._paused is None and transport is not None:
+        if not self.reasons and self._paused is None and transport is not None:
             self._paused = transport
             transport.pauseProducing()
-        self._reasons.add(reason)
+        self.reasons.add(reason)
 
     def release(self, reason: str) -> bool:
         """
@@ -189,10 +184,10 @@ class Pauses:
         @return: True if it held and was the last: the caller may now
             L{resumeTransport}.
         """
-        if reason not in self._reasons:
+        if reason not in self.reasons:
             return False
-        self._reasons.discard(reason)
-        return not self._reasons
+        self.reasons.discard(reason)
+        return not self.reasons
 
     def resumeTransport(self) -> None:
         """

@@ -110,7 +110,7 @@ class SMTPServerProtocol(ServerConnection):
             return True
         verb, _, argument = line.partition(b" ")
         verb = verb.upper()
-        if self._input and self._pipeliningViolation(verb):
+        if self._input.data and self._pipeliningViolation(verb):
             self._log.info(
                 "improper pipelining after {command} in {session}",
                 command=verb.decode("ascii", "replace"), session=self.session.id,

@@ -134,7 +134,7 @@ class BodyTransfer:
                 pauser.detach()
                 dialogue.reply(r)
                 return
-            if self._input:
+            if self._input.data:
                 # The body came before our 354: out of step.
                 pauser.detach()
                 dialogue.disconnect(replies.SYNC_ERROR)
