@@ -141,12 +141,6 @@ class SMTPServerProtocol(ServerConnection):
             return False  # discarded after the 220 instead
         return not self.session.esmtp and verb in _LAST_IN_GROUP
 
-    def _refusal(self, verb: bytes, argument: bytes = b"") -> Refusal | None:
-        """
-        Whether C{verb} may run in this state (L{commandRefusal}).
-        """
-        return commandRefusal(verb, argument, self._facts)
-
     def _error(self, refusal: Refusal) -> None:
         """
         A locally decided refusal: with the session id, counted against
@@ -247,7 +241,7 @@ class SMTPServerProtocol(ServerConnection):
         self._reply(reply(250, None, *lines))
 
     def do_MAIL(self, argument: bytes) -> None:
-        refusal = self._refusal(b"MAIL")
+        refusal = commandRefusal(b"MAIL", b"", self._facts)
         if refusal is not None:
             self._error(refusal)
             return
@@ -295,7 +289,7 @@ class SMTPServerProtocol(ServerConnection):
         self.session.smtputf8 = smtputf8
 
     def do_RCPT(self, argument: bytes) -> None:
-        refusal = self._refusal(b"RCPT")
+        refusal = commandRefusal(b"RCPT", b"", self._facts)
         if refusal is not None:
             self._error(refusal)
             return
@@ -328,7 +322,7 @@ class SMTPServerProtocol(ServerConnection):
         self._await(self.handler.rcpt, recipient, params, then=done)
 
     def do_DATA(self, argument: bytes) -> None:
-        refusal = self._refusal(b"DATA", argument)
+        refusal = commandRefusal(b"DATA", argument, self._facts)
         if refusal is replies.NO_RECIPIENT_ACCEPTED:
             self._refuse("DATA", refusal, self._sender)
             return
@@ -346,7 +340,7 @@ class SMTPServerProtocol(ServerConnection):
         if chunk is None:
             self._disconnect(replies.BDAT_SYNTAX)
             return
-        refusal = self._refusal(b"BDAT")
+        refusal = commandRefusal(b"BDAT", b"", self._facts)
         if refusal is not None:
             chunk.refusal = self._counted(refusal)
         self._body.bdat(chunk)
@@ -377,7 +371,7 @@ class SMTPServerProtocol(ServerConnection):
         self._disconnect(replies.BYE)
 
     def do_STARTTLS(self, argument: bytes) -> None:
-        refusal = self._refusal(b"STARTTLS", argument)
+        refusal = commandRefusal(b"STARTTLS", argument, self._facts)
         if refusal is not None:
             self._error(refusal)
             return
@@ -397,7 +391,7 @@ class SMTPServerProtocol(ServerConnection):
     # -- AUTH ---------------------------------------------------------------
 
     def do_AUTH(self, argument: bytes) -> None:
-        refusal = self._refusal(b"AUTH")
+        refusal = commandRefusal(b"AUTH", b"", self._facts)
         if refusal is not None:
             self._error(refusal)
             return

@@ -132,11 +132,11 @@ def commandRefusal(verb: bytes, argument: bytes, facts: Facts) -> Refusal | None
             return replies.DATA_SYNTAX
         if stage is Stage.BDAT:
             return replies.BDAT_IN_PROGRESS
-        return _needRecipients(facts)
+        return _needRecipients(stage, facts)
     elif verb == b"BDAT":
         if not facts.esmtp:
             return replies.NEED_EHLO
-        return _needRecipients(facts)
+        return _needRecipients(stage, facts)
     elif verb == b"STARTTLS":
         if not facts.tlsOffered:
             return replies.NOT_IMPLEMENTED
@@ -160,12 +160,12 @@ def commandRefusal(verb: bytes, argument: bytes, facts: Facts) -> Refusal | None
     return None
 
 
-def _needRecipients(facts: Facts) -> Refusal | None:
+def _needRecipients(stage: Stage, facts: Facts) -> Refusal | None:
     """
     A body needs a transaction with an accepted recipient.
     """
-    if not facts.stage.transaction:
+    if not stage.transaction:
         return replies.NEED_MAIL
-    if facts.stage is Stage.MAIL:
+    if stage is Stage.MAIL:
         return replies.NO_RECIPIENT_ACCEPTED if facts.rcptTried else replies.NEED_RCPT
     return None
