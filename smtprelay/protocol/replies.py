@@ -45,7 +45,7 @@ C{354}): the parse, the sanitized copy and the wire bytes of the last few
 hundred distinct ones are kept (a reply is a frozen value)."""
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class Reply:
     """
     One SMTP/LMTP reply.
