@@ -9,7 +9,7 @@ the client is in L{ClientSession}, which the server keeps up to date.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal, Mapping, Sequence, get_args
 
 import attrs
 from zope.interface import Attribute, Interface
@@ -23,6 +23,13 @@ if TYPE_CHECKING:
 
 Params = Mapping[str, "str | None"]
 """ESMTP parameters of MAIL/RCPT: upper-cased keyword → value (None if bare)."""
+
+
+ListenerKind = Literal["smtp", "submission", "lmtp"]
+"""What a listener speaks: the configuration's listener blocks, the inbound
+session's policy and the metrics' C{kind} label."""
+
+LISTENER_KINDS: tuple[ListenerKind, ...] = get_args(ListenerKind)
 
 
 @attrs.frozen

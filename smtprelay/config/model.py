@@ -13,10 +13,8 @@ from typing import Literal, Union
 
 import attrs
 
+from smtprelay.interfaces import ListenerKind
 from smtprelay.net.address import Address, IPNetwork
-
-ListenerKind = Literal["smtp", "submission", "lmtp"]
-"""The kinds of listener block."""
 
 TargetProtocol = Literal["smtp", "lmtp"]
 """What a target speaks (C{target.smtp}, C{target.lmtp}, C{deliver_to smtp|lmtp})."""

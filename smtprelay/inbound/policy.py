@@ -15,6 +15,7 @@ from typing import Literal
 
 import attrs
 
+from smtprelay.interfaces import ListenerKind
 from smtprelay.net.address import IPNetwork
 
 
@@ -72,7 +73,7 @@ class SessionPolicy:
     @ivar limits: the factory's connection and rate limits.
     """
 
-    kind: Literal["smtp", "submission", "lmtp"]
+    kind: ListenerKind
     allow: tuple[IPNetwork, ...] = ()
     auth: bool = False
     requireTLS: bool = False

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Callable
 
 from zope.interface import Interface, implementer
 
+from smtprelay.interfaces import LISTENER_KINDS
+
 if TYPE_CHECKING:
     from twisted.web.resource import IResource
 
 MISSING = "metrics need the \"metrics\" extra: pip install 'smtprelay[metrics]'"
 
-LISTENER_KINDS = ("smtp", "submission", "lmtp")
 STATUSES = ("sent", "deferred", "bounced", "aborted")
 TLS_SIDES = ("inbound", "outbound")
 
